@@ -1,0 +1,121 @@
+"""The saliency-audit command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+DEMO_SHARD = DEMO_DATA / "mnist-test-sample.tar"
+DEMO_WEIGHTS = DEMO_DATA / "mnist_cnn.pt"
+DEMO_MODEL = "pipelines.reference_model:mnist_cnn"
+DEMO_METHODS = "sal,grad,intg,deeplift"
+
+
+def cmd_run(argv: list[str]) -> int:
+    from pipelines import audit
+    return audit.main(argv)
+
+
+def cmd_demo(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saliency-audit demo",
+                                     description="Audit the bundled MNIST sample with the bundled model.")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--methods", default=DEMO_METHODS, help=f"default {DEMO_METHODS}")
+    args, rest = parser.parse_known_args(argv)
+    from pipelines import audit
+    return audit.main(["--input", str(DEMO_SHARD), "--model", DEMO_MODEL, "--weights", str(DEMO_WEIGHTS),
+                       "--methods", args.methods, "--output", args.output, "--channels", "1",
+                       "--device", "cpu", *rest])
+
+
+def cmd_shards(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saliency-audit shards",
+                                     description="Turn MNIST-format IDX files into WebDataset tar shards.")
+    parser.add_argument("--from-idx", required=True, help="IDX images file (.gz or plain)")
+    parser.add_argument("--labels", help="IDX labels file (.gz or plain)")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    parser.add_argument("--prefix", help="shard and key prefix (default: from the file name)")
+    parser.add_argument("--limit", type=int, help="only the first N images")
+    args = parser.parse_args(argv)
+    import numpy as np
+    from pipelines.mnist import read_idx, write_tar_shards
+    images = read_idx(args.from_idx)
+    if images.ndim != 3:
+        raise ValueError(f"{args.from_idx} is not an IDX image file (shape {images.shape})")
+    labels = read_idx(args.labels) if args.labels else np.full(len(images), -1, dtype=np.int64)
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if args.limit:
+        images, labels = images[:args.limit], labels[:args.limit]
+    prefix = args.prefix or Path(args.from_idx).name.split("-")[0]
+    paths = write_tar_shards(images, labels, args.output, args.shard_size, prefix)
+    print(f"wrote {len(images)} images in {len(paths)} shard(s) to {args.output}")
+    return 0
+
+
+def cmd_train_classifier(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saliency-audit train-classifier",
+                                     description="Train the small reference CNN on 28x28 grayscale shards.")
+    parser.add_argument("--input", required=True, help="glob of labelled training shards")
+    parser.add_argument("--output", required=True, help="where to write the state dict")
+    parser.add_argument("--test", help="glob of labelled test shards to report accuracy on")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--storage-options", default="{}")
+    args = parser.parse_args(argv)
+    import json
+    import torch
+    from pipelines.dataset import load_labelled
+    from pipelines.training import evaluate, train_classifier
+    from transforms.preprocess import Preprocessing
+    options = json.loads(args.storage_options)
+    prep = Preprocessing(resize=(28, 28), channels=1, to_grayscale=True)
+    images, labels, skipped = load_labelled(args.input, prep, options)
+    print(f"training on {len(images)} images" + (f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""))
+    kwargs = {"epochs": args.epochs} if args.epochs else {}
+    model = train_classifier(images, labels, seed=args.seed, **kwargs)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.output)
+    print(f"training accuracy {evaluate(model, images, labels):.4f}")
+    if args.test:
+        test_images, test_labels, _ = load_labelled(args.test, prep, options)
+        print(f"test accuracy {evaluate(model, test_images, test_labels):.4f} on {len(test_images)} images")
+    print(f"saved {args.output}; use it with --model {DEMO_MODEL} --weights {args.output}")
+    return 0
+
+
+def cmd_benchmark(argv: list[str]) -> int:
+    from pipelines import benchmark
+    return benchmark.main(argv)
+
+
+COMMANDS = {
+    "run": (cmd_run, "run an audit job (Beam)"),
+    "demo": (cmd_demo, "audit the bundled sample with the bundled model"),
+    "shards": (cmd_shards, "turn MNIST IDX files into tar shards"),
+    "train-classifier": (cmd_train_classifier, "train the reference CNN"),
+    "benchmark": (cmd_benchmark, "measure each method's throughput against its compute floor"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: saliency-audit COMMAND [options]\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<18} {text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nsaliency-audit: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        return COMMANDS[argv[0]][0](argv[1:])
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"saliency-audit {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The batched explain step: one model per worker, every method on every batch."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import torch
+from apache_beam.utils import shared
+
+from explainers import get_explainer
+from transforms.batching import ERRORS
+from transforms.models import ModelSpec, load_model, resolve_device
+from transforms.records import ErrorRecord, ImageBatch, seed_for
+from transforms.rows import extra_value, map_statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainConfig:
+    model: ModelSpec
+    methods: dict[str, dict[str, Any]]  # name -> options, in run order
+    device: str = "auto"
+    target: str = "predicted"  # predicted | label | an integer class
+    seed: int = 0
+
+
+class _Loaded:
+    """What a worker keeps between bundles: the model and one explainer per method.
+    (A plain class, because Beam's Shared holds objects by weak reference.)"""
+
+    def __init__(self, config: ExplainConfig):
+        self.device = resolve_device(config.device)
+        self.model = load_model(config.model, self.device)
+        self.explainers = {name: get_explainer(name, self.model, **opts) for name, opts in config.methods.items()}
+
+
+def build_explainers(config: ExplainConfig) -> _Loaded:
+    return _Loaded(config)
+
+
+def choose_targets(mode: str, predicted: torch.Tensor, labels: list[int | None], num_classes: int):
+    """Targets [B] and, per image, a reason why it has none (or None)."""
+    reasons: list[str | None] = [None] * len(labels)
+    if mode == "predicted":
+        return predicted.clone(), reasons
+    if mode == "label":
+        targets = []
+        for i, label in enumerate(labels):
+            if label is None:
+                reasons[i] = "--target label, but the record has no label"
+            elif not 0 <= label < num_classes:
+                reasons[i] = f"label {label} is outside the model's {num_classes} classes"
+            targets.append(label if reasons[i] is None else 0)
+        return torch.tensor(targets, dtype=torch.long, device=predicted.device), reasons
+    cls = int(mode)
+    if not 0 <= cls < num_classes:
+        reasons = [f"--target {cls} is outside the model's {num_classes} classes"] * len(labels)
+    return torch.full_like(predicted, cls), reasons
+
+
+class ExplainBatches(beam.DoFn):
+    """ImageBatch -> one saliency row per (image, method); failures to ``errors``.
+
+    The model is loaded once per worker process through Beam's Shared handle and never
+    per element. Gradients are enabled here on purpose: Beam's RunInference wraps
+    inference in torch.no_grad(), which gradient explainers cannot run under.
+    """
+
+    def __init__(self, config: ExplainConfig, shared_handle: shared.Shared):
+        self.config, self._shared = config, shared_handle
+
+    def setup(self):
+        config = self.config
+        self._state = self._shared.acquire(lambda: build_explainers(config), tag=repr(config))
+
+    def process(self, batch: ImageBatch):
+        state, config = self._state, self.config
+        images = torch.from_numpy(batch.pixels).to(state.device)
+        try:
+            with torch.inference_mode():
+                probabilities = torch.softmax(state.model(images).float(), dim=1)
+        except Exception as e:
+            for image_id, source in zip(batch.image_ids, batch.sources):
+                yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
+                    image_id, source, "model", f"model forward failed: {type(e).__name__}: {e}"))
+            return
+        predicted = probabilities.argmax(dim=1)
+        targets, reasons = choose_targets(config.target, predicted, batch.labels, probabilities.shape[1])
+        keep = [i for i, r in enumerate(reasons) if r is None]
+        for i, reason in enumerate(reasons):
+            if reason is not None:
+                yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(batch.image_ids[i], batch.sources[i], "target", reason))
+        if not keep:
+            return
+        index = torch.tensor(keep, device=images.device)
+        images, targets = images[index], targets[index]
+        seeds = torch.tensor([seed_for(batch.image_ids[i], config.seed) for i in keep], dtype=torch.int64)
+        for name, explainer in state.explainers.items():
+            yield from self._explain_method(name, explainer, batch, keep, images, targets, seeds,
+                                            probabilities, predicted)
+
+    def _explain_method(self, name, explainer, batch, keep, images, targets, seeds, probabilities, predicted):
+        outcomes = []  # (position in keep, Explanation, index in it, ms per image)
+        try:
+            start = time.perf_counter()
+            result = explainer.explain(images, targets, seeds)
+            ms = 1000 * (time.perf_counter() - start) / len(keep)
+            outcomes = [(j, result, j, ms) for j in range(len(keep))]
+        except Exception:
+            # Isolate the failing images: explain one at a time, so one bad image does
+            # not cost the whole batch.
+            for j, i in enumerate(keep):
+                try:
+                    start = time.perf_counter()
+                    single = explainer.explain(images[j:j + 1], targets[j:j + 1], seeds[j:j + 1])
+                    outcomes.append((j, single, 0, 1000 * (time.perf_counter() - start)))
+                except Exception as e:
+                    yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
+                        batch.image_ids[i], batch.sources[i], "explain", f"{type(e).__name__}: {e}", name))
+        for j, result, k, ms in outcomes:
+            yield self._row(name, batch, keep[j], result, k, targets[j], seeds[j], probabilities, predicted, ms)
+
+    def _row(self, name, batch, i, result, k, target, seed, probabilities, predicted, ms):
+        saliency = result.maps[k].detach().float().cpu().numpy()
+        target = int(target)
+        row = {
+            "image_id": batch.image_ids[i], "source": batch.sources[i], "label": batch.labels[i],
+            "method": name, "target": target, "predicted": int(predicted[i]),
+            "score": float(probabilities[i, target]), "predicted_score": float(probabilities[i, predicted[i]]),
+            "height": saliency.shape[0], "width": saliency.shape[1],
+            "original_height": batch.sizes[i][0], "original_width": batch.sizes[i][1],
+            "saliency": saliency.astype(np.float32).reshape(-1), "time_ms": float(ms), "seed": int(seed),
+            **map_statistics(saliency),
+        }
+        for extra, values in result.extras.items():
+            row[extra] = extra_value(values[k])
+        return row

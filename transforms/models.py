@@ -1,0 +1,172 @@
+"""Loading the classifier under audit: TorchScript, torch.export archives, or module:Callable."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import os
+import pickle
+import re
+import tempfile
+from typing import Any
+
+import fsspec
+import torch
+
+_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be loaded; the message says why in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Where the model comes from. ``model`` is a TorchScript file, a ``.pt2`` torch.export
+    archive or ``package.module:Callable`` returning an nn.Module; ``weights`` a state
+    dict for the callable form. Files may be on any fsspec URL."""
+
+    model: str
+    weights: str | None = None
+    trust_model: bool = False
+    storage_options: dict[str, Any] | None = None
+
+    def is_callable(self) -> bool:
+        return bool(_CALLABLE.match(self.model))
+
+    def files(self) -> list[str]:
+        return [f for f in ([] if self.is_callable() else [self.model]) + [self.weights] if f]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was requested but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelLoadError(f"--device must be cpu, cuda or auto, got {device!r}")
+    return torch.device(device)
+
+
+def file_sha256(url: str, storage_options: dict | None = None) -> str:
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_hashes(spec: ModelSpec) -> dict[str, str]:
+    """sha256 of every file the model is made of, keyed by URL (for the manifest)."""
+    return {f: file_sha256(f, spec.storage_options) for f in spec.files()}
+
+
+def check_model_files(spec: ModelSpec) -> None:
+    """Fail fast, before any work, if a model file is missing."""
+    for url in spec.files():
+        fs, path = fsspec.core.url_to_fs(url, **(spec.storage_options or {}))
+        if not fs.isfile(path):
+            raise ModelLoadError(f"model file not found: {url}")
+    if spec.weights and not spec.is_callable():
+        raise ModelLoadError("--weights needs --model in the module:Callable form")
+
+
+def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model in eval mode on ``device``, parameters frozen (explainers need input
+    gradients only)."""
+    check_model_files(spec)
+    if spec.is_callable():
+        model = _from_callable(spec)
+    else:
+        with _local_copy(spec.model, spec.storage_options) as path:
+            model = _from_file(path, spec)
+    model = model.to(device)
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # torch.export graphs keep the mode they were exported in and refuse eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _from_callable(spec: ModelSpec) -> torch.nn.Module:
+    module_name, _, attr = spec.model.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"cannot import {spec.model}: {e}") from None
+    try:
+        model = factory()
+    except Exception as e:
+        raise ModelLoadError(f"{spec.model}() failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ModelLoadError(f"{spec.model} returned {type(model).__name__}, not a torch.nn.Module")
+    if spec.weights:
+        with _local_copy(spec.weights, spec.storage_options) as path:
+            state = _torch_load(path, spec.trust_model, spec.weights)
+        if isinstance(state, torch.nn.Module):
+            state = state.state_dict()
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"{spec.weights} holds {type(state).__name__}, not a state dict")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ModelLoadError(f"weights {spec.weights} do not fit {spec.model}: "
+                                 f"{' '.join(line.strip() for line in first[:3])}") from None
+    return model
+
+
+def _from_file(path: str, spec: ModelSpec) -> torch.nn.Module:
+    if spec.model.endswith(".pt2"):
+        try:
+            return torch.export.load(path).module()
+        except Exception as e:
+            raise ModelLoadError(f"cannot load torch.export archive {spec.model}: {type(e).__name__}: {e}") from None
+    try:
+        return torch.jit.load(path, map_location="cpu")
+    except Exception as jit_error:
+        # Not TorchScript: perhaps a whole pickled nn.Module, which only runs with trust.
+        obj = _torch_load(path, spec.trust_model, spec.model, hint=f" (not TorchScript either: {jit_error})")
+        if not isinstance(obj, torch.nn.Module):
+            raise ModelLoadError(f"{spec.model} is neither TorchScript, a .pt2 archive nor a pickled "
+                                 f"nn.Module (it holds {type(obj).__name__}); for a state dict use "
+                                 "--model module:Callable --weights FILE") from None
+        return obj
+
+
+def _torch_load(path: str, trust: bool, name: str, hint: str = ""):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            raise ModelLoadError(f"{name} needs arbitrary unpickling, which can run code; refused. "
+                                 f"Pass --trust-model if you trust this file{hint}") from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise ModelLoadError(f"cannot load {name}: {type(e2).__name__}: {e2}") from None
+    except Exception as e:
+        raise ModelLoadError(f"cannot load {name}: {type(e).__name__}: {e}{hint}") from None
+
+
+class _local_copy:
+    """A local path for a URL: the path itself for local files, else a temporary copy."""
+
+    def __init__(self, url: str, storage_options: dict | None):
+        self.url, self.storage_options, self.tmp = url, storage_options or {}, None
+
+    def __enter__(self) -> str:
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            return path
+        suffix = os.path.splitext(path)[1]
+        fd, self.tmp = tempfile.mkstemp(suffix=suffix)
+        os.close(fd)
+        fs.get(path, self.tmp)
+        return self.tmp
+
+    def __exit__(self, *exc):
+        if self.tmp:
+            os.unlink(self.tmp)

@@ -1,0 +1,96 @@
+"""Arrow schemas of the outputs and the conversion of explanations to rows."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from explainers import explainer_class
+
+_TYPES = {
+    "float32": pa.float32(), "float64": pa.float64(), "int32": pa.int32(), "int64": pa.int64(),
+    "string": pa.string(), "bool": pa.bool_(),
+    "float32[]": pa.list_(pa.float32()), "int32[]": pa.list_(pa.int32()), "string[]": pa.list_(pa.string()),
+}
+
+SALIENCY_FIELDS = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source", pa.string()),
+    pa.field("label", pa.int64()),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("target", pa.int64()),
+    pa.field("predicted", pa.int64()),
+    pa.field("score", pa.float32()),           # softmax probability of the target
+    pa.field("predicted_score", pa.float32()), # softmax probability of the predicted class
+    pa.field("height", pa.int32()),            # of the map = of the model input
+    pa.field("width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("original_width", pa.int32()),
+    pa.field("saliency", pa.list_(pa.float32())),  # row-major height*width raw values
+    pa.field("saliency_min", pa.float32()),
+    pa.field("saliency_max", pa.float32()),
+    pa.field("saliency_sum", pa.float32()),
+    pa.field("saliency_abs_mean", pa.float32()),
+    pa.field("time_ms", pa.float32()),         # explanation time per image (batch time / batch size)
+    pa.field("seed", pa.int64()),
+]
+
+ERROR_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("stage", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("method", pa.string()),  # null: failed before any method ran, counts against every method
+])
+
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("method", pa.string()),
+    pa.field("target", pa.int64()),   # null: all classes
+    pa.field("count", pa.int64()),
+    pa.field("labelled", pa.int64()),
+    pa.field("accuracy", pa.float64()),  # predicted == label among labelled rows; null if none
+    pa.field("mean_score", pa.float64()),
+    pa.field("mean_time_ms", pa.float64()),
+    pa.field("mean_saliency_abs", pa.float64()),
+    pa.field("mean_saliency_sum", pa.float64()),
+])
+
+
+def saliency_schema(methods: Iterable[str]) -> pa.Schema:
+    """The base columns plus the extras of every method in the run (null for the others)."""
+    fields = {f.name: f for f in SALIENCY_FIELDS}
+    for method in methods:
+        for name, kind in explainer_class(method).extras.items():
+            if kind not in _TYPES:
+                raise TypeError(f"method {method}: extra {name!r} has unknown type {kind!r}")
+            field = pa.field(name, _TYPES[kind])
+            if name in fields and fields[name].type != field.type:
+                raise TypeError(f"extra {name!r} of {method} is {field.type}, elsewhere {fields[name].type}")
+            fields.setdefault(name, field)
+    return pa.schema(list(fields.values()))
+
+
+def extra_value(value: Any) -> Any:
+    """One image's extra (tensor, array, number, string) as a Parquet-ready Python value."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value.item() if value.ndim == 0 else value.reshape(-1).tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def map_statistics(saliency: np.ndarray) -> dict[str, float]:
+    return {
+        "saliency_min": float(saliency.min()),
+        "saliency_max": float(saliency.max()),
+        "saliency_sum": float(saliency.sum(dtype=np.float64)),
+        "saliency_abs_mean": float(np.abs(saliency).mean(dtype=np.float64)),
+    }
+
+
+def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
+    return pa.Table.from_pydict(columns, schema=schema)
