@@ -145,7 +145,9 @@ def run(argv: list[str] | None = None) -> dict:
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
     spec = ModelSpec(args.model, args.weights, args.trust_model, storage_options or None)
-    config = ExplainConfig(model=spec, methods=methods, device=args.device, target=args.target, seed=args.seed)
+    config = ExplainConfig(model=spec, methods=methods, device=args.device, target=args.target, seed=args.seed,
+                           metrics=args.metrics, metric_steps=args.metric_steps,
+                           metric_substrate=args.metric_substrate)
     resolved = preflight(config, shards, prep, storage_options)  # fails fast, before the job
     output_files = args.output_files or min(len(shards), 256)
 
@@ -180,7 +182,12 @@ def run(argv: list[str] | None = None) -> dict:
             "score": "softmax probability of the target class",
             "channel_reduction": "sum over channels",
             "normalisation": "none: saliency holds raw values",
-            "seed": "sha256(base seed, image id), first 63 bits",
+            "metrics": ("RISE deletion/insertion AUC of the target's softmax probability, pixels ranked by "
+                        "signed map value (ties broken by the image's seed), substrate "
+                        f"{args.metric_substrate!r}, {args.metric_steps or 'one image row'} per step; "
+                        "*_random: the same for a random order; gini: Gini index of |map|"
+                        if args.metrics else "off (--no-metrics)"),
+            "seed": "first 32 bits of sha256('{--seed}:{image_id}')",
         },
         "runner": str(runner if isinstance(runner, str) else type(runner).__name__),
         "beam_args": beam_args,

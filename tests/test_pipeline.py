@@ -98,10 +98,27 @@ def test_saliency_schema_and_values(audited):
         assert 0 <= r["score"] <= 1 and r["target"] == r["predicted"]  # --target predicted
         assert np.isfinite(r["saliency"]).all()
         assert r["saliency_sum"] == pytest.approx(float(np.sum(r["saliency"], dtype=np.float64)), rel=1e-4, abs=1e-6)
+    for r in rows:
+        for metric in ("deletion_auc", "insertion_auc", "deletion_auc_random", "insertion_auc_random", "gini"):
+            assert 0 <= r[metric] <= 1, (metric, r[metric])
     real = [r for r in rows if r["image_id"].startswith("mnist-test")]
     assert all(r["label"] is not None and r["source"].endswith("good.tar") for r in real)
     accuracy = np.mean([r["label"] == r["predicted"] for r in real if r["method"] == methods[0]])
     assert accuracy >= 0.9  # the bundled model on its own sample
+
+
+def test_maps_beat_the_random_order_on_deletion_and_insertion(audited):
+    output, _, methods = audited
+    summary = [s for s in read_output(output / "summary") if s["target"] is None]
+    for s in summary:
+        assert s["mean_deletion_auc"] < s["mean_deletion_auc_random"], s["method"]
+        assert s["mean_insertion_auc"] > s["mean_insertion_auc_random"], s["method"]
+
+
+def test_no_metrics_leaves_the_columns_null(shards, demo_model_args, tmp_path):
+    run_audit(shards, tmp_path, demo_model_args, ["grad"], "--no-metrics")
+    rows = read_output(tmp_path / "saliency")
+    assert rows and all(r["deletion_auc"] is None and r["gini"] is None for r in rows)
 
 
 def test_errors_have_stage_and_reason(audited):

@@ -11,6 +11,7 @@ import torch
 from apache_beam.utils import shared
 
 from explainers import get_explainer
+from explainers import metrics as quality
 from transforms.batching import ERRORS
 from transforms.models import ModelSpec, load_model, resolve_device
 from transforms.records import ErrorRecord, ImageBatch, seed_for
@@ -24,6 +25,9 @@ class ExplainConfig:
     device: str = "auto"
     target: str = "predicted"  # predicted | label | an integer class
     seed: int = 0
+    metrics: bool = True
+    metric_steps: int | None = None  # None: one image row per step (explainers.metrics.default_steps)
+    metric_substrate: str = "zero"
 
 
 class _Loaded:
@@ -97,11 +101,29 @@ class ExplainBatches(beam.DoFn):
         index = torch.tensor(keep, device=images.device)
         images, targets = images[index], targets[index]
         seeds = torch.tensor([seed_for(batch.image_ids[i], config.seed) for i in keep], dtype=torch.int64)
+        reference = self._random_reference(images, targets, seeds) if config.metrics else None
         for name, explainer in state.explainers.items():
             yield from self._explain_method(name, explainer, batch, keep, images, targets, seeds,
-                                            probabilities, predicted)
+                                            probabilities, predicted, reference)
 
-    def _explain_method(self, name, explainer, batch, keep, images, targets, seeds, probabilities, predicted):
+    def _metric_kwargs(self, seeds):
+        return {"steps": self.config.metric_steps, "substrate": self.config.metric_substrate, "seeds": seeds}
+
+    def _random_reference(self, images, targets, seeds) -> dict[str, torch.Tensor]:
+        """Deletion/insertion AUCs of a random pixel order: the level a map must beat."""
+        maps = quality.random_maps(images.shape[:1] + images.shape[2:], seeds, device=images.device)
+        kwargs = self._metric_kwargs(seeds)
+        return {"deletion_auc_random": quality.deletion_auc(self._state.model, images, maps, targets, **kwargs),
+                "insertion_auc_random": quality.insertion_auc(self._state.model, images, maps, targets, **kwargs)}
+
+    def _metrics(self, images, maps, targets, seeds) -> dict[str, torch.Tensor]:
+        kwargs = self._metric_kwargs(seeds)
+        return {"deletion_auc": quality.deletion_auc(self._state.model, images, maps, targets, **kwargs),
+                "insertion_auc": quality.insertion_auc(self._state.model, images, maps, targets, **kwargs),
+                "gini": quality.gini(maps)}
+
+    def _explain_method(self, name, explainer, batch, keep, images, targets, seeds, probabilities, predicted,
+                        reference):
         outcomes = []  # (position in keep, Explanation, index in it, ms per image)
         try:
             start = time.perf_counter()
@@ -119,8 +141,17 @@ class ExplainBatches(beam.DoFn):
                 except Exception as e:
                     yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
                         batch.image_ids[i], batch.sources[i], "explain", f"{type(e).__name__}: {e}", name))
+        scores = {}
+        if reference is not None and outcomes:
+            done = [j for j, *_ in outcomes]
+            maps = torch.stack([result.maps[k] for _, result, k, _ in outcomes]).to(images.device).float()
+            metrics = self._metrics(images[done], maps, targets[done], seeds[done])
+            metrics.update({key: values[done] for key, values in reference.items()})
+            scores = {j: {key: float(values[n]) for key, values in metrics.items()} for n, j in enumerate(done)}
         for j, result, k, ms in outcomes:
-            yield self._row(name, batch, keep[j], result, k, targets[j], seeds[j], probabilities, predicted, ms)
+            row = self._row(name, batch, keep[j], result, k, targets[j], seeds[j], probabilities, predicted, ms)
+            row.update(scores.get(j, {}))
+            yield row
 
     def _row(self, name, batch, i, result, k, target, seed, probabilities, predicted, ms):
         saliency = result.maps[k].detach().float().cpu().numpy()

@@ -41,7 +41,8 @@ class ImageBatch:
 
 
 def seed_for(image_id: str, base_seed: int = 0) -> int:
-    """A 63-bit seed derived from the image id (and the run's --seed), the same on every
-    runner and rerun; Python's hash() is salted per process, so it cannot be used."""
+    """A 32-bit seed derived from the image id (and the run's --seed), the same on every
+    runner and rerun; Python's hash() is salted per process, so it cannot be used.
+    32 bits, because some random generators (NumPy's legacy RandomState) take no more."""
     digest = hashlib.sha256(f"{base_seed}:{image_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return int.from_bytes(digest[:4], "big")

@@ -34,7 +34,15 @@ SALIENCY_FIELDS = [
     pa.field("saliency_abs_mean", pa.float32()),
     pa.field("time_ms", pa.float32()),         # explanation time per image (batch time / batch size)
     pa.field("seed", pa.int64()),
+    # Quality metrics (null with --no-metrics): RISE deletion/insertion AUC of the target's
+    # probability, the same for a random pixel order as the reference, and Gini sparsity.
+    pa.field("deletion_auc", pa.float32()),
+    pa.field("insertion_auc", pa.float32()),
+    pa.field("deletion_auc_random", pa.float32()),
+    pa.field("insertion_auc_random", pa.float32()),
+    pa.field("gini", pa.float32()),
 ]
+METRIC_COLUMNS = ("deletion_auc", "insertion_auc", "deletion_auc_random", "insertion_auc_random", "gini")
 
 ERROR_SCHEMA = pa.schema([
     pa.field("image_id", pa.string()),
@@ -54,6 +62,8 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("mean_time_ms", pa.float64()),
     pa.field("mean_saliency_abs", pa.float64()),
     pa.field("mean_saliency_sum", pa.float64()),
+    *[pa.field(f"mean_{name}", pa.float64()) for name in METRIC_COLUMNS],
+    *[pa.field(f"median_{name}", pa.float64()) for name in METRIC_COLUMNS],
 ])
 
 

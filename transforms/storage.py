@@ -79,13 +79,29 @@ def publish(staging: str, output: str, names: list[str], storage_options: dict[s
         src, dst = f"{staging_path}/{name}", f"{out_path}/{name}"
         old = f"{staging_path}/_replaced-{name}"
         if fs.exists(dst):
-            fs.mv(dst, old, recursive=True)
+            _move_tree(fs, dst, old)
         if fs.exists(src):
-            fs.mv(src, dst, recursive=True)
+            _move_tree(fs, src, dst)
         else:
             fs.makedirs(dst, exist_ok=True)
         if fs.exists(old):
             fs.rm(old, recursive=True)
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def _move_tree(fs, src: str, dst: str) -> None:
+    """Rename a directory on local disks; on object stores, where directories are only
+    key prefixes, copy every object and then delete the source."""
+    if _is_local(fs):
+        fs.mv(src, dst, recursive=True)
+        return
+    for path in fs.find(src):
+        fs.copy(path, dst + path[len(src):])
+    fs.rm(src, recursive=True)
 
 
 def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -2,40 +2,56 @@
 from __future__ import annotations
 
 import apache_beam as beam
+import numpy as np
 
-_SUMS = ("score", "time_ms", "saliency_abs_mean", "saliency_sum")
+from transforms.rows import METRIC_COLUMNS
+
+_MEANS = ("score", "time_ms", "saliency_abs_mean", "saliency_sum")
 
 
 class _SummaryFn(beam.CombineFn):
+    """Counts, accuracy, means, and the metric values themselves for exact medians (a few
+    floats per image: small beside the maps the same run writes)."""
+
     def create_accumulator(self):
-        return {"count": 0, "labelled": 0, "correct": 0, **{k: 0.0 for k in _SUMS}}
+        return {"count": 0, "labelled": 0, "correct": 0, "sums": dict.fromkeys(_MEANS, 0.0),
+                "metrics": {k: [] for k in METRIC_COLUMNS}}
 
     def add_input(self, acc, row):
         acc["count"] += 1
         if row.get("label") is not None:
             acc["labelled"] += 1
             acc["correct"] += int(row["label"] == row["predicted"])
-        for k in _SUMS:
-            acc[k] += float(row[k])
+        for k in _MEANS:
+            acc["sums"][k] += float(row[k])
+        for k in METRIC_COLUMNS:
+            if row.get(k) is not None:
+                acc["metrics"][k].append(float(row[k]))
         return acc
 
     def merge_accumulators(self, accumulators):
         merged = self.create_accumulator()
         for acc in accumulators:
-            for k in merged:
+            for k in ("count", "labelled", "correct"):
                 merged[k] += acc[k]
+            for k in _MEANS:
+                merged["sums"][k] += acc["sums"][k]
+            for k in METRIC_COLUMNS:
+                merged["metrics"][k].extend(acc["metrics"][k])
         return merged
 
     def extract_output(self, acc):
         n = acc["count"]
-        return {
-            "count": n, "labelled": acc["labelled"],
-            "accuracy": acc["correct"] / acc["labelled"] if acc["labelled"] else None,
-            "mean_score": acc["score"] / n if n else None,
-            "mean_time_ms": acc["time_ms"] / n if n else None,
-            "mean_saliency_abs": acc["saliency_abs_mean"] / n if n else None,
-            "mean_saliency_sum": acc["saliency_sum"] / n if n else None,
-        }
+        out = {"count": n, "labelled": acc["labelled"],
+               "accuracy": acc["correct"] / acc["labelled"] if acc["labelled"] else None,
+               "mean_score": acc["sums"]["score"] / n if n else None,
+               "mean_time_ms": acc["sums"]["time_ms"] / n if n else None,
+               "mean_saliency_abs": acc["sums"]["saliency_abs_mean"] / n if n else None,
+               "mean_saliency_sum": acc["sums"]["saliency_sum"] / n if n else None}
+        for k, values in acc["metrics"].items():
+            out[f"mean_{k}"] = float(np.mean(values)) if values else None
+            out[f"median_{k}"] = float(np.median(values)) if values else None
+        return out
 
 
 class Summarize(beam.PTransform):

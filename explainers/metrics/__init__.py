@@ -1,0 +1,36 @@
+"""Explanation-quality metrics, pure PyTorch and batched (no pipeline code).
+
+    from explainers.metrics import deletion_auc, insertion_auc, random_maps
+    d = deletion_auc(model, images, maps, targets, seeds=seeds)            # [B], lower is better
+    d_ref = deletion_auc(model, images, random_maps(maps.shape, seeds), targets, seeds=seeds)
+
+Shapes follow the explainer interface: images [B,C,H,W] in model-input space, maps [B,H,W]
+(raw, signed, channels summed), targets [B] class indices, the model returns logits [B,K].
+Model-based metrics push all perturbed copies through the model in chunks of at most
+``max_forward_batch`` images, under torch.inference_mode, on ``images.device``. Anything
+random depends only on each image's seed, never on the rest of the batch.
+
+- causal: RISE deletion / insertion curves and AUCs, the random-order reference.
+- complexity: Gini sparsity.
+- abele: ABELE's relevance flip rate, Lipschitz coherence / stability, salt-and-pepper copies.
+- sanity: Adebayo et al.'s cascading randomisation, Spearman rank correlation, SSIM.
+"""
+from explainers.metrics.abele import (
+    ABELE_PERCENTILES, lipschitz_ratios, prediction_unchanged, relevance_flip_rate, salt_and_pepper,
+)
+from explainers.metrics.causal import (
+    SUBSTRATES, auc, blur_substrate, default_steps, deletion_auc, deletion_curve, insertion_auc,
+    insertion_curve, make_substrate, pixel_ranks, random_maps,
+)
+from explainers.metrics.complexity import gini
+from explainers.metrics.sanity import (
+    average_ranks, cascading_randomization, parameterised_layers, reinitialise_, spearman_rank_correlation, ssim,
+)
+
+__all__ = [
+    "ABELE_PERCENTILES", "SUBSTRATES", "auc", "average_ranks", "blur_substrate", "cascading_randomization",
+    "default_steps", "deletion_auc", "deletion_curve", "gini", "insertion_auc", "insertion_curve",
+    "lipschitz_ratios", "make_substrate", "parameterised_layers", "pixel_ranks", "prediction_unchanged",
+    "random_maps", "reinitialise_", "relevance_flip_rate", "salt_and_pepper", "spearman_rank_correlation",
+    "ssim",
+]

@@ -1,0 +1,239 @@
+"""RISE deletion and insertion curves (Petsiuk, Das, Saenko, BMVC 2018), batched.
+
+Deletion starts from the image and replaces its pixels, most salient first, with a
+substrate; a faithful map makes the target's probability fall fast (low AUC). Insertion
+starts from the substrate and pastes the original pixels back in the same order; a
+faithful map makes the probability rise fast (high AUC). Only the map's ranking matters.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from explainers.metrics._utils import (
+    STREAM_RANDOM_MAP, STREAM_TIE_BREAK, as_seed_list, check_inputs, check_max_forward_batch,
+    forward_in_chunks, gaussian_kernel1d, generator, separable_filter, target_probability,
+)
+
+DEFAULT_MAX_FORWARD_BATCH = 256
+SUBSTRATES = ("zero", "blur", "mean")
+
+# RISE's blur for 224 px inputs: an 11x11 Gaussian kernel with sigma 5, i.e. a radius of
+# one sigma. Smaller images get a proportionally smaller blur (see blur_substrate).
+_RISE_SIZE, _RISE_SIGMA = 224, 5.0
+# Cap of the default step count: one image row per step (RISE's setting) up to this many
+# rows, so large images do not cost hundreds of forwards per curve.
+_MAX_DEFAULT_STEPS = 64
+
+
+def default_steps(height: int) -> int:
+    """The default number of deletion/insertion steps for images of ``height`` rows.
+
+    One image row per step, as RISE's official setting (224 steps at 224x224) and as
+    methods.md 15.3 recommends for 28 and 32 px images (28 and 32 steps), capped at 64 so
+    large images cost at most 65 forwards per curve. Pass ``steps=224`` for RISE's exact
+    ImageNet setting.
+    """
+    return max(1, min(int(height), _MAX_DEFAULT_STEPS))
+
+
+def blur_substrate(images: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """A Gaussian-blurred copy of ``images`` [B,C,H,W], each channel on its own.
+
+    sigma: None (default) scales RISE's sigma 5 at 224 px to the image,
+        ``5 * min(H, W) / 224``, and never below 1 px (at 28 px the scaled value, 0.6 px,
+        would leave the image almost unchanged). Note that at 28-32 px even 1 px keeps
+        digits legible, so "zero" or "mean" are the stronger substrates there.
+    The kernel radius is round(sigma) (at least 1, at most what the image allows), which
+    reproduces RISE's 11x11 / sigma 5 kernel at 224 px. Borders are replicated, not
+    zero-padded, so the blur does not darken the image's edges.
+    """
+    height, width = images.shape[2:]
+    if sigma is None:
+        sigma = max(1.0, _RISE_SIGMA * min(height, width) / _RISE_SIZE)
+    if not sigma > 0:
+        raise ValueError(f"blur sigma must be > 0, got {sigma}")
+    radius = max(1, min(round(sigma), min(height, width) - 1))
+    if min(height, width) < 2:
+        return images.clone()
+    kernel = gaussian_kernel1d(sigma, radius, device=images.device, dtype=images.dtype)
+    return separable_filter(images, kernel, padding_mode="replicate")
+
+
+def make_substrate(spec: str | float, images: torch.Tensor, blur_sigma: float | None = None) -> torch.Tensor:
+    """The substrate image [B,C,H,W] that deleted pixels take (and insertion starts from).
+
+    spec: "zero" (0 in model-input space; black for [0,1] inputs without normalisation),
+        "blur" (see blur_substrate), "mean" (each image's per-channel mean) or a number
+        (a constant in model-input space).
+    """
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return torch.full_like(images, float(spec))
+    if spec == "zero":
+        return torch.zeros_like(images)
+    if spec == "blur":
+        return blur_substrate(images, blur_sigma)
+    if spec == "mean":
+        return images.mean(dim=(2, 3), keepdim=True).expand_as(images).contiguous()
+    raise ValueError(f"unknown substrate {spec!r}; use one of {', '.join(SUBSTRATES)} or a number")
+
+
+def pixel_ranks(maps: torch.Tensor, seeds: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+    """Rank of every pixel in deletion/insertion order, [B,H,W] int64 (0 = first to go).
+
+    Pixels are ordered by the signed map value, descending (evidence *for* the target goes
+    first). Ties are broken by a fixed random permutation of the pixels drawn from seeds[i]
+    alone, so an image's order never depends on the rest of its batch. Ties matter for
+    piecewise-constant maps (superpixel methods, binary masks); without a random tie-break
+    they would be resolved in raster order, which biases the curves.
+    """
+    batch, height, width = maps.shape
+    n_pixels = height * width
+    if not maps.is_floating_point():
+        maps = maps.float()                     # integer or boolean masks rank the same way
+    seed_list = as_seed_list(seeds, batch)
+    perms = torch.stack([torch.randperm(n_pixels, generator=generator(s, STREAM_TIE_BREAK))
+                         for s in seed_list]).to(maps.device)
+    shuffled = maps.reshape(batch, n_pixels).gather(1, perms)
+    # A stable sort keeps the random permutation's order among equal values.
+    _, order_in_shuffled = torch.sort(shuffled, dim=1, descending=True, stable=True)
+    order = perms.gather(1, order_in_shuffled)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n_pixels, device=maps.device).expand(batch, n_pixels))
+    return ranks.view(batch, height, width)
+
+
+def _causal_curve(mode: str, model, images, maps, targets, *, steps, substrate, seeds,
+                  max_forward_batch, blur_sigma) -> torch.Tensor:
+    check_inputs(images, maps, targets)
+    check_max_forward_batch(max_forward_batch)
+    batch, _, height, width = images.shape
+    n_pixels = height * width
+    steps = default_steps(height) if steps is None else int(steps)
+    if not 1 <= steps <= n_pixels:
+        raise ValueError(f"steps must be between 1 and H*W={n_pixels}, got {steps}")
+    device = images.device
+    images = images.detach()
+    targets = targets.to(device)
+    ranks = pixel_ranks(maps.detach().to(device), seeds).unsqueeze(1)   # [B,1,H,W]
+    base = make_substrate(substrate, images, blur_sigma)
+    # Step k has changed the first floor(k*HW/steps) pixels: `steps` chunks whose sizes
+    # differ by at most one pixel, and step k sits at x = k/steps on the AUC's axis.
+    n_changed = torch.arange(steps + 1, device=device) * n_pixels // steps
+    # Deletion puts the substrate where the mask is set; insertion puts the image there.
+    inside, outside = (base, images) if mode == "deletion" else (images, base)
+
+    def build(idx):
+        b, k = idx // (steps + 1), idx % (steps + 1)
+        mask = ranks[b] < n_changed[k].view(-1, 1, 1, 1)               # all channels at once
+        return torch.where(mask, inside[b], outside[b])
+
+    def reduce(logits, idx):
+        return target_probability(logits, targets[idx // (steps + 1)])
+
+    probs = forward_in_chunks(model, batch * (steps + 1), build, reduce, max_forward_batch, device)
+    return probs.view(batch, steps + 1)
+
+
+def deletion_curve(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
+                   targets: torch.Tensor, *, steps: int | None = None,
+                   substrate: str | float = "zero",
+                   seeds: torch.Tensor | Sequence[int] | None = None,
+                   max_forward_batch: int = DEFAULT_MAX_FORWARD_BATCH,
+                   blur_sigma: float | None = None) -> torch.Tensor:
+    """RISE deletion curve: the target's probability as the most salient pixels are removed.
+
+    Args:
+        model: maps [N,C,H,W] to logits [N,K]; used as is (put it in eval mode first).
+        images: [B,C,H,W] float, model-input space. The curves are computed on its device.
+        maps: [B,H,W] saliency maps, raw and signed; pixels go in order of descending value.
+        targets: [B] class indices whose softmax probability is recorded.
+        steps: number of equal chunks of pixels (default None: ``default_steps(H)``, one
+            image row per step up to 64).
+        substrate: what removed pixels become, all channels at once: "zero" (default),
+            "blur", "mean" or a number (see make_substrate).
+        seeds: [B] int seeds for the tie-break permutation (None: 0 for every image).
+        max_forward_batch: at most this many perturbed images per forward pass (default 256).
+        blur_sigma: sigma of the "blur" substrate (default None: see blur_substrate).
+
+    Returns:
+        [B, steps+1] float32 probabilities: point 0 is the intact image, point ``steps`` is
+        the substrate alone. B*(steps+1) forward passes.
+    """
+    return _causal_curve("deletion", model, images, maps, targets, steps=steps, substrate=substrate,
+                         seeds=seeds, max_forward_batch=max_forward_batch, blur_sigma=blur_sigma)
+
+
+def insertion_curve(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
+                    targets: torch.Tensor, *, steps: int | None = None,
+                    substrate: str | float = "zero",
+                    seeds: torch.Tensor | Sequence[int] | None = None,
+                    max_forward_batch: int = DEFAULT_MAX_FORWARD_BATCH,
+                    blur_sigma: float | None = None) -> torch.Tensor:
+    """RISE insertion curve: the target's probability as the most salient pixels come back.
+
+    Starts from the substrate and pastes the original pixels back, most salient first.
+    Arguments as in deletion_curve. The default substrate is "zero", like deletion's; RISE
+    inserted into a blurred image (``substrate="blur"``), which at 28-32 px stays legible
+    and so makes a weak starting point.
+
+    Returns:
+        [B, steps+1] float32 probabilities: point 0 is the substrate alone, point ``steps``
+        the intact image.
+    """
+    return _causal_curve("insertion", model, images, maps, targets, steps=steps, substrate=substrate,
+                         seeds=seeds, max_forward_batch=max_forward_batch, blur_sigma=blur_sigma)
+
+
+def auc(curve: torch.Tensor) -> torch.Tensor:
+    """Area under curves [B, n] with the x axis scaled to [0,1] (trapezoid rule) -> [B].
+
+    Equals (sum - first/2 - last/2) / (n - 1), RISE's formula.
+    """
+    if not isinstance(curve, torch.Tensor) or curve.dim() != 2 or curve.shape[1] < 2:
+        shape = tuple(curve.shape) if isinstance(curve, torch.Tensor) else type(curve).__name__
+        raise ValueError(f"curve must be a tensor [B, n] with n >= 2 points, got {shape}")
+    curve = curve.float()
+    return (curve.sum(dim=1) - (curve[:, 0] + curve[:, -1]) / 2) / (curve.shape[1] - 1)
+
+
+def deletion_auc(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
+                 targets: torch.Tensor, *, steps: int | None = None,
+                 substrate: str | float = "zero",
+                 seeds: torch.Tensor | Sequence[int] | None = None,
+                 max_forward_batch: int = DEFAULT_MAX_FORWARD_BATCH,
+                 blur_sigma: float | None = None) -> torch.Tensor:
+    """auc(deletion_curve(...)) -> [B]; lower is better. Arguments as in deletion_curve."""
+    return auc(deletion_curve(model, images, maps, targets, steps=steps, substrate=substrate,
+                              seeds=seeds, max_forward_batch=max_forward_batch, blur_sigma=blur_sigma))
+
+
+def insertion_auc(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
+                  targets: torch.Tensor, *, steps: int | None = None,
+                  substrate: str | float = "zero",
+                  seeds: torch.Tensor | Sequence[int] | None = None,
+                  max_forward_batch: int = DEFAULT_MAX_FORWARD_BATCH,
+                  blur_sigma: float | None = None) -> torch.Tensor:
+    """auc(insertion_curve(...)) -> [B]; higher is better. Arguments as in insertion_curve."""
+    return auc(insertion_curve(model, images, maps, targets, steps=steps, substrate=substrate,
+                               seeds=seeds, max_forward_batch=max_forward_batch, blur_sigma=blur_sigma))
+
+
+def random_maps(shape: Sequence[int], seeds: torch.Tensor | Sequence[int] | None = None,
+                *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Seeded random maps [B,H,W] (uniform in [0,1)): the random-order reference.
+
+    Feed them to deletion_auc / insertion_auc in place of an explainer's maps to get the
+    AUCs of a random pixel order, the baseline a map must beat. Image i's map depends only
+    on seeds[i] (None: 0), from a stream separate from the tie-break permutation, so the
+    random order is not the order the tie-break would give a constant map.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (B, H, W), got {shape}")
+    batch, height, width = shape
+    seed_list = as_seed_list(seeds, batch)
+    maps = [torch.rand(height, width, generator=generator(s, STREAM_RANDOM_MAP)) for s in seed_list]
+    out = torch.stack(maps) if maps else torch.empty(shape)
+    return out.to(device) if device is not None else out
