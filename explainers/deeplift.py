@@ -1,6 +1,8 @@
 """DeepLIFT with the Rescale rule (Shrikumar, Greenside, Kundaje 2017)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from captum.attr import DeepLift as _CaptumDeepLift
 
@@ -45,9 +47,12 @@ class DeepLift(Explainer):
 
     def explain(self, images, targets, seeds=None):
         images = check_batch(images, targets)
-        attributions, delta = _CaptumDeepLift(self.model).attribute(
-            images, baselines=make_baseline(self.baseline, images), target=targets,
-            return_convergence_delta=True,
-        )
+        with warnings.catch_warnings():
+            # Captum announces on every call that it hooks the activations (and removes the hooks).
+            warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
+            attributions, delta = _CaptumDeepLift(self.model).attribute(
+                images, baselines=make_baseline(self.baseline, images), target=targets,
+                return_convergence_delta=True,
+            )
         return Explanation(sum_channels(attributions.detach()),
                            {"convergence_delta": delta.detach().float()})

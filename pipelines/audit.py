@@ -184,7 +184,7 @@ def run(argv: list[str] | None = None) -> dict:
             "normalisation": "none: saliency holds raw values",
             "metrics": ("RISE deletion/insertion AUC of the target's softmax probability, pixels ranked by "
                         "signed map value (ties broken by the image's seed), substrate "
-                        f"{args.metric_substrate!r}, {args.metric_steps or 'one image row'} per step; "
+                        f"{args.metric_substrate!r}, {args.metric_steps} equal steps; "
                         "*_random: the same for a random order; gini: Gini index of |map|"
                         if args.metrics else "off (--no-metrics)"),
             "seed": "first 32 bits of sha256('{--seed}:{image_id}')",

@@ -56,7 +56,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--metrics", dest="metrics", action="store_true", default=True,
         help="compute explanation-quality metrics (default on)")
     add("--no-metrics", dest="metrics", action="store_false", help="skip the metrics")
-    add("--metric-steps", type=int, help="deletion/insertion steps (default: one per image row, at most 64)")
+    add("--metric-steps", type=int, default=16,
+        help="deletion/insertion steps (default 16: 2 x 17 forward passes per map)")
     add("--metric-substrate", default="zero", choices=("zero", "blur", "mean"),
         help="what deleted pixels become in deletion/insertion (default zero)")
     add("--method-options", type=_json_object, default={},

@@ -26,7 +26,7 @@ def runnable_methods():
             if all(p is not inspect.Parameter.empty for p in method_parameters(m).values())]
 
 
-METHODS = ["sal", "grad", "intg", "deeplift"]  # TEMP runnable_methods()
+METHODS = runnable_methods()
 
 
 @pytest.fixture(scope="module")

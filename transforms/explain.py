@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Any
 
@@ -26,15 +27,20 @@ class ExplainConfig:
     target: str = "predicted"  # predicted | label | an integer class
     seed: int = 0
     metrics: bool = True
-    metric_steps: int | None = None  # None: one image row per step (explainers.metrics.default_steps)
+    metric_steps: int | None = 16  # None: one image row per step (explainers.metrics.default_steps)
     metric_substrate: str = "zero"
 
 
 class _Loaded:
     """What a worker keeps between bundles: the model and one explainer per method.
-    (A plain class, because Beam's Shared holds objects by weak reference.)"""
+    (A plain class, because Beam's Shared holds objects by weak reference.)
+
+    ``lock`` serialises their use: an SDK worker runs several bundles on threads at once,
+    and hook-based methods (DeepLift, LRP, Grad-CAM) change the shared model's modules
+    while they run, so two concurrent calls would corrupt each other's results."""
 
     def __init__(self, config: ExplainConfig):
+        self.lock = threading.Lock()
         self.device = resolve_device(config.device)
         self.model = load_model(config.model, self.device)
         self.explainers = {name: get_explainer(name, self.model, **opts) for name, opts in config.methods.items()}
@@ -80,6 +86,11 @@ class ExplainBatches(beam.DoFn):
         self._state = self._shared.acquire(lambda: build_explainers(config), tag=repr(config))
 
     def process(self, batch: ImageBatch):
+        with self._state.lock:
+            outputs = list(self._explain_batch(batch))
+        yield from outputs
+
+    def _explain_batch(self, batch: ImageBatch):
         state, config = self._state, self.config
         images = torch.from_numpy(batch.pixels).to(state.device)
         try:

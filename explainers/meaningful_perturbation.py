@@ -1,0 +1,150 @@
+"""Meaningful perturbation, the deletion game (Fong & Vedaldi 2017)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from explainers._base import Explainer, Explanation, check_batch
+from explainers._registry import register
+from explainers.smoothgrad import image_generators
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [B,C,H,W] per channel, kernel 2*ceil(3 sigma)+1, borders reflected."""
+    if sigma <= 0:
+        return images
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    height, width = images.shape[2:]
+    # reflect padding needs pad < size; replicate works for any size
+    mode = "reflect" if radius < min(height, width) else "replicate"
+    out = F.pad(images, (radius, radius, radius, radius), mode=mode)
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def total_variation(masks: torch.Tensor, beta: float) -> torch.Tensor:
+    """TV_beta per mask of [B,1,h,w]: mean |vertical diff|^beta + mean |horizontal diff|^beta."""
+    dv = (masks[:, :, 1:, :] - masks[:, :, :-1, :]).abs().pow(beta).flatten(1).mean(1)
+    dh = (masks[:, :, :, 1:] - masks[:, :, :, :-1]).abs().pow(beta).flatten(1).mean(1)
+    return dv + dh
+
+
+@register
+class MeaningfulPerturbation(Explainer):
+    """The smallest smooth mask whose deletion kills the target class. Unsigned, in [0,1].
+
+    A low-resolution mask m (1 = keep) per image, upsampled bilinearly, mixes the image
+    with a reference: x' = m x + (1 - m) r.  Adam minimises, for every image at once
+    (each its own mask, losses summed),
+        l1_coeff * mean|1 - m| + tv_coeff * TV_beta(m) + p_target(x'),
+    clamping m to [0,1] after each step.  The map is 1 - upsampled m.
+
+    mask_size: side of the mask grid (default None: a quarter of the image side, 7 for
+        28 px; the paper used 28 for 224 px).  Finer masks invite adversarial holes.
+    reference: "blur" (default; the paper's main variant, right for natural images) or a
+        constant in model-input space.  On black-background data such as MNIST a blurred
+        stroke stays visible: use 0.0 there (measured on the demo MNIST CNN, 32 digits:
+        median deleted_score 0.21 with blur, 0.017 with 0.0).
+    blur_sigma: Gaussian sigma of the blurred reference in pixels (default 3.0; the paper
+        used 10 for 224 px).
+    l1_coeff, tv_coeff: 0.05 and 0.01 (both penalties are means over the mask).  The
+        PyTorch port's 0.01 and 0.2 (for 28 x 28 masks on 224 px) let TV win over L1 on
+        a 7 x 7 mask: the pull of a hole's edge on its neighbours exceeds the L1 push back
+        wherever they differ by more than ~0.1, so the hole spreads over the whole image
+        (measured: 80% of a 12 px image deleted for a 4 x 4 evidence region).  Lower
+        values delete larger areas; higher ones give up on confident images.
+    tv_beta, lr: 3 and 0.1, as in the paper and the port.
+    n_iter: Adam steps (default 100; the paper used 500 and the port 300 for 224 px,
+        the small masks of 28-32 px images settle much sooner).
+    noise: std of Gaussian noise added to x' at each step against adversarial masks
+        (default 0: off); drawn per image from its seed, so results stay deterministic.
+
+    Extras: ``deleted_score``, the target probability on the image perturbed with the final
+    mask.  When the model is extremely confident (p above ~0.9998) the probability's gradient
+    vanishes, the penalties win and the mask stays near 1; a deleted_score still near the
+    original probability flags such images.
+
+    Cost: n_iter forward + backward passes, plus 1 forward, per image.
+    """
+
+    name = "mask"
+    signed = False
+    extras = {"deleted_score": "float32"}
+
+    def __init__(self, model, mask_size: int | None = None, reference: str | float = "blur",
+                 blur_sigma: float = 3.0, l1_coeff: float = 0.05, tv_coeff: float = 0.01,
+                 tv_beta: float = 3.0, lr: float = 0.1, n_iter: int = 100, noise: float = 0.0):
+        super().__init__(model)
+        if mask_size is not None and (not isinstance(mask_size, int) or isinstance(mask_size, bool) or mask_size < 1):
+            raise ValueError(f"mask_size must be None or an integer >= 1, got {mask_size!r}")
+        if not (reference == "blur" or (isinstance(reference, (int, float)) and not isinstance(reference, bool))):
+            raise ValueError(f"reference must be 'blur' or a number, got {reference!r}")
+        for option, value in (("blur_sigma", blur_sigma), ("l1_coeff", l1_coeff), ("tv_coeff", tv_coeff),
+                              ("noise", noise)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{option} must be a number >= 0, got {value!r}")
+        for option, value in (("tv_beta", tv_beta), ("lr", lr)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{option} must be a number > 0, got {value!r}")
+        if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
+            raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
+        self.mask_size = mask_size
+        self.reference = reference
+        self.blur_sigma = float(blur_sigma)
+        self.l1_coeff = float(l1_coeff)
+        self.tv_coeff = float(tv_coeff)
+        self.tv_beta = float(tv_beta)
+        self.lr = float(lr)
+        self.n_iter = n_iter
+        self.noise = float(noise)
+
+    def passes(self):
+        return {"forward": self.n_iter + 1, "backward": self.n_iter}
+
+    def _probability(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images).float()
+        return torch.softmax(logits, dim=1).gather(1, targets.unsqueeze(1)).squeeze(1)
+
+    def explain(self, images, targets, seeds=None):
+        check_batch(images, targets)
+        images = images.detach()
+        batch, channels, height, width = images.shape
+        device = images.device
+        targets = targets.to(device).long()
+        size = self.mask_size or max(1, min(height, width) // 4)
+        if self.reference == "blur":
+            reference = gaussian_blur(images, self.blur_sigma)
+        else:
+            reference = torch.full_like(images, float(self.reference))
+        generators = image_generators(seeds, batch) if self.noise > 0 else None
+
+        def perturb(mask: torch.Tensor) -> torch.Tensor:
+            upsampled = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
+            return upsampled * images + (1 - upsampled) * reference, upsampled
+
+        mask = torch.ones(batch, 1, size, size, device=device, requires_grad=True)
+        optimiser = torch.optim.Adam([mask], lr=self.lr)
+        for _ in range(self.n_iter):
+            with torch.enable_grad():
+                perturbed, _ = perturb(mask)
+                if generators is not None:
+                    noise = torch.stack([torch.randn(channels, height, width, generator=g) for g in generators])
+                    perturbed = perturbed + self.noise * noise.to(device, perturbed.dtype)
+                # Per-image losses summed: Adam is elementwise, so each mask follows only its own image.
+                loss = (self.l1_coeff * (1 - mask).abs().flatten(1).mean(1)
+                        + self.tv_coeff * total_variation(mask, self.tv_beta)
+                        + self._probability(perturbed, targets)).sum()
+                mask.grad, = torch.autograd.grad(loss, mask)
+            optimiser.step()
+            with torch.no_grad():
+                mask.clamp_(0, 1)
+        with torch.no_grad():
+            perturbed, upsampled = perturb(mask)
+            deleted = self._probability(perturbed, targets)
+        return Explanation((1 - upsampled).squeeze(1).float(), {"deleted_score": deleted.float()})

@@ -1,0 +1,123 @@
+"""anchor and lore: rules that name the region a hand-built model looks at; reproducibility."""
+import numpy as np
+import pytest
+import torch
+from skimage import data, transform
+
+from explainers import get_explainer
+from explainers.anchor import kl_lower, kl_upper, kl_bernoulli
+
+torch.set_num_threads(2)
+REGION = (slice(4, 10), slice(4, 10))
+
+
+class RegionModel(torch.nn.Module):
+    """Class 1's logit grows with the mean brightness of a fixed 6x6 square; class 0's is 0."""
+
+    def forward(self, x):
+        m = x[:, :, REGION[0], REGION[1]].mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(m), 40 * (m - 0.5)], 1)
+
+
+def scene(seed=0):
+    rng = np.random.default_rng(seed)
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, 15:25, 2:12] = 0.4 + 0.05 * float(rng.random())
+    image[0, 0, 13:26, 15:26] = 0.25
+    image[0, 0, 2:8, 16:24] = 0.15
+    image[0, 0, REGION[0], REGION[1]] = 1.0
+    return image
+
+
+def region_superpixels(segments):
+    return set(np.unique(segments.reshape(28, 28)[REGION[0], REGION[1]].numpy()).tolist())
+
+
+FAST = {"anchor": {"fill": 0.0, "coverage_samples": 2000},
+        "lore": {"fill": 0.0, "population_size": 200, "generations": 5}}
+
+
+def test_anchor_is_the_region():
+    result = get_explainer("anchor", RegionModel(), **FAST["anchor"]).explain(scene(), torch.tensor([1]))
+    anchor = set(result.extras["anchor"][0].tolist())
+    assert anchor and anchor <= region_superpixels(result.extras["segments"][0])
+    assert float(result.extras["precision"][0]) >= 0.95
+    assert 0 < float(result.extras["coverage"][0]) < 1
+    rule = result.extras["rule"][0]
+    assert rule.startswith("superpixels {") and "-> class 1" in rule and "precision" in rule
+    segments = result.extras["segments"][0].reshape(28, 28)
+    assert torch.equal(result.maps[0] == 1, torch.isin(segments, torch.tensor(sorted(anchor))))
+
+
+def test_anchor_empty_when_the_image_does_not_matter():
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 5.0]]).expand(len(x), 2)
+
+    result = get_explainer("anchor", Constant(), coverage_samples=100).explain(scene(), torch.tensor([1]))
+    assert result.extras["anchor"][0].numel() == 0 and "empty anchor" in result.extras["rule"][0]
+    assert float(result.extras["coverage"][0]) == 1.0 and not result.maps.any()
+
+
+def test_lore_rule_names_the_region():
+    result = get_explainer("lore", RegionModel(), **FAST["lore"]).explain(scene(), torch.tensor([1]))
+    named = set(result.extras["rule_superpixels"][0].tolist())
+    region = region_superpixels(result.extras["segments"][0])
+    assert named and named <= region
+    assert result.extras["rule"][0].endswith("on -> class 1")
+    assert "off -> class 0" in result.extras["counterfactuals"][0]
+    assert set(result.extras["counterfactual_superpixels"][0].tolist()) <= region
+    assert float(result.extras["fidelity"][0]) > 0.9
+    assert set(result.maps[0].unique().tolist()) <= {0.0, 1.0} and result.maps[0].max() == 1
+
+
+@pytest.mark.parametrize("method", ["anchor", "lore"])
+def test_same_seed_same_output_alone_or_in_any_batch(method):
+    alone = get_explainer(method, RegionModel(), **FAST[method]).explain(
+        scene(), torch.tensor([1]), torch.tensor([5]))
+    again = get_explainer(method, RegionModel(), **FAST[method]).explain(
+        scene(), torch.tensor([1]), torch.tensor([5]))
+    batch = torch.cat([scene(1), scene(2), scene()])
+    inside = get_explainer(method, RegionModel(), max_forward_batch=37, **FAST[method]).explain(
+        batch, torch.tensor([1, 1, 1]), torch.tensor([11, 12, 5]))
+    for name, value in alone.extras.items():
+        if name != "model_calls":
+            assert str(value[0]) == str(again.extras[name][0]) == str(inside.extras[name][2]), name
+    assert torch.equal(alone.maps[0], inside.maps[2])
+    assert int(alone.extras["model_calls"][0]) == int(inside.extras["model_calls"][2])
+
+
+@pytest.mark.parametrize("method", ["anchor", "lore"])
+@pytest.mark.parametrize("rgb", [False, True])
+def test_photos_and_tiny_images(method, rgb):
+    photo = data.astronaut() / 255.0 if rgb else data.camera()[..., None] / 255.0
+    big = torch.tensor(np.moveaxis(transform.resize(photo, (32, 32)), -1, 0), dtype=torch.float32)
+    tiny = torch.nn.functional.interpolate(big[None], size=(8, 8), mode="area")[0]
+    for image in (big, tiny):
+        c, h, w = image.shape
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c * h * w, 3))
+        torch.nn.init.normal_(model[1].weight, std=0.5)
+        target = model(image[None]).argmax(1)
+        options = {"anchor": {"coverage_samples": 500, "max_anchor_size": 3},
+                   "lore": {"population_size": 100, "generations": 3}}[method]
+        result = get_explainer(method, model, **options).explain(image[None], target)
+        assert result.maps.shape == (1, h, w) and torch.isfinite(result.maps).all()
+        assert int(result.extras["segments"][0].max()) + 1 >= 4
+        assert isinstance(result.extras["rule"][0], str) and result.extras["rule"][0]
+
+
+def test_kl_bounds():
+    p, level = np.array([0.0, 0.5, 0.9, 1.0]), np.array([0.1, 0.1, 0.05, 0.2])
+    upper, lower = kl_upper(p, level), kl_lower(p, level)
+    assert np.all(lower <= p) and np.all(p <= upper) and upper[-1] == 1.0 and lower[0] == 0.0
+    assert np.allclose(kl_bernoulli(p[1:3], upper[1:3]), level[1:3], atol=1e-4)
+    assert np.allclose(kl_bernoulli(p[1:], lower[1:]), level[1:], atol=1e-4)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="threshold"):
+        get_explainer("anchor", RegionModel(), threshold=1.5)
+    with pytest.raises(ValueError, match="cxpb"):
+        get_explainer("lore", RegionModel(), cxpb=2.0)
+    with pytest.raises(ValueError, match="does not take"):
+        get_explainer("lore", RegionModel(), n_samples=10)

@@ -1,0 +1,337 @@
+"""Known answers for elrp: conservation, agreement with gradient x input, BatchNorm
+folding, torchvision-style ResNet/VGG graphs, clear errors, an untouched model."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explainers import get_explainer
+from explainers.lrp import lrp_graph
+from pipelines.reference_model import MnistCNN
+
+
+# --- torchvision-style test networks (reduced widths) ---------------------------------
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: conv-bn-relu-conv-bn, shortcut, functional add."""
+
+    def __init__(self, cin, cout, stride=1, inplace_add=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)  # applied twice, as in torchvision
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.inplace_add = inplace_add
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        if self.inplace_add:
+            out += identity
+        else:
+            out = out + identity
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18's layout (stem, 4 stages of 2 BasicBlocks, global pool, fc) at width w."""
+
+    def __init__(self, width=4, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        cin, stages = width, []
+        for i, w in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(cin, w, 1 if i == 0 else 2, inplace_add=i % 2 == 0),
+                                        BasicBlock(w, w, 1, inplace_add=i % 2 == 1)))
+            cin = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+def randomise_batchnorm(model, bias_free=False):
+    """Non-trivial running statistics, so folding has something to fold."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if bias_free:
+                nn.init.zeros_(m.bias)
+                m.running_mean.zero_()
+            else:
+                nn.init.uniform_(m.bias, -0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+    return model
+
+
+def resnet(bias_free=False):
+    torch.manual_seed(0)
+    model = ResNet18()
+    with torch.no_grad():
+        randomise_batchnorm(model, bias_free)
+        if bias_free:
+            model.fc.bias.zero_()
+    return model.eval()
+
+
+class VGG(nn.Module):
+    """VGG's layout: features (conv-BN-ReLU, max pools), adaptive avg pool, flatten, classifier."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        self.classifier = nn.Sequential(nn.Linear(16 * 4, 32), nn.ReLU(True), nn.Dropout(),
+                                        nn.Linear(32, 32), nn.ReLU(True), nn.Dropout(), nn.Linear(32, classes))
+
+    def forward(self, x):
+        x = self.avgpool(self.features(x))
+        x = x.view(x.size(0), -1)
+        return self.classifier(x)
+
+
+class Activations(nn.Module):
+    """Elementwise activations other than ReLU, average pooling, functional calls, reshape."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1, bias=bias)
+        self.act1 = nn.LeakyReLU(0.1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=bias)
+        self.act2 = nn.ELU()
+        self.pool = nn.AvgPool2d(2)
+        self.fc1 = nn.Linear(6 * 4 * 4, 16, bias=bias)
+        self.fc2 = nn.Linear(16, 16, bias=bias)
+        self.fc3 = nn.Linear(16, 3, bias=bias)
+
+    def forward(self, x):
+        x = self.pool(self.act2(self.conv2(self.act1(self.conv1(x)))))
+        x = F.gelu(x).reshape(-1, 6 * 4 * 4)
+        x = torch.tanh(self.fc1(x))
+        return self.fc3(torch.sigmoid(self.fc2(x)) * 0.5)
+
+
+class Functional(nn.Module):
+    """Functional calls only: input normalisation, in-place F.relu, F.max_pool2d, two
+    branches joined by torch.cat, a global mean and x.view(x.shape[0], -1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = (x - 0.45) / 0.25
+        x = torch.cat([F.relu(self.a(x), inplace=True), torch.relu(self.b(x))], dim=1)
+        x = F.max_pool2d(x, 2)
+        x = self.c(x).relu().mean(dim=(2, 3), keepdim=True)
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def bias_free_relu_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 16, bias=False), nn.ReLU(), nn.Linear(16, 4, bias=False)).eval()
+
+
+def logits_of(model, x, t):
+    with torch.no_grad():
+        return model(x).gather(1, t[:, None]).squeeze(1)
+
+
+def elrp(model, x, t, **options):
+    return get_explainer("elrp", model, **options).explain(x, t)
+
+
+# --- conservation and agreement with gradient x input ---------------------------------
+
+def test_bias_free_relu_net_conserves_the_target_logit():
+    model = bias_free_relu_net()
+    torch.manual_seed(1)
+    x, t = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    result = elrp(model, x, t, epsilon=1e-9)
+    assert result.maps.shape == (6, 8, 8)
+    logits = logits_of(model, x, t)
+    torch.testing.assert_close(result.maps.sum((1, 2)), logits, rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(result.extras["relevance_sum"], result.maps.sum((1, 2)))
+
+
+def test_relu_net_with_biases_equals_gradient_times_input():
+    """Ancona et al. 2018: for ReLU networks epsilon-LRP -> gradient x input as eps -> 0."""
+    torch.manual_seed(0)
+    model = MnistCNN(conv_channels=(4, 8), hidden=16).eval()
+    x, t = torch.rand(4, 1, 28, 28), torch.tensor([3, 1, 4, 1])
+    maps = elrp(model, x, t).maps
+    expected = get_explainer("grad", model).explain(x, t).maps
+    torch.testing.assert_close(maps, expected, rtol=0, atol=1e-3 * expected.abs().max().item())
+
+
+def test_batchnorm_folding_leaves_the_outputs_unchanged():
+    model = resnet()
+    x = torch.rand(3, 3, 32, 32)
+    gm = lrp_graph(model, x[:1])
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_resnet18_shaped_network_conserves_when_bias_free():
+    """BN with zero mean and shift folds into bias-free convs; adds, max and average
+    pooling conserve, so the map sums to the logit."""
+    model = resnet(bias_free=True)
+    torch.manual_seed(2)
+    x, t = torch.rand(2, 3, 32, 32), torch.tensor([0, 7])
+    result = elrp(model, x, t, epsilon=1e-9)
+    assert result.maps.shape == (2, 32, 32)
+    torch.testing.assert_close(result.extras["relevance_sum"], logits_of(model, x, t), rtol=3e-2, atol=1e-5)
+
+
+def test_resnet18_shaped_network_with_biases_equals_gradient_times_input():
+    model = resnet()
+    torch.manual_seed(3)
+    x, t = torch.rand(2, 3, 32, 32), torch.tensor([2, 5])
+    # this random network's pre-activations are small, so epsilon must be smaller still
+    maps = elrp(model, x, t, epsilon=1e-9).maps
+    expected = get_explainer("grad", model).explain(x, t).maps
+    torch.testing.assert_close(maps, expected, rtol=0, atol=1e-3 * expected.abs().max().item())
+
+
+def test_vgg_style_network_runs_and_equals_gradient_times_input():
+    torch.manual_seed(0)
+    model = randomise_batchnorm(VGG()).eval()
+    x, t = torch.rand(2, 3, 16, 16), torch.tensor([1, 4])
+    maps = elrp(model, x, t, epsilon=1e-9).maps
+    assert maps.shape == (2, 16, 16) and torch.isfinite(maps).all()
+    expected = get_explainer("grad", model).explain(x, t).maps
+    torch.testing.assert_close(maps, expected, rtol=0, atol=1e-3 * expected.abs().max().item())
+
+
+def test_functional_network_equals_gradient_times_input():
+    torch.manual_seed(0)
+    model = Functional().eval()
+    x, t = torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 2])
+    maps = elrp(model, x, t, epsilon=1e-9).maps
+    expected = get_explainer("grad", model).explain(x, t).maps
+    torch.testing.assert_close(maps, expected, rtol=0, atol=1e-3 * expected.abs().max().item())
+
+
+def test_mnist_cnn_with_flatten_and_an_input_check_runs():
+    """The reference model checks x.dim() in forward(): the tracer resolves shape checks."""
+    torch.manual_seed(0)
+    model = MnistCNN(conv_channels=(4, 8), hidden=16).eval()
+    result = elrp(model, torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 2]))
+    assert result.maps.shape == (3, 28, 28) and torch.isfinite(result.maps).all()
+
+
+def test_other_activations_pass_relevance_and_conserve_when_bias_free():
+    torch.manual_seed(0)
+    model = Activations(bias=False).eval()
+    x, t = torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    result = elrp(model, x, t, epsilon=1e-9)
+    torch.testing.assert_close(result.extras["relevance_sum"], logits_of(model, x, t), rtol=1e-2, atol=1e-6)
+    with_bias = Activations().eval()
+    assert torch.isfinite(elrp(with_bias, x, t).maps).all()
+
+
+def test_batch_results_equal_single_image_results():
+    model = resnet()
+    x, t = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    explainer = get_explainer("elrp", model)
+    batch = explainer.explain(x, t).maps
+    for i in range(3):
+        torch.testing.assert_close(batch[i:i + 1], explainer.explain(x[i:i + 1], t[i:i + 1]).maps,
+                                   rtol=1e-4, atol=1e-6)
+
+
+# --- errors ----------------------------------------------------------------------------
+
+def test_unsupported_layer_is_named():
+    model = nn.Sequential()
+    model.add_module("features", nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                               nn.Upsample(scale_factor=2), nn.Flatten(), nn.Linear(2 * 8 * 8, 3)))
+    with pytest.raises(ValueError, match=r"elrp does not support layer 'features\.3' \(Upsample\)"):
+        elrp(model.eval(), torch.rand(1, 1, 8, 8), torch.tensor([0]))
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.fc(x * torch.sigmoid(x))
+
+
+class ValueBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.fc(x.flatten(1))
+
+
+def test_unsupported_operation_and_value_branches_raise():
+    x, t = torch.rand(1, 1, 2, 2), torch.tensor([0])
+    with pytest.raises(ValueError, match=r"elrp does not support operation 'mul'"):
+        elrp(Gated().eval(), x, t)
+    with pytest.raises(ValueError, match="branches on tensor values"):
+        elrp(ValueBranch().eval(), x, t)
+
+
+def test_torchscript_models_are_refused():
+    scripted = torch.jit.script(bias_free_relu_net())
+    with pytest.raises(ValueError, match="TorchScript"):
+        get_explainer("elrp", scripted)
+
+
+def test_bad_epsilon_is_refused():
+    for bad in (0, -1e-3, "small"):
+        with pytest.raises(ValueError, match="epsilon"):
+            get_explainer("elrp", bias_free_relu_net(), epsilon=bad)
+
+
+def test_the_users_model_is_not_modified():
+    model = resnet().train()
+    before = copy.deepcopy(model.state_dict())
+    elrp(model, torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert model.training and model.relu.inplace and model.layer1[0].relu.inplace
+    assert isinstance(model.bn1, nn.BatchNorm2d)
+    assert all(p.requires_grad for p in model.parameters())
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_passes_and_options():
+    explainer = get_explainer("elrp", bias_free_relu_net(), epsilon=1e-4)
+    assert explainer.passes() == {"forward": 1, "backward": 1}
+    assert explainer.options() == {"epsilon": 1e-4}
