@@ -84,7 +84,8 @@ _PASS_FUNCTIONS = {
     F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardtanh, F.hardswish,
     F.hardsigmoid, F.softplus, F.softsign,
 }
-_SHAPE_FUNCTIONS = {builtins.getattr, builtins.len}
+_SHAPE_FUNCTIONS = {builtins.len}
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}  # x.shape etc. (traced as getattr)
 
 _EPS_METHODS = {"add", "sub", "neg", "mean", "sum"}
 _SCALE_METHODS = {"mul", "div", "truediv"}
@@ -141,9 +142,7 @@ class _ConcreteTracer(fx.Tracer):
             self.values[node] = self._run(kind, target, *real)
         finally:
             self._concrete = False
-        if (kind == "call_method" and target in _SHAPE_METHODS) or \
-                (kind == "call_function" and target in _SHAPE_FUNCTIONS) or \
-                (inputs and all(n in self.shape_only for n in inputs)):
+        if _is_shape_op(node) or (inputs and all(n in self.shape_only for n in inputs)):
             self.shape_only.add(node)
         return proxy
 
@@ -173,6 +172,16 @@ class _ConcreteTracer(fx.Tracer):
             return bool(self.values[obj.node])
         raise ValueError(f"elrp cannot trace the model: its forward branches on tensor values "
                          f"(node {obj.node.name!r}); only conditions on shapes can be traced")
+
+
+def _is_shape_op(node: fx.Node) -> bool:
+    """Ops whose result is a size, not data: x.size(0), x.dim(), x.shape, len(x)."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function":
+        return node.target in _SHAPE_FUNCTIONS or (
+            node.target is builtins.getattr and len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES)
+    return False
 
 
 def _flatten(tree) -> list:
@@ -341,9 +350,9 @@ def _rule(node: fx.Node, gm: fx.GraphModule, live_inputs: list[fx.Node], plan) -
             return "eps"
         return None
     target = node.target
+    if _is_shape_op(node):
+        return "shape"
     if node.op == "call_function":
-        if target in _SHAPE_FUNCTIONS:
-            return "shape"
         if target is operator.getitem and plan.get(node.args[0]) == "shape":
             return "shape"
         if target in _PASS_FUNCTIONS:
@@ -360,8 +369,6 @@ def _rule(node: fx.Node, gm: fx.GraphModule, live_inputs: list[fx.Node], plan) -
                 return "eps"
         return None
     if node.op == "call_method":
-        if target in _SHAPE_METHODS:
-            return "shape"
         if target in _PASS_METHODS:
             return "pass"
         if target in _MOVE_METHODS:
@@ -387,8 +394,8 @@ def _call(node: fx.Node, gm: fx.GraphModule, args, kwargs):
 
 
 def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
-    # sign(0) counts as +1 so that no denominator is exactly 0
-    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    # z + eps * sign(z), with sign(0) = +1 so that no denominator is exactly 0
+    return torch.where(z >= 0, z + eps, z - eps)
 
 
 def propagate(gm: fx.GraphModule, plan: dict[fx.Node, str], x: torch.Tensor, targets: torch.Tensor,
