@@ -394,8 +394,10 @@ def _call(node: fx.Node, gm: fx.GraphModule, args, kwargs):
 
 
 def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
-    # z + eps * sign(z), with sign(0) = +1 so that no denominator is exactly 0
-    return torch.where(z >= 0, z + eps, z - eps)
+    # z + eps * sign(z), with sign(+0) = +1 so that no denominator is exactly 0; copysign
+    # and an in-place add take two passes over z where where(z >= 0, ...) takes four
+    denominator = torch.copysign(torch.tensor(eps, dtype=z.dtype, device=z.device), z)
+    return denominator.add_(z)
 
 
 def propagate(gm: fx.GraphModule, plan: dict[fx.Node, str], x: torch.Tensor, targets: torch.Tensor,
@@ -478,7 +480,9 @@ class EpsilonLRP(Explainer):
 
     The model must be traceable by torch.fx (Python code, not TorchScript; no branches on
     tensor values) and built from supported ops; anything else raises ValueError naming
-    the layer.  The graph is traced once per input shape, on a copy in eval mode.
+    the layer.  The graph is traced once per input shape (C,H,W), on a copy in eval mode,
+    with the batch's first image: branches on shapes are resolved for that example, so a
+    forward() that branches on the batch size would keep the one-image branch.
 
     Extras: ``relevance_sum``, the sum of the map; compare it with the target logit to
     see how much relevance biases and epsilon absorbed (conservation).

@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = _runnable_methods() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = (_runnable_methods() if args.methods == "all"
+               else [m.strip() for m in args.methods.split(",") if m.strip()])
     model, images, source = demo_model_and_images(args.batch_size)
     device = torch.device(args.device)
     model, images = model.to(device), images.to(device)

@@ -43,7 +43,6 @@ def dilated(reach):
 
 @pytest.mark.parametrize("score", ["probability", "logit"])
 def test_occlusion_attribution_stays_within_the_window_reach_of_the_region(score):
-    model = RegionModel().eval()
     x, t = region_images(3, channels=3), torch.ones(3, dtype=torch.long)
     model = RegionModel(channels=3).eval()
     maps = get_explainer("occlusion", model, window=3, stride=2, score=score).explain(x, t).maps
