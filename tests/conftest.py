@@ -67,3 +67,31 @@ def demo_images(demo_shard):
     records = [r for _, r in zip(range(64), read_shard(str(demo_shard)))]
     images = np.stack([preprocess(decode(r, prep.max_pixels), prep) for r in records])
     return torch.from_numpy(images), torch.tensor([r.label for r in records])
+
+
+# A scene for the superpixel methods: a model that reads only one square region.
+REGION = (slice(4, 10), slice(4, 10))
+
+
+class RegionModel(torch.nn.Module):
+    """Class 1's logit grows with the mean brightness of a fixed 6x6 square; class 0's is 0."""
+
+    def forward(self, x):
+        m = x[:, :, REGION[0], REGION[1]].mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(m), 40 * (m - 0.5)], 1)
+
+
+def scene(seed=0):
+    """28x28 grey image: a bright square on the region, darker textured shapes elsewhere."""
+    rng = np.random.default_rng(seed)
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, 15:25, 2:12] = 0.4 + 0.05 * float(rng.random())
+    image[0, 0, 13:26, 15:26] = 0.25
+    image[0, 0, 2:8, 16:24] = 0.15
+    image[0, 0, REGION[0], REGION[1]] = 1.0
+    return image
+
+
+def region_superpixels(segments):
+    labels = segments.reshape(28, 28)[REGION[0], REGION[1]]
+    return set(np.unique(labels.numpy()).tolist())

@@ -7,32 +7,7 @@ from skimage import data, transform
 from explainers import get_explainer
 from explainers.anchor import kl_lower, kl_upper, kl_bernoulli
 
-torch.set_num_threads(2)
-REGION = (slice(4, 10), slice(4, 10))
-
-
-class RegionModel(torch.nn.Module):
-    """Class 1's logit grows with the mean brightness of a fixed 6x6 square; class 0's is 0."""
-
-    def forward(self, x):
-        m = x[:, :, REGION[0], REGION[1]].mean(dim=(1, 2, 3))
-        return torch.stack([torch.zeros_like(m), 40 * (m - 0.5)], 1)
-
-
-def scene(seed=0):
-    rng = np.random.default_rng(seed)
-    image = torch.zeros(1, 1, 28, 28)
-    image[0, 0, 15:25, 2:12] = 0.4 + 0.05 * float(rng.random())
-    image[0, 0, 13:26, 15:26] = 0.25
-    image[0, 0, 2:8, 16:24] = 0.15
-    image[0, 0, REGION[0], REGION[1]] = 1.0
-    return image
-
-
-def region_superpixels(segments):
-    return set(np.unique(segments.reshape(28, 28)[REGION[0], REGION[1]].numpy()).tolist())
-
-
+from conftest import REGION, RegionModel, region_superpixels, scene
 FAST = {"anchor": {"fill": 0.0, "coverage_samples": 2000},
         "lore": {"fill": 0.0, "population_size": 200, "generations": 5}}
 

@@ -8,34 +8,7 @@ from sklearn.linear_model import Ridge
 from explainers import get_explainer, list_methods
 from explainers.lime import lime_kernel, weighted_ridge
 
-torch.set_num_threads(2)
-REGION = (slice(4, 10), slice(4, 10))
-
-
-class RegionModel(torch.nn.Module):
-    """Class 1's logit grows with the mean brightness of a fixed 6x6 square; class 0's is 0."""
-
-    def forward(self, x):
-        m = x[:, :, REGION[0], REGION[1]].mean(dim=(1, 2, 3))
-        return torch.stack([torch.zeros_like(m), 40 * (m - 0.5)], 1)
-
-
-def scene(seed=0):
-    """28x28 grey image: a bright square on the region, darker textured shapes elsewhere."""
-    rng = np.random.default_rng(seed)
-    image = torch.zeros(1, 1, 28, 28)
-    image[0, 0, 15:25, 2:12] = 0.4 + 0.05 * float(rng.random())
-    image[0, 0, 13:26, 15:26] = 0.25
-    image[0, 0, 2:8, 16:24] = 0.15
-    image[0, 0, REGION[0], REGION[1]] = 1.0
-    return image
-
-
-def region_superpixels(segments):
-    labels = segments.reshape(28, 28)[REGION[0], REGION[1]]
-    return set(np.unique(labels.numpy()).tolist())
-
-
+from conftest import REGION, RegionModel, region_superpixels, scene
 def test_registered():
     assert {"lime", "anchor", "lore"} <= set(list_methods())
 
