@@ -93,11 +93,13 @@ class BlackBox:
         return torch.cat(probs).double().cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 
-def run_searches(blackbox: BlackBox, searches: list[Search]) -> list[Any]:
+def run_searches(blackbox, searches: list[Search]) -> list[Any]:
     """Drive one search per image to completion; returns each search's return value.
 
     Every round collects the pending requests of all unfinished searches, pads them to a
     common width, queries the model once for all of them and sends each search its slice.
+    ``blackbox.query(image_ids [N], rows [N, D])`` returns a tuple of per-row arrays
+    (:class:`BlackBox`: superpixel masks; ``explainers.abele``: latent codes).
     """
     results: list[Any] = [None] * len(searches)
     pending: dict[int, np.ndarray] = {}
@@ -114,13 +116,13 @@ def run_searches(blackbox: BlackBox, searches: list[Search]) -> list[Any]:
         order = sorted(pending)
         requests = [pending.pop(i) for i in order]
         sizes = [len(r) for r in requests]
-        masks = np.zeros((sum(sizes), max(r.shape[1] for r in requests)), dtype=bool)
+        rows = np.zeros((sum(sizes), max(r.shape[1] for r in requests)), dtype=requests[0].dtype)
         bounds = np.cumsum([0] + sizes)
         for k, r in enumerate(requests):
-            masks[bounds[k]:bounds[k + 1], :r.shape[1]] = r
-        probs, labels = blackbox.query(np.repeat(np.asarray(order, dtype=np.int64), sizes), masks)
+            rows[bounds[k]:bounds[k + 1], :r.shape[1]] = r
+        reply = blackbox.query(np.repeat(np.asarray(order, dtype=np.int64), sizes), rows)
         for k, i in enumerate(order):
-            advance(i, (probs[bounds[k]:bounds[k + 1]], labels[bounds[k]:bounds[k + 1]]))
+            advance(i, tuple(r[bounds[k]:bounds[k + 1]] for r in reply))
     return results
 
 

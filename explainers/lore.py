@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from sklearn.tree import DecisionTreeClassifier
 
+from explainers import _rules as rules
 from explainers._base import Explanation
 from explainers._blackbox import SuperpixelExplainer, run_searches
+from explainers._genetic import evolve, mutate
 from explainers._registry import register
 from explainers.superpixels import describe, paint
 
@@ -19,41 +21,6 @@ def _labels(masks: np.ndarray):
     """Generator: the black box's classes [n] for masks [n,S] (repeats cost nothing, see BlackBox)."""
     _, labels = yield masks
     return labels
-
-
-def two_point_crossover(pop: np.ndarray, cxpb: float, rng: np.random.Generator) -> np.ndarray:
-    """Swap a random slice between consecutive pairs, each pair with probability cxpb (in place).
-
-    Returns a bool [n] of the rows that changed hands (they need a new fitness)."""
-    n, s = pop.shape
-    pairs = np.flatnonzero(rng.random(n // 2) < cxpb)
-    cuts = np.sort(rng.integers(0, s + 1, (len(pairs), 2)), axis=1)
-    cols = np.arange(s)
-    swap = (cols >= cuts[:, :1]) & (cols < cuts[:, 1:])  # [pairs, S]
-    a, b = 2 * pairs, 2 * pairs + 1
-    pa, pb = pop[a].copy(), pop[b].copy()
-    pop[a] = np.where(swap, pb, pa)
-    pop[b] = np.where(swap, pa, pb)
-    touched = np.zeros(n, dtype=bool)
-    touched[a] = touched[b] = True
-    return touched
-
-
-def mutate(pop: np.ndarray, mutpb: float, indpb: float, rng: np.random.Generator) -> np.ndarray:
-    """Each row with probability mutpb resamples each bit uniformly with probability indpb (in place)."""
-    rows = rng.random(len(pop)) < mutpb
-    resample = (rng.random(pop.shape) < indpb) & rows[:, None]
-    pop[resample] = rng.random(int(resample.sum())) < 0.5
-    return rows
-
-
-def above_largest_gap(fitness: np.ndarray) -> np.ndarray:
-    """LORE's filter: keep the individuals whose fitness is above the largest gap in the sorted values."""
-    values = np.unique(fitness)
-    if len(values) < 2:
-        return np.ones(len(fitness), dtype=bool)
-    cut = values[np.argmax(np.diff(values)) + 1]
-    return fitness >= cut
 
 
 def lore_neighbourhood(n_features: int, target: int, rng: np.random.Generator, *, population_size: int,
@@ -73,36 +40,16 @@ def lore_neighbourhood(n_features: int, target: int, rng: np.random.Generator, *
     half = max(2, population_size // 2)
     x = np.ones((1, n_features), dtype=bool)
 
-    def fitness(pop, lab, same):
+    def fitness(pop, reply, same):
         similarity = pop.mean(1)
         similarity = np.where(similarity >= eta, 0.0, similarity)
-        hit = (lab == target) if same else (lab != target)
+        labels = reply[1]
+        hit = (labels == target) if same else (labels != target)
         return alpha1 * similarity + alpha2 * hit
 
-    pops = [np.repeat(x, half, 0), np.repeat(x, half, 0)]
-    both = yield from _labels(np.concatenate(pops))
-    fits = [fitness(pops[0], both[:half], True), fitness(pops[1], both[half:], False)]
-    fame = [(pops[k].copy(), fits[k].copy()) for k in range(2)]
-    for _ in range(generations):
-        for k in range(2):
-            aspirants = rng.integers(0, half, (half, tournament_size))
-            winners = aspirants[np.arange(half), np.argmax(fits[k][aspirants], axis=1)]
-            pops[k] = pops[k][winners]
-            fits[k] = fits[k][winners]
-            two_point_crossover(pops[k], cxpb, rng)
-            mutate(pops[k], mutpb, indpb, rng)
-        both = yield from _labels(np.concatenate(pops))
-        fits = [fitness(pops[0], both[:half], True), fitness(pops[1], both[half:], False)]
-        for k in range(2):  # hall of fame: the best distinct individuals seen, 10% of a population
-            pool = np.concatenate([fame[k][0], pops[k]])
-            pool_fit = np.concatenate([fame[k][1], fits[k]])
-            _, first = np.unique(pool, axis=0, return_index=True)
-            best = first[np.argsort(-pool_fit[first], kind="stable")[:max(1, half // 10)]]
-            fame[k] = (pool[best], pool_fit[best])
-    kept = []
-    for k in range(2):
-        pool = np.concatenate([pops[k], fame[k][0]])
-        kept.append(pool[above_largest_gap(np.concatenate([fits[k], fame[k][1]]))])
+    kept = yield from evolve(x[0], rng, size=half, generations=generations, cxpb=cxpb,
+                             tournament_size=tournament_size, fitness=fitness,
+                             mutate=lambda pop, r: mutate(pop, mutpb, indpb, r))
     masks = np.unique(np.concatenate([x] + kept), axis=0)
     found = yield from _labels(masks)
     if len(np.unique(found)) < 2:
@@ -110,21 +57,6 @@ def lore_neighbourhood(n_features: int, target: int, rng: np.random.Generator, *
         masks = np.unique(np.concatenate([masks, extra]), axis=0)
         found = yield from _labels(masks)
     return masks, found
-
-
-def _paths(tree) -> list[tuple[list[tuple[int, bool]], int]]:
-    """Every root-to-leaf path of a fitted tree on 0/1 features: ([(feature, on), ...], leaf node)."""
-    t = tree.tree_
-    out, stack = [], [(0, [])]
-    while stack:
-        node, conditions = stack.pop()
-        if t.children_left[node] == -1:
-            out.append((conditions, node))
-            continue
-        f = int(t.feature[node])  # threshold is 0.5: left is "off", right is "on"
-        stack.append((int(t.children_right[node]), conditions + [(f, True)]))
-        stack.append((int(t.children_left[node]), conditions + [(f, False)]))
-    return out
 
 
 def _conditions_text(conditions: list[tuple[int, bool]]) -> str:
@@ -135,30 +67,17 @@ def _conditions_text(conditions: list[tuple[int, bool]]) -> str:
 
 
 def tree_rules(tree, n_features: int, max_counterfactuals: int):
-    """Factual rule of x (all on) and its counterfactuals from a fitted tree.
+    """Factual rule of x (all on) and its counterfactuals from a tree fitted on 0/1 features.
 
-    Returns (conditions, class, counterfactuals) with counterfactuals a list of
-    (changes, class): the conditions of another class's leaf that x violates, fewest first;
-    all leaves tied at the minimum are kept, up to max_counterfactuals.
+    Returns (conditions, class, counterfactuals) with conditions [(superpixel, on), ...] and
+    counterfactuals a list of (changes, class): the conditions of another class's leaf that x
+    violates, fewest first; all distinct ones tied at the minimum, up to max_counterfactuals.
     """
-    classes = tree.classes_
-    paths = _paths(tree)
-    x = np.ones(n_features, dtype=bool)
-    leaf_of_x = int(tree.apply(x[None].astype(np.float32))[0])
-    value = tree.tree_.value
-    factual = next(c for c, node in paths if node == leaf_of_x)
-    label = int(classes[np.argmax(value[leaf_of_x][0])])
-    others = []
-    for conditions, node in paths:
-        leaf_class = int(classes[np.argmax(value[node][0])])
-        if leaf_class != label:
-            changes = [(f, v) for f, v in conditions if x[f] != v]
-            others.append((len(changes), changes, leaf_class))
-    if not others:
-        return factual, label, []
-    fewest = min(n for n, _, _ in others)
-    best = sorted(((c, k) for n, c, k in others if n == fewest), key=lambda ck: (ck[1], ck[0]))
-    return factual, label, best[:max_counterfactuals]
+    def bits(conditions):  # threshold 0.5: above is "on"
+        return [(f, above) for f, _, above in conditions]
+
+    factual, label, others = rules.tree_rules(tree, np.ones(n_features), max_counterfactuals)
+    return bits(factual), label, [(bits(c), k) for c, k in others]
 
 
 @register

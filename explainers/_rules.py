@@ -1,0 +1,87 @@
+"""Factual and counterfactual rules read off a fitted sklearn decision tree (LORE, ABELE).
+
+A condition is (feature, threshold, above): ``x[feature] > threshold`` when above, else
+``x[feature] <= threshold`` (sklearn's split convention). The factual rule of x is its
+root-to-leaf path; a counterfactual is the path to a leaf of another class, reported as the
+conditions x violates on it (the "delta"), fewest first.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+Condition = tuple[int, float, bool]
+
+
+def _node_classes(tree, collapse: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per node: its majority class (index into classes_), and whether it ends a path.
+
+    With collapse, a node whose leaves all predict one class ends the path: ABELE prunes
+    sibling leaves of the same class, which leaves the predictions as they were and drops
+    splits that cannot change the outcome."""
+    t = tree.tree_
+    majority = np.argmax(t.value[:, 0, :], axis=1)
+    leaf = t.children_left == -1
+    ends = leaf.copy()
+    if collapse:
+        pure = np.where(leaf, majority, -1)
+        for node in range(t.node_count - 1, -1, -1):  # children have larger ids than parents
+            if not leaf[node]:
+                left, right = t.children_left[node], t.children_right[node]
+                pure[node] = pure[left] if pure[left] == pure[right] else -1
+        ends = pure >= 0
+        majority = np.where(ends, pure, majority)
+    return majority, ends
+
+
+def tree_paths(tree, collapse: bool = False) -> list[tuple[list[Condition], int]]:
+    """Every root-to-end path: (conditions in path order, class of the end node)."""
+    t = tree.tree_
+    majority, ends = _node_classes(tree, collapse)
+    out, stack = [], [(0, [])]
+    while stack:
+        node, conditions = stack.pop()
+        if ends[node]:
+            out.append((conditions, int(tree.classes_[majority[node]])))
+            continue
+        f, thr = int(t.feature[node]), float(t.threshold[node])
+        stack.append((int(t.children_right[node]), conditions + [(f, thr, True)]))
+        stack.append((int(t.children_left[node]), conditions + [(f, thr, False)]))
+    return out
+
+
+def satisfied(conditions: list[Condition], x: np.ndarray) -> list[bool]:
+    x = np.asarray(x, dtype=np.float32)  # what the tree compares (sklearn fits on float32)
+    return [bool(x[f] > thr) == above for f, thr, above in conditions]
+
+
+def tree_rules(tree, x: np.ndarray, max_counterfactuals: int, collapse: bool = False):
+    """(factual conditions, class, counterfactuals) of x [d] in a fitted tree.
+
+    counterfactuals: up to max_counterfactuals (changes, class), the distinct sets of
+    conditions x violates on paths to leaves of other classes, all tied at the fewest,
+    ordered by class then conditions.
+    """
+    paths = tree_paths(tree, collapse)
+    factual, label = next((c, k) for c, k in paths if all(satisfied(c, x)))
+    others = {}
+    for conditions, leaf_class in paths:
+        if leaf_class != label:
+            changes = [c for c, ok in zip(conditions, satisfied(conditions, x)) if not ok]
+            others.setdefault((tuple(changes), leaf_class), len(changes))
+    if not others:
+        return factual, label, []
+    fewest = min(others.values())
+    best = sorted(((list(c), k) for (c, k), n in others.items() if n == fewest), key=lambda ck: (ck[1], ck[0]))
+    return factual, label, best[:max_counterfactuals]
+
+
+def box(conditions: list[Condition], n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hyper-rectangle of a conjunction: lower, upper [d] (x in it iff lower < x <= upper)."""
+    lower = np.full(n_features, -np.inf)
+    upper = np.full(n_features, np.inf)
+    for f, thr, above in conditions:
+        if above:
+            lower[f] = max(lower[f], thr)
+        else:
+            upper[f] = min(upper[f], thr)
+    return lower, upper
