@@ -57,21 +57,22 @@ def satisfied(conditions: list[Condition], x: np.ndarray) -> list[bool]:
 def tree_rules(tree, x: np.ndarray, max_counterfactuals: int, collapse: bool = False):
     """(factual conditions, class, counterfactuals) of x [d] in a fitted tree.
 
-    counterfactuals: up to max_counterfactuals (changes, class), the distinct sets of
-    conditions x violates on paths to leaves of other classes, all tied at the fewest,
-    ordered by class then conditions.
+    counterfactuals: up to max_counterfactuals (changes, class, path), the distinct sets of
+    conditions x violates on paths to leaves of other classes (with the first such path), all
+    tied at the fewest, ordered by class then conditions.
     """
     paths = tree_paths(tree, collapse)
     factual, label = next((c, k) for c, k in paths if all(satisfied(c, x)))
-    others = {}
+    others: dict[tuple, list[Condition]] = {}
     for conditions, leaf_class in paths:
         if leaf_class != label:
             changes = [c for c, ok in zip(conditions, satisfied(conditions, x)) if not ok]
-            others.setdefault((tuple(changes), leaf_class), len(changes))
+            others.setdefault((tuple(changes), leaf_class), conditions)
     if not others:
         return factual, label, []
-    fewest = min(others.values())
-    best = sorted(((list(c), k) for (c, k), n in others.items() if n == fewest), key=lambda ck: (ck[1], ck[0]))
+    fewest = min(len(c) for c, _ in others)
+    best = sorted(((list(c), k, path) for (c, k), path in others.items() if len(c) == fewest),
+                  key=lambda ckp: (ckp[1], ckp[0]))
     return factual, label, best[:max_counterfactuals]
 
 

@@ -77,7 +77,7 @@ def tree_rules(tree, n_features: int, max_counterfactuals: int):
         return [(f, above) for f, _, above in conditions]
 
     factual, label, others = rules.tree_rules(tree, np.ones(n_features), max_counterfactuals)
-    return bits(factual), label, [(bits(c), k) for c, k in others]
+    return bits(factual), label, [(bits(c), k) for c, k, _ in others]
 
 
 @register

@@ -86,6 +86,54 @@ def cmd_train_classifier(argv: list[str]) -> int:
     return 0
 
 
+def cmd_train_aae(argv: list[str]) -> int:
+    from pipelines.options import _floats, _json_object, _size
+    parser = argparse.ArgumentParser(prog="saliency-audit train-aae",
+                                     description="Train the adversarial autoencoder that abele needs (--aae).")
+    parser.add_argument("--input", required=True, help="glob of image shards (labels are not needed)")
+    parser.add_argument("--output", required=True, help="checkpoint path; written every epoch, resumed from")
+    parser.add_argument("--latent-dim", type=int, help="code size (default 4 for grey images, 16 for colour)")
+    parser.add_argument("--architecture", choices=("conv", "mlp"), help="default conv where the size allows")
+    parser.add_argument("--hidden", type=lambda t: tuple(int(v) for v in t.split(",")),
+                        help="conv channels per block or mlp widths, e.g. 32,64")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--adv-weight", type=float, default=0.001, help="weight of the adversarial loss")
+    parser.add_argument("--holdout", type=float, default=0.05, help="share of images held out for the report")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if --output exists")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--channels", type=int, choices=(1, 3), help="as for run: prepare images as the model does")
+    parser.add_argument("--resize", type=_size)
+    parser.add_argument("--mean", type=_floats)
+    parser.add_argument("--std", type=_floats)
+    parser.add_argument("--to-grayscale", action="store_true")
+    parser.add_argument("--storage-options", type=_json_object, default={})
+    args = parser.parse_args(argv)
+    from explainers.aae import default_config
+    from pipelines.aae_training import format_report, input_range, train_aae
+    from pipelines.dataset import load_labelled
+    from transforms.models import resolve_device
+    from transforms.preprocess import Preprocessing
+    prep = Preprocessing(resize=args.resize, channels=args.channels, mean=args.mean, std=args.std,
+                         to_grayscale=args.to_grayscale)
+    images, _, skipped = load_labelled(args.input, prep, args.storage_options, require_labels=False)
+    config = default_config(images.shape[1:], latent_dim=args.latent_dim, architecture=args.architecture,
+                            hidden=args.hidden, value_range=input_range(prep, images.shape[1]),
+                            preprocessing={k: getattr(prep, k) for k in ("channels", "resize", "mean", "std")})
+    print(f"training on {len(images)} images of {config.describe()}, latent size {config.latent_dim}"
+          + (f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""))
+    _, report = train_aae(images, config, output=args.output, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, adv_weight=args.adv_weight, seed=args.seed,
+                          device=str(resolve_device(args.device)), holdout=args.holdout,
+                          resume=not args.no_resume, progress=not args.no_progress)
+    print(format_report(report))
+    print(f"saved {args.output}; use it with --methods abele --aae {args.output}")
+    return 0
+
+
 def cmd_benchmark(argv: list[str]) -> int:
     from pipelines import benchmark
     return benchmark.main(argv)
@@ -96,6 +144,7 @@ COMMANDS = {
     "demo": (cmd_demo, "audit the bundled sample with the bundled model"),
     "shards": (cmd_shards, "turn MNIST IDX files into tar shards"),
     "train-classifier": (cmd_train_classifier, "train the reference CNN"),
+    "train-aae": (cmd_train_aae, "train the adversarial autoencoder for abele"),
     "benchmark": (cmd_benchmark, "measure each method's throughput against its compute floor"),
 }
 
