@@ -215,8 +215,9 @@ class Abele(Explainer):
     prior draws (0.1); exemplars: same-class exemplars the map is the median over (100);
     counter_exemplars: counter-exemplars generated (5); stored_exemplars: exemplar images
     returned (5); max_depth, min_samples_leaf: of the sklearn tree (None, 1);
-    max_counterfactuals (5); max_attempts: latent draws per exemplar search (100,000, as
-    ABELE); max_forward_batch: codes per decode+classify pass (1024); workers: threads
+    max_counterfactuals (5); max_attempts: latent draws per search (2,000; ABELE allows 100,000,
+    which costs minutes for an image whose rule box holds few same-class codes, where the
+    explanation then has fewer exemplars); max_forward_batch: codes per decode+classify pass (1024); workers: threads
     fitting the trees (default: CPU count).
 
     Map: ABELE's, the pixel-wise median over the exemplars of the thresholded, rescaled
@@ -246,7 +247,7 @@ class Abele(Explainer):
                  mutpb: float = 0.2, indpb: float = 0.2, tournament_size: int = 3, alpha1: float = 0.5,
                  alpha2: float = 0.5, valid_threshold: float = 0.5, ocr: float = 0.1, exemplars: int = 100,
                  counter_exemplars: int = 5, stored_exemplars: int = 5, max_depth: int | None = None,
-                 min_samples_leaf: int = 1, max_counterfactuals: int = 5, max_attempts: int = 100_000,
+                 min_samples_leaf: int = 1, max_counterfactuals: int = 5, max_attempts: int = 2000,
                  max_forward_batch: int = 1024, workers: int | None = None):
         super().__init__(model)
         if isinstance(aae, AdversarialAutoencoder):

@@ -166,7 +166,7 @@ def evaluate_aae(aae: AdversarialAutoencoder, images: np.ndarray, seed: int = 0,
     real = torch.sigmoid(aae.discriminate(prior.float().to(device))).cpu()
     fake = torch.sigmoid(aae.discriminate(z.float().to(device))).cpu()
     return {"reconstruction_mse": mse, "reconstruction_rmse_255": math.sqrt(mse) * 255 / (hi - lo),
-            "latent_mean": z.mean(0).tolist(), "latent_std": z.std(0).tolist(),
+            "latent_mean": z.mean(0).tolist(), "latent_std": z.std(0, correction=0).tolist(),
             "mmd": mmd(z[:2000], prior[:2000]),
             "discriminator_accuracy": float(((real > 0.5).double().mean() + (fake <= 0.5).double().mean()) / 2),
             "prior_pass_rate": float((real > 0.5).double().mean())}
