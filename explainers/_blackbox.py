@@ -74,7 +74,10 @@ class BlackBox:
         Cost: ceil(new / max_forward_batch) forward passes; images are composed per chunk, so
         memory stays at max_forward_batch images whatever N.
         """
-        masks = masks | self.inert[image_ids, :masks.shape[1]]  # one canonical mask per image
+        # one canonical mask per image, at the full width so keys match across requests
+        canonical = self.inert[image_ids]
+        canonical[:, :masks.shape[1]] |= masks
+        masks = canonical
         packed = np.packbits(masks, axis=1)
         keys = [(int(i), row.tobytes()) for i, row in zip(image_ids, packed)]
         new: dict[tuple[int, bytes], int] = {}
