@@ -73,11 +73,11 @@ def beam_pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, Any]:
 
 def build_pipeline(p: beam.Pipeline, *, shards: list[str], staging: str, config: ExplainConfig,
                    prep: Preprocessing, batch_size: int, output_files: int,
-                   storage_options: dict[str, Any]) -> None:
+                   storage_options: dict[str, Any], limit_per_shard: int | None = None) -> None:
     batched = (p
                | "Shards" >> beam.Create(shards)
                | "SpreadShards" >> beam.Reshuffle()
-               | "ReadAndBatch" >> beam.ParDo(ReadShardBatches(prep, batch_size, storage_options))
+               | "ReadAndBatch" >> beam.ParDo(ReadShardBatches(prep, batch_size, storage_options, limit_per_shard))
                .with_outputs(ERRORS, READ, main="batches"))
     explained = (batched.batches
                  | "SpreadBatches" >> beam.Reshuffle()
@@ -157,7 +157,8 @@ def run(argv: list[str] | None = None) -> dict:
     try:
         with beam.Pipeline(runner=runner, options=options) as p:
             build_pipeline(p, shards=shards, staging=staging, config=config, prep=prep,
-                           batch_size=args.batch_size, output_files=output_files, storage_options=storage_options)
+                           batch_size=args.batch_size, output_files=output_files, storage_options=storage_options,
+                           limit_per_shard=args.limit_per_shard)
         write_empty_if_missing(storage.join(staging, "saliency"), saliency_schema(methods), storage_options)
         write_empty_if_missing(storage.join(staging, "summary"), SUMMARY_SCHEMA, storage_options)
         write_empty_if_missing(storage.join(staging, "errors"), ERROR_SCHEMA, storage_options)

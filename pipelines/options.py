@@ -52,6 +52,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output", required=True, help="output directory (any fsspec URL)")
     add("--target", type=_target, default="predicted", help="predicted | label | INT (default predicted)")
     add("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    add("--limit-per-shard", type=int, metavar="N",
+        help="read only the first N records of every shard (a deterministic sample)")
     add("--device", default="auto", help="cpu | cuda | auto (default auto)")
     add("--metrics", dest="metrics", action="store_true", default=True,
         help="compute explanation-quality metrics (default on)")
@@ -82,4 +84,6 @@ def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, beam_args = parser.parse_known_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.limit_per_shard is not None and args.limit_per_shard < 1:
+        parser.error("--limit-per-shard must be at least 1")
     return args, beam_args
