@@ -23,6 +23,7 @@ from apache_beam.utils import shared
 from explainers import explainer_class, list_methods
 from pipelines.options import UsageError, parse_run_args
 from pipelines.preflight import preflight
+from pipelines.sanity import run_sanity_check
 from transforms import storage
 from transforms.abele_protocol import AbeleProtocol
 from transforms.batching import ERRORS, READ, ReadShardBatches
@@ -41,6 +42,7 @@ ABELE_CONVENTION = (
     "{n} salt-and-pepper copies (1/11 + 1/11) that keep the label; coherence_* = the same against up "
     "to {n} nearest images of the same batch with the same target and predicted class (null if none)")
 OUTPUTS = ("saliency", "summary", "errors")
+OPTIONAL_OUTPUTS = ("sanity",)  # published (empty when not asked for) so no stale result outlives a rerun
 
 
 def parse_methods(text: str, method_options: dict[str, Any], aae: str | None) -> dict[str, dict[str, Any]]:
@@ -170,8 +172,11 @@ def run(argv: list[str] | None = None) -> dict:
         write_empty_if_missing(storage.join(staging, "saliency"), saliency_schema(methods), storage_options)
         write_empty_if_missing(storage.join(staging, "summary"), SUMMARY_SCHEMA, storage_options)
         write_empty_if_missing(storage.join(staging, "errors"), ERROR_SCHEMA, storage_options)
+        sanity = run_sanity_check(config, shards, prep, staging, images=args.sanity_images,
+                                  threshold=args.sanity_threshold,
+                                  storage_options=storage_options) if args.sanity_check else None
         counts = count_outcomes(staging, list(methods), storage_options)
-        storage.publish(staging, args.output, list(OUTPUTS), storage_options)
+        storage.publish(staging, args.output, [*OUTPUTS, *OPTIONAL_OUTPUTS], storage_options)
     finally:
         storage.remove_tree(staging, storage_options)
 
@@ -205,7 +210,8 @@ def run(argv: list[str] | None = None) -> dict:
         "versions": package_versions(),
         "counts": counts,
         "reconciled": reconciled,
-        "outputs": {name: f"{name}/" for name in OUTPUTS},
+        "sanity": sanity,
+        "outputs": {name: f"{name}/" for name in (*OUTPUTS, *(("sanity",) if sanity else ()))},
     }
     storage.write_json_atomic(storage.join(args.output, "manifest.json"), manifest, storage_options)
     if not reconciled:
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     out = manifest["options"]["output"]
     for method, c in manifest["counts"].items():
         print(f"{method:>10}: read {c['read']}, explained {c['explained']}, errors {c['errors']}")
-    print(f"outputs in {out} (saliency/, summary/, errors/, manifest.json)")
+    print(f"outputs in {out} ({', '.join(manifest['outputs'].values())}, manifest.json)")
     return 0
 
 
