@@ -86,6 +86,65 @@ def cmd_train_classifier(argv: list[str]) -> int:
     return 0
 
 
+def _storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-options", default="{}", help="fsspec storage options as JSON")
+
+
+def cmd_report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saliency-audit report",
+                                     description="Write one self-contained HTML page about a finished audit.")
+    parser.add_argument("directory", help="the audit's --output directory")
+    parser.add_argument("--output", required=True, help="where to write the HTML file")
+    parser.add_argument("--per-class", type=int, default=3, help="gallery images per class (default 3)")
+    _storage_options(parser)
+    args = parser.parse_args(argv)
+    import json
+    from pipelines.reporting.report import write_report
+    print(f"report: {write_report(args.directory, args.output, json.loads(args.storage_options), per_class=args.per_class)}")
+    return 0
+
+
+def cmd_figure(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saliency-audit figure",
+                                     description="A PNG grid: one row per image, one column per method.")
+    parser.add_argument("directory", help="the audit's --output directory")
+    parser.add_argument("--ids", required=True, help="comma list of image ids, one row each")
+    parser.add_argument("--output", required=True, help="where to write the PNG")
+    parser.add_argument("--methods", help="comma list of methods, in column order (default: the run's)")
+    parser.add_argument("--cell", type=int, default=112, help="cell size in pixels (default 112)")
+    parser.add_argument("--overlay", action="store_true", help="draw the maps over the images")
+    _storage_options(parser)
+    args = parser.parse_args(argv)
+    import json
+    from pipelines.reporting.audit_dir import AuditDir
+    from pipelines.reporting.figure import save_figure
+    audit = AuditDir(args.directory, json.loads(args.storage_options))
+    split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
+    path = save_figure(audit, split(args.ids), args.output, split(args.methods) if args.methods else None,
+                       cell=args.cell, overlay=args.overlay)
+    print(f"figure: {path}")
+    return 0
+
+
+def cmd_diff(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saliency-audit diff",
+                                     description="Compare two audits of the same images, map by map.")
+    parser.add_argument("directory_a", help="the first audit (e.g. the current model)")
+    parser.add_argument("directory_b", help="the second audit (e.g. the candidate model)")
+    parser.add_argument("--output", required=True, help="output directory: diff/ Parquet and diff.html")
+    parser.add_argument("--top-k", type=float, default=0.1,
+                        help="top-k overlap: a fraction of the pixels (< 1) or a pixel count (default 0.1)")
+    parser.add_argument("--show", type=int, default=12, help="images shown in diff.html (default 12)")
+    _storage_options(parser)
+    args = parser.parse_args(argv)
+    import json
+    from pipelines.reporting.diff import diff_audits
+    result = diff_audits(args.directory_a, args.directory_b, args.output, top_k=args.top_k, show=args.show,
+                         storage_options=json.loads(args.storage_options))
+    print(f"diff: {result['pairs']} (image, method) pairs; tables in {result['table']}, page {result['page']}")
+    return 0
+
+
 def cmd_benchmark(argv: list[str]) -> int:
     from pipelines import benchmark
     return benchmark.main(argv)
@@ -97,6 +156,9 @@ COMMANDS = {
     "shards": (cmd_shards, "turn MNIST IDX files into tar shards"),
     "train-classifier": (cmd_train_classifier, "train the reference CNN"),
     "benchmark": (cmd_benchmark, "measure each method's throughput against its compute floor"),
+    "report": (cmd_report, "one self-contained HTML page about a finished audit"),
+    "figure": (cmd_figure, "a PNG grid of maps: one row per image, one column per method"),
+    "diff": (cmd_diff, "compare two audits of the same images (e.g. two model versions)"),
 }
 
 

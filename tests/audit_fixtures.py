@@ -8,6 +8,7 @@ runs, so no other test sees it in the registry.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tarfile
 from pathlib import Path
 
@@ -64,15 +65,22 @@ def run_audit(shard: Path, output: Path, methods=METHODS, *extra: str) -> dict:
                           "--method-options", '{"lime": {"n_samples": 100}}', *extra])
 
 
-_CACHE: dict[str, tuple[Path, dict]] = {}
+@dataclasses.dataclass(frozen=True)
+class SharedAudit:
+    output: Path
+    manifest: dict
+    shard: Path
 
 
-def shared_audit(tmp_path_factory) -> tuple[Path, dict]:
-    """(output directory, manifest) of the shared audit, with the sanity check and ABELE's metrics."""
+_CACHE: dict[str, SharedAudit] = {}
+
+
+def shared_audit(tmp_path_factory) -> SharedAudit:
+    """The shared audit, with the sanity check and ABELE's metrics (3 neighbours, to stay quick)."""
     if "audit" not in _CACHE:
         root = tmp_path_factory.mktemp("shared-audit")
-        output = root / "out"
-        manifest = run_audit(sample_shard(root / "shards"), output, METHODS, "--sanity-check",
-                             "--sanity-images", "8", "--abele-metrics", "--abele-neighbours", "3")
-        _CACHE["audit"] = (output, manifest)
+        shard = sample_shard(root / "shards")
+        manifest = run_audit(shard, root / "out", METHODS, "--sanity-check", "--sanity-images", "8",
+                             "--abele-metrics", "--abele-neighbours", "3")
+        _CACHE["audit"] = SharedAudit(root / "out", manifest, shard)
     return _CACHE["audit"]

@@ -11,7 +11,8 @@ from transforms.rows import ABELE_COLUMNS, METRIC_COLUMNS
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
-    return shared_audit(tmp_path_factory)
+    shared = shared_audit(tmp_path_factory)
+    return shared.output, shared.manifest
 
 
 def test_sanity_check_flags_the_edge_detector_and_passes_sal(audited):
