@@ -58,11 +58,12 @@ def sample_shard(directory: Path, n_images: int = N_IMAGES) -> Path:
     return path
 
 
-def run_audit(shard: Path, output: Path, methods=METHODS, *extra: str) -> dict:
+def run_audit(shard: Path, output: Path, methods=METHODS, *extra: str, model_args=MODEL_ARGS) -> dict:
+    options = ["--method-options", '{"lime": {"n_samples": 100}}'] if "lime" in methods else []
     with registered(EdgeDetector):
-        return audit.run(["--input", str(shard), *MODEL_ARGS, "--methods", ",".join(methods),
+        return audit.run(["--input", str(shard), *model_args, "--methods", ",".join(methods),
                           "--output", str(output), "--channels", "1", "--device", "cpu", "--batch-size", "20",
-                          "--method-options", '{"lime": {"n_samples": 100}}', *extra])
+                          *options, *extra])
 
 
 @dataclasses.dataclass(frozen=True)
