@@ -10,6 +10,7 @@ DEMO_SHARD = DEMO_DATA / "mnist-test-sample.tar"
 DEMO_WEIGHTS = DEMO_DATA / "mnist_cnn.pt"
 DEMO_MODEL = "pipelines.reference_model:mnist_cnn"
 DEMO_METHODS = "sal,grad,intg,deeplift"
+DEMO_SANITY = ["--sanity-check", "--sanity-images", "8"]  # 8 images keep the demo near a minute on 2 cores
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -22,11 +23,24 @@ def cmd_demo(argv: list[str]) -> int:
                                      description="Audit the bundled MNIST sample with the bundled model.")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--methods", default=DEMO_METHODS, help=f"default {DEMO_METHODS}")
+    parser.add_argument("--no-sanity-check", dest="sanity_check", action="store_false",
+                        help="skip the sanity check (on by default in the demo)")
     args, rest = parser.parse_known_args(argv)
     from pipelines import audit
-    return audit.main(["--input", str(DEMO_SHARD), "--model", DEMO_MODEL, "--weights", str(DEMO_WEIGHTS),
+    code = audit.main(["--input", str(DEMO_SHARD), "--model", DEMO_MODEL, "--weights", str(DEMO_WEIGHTS),
                        "--methods", args.methods, "--output", args.output, "--channels", "1",
-                       "--device", "cpu", *rest])
+                       "--device", "cpu", *(DEMO_SANITY if args.sanity_check else []), *rest])
+    if code != 0:
+        return code
+    from pipelines.reporting.audit_dir import AuditDir
+    from pipelines.reporting.figure import example_ids, save_figure
+    from pipelines.reporting.report import write_report
+    from transforms import storage
+    report = write_report(args.output, storage.join(args.output, "report.html"))
+    finished = AuditDir(args.output)
+    figure = save_figure(finished, example_ids(finished), storage.join(args.output, "figure.png"))
+    print(f"report: {report}\nfigure: {figure}")
+    return 0
 
 
 def cmd_shards(argv: list[str]) -> int:

@@ -77,3 +77,17 @@ def save_figure(audit: AuditDir, image_ids: list[str], output: str, methods: lis
     image = comparison_figure(audit, image_ids, methods, **options)
     storage.write_bytes_atomic(output, render.png(np.asarray(image)), audit.storage_options)
     return output
+
+
+def example_ids(audit: AuditDir, classes: tuple[int, ...] = (9, 0)) -> list[str]:
+    """The first correctly classified image of each class, by id (the literature's figure shows a
+    handwritten 9 and 0); the first images of the audit where a class is missing."""
+    rows = sorted(audit.rows("saliency", ["image_id", "label", "predicted"]), key=lambda r: r["image_id"])
+    chosen = []
+    for cls in classes:
+        match = next((r["image_id"] for r in rows if r["label"] == cls == r["predicted"]
+                      and r["image_id"] not in chosen), None)
+        fallback = next((r["image_id"] for r in rows if r["image_id"] not in chosen), None)
+        if match or fallback:
+            chosen.append(match or fallback)
+    return chosen
