@@ -78,9 +78,11 @@ def _values(tensor: torch.Tensor) -> list[float | None]:
     return [float(v) if math.isfinite(float(v)) else None for v in tensor.cpu()]
 
 
-def randomisation_rows(config: ExplainConfig, ids: list[str], images: torch.Tensor,
-                       labels: list[int | None]) -> tuple[list[dict], list[str]]:
-    """One row per (method, randomisation step, image); also the layers, top first."""
+def randomisation_rows(config: ExplainConfig, ids: list[str], images: torch.Tensor, labels: list[int | None]
+                       ) -> tuple[list[dict], list[str], dict[str, str]]:
+    """One row per (method, randomisation step, image); the layers, top first; and per method
+    that failed (e.g. on a model whose random weights it cannot handle) the reason. A failing
+    method gets no verdict but does not stop the run: the audit itself has succeeded."""
     loaded = build_explainers(config)
     images = images.to(loaded.device)
     with torch.inference_mode():
@@ -89,29 +91,48 @@ def randomisation_rows(config: ExplainConfig, ids: list[str], images: torch.Tens
     keep = [i for i, reason in enumerate(reasons) if reason is None]
     ids, images, targets = [ids[i] for i in keep], images[keep], targets[keep]
     seeds = torch.tensor([seed_for(image_id, config.seed) for image_id in ids], dtype=torch.int64)
-    trained = {name: explainer.explain(images, targets, seeds).maps.detach().float().cpu()
-               for name, explainer in loaded.explainers.items()}
+    errors: dict[str, str] = {}
+
+    def explain(name, model, explainer=None, stage="trained model"):
+        if name in errors:
+            return None
+        try:
+            explainer = explainer or get_explainer(name, model, **config.methods[name])
+            return explainer.explain(images, targets, seeds).maps.detach().float().cpu()
+        except Exception as e:  # noqa: BLE001 - any failure of a method is reported, not raised
+            errors[name] = f"{stage}: {type(e).__name__}: {e}"
+            log.warning("sanity check: %s failed on the %s: %s", name, stage, e)
+            return None
+
+    trained = {name: explain(name, loaded.model, explainer) for name, explainer in loaded.explainers.items()}
     rows, layers = [], []
     steps = cascading_randomization(loaded.model, config.seed, example_input=images[:1])
     for step, (layer, randomised) in enumerate(steps, start=1):
         layers.append(layer)
-        for name, options in config.methods.items():
-            maps = get_explainer(name, randomised, **options).explain(images, targets, seeds).maps
-            maps = maps.detach().float().cpu()
+        for name in config.methods:
+            maps = explain(name, randomised, stage=f"model randomised down to {layer}")
+            if maps is None:
+                continue
             columns = {"rank_correlation": _values(spearman_rank_correlation(trained[name], maps)),
                        "rank_correlation_abs": _values(spearman_rank_correlation(trained[name], maps, True)),
                        "ssim": _values(ssim(trained[name], maps))}
             rows += [{"method": name, "step": step, "layer": layer, "image_id": image_id,
                       **{key: values[i] for key, values in columns.items()}}
                      for i, image_id in enumerate(ids)]
-    return rows, layers
+    rows = [r for r in rows if r["method"] not in errors]  # a method that failed midway has no verdict
+    return rows, layers, errors
 
 
-def verdicts(rows: list[dict], methods: list[str], threshold: float) -> dict[str, dict[str, Any]]:
+def verdicts(rows: list[dict], methods: list[str], threshold: float,
+             errors: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Per method: mean similarities at full randomisation (the last step) and the flag."""
     last = max((r["step"] for r in rows), default=0)
     out = {}
     for method in methods:
+        if method in (errors or {}):
+            out[method] = {"rank_correlation": None, "rank_correlation_abs": None, "ssim": None, "flagged": None,
+                           "error": errors[method]}
+            continue
         final = [r for r in rows if r["method"] == method and r["step"] == last]
         rho = _mean([r["rank_correlation"] for r in final])
         out[method] = {"rank_correlation": rho,
@@ -139,8 +160,8 @@ def run_sanity_check(config: ExplainConfig, shards: list[str], prep: Preprocessi
                      images: int, threshold: float, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Writes ``staging/sanity/`` and the summary's sanity columns; returns the manifest entry."""
     ids, pixels, labels = sample_images(shards, prep, storage_options, images)
-    rows, layers = randomisation_rows(config, ids, pixels, labels) if ids else ([], [])
-    results = verdicts(rows, list(config.methods), threshold)
+    rows, layers, errors = randomisation_rows(config, ids, pixels, labels) if ids else ([], [], {})
+    results = verdicts(rows, list(config.methods), threshold, errors)
     fs, path = storage.filesystem(storage.join(staging, "sanity", "part-00000-of-00001.parquet"), storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as f:

@@ -21,7 +21,7 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 # Headless flags that keep Chromium off the (closed) network and out of the user's profile.
 QUIET = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--mute-audio"]
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio"]
 PROBE = """<script>
 window.addEventListener("load", () => {
   const images = Array.from(document.images);

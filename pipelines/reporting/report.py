@@ -222,8 +222,9 @@ class Report:
                          for key, title in (("rank_correlation", "Spearman rank correlation with the trained maps"),
                                             ("ssim", "SSIM with the trained maps")))
         verdicts = [(m, v.get("rank_correlation"), v.get("rank_correlation_abs"), v.get("ssim"),
-                     self._verdict(m))
-                    for m, v in (sanity.get("methods") or {}).items()]
+                     Raw(f'<span class="flag">not checked: {esc(v["error"])}</span>') if v.get("error")
+                     else self._verdict(m))
+                    for m, v in ((m, (sanity.get("methods") or {}).get(m)) for m in self.methods) if v]
         return (paragraph(f"Cascading randomisation (Adebayo et al. 2018): the model's layers are re-initialised "
                           f"from the top, cumulatively, and every method explains {len(sanity.get('images') or [])} "
                           f"sample images again. A method that explains the model must produce different maps; one "
