@@ -70,3 +70,11 @@ def test_top_k_overlap():
     b = a.clone()
     b[0, 3, 3] = -1  # one of a's top 4 drops out of b's
     assert top_k_overlap(a, b, 4).item() == 0.75
+
+
+def test_report_of_an_audit_without_metrics_or_sanity_check(changed_model_audit, tmp_path):
+    """The report degrades to what the audit has: no metric columns, no sanity section."""
+    assert cli.main(["report", str(changed_model_audit), "--output", str(tmp_path / "r.html")]) == 0
+    text = (tmp_path / "r.html").read_text()
+    assert ">Galleries by class</h2>" in text and ">Sanity check</h2>" not in text
+    assert "No metrics in this audit" in text and "deletion AUC (random)" not in text

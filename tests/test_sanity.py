@@ -72,3 +72,12 @@ def test_summary_has_mean_and_quantiles_of_every_metric(audited):
                 continue  # per class, coherence may have no neighbour in the batch
             assert s[f"p10_{metric}"] <= s[f"median_{metric}"] <= s[f"p90_{metric}"], metric
     assert all(f"mean_{m}" in overall["sal"] for m in ABELE_COLUMNS)
+
+
+def test_a_method_that_fails_on_a_random_model_gets_no_verdict():
+    from pipelines.sanity import verdicts
+    rows = [{"method": "sal", "step": s, "layer": "x", "image_id": "a", "rank_correlation": r,
+             "rank_correlation_abs": r, "ssim": r} for s, r in ((1, 0.9), (2, 0.2))]
+    result = verdicts(rows, ["sal", "lrp"], 0.5, {"lrp": "model randomised down to fc2: overflow"})
+    assert result["sal"]["flagged"] is False and result["sal"]["rank_correlation"] == 0.2
+    assert result["lrp"]["flagged"] is None and "overflow" in result["lrp"]["error"]
