@@ -97,3 +97,12 @@ def test_chromium_screenshot_of_the_report(report, browser, tmp_path):
     assert image.shape == (1600, 1280, 3)
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 100       # text, tables and colours, not a blank page
     assert (image < 128).all(axis=2).mean() > 0.005                   # some dark ink
+
+
+def test_flattened_exemplars_become_images():
+    from pipelines.reporting.render import flattened_images
+    values = np.concatenate([np.zeros(6), np.arange(6.0)])  # two 2x3 grey images
+    images = flattened_images(values, 2, 3)
+    assert len(images) == 2 and images[0].shape == (2, 3, 3)
+    assert images[0].max() == 0 and images[1][1, 2].tolist() == [255, 255, 255]
+    assert flattened_images(values[:5], 2, 3) is None and flattened_images([], 2, 3) is None

@@ -119,3 +119,14 @@ def segments_image(image: np.ndarray, segments: np.ndarray, longest: int = 112) 
         draw.text(((xs.mean() + 0.5) * scale, (ys.mean() + 0.5) * scale), str(int(label)), fill=(0, 255, 255),
                   font=font, anchor="mm", stroke_width=1, stroke_fill=(0, 0, 0))
     return np.asarray(canvas)
+
+
+def flattened_images(values, height: int, width: int, channels: int = 1) -> list[np.ndarray] | None:
+    """A flat list of whole images (e.g. abele's exemplars, in model-input space) -> [H,W,3]
+    uint8 each, min-max scaled on its own; None if the values are not whole images."""
+    values = np.asarray(values, dtype=np.float64)
+    size = height * width * channels
+    if values.size == 0 or values.size % size:
+        return None
+    images = values.reshape(-1, channels, height, width)
+    return [as_rgb(((x - x.min()) / (np.ptp(x) or 1.0)).transpose(1, 2, 0)) for x in images]

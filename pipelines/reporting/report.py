@@ -333,20 +333,18 @@ class Report:
             lines.append("<b>top superpixels</b>: " + esc(", ".join(f"{i} ({row['weights'][i]:+.3f})" for i in order)))
         return "<br>".join(lines)
 
-    def _exemplars(self, row: dict) -> str:
+    def _exemplars(self, row: dict, limit: int = 5) -> str:
         """abele's exemplars and counter-exemplars: flattened images of the map's size."""
         parts = []
         channels = (self.audit.manifest.get("preprocessing") or {}).get("channels") or 1
         for key in sorted(k for k in row if "exemplar" in k and isinstance(row[k], list) and row[k]):
-            values = np.asarray(row[key], dtype=np.float64)
-            size = row["height"] * row["width"] * channels
-            if values.size % size:
-                parts.append(f"<b>{esc(key)}</b>: {values.size} values (not whole images of {size})")
+            images = render.flattened_images(row[key], row["height"], row["width"], channels)
+            if images is None:
+                parts.append(f"<b>{esc(key)}</b>: {len(row[key])} values, not whole {row['height']}x{row['width']} "
+                             f"images")
                 continue
-            images = values.reshape(-1, channels, row["height"], row["width"])[:5]
-            tags = "".join(img(render.data_uri(render.fit(render.as_rgb(
-                ((x - x.min()) / (np.ptp(x) or 1)).transpose(1, 2, 0)), LONGEST)), key, 56) for x in images)
-            parts.append(f"<b>{esc(key.replace('_', ' '))}</b> ({len(values) // size}):<br>{tags}")
+            tags = "".join(img(render.data_uri(render.fit(x, LONGEST)), key, 56) for x in images[:limit])
+            parts.append(f"<b>{esc(key.replace('_', ' '))}</b> ({len(images)}):<br>{tags}")
         return "<br>".join(parts)
 
     def rules_section(self) -> str:
