@@ -106,3 +106,13 @@ def test_flattened_exemplars_become_images():
     assert len(images) == 2 and images[0].shape == (2, 3, 3)
     assert images[0].max() == 0 and images[1][1, 2].tolist() == [255, 255, 255]
     assert flattened_images(values[:5], 2, 3) is None and flattened_images([], 2, 3) is None
+
+
+def test_demo_ends_with_a_report_and_a_figure(tmp_path, capsys):
+    assert cli.main(["demo", "--output", str(tmp_path), "--methods", "sal,grad", "--no-metrics",
+                     "--no-sanity-check"]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {tmp_path}/report.html" in printed and f"figure: {tmp_path}/figure.png" in printed
+    assert "<img" in (tmp_path / "report.html").read_text()
+    from pipelines.reporting.figure import figure_size
+    assert Image.open(tmp_path / "figure.png").size == figure_size(2, 2, 112)  # a 9 and a 0, two methods
