@@ -100,6 +100,10 @@ def cmd_train_classifier(argv: list[str]) -> int:
     return 0
 
 
+def _comma_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _storage_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-options", default="{}", help="fsspec storage options as JSON")
 
@@ -114,7 +118,8 @@ def cmd_report(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import json
     from pipelines.reporting.report import write_report
-    print(f"report: {write_report(args.directory, args.output, json.loads(args.storage_options), per_class=args.per_class)}")
+    path = write_report(args.directory, args.output, json.loads(args.storage_options), per_class=args.per_class)
+    print(f"report: {path}")
     return 0
 
 
@@ -133,8 +138,7 @@ def cmd_figure(argv: list[str]) -> int:
     from pipelines.reporting.audit_dir import AuditDir
     from pipelines.reporting.figure import save_figure
     audit = AuditDir(args.directory, json.loads(args.storage_options))
-    split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
-    path = save_figure(audit, split(args.ids), args.output, split(args.methods) if args.methods else None,
+    path = save_figure(audit, _comma_list(args.ids), args.output, _comma_list(args.methods) if args.methods else None,
                        cell=args.cell, overlay=args.overlay)
     print(f"figure: {path}")
     return 0

@@ -79,7 +79,7 @@ def test_report_is_self_contained_and_complete(report, shared):
     assert shared.manifest["run_id"] in text and "normalised per image for display only" in text
 
 
-def test_chromium_renders_the_report_and_loads_every_image(report, browser, tmp_path):
+def test_chromium_renders_the_report_and_loads_every_image(browser, report, tmp_path):
     probe = tmp_path / "probe.html"
     probe.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
     dom = chromium(browser, tmp_path / "profile", "--virtual-time-budget=15000", "--dump-dom", probe.as_uri())
@@ -90,7 +90,7 @@ def test_chromium_renders_the_report_and_loads_every_image(report, browser, tmp_
     assert result["svgs"] >= 10 and "galleries" in result["sections"] and "sanity" in result["sections"]
 
 
-def test_chromium_screenshot_of_the_report(report, browser, tmp_path):
+def test_chromium_screenshot_of_the_report(browser, report, tmp_path):
     shot = tmp_path / "report.png"
     chromium(browser, tmp_path / "profile", "--window-size=1280,1600", f"--screenshot={shot}", report.as_uri())
     image = np.asarray(Image.open(shot).convert("RGB"))

@@ -98,7 +98,8 @@ class AuditDir:
                 for record in read_shard(source, self.storage_options):
                     if isinstance(record, RawImage) and record.image_id in ids:
                         try:
-                            found[record.image_id] = preprocess(decode(record, prep.max_pixels), prep).transpose(1, 2, 0)
+                            pixels = preprocess(decode(record, prep.max_pixels), prep)
+                            found[record.image_id] = pixels.transpose(1, 2, 0)
                         except BadImage:
                             pass
                         if ids <= found.keys():

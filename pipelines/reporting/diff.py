@@ -24,7 +24,7 @@ import torch
 from explainers.metrics import spearman_rank_correlation, ssim
 from pipelines.reporting import render
 from pipelines.reporting.audit_dir import AuditDir, saliency_map
-from pipelines.reporting.html import Raw, esc, img, number, page, paragraph, table
+from pipelines.reporting.html import Raw, esc, img, page, paragraph, table
 from transforms import storage
 
 CHUNK = 2048  # images whose maps are held in memory at once
@@ -140,7 +140,9 @@ def diff_page(audit_a: AuditDir, audit_b: AuditDir, rows: list[dict], info: dict
 
     def image_tag(image_id):
         image = images.get(image_id)
-        return img(render.data_uri(render.fit(render.as_rgb(image), 128)), image_id, 96) if image is not None else "\u2013"
+        if image is None:
+            return "\u2013"
+        return img(render.data_uri(render.fit(render.as_rgb(image), 128)), image_id, 96)
 
     lead = [[Raw(f"{image_tag(r['image_id'])}<br>{esc(r['image_id'])}"), r["method"],
              picture(maps_a, audit_a, r), picture(maps_b, audit_b, r), r["rank_correlation"], r["top_k_overlap"],
@@ -156,7 +158,8 @@ def diff_page(audit_a: AuditDir, audit_b: AuditDir, rows: list[dict], info: dict
     def describe(m):
         model = m.get("model") or {}
         digest = ", ".join(v[:12] for v in (model.get("sha256") or {}).values())
-        return f"run {m.get('run_id')} ({m.get('finished')}): {model.get('model')} {model.get('weights') or ''} sha256 {digest}"
+        return (f"run {m.get('run_id')} ({m.get('finished')}): {model.get('model')} {model.get('weights') or ''} "
+                f"sha256 {digest}")
 
     k = rows[0]["top_k"] if rows else None
     sections = [

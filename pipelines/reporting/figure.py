@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.reporting import render
 from pipelines.reporting.audit_dir import AuditDir, saliency_map
+from transforms import storage
 
 LABEL_WIDTH, HEADER_HEIGHT, PADDING = 150, 24, 3
 BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
@@ -73,7 +74,6 @@ def comparison_figure(audit: AuditDir, image_ids: list[str], methods: list[str] 
 def save_figure(audit: AuditDir, image_ids: list[str], output: str, methods: list[str] | None = None,
                 **options) -> str:
     """Write the figure as PNG to ``output`` (any fsspec URL); returns it."""
-    from transforms import storage
     image = comparison_figure(audit, image_ids, methods, **options)
     storage.write_bytes_atomic(output, render.png(np.asarray(image)), audit.storage_options)
     return output

@@ -19,6 +19,7 @@ from pipelines.reporting import render
 from pipelines.reporting.audit_dir import AuditDir, saliency_map
 from pipelines.reporting.html import Raw, details, esc, img, number, page, paragraph, table
 from pipelines.reporting.plots import histogram, line_chart
+from transforms import storage
 from transforms.rows import ABELE_COLUMNS, RISE_COLUMNS
 
 THUMB = 84            # CSS width of a gallery image
@@ -128,7 +129,8 @@ class Report:
             ("started / finished", f"{m.get('started')} / {m.get('finished')}"),
             ("input", f"{(m.get('input') or {}).get('pattern')} ({(m.get('input') or {}).get('shards')} shard(s))"),
             ("records read", read),
-            ("model", f"{model.get('model')}" + (f" with weights {model.get('weights')}" if model.get("weights") else "")),
+            ("model", f"{model.get('model')}"
+                      + (f" with weights {model.get('weights')}" if model.get("weights") else "")),
             ("model sha256", "; ".join(f"{k}: {v}" for k, v in (model.get("sha256") or {}).items())),
             ("device / classes", f"{model.get('device')} / {model.get('num_classes')}"),
             ("methods", ", ".join(self.methods)),
@@ -348,7 +350,8 @@ class Report:
         return "<br>".join(parts)
 
     def rules_section(self) -> str:
-        extras = {m: set((self.audit.manifest.get("methods") or {}).get(m, {}).get("extras") or {}) for m in self.methods}
+        declared = self.audit.manifest.get("methods") or {}
+        extras = {m: set(declared.get(m, {}).get("extras") or {}) for m in self.methods}
         rule_methods = [m for m in self.methods
                         if extras[m] & set(RULE_EXTRAS) or any("exemplar" in e for e in extras[m])]
         if not rule_methods:
@@ -411,7 +414,6 @@ class Report:
 
 def write_report(directory: str, output: str, storage_options: dict | None = None, **options) -> str:
     """Write the report of the audit in ``directory`` to ``output``; returns the output path."""
-    from transforms import storage
     document = Report(AuditDir(directory, storage_options), **options).html()
     storage.write_bytes_atomic(output, document.encode("utf-8"), storage_options)
     return output
