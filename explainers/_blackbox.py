@@ -37,7 +37,12 @@ class BlackBox:
 
     images [B,C,H,W] (model-input space), targets [B], segments: B int [H,W] label arrays,
     fill: see :func:`explainers.superpixels.fill_images`. ``calls[i]`` counts the masked
-    images of image i that went through the model (distinct masks only).
+    images of image i that went through the model (distinct images only).
+
+    A superpixel whose fill equals its pixels (black background under a black or mean
+    fill, most of a digit's superpixels) is inert: switching it off changes no pixel.
+    Masks that differ only in inert superpixels make the same image, so they are
+    evaluated once.
     """
 
     def __init__(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
@@ -49,6 +54,11 @@ class BlackBox:
         self.flat_segments = seg.reshape(b, h * w)
         self.off = fill_images(images, seg, fill)
         self.delta = images - self.off  # composed = off + delta * mask: one fused op per chunk
+        changed = self.delta.abs().amax(dim=1).reshape(b, h * w)
+        n_segments = int(seg.max()) + 1
+        live = torch.zeros(b, n_segments, device=self.device).scatter_reduce_(
+            1, self.flat_segments, changed, "amax", include_self=False)
+        self.inert = (live == 0).cpu().numpy()  # [B, S_max]; True past an image's own segments too
         self.targets = targets.to(self.device).long()
         self.max_forward_batch = max_forward_batch
         self.calls = np.zeros(b, dtype=np.int64)
@@ -58,12 +68,16 @@ class BlackBox:
         """Rows of ``masks`` [N, S_max] bool (padded past each image's S) for images ``image_ids`` [N].
 
         Returns float64 target probabilities [N] and int64 predicted classes [N].
-        Each distinct (image, mask) goes through the model once per BlackBox: random masks
-        over few superpixels repeat a lot (1000 lime samples over 8 superpixels hold ~250
-        distinct ones; anchors fix most bits), and an eval-mode model gives the same answer.
+        Each distinct masked image goes through the model once per BlackBox: random masks
+        over few live superpixels repeat a lot (anchors fix most bits too), and an eval-mode
+        model gives the same answer for the same image.
         Cost: ceil(new / max_forward_batch) forward passes; images are composed per chunk, so
         memory stays at max_forward_batch images whatever N.
         """
+        # one canonical mask per image, at the full width so keys match across requests
+        canonical = self.inert[image_ids]
+        canonical[:, :masks.shape[1]] |= masks
+        masks = canonical
         packed = np.packbits(masks, axis=1)
         keys = [(int(i), row.tobytes()) for i, row in zip(image_ids, packed)]
         new: dict[tuple[int, bytes], int] = {}

@@ -7,7 +7,6 @@ from torch import nn
 
 from explainers._base import Explainer, Explanation, check_batch
 from explainers._registry import register
-from explainers.deeplift import require_module_hooks
 
 
 def last_conv2d(model: nn.Module) -> str:
@@ -16,6 +15,20 @@ def last_conv2d(model: nn.Module) -> str:
     if not names:
         raise ValueError("gradcam needs a Conv2d layer; the model has none (pass layer= a module name)")
     return names[-1]
+
+
+def require_module_hooks(model: torch.nn.Module, method: str) -> None:
+    """Methods that hook modules need a plain nn.Module.
+
+    TorchScript modules do not run hooks, and a torch.export graph has no activation
+    modules to hook, so the method would silently degrade to a plain gradient.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(f"{method} needs an nn.Module with hooks; TorchScript models do not support them. "
+                         "Load the model as module:Callable with --weights instead")
+    if isinstance(model, torch.fx.GraphModule):
+        raise ValueError(f"{method} needs an nn.Module with activation modules; a torch.export graph has none. "
+                         "Load the model as module:Callable with --weights instead")
 
 
 @register

@@ -28,369 +28,20 @@ For ReLU networks, epsilon-LRP equals gradient x input as epsilon -> 0 (Ancona e
 """
 from __future__ import annotations
 
-import builtins
-import copy
-import inspect
-import operator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from explainers._base import Explainer, Explanation, check_batch
+from explainers._graph import call_node, check_model, input_nodes, plan_rules, trace_model
 from explainers._registry import register
 from explainers.gradient import sum_channels
 
-# --- what each op does to relevance -----------------------------------------------
-
-_EPS_MODULES = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-)
-_MOVE_MODULES = (
-    nn.Flatten, nn.Unflatten, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-)
-_PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-    nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.Softplus, nn.Softsign,
-)
-
-_EPS_FUNCTIONS = {
-    operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.neg,
-    F.linear, F.conv1d, F.conv2d, F.conv3d, F.batch_norm,
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    torch.mean, torch.sum,
-}
-# Linear only while at most one factor is an activation (scaling by a constant).
-_SCALE_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div}
-_MOVE_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-    torch.transpose, torch.cat, torch.concat, torch.stack, operator.getitem,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-}
-_PASS_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
-    F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardtanh, F.hardswish,
-    F.hardsigmoid, F.softplus, F.softsign,
-}
-_SHAPE_FUNCTIONS = {builtins.len}
-_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}  # x.shape etc. (traced as getattr)
-
-_EPS_METHODS = {"add", "sub", "neg", "mean", "sum"}
-_SCALE_METHODS = {"mul", "div", "truediv"}
-_MOVE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
-                 "contiguous", "view_as", "reshape_as", "expand", "expand_as", "clone"}
-_PASS_METHODS = {"relu", "sigmoid", "tanh"}
-_SHAPE_METHODS = {"size", "dim", "numel"}
-
-# In-place ops are rewritten to their out-of-place forms: relevance needs every
-# intermediate value as it was when it was used.
-_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
-                      operator.imul: operator.mul, operator.itruediv: operator.truediv,
-                      torch.relu_: torch.relu, F.relu_: F.relu}
-
-
-# --- tracing ------------------------------------------------------------------------
-
-class _ConcreteTracer(fx.Tracer):
-    """fx symbolic tracing that also runs the ops on an example input.
-
-    Plain ``symbolic_trace`` stops at any ``if`` on a traced value, which rules out the
-    common input check ``if x.dim() != 4: raise ...``.  Knowing the example's values,
-    this tracer can answer such a condition, but only when it depends on shapes alone
-    (it raises for conditions on tensor values, whose branch could differ per image).
-    """
-
-    def __init__(self, example: torch.Tensor) -> None:
-        super().__init__()
-        self.example = example
-        self.values: dict[fx.Node, Any] = {}
-        self.shape_only: set[fx.Node] = set()
-        self._concrete = False
-        self._forward = None
-        self._placeholders = 0
-
-    def call_module(self, m, forward, args, kwargs):
-        if self._concrete:  # a leaf module running on real tensors: no graph nodes
-            return forward(*args, **kwargs)
-        self._forward = forward
-        return super().call_module(m, forward, args, kwargs)
-
-    def getattr(self, attr, attr_val, parameter_proxy_cache):
-        if self._concrete:
-            return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        node = proxy.node
-        inputs = [a.node for a in _flatten((args, kwargs)) if isinstance(a, fx.Proxy)]
-        real = fx.node.map_aggregate((args, kwargs), lambda a: self.values[a.node] if isinstance(a, fx.Proxy) else a)
-        self._concrete = True
-        try:
-            self.values[node] = self._run(kind, target, *real)
-        finally:
-            self._concrete = False
-        if _is_shape_op(node) or (inputs and all(n in self.shape_only for n in inputs)):
-            self.shape_only.add(node)
-        return proxy
-
-    def _run(self, kind, target, args, kwargs):
-        if kind == "placeholder":
-            self._placeholders += 1
-            if self._placeholders == 1:
-                return self.example
-            if args:
-                return args[0]
-            raise ValueError(f"elrp explains models with one tensor input; forward() also requires {target!r}")
-        if kind == "get_attr":
-            value = self.root
-            for atom in target.split("."):
-                value = getattr(value, atom)
-            return value
-        if kind == "call_function":
-            return target(*args, **kwargs)
-        if kind == "call_method":
-            return getattr(args[0], target)(*args[1:], **kwargs)
-        if kind == "call_module":
-            return self._forward(*args, **kwargs)
-        return None
-
-    def to_bool(self, obj):
-        if obj.node in self.shape_only:
-            return bool(self.values[obj.node])
-        raise ValueError(f"elrp cannot trace the model: its forward branches on tensor values "
-                         f"(node {obj.node.name!r}); only conditions on shapes can be traced")
-
-
-def _is_shape_op(node: fx.Node) -> bool:
-    """Ops whose result is a size, not data: x.size(0), x.dim(), x.shape, len(x)."""
-    if node.op == "call_method":
-        return node.target in _SHAPE_METHODS
-    if node.op == "call_function":
-        return node.target in _SHAPE_FUNCTIONS or (
-            node.target is builtins.getattr and len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES)
-    return False
-
-
-def _flatten(tree) -> list:
-    out: list = []
-    fx.node.map_aggregate(tree, lambda a: out.append(a))
-    return out
-
-
-def _input_nodes(node: fx.Node) -> list[fx.Node]:
-    return [a for a in _flatten((node.args, node.kwargs)) if isinstance(a, fx.Node)]
-
-
-def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
-
-
-def _fold_batchnorm(gm: fx.GraphModule) -> None:
-    """Fold eval-mode BatchNorm into the Conv/Linear node right before it.
-
-    y = gamma * (Wx + b - mean) / sqrt(var + eps) + beta is again a linear layer with
-    W' = W * s and b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps) per output
-    channel; the outputs do not change (up to float rounding).
-    """
-    uses: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            uses[node.target] = uses.get(node.target, 0) + 1
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module":
-            continue
-        bn = gm.get_submodule(node.target)
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
-            continue
-        prev = node.args[0] if node.args else None
-        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1 \
-                or uses[prev.target] != 1:
-            continue
-        layer = gm.get_submodule(prev.target)
-        if type(layer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
-            continue
-        with torch.no_grad():
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
-            folded = copy.deepcopy(layer)
-            folded.weight.mul_(scale.reshape(-1, *([1] * (layer.weight.dim() - 1))))
-            bias = shift if layer.bias is None else layer.bias * scale + shift
-            folded.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        _set_module(gm, prev.target, folded)
-        node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
-
-
-def _remove_inplace(gm: fx.GraphModule) -> None:
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if getattr(module, "inplace", False):
-                module = copy.copy(module)
-                module.inplace = False
-                _set_module(gm, node.target, module)
-        elif node.op == "call_function":
-            if node.target in _INPLACE_FUNCTIONS:
-                node.target = _INPLACE_FUNCTIONS[node.target]
-            _drop_inplace_flag(node)
-        elif node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
-                and not node.target.startswith("_"):
-            node.target = node.target[:-1]
-
-
-def _check_model(model) -> None:
-    if isinstance(model, torch.jit.ScriptModule):
-        raise ValueError("elrp needs the model's Python code to trace its graph; TorchScript models "
-                         "cannot be traced. Load the model as module:Callable with --weights instead")
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"elrp needs a torch.nn.Module, got {type(model).__name__}")
-
-
-def _drop_inplace_flag(node: fx.Node) -> None:
-    """F.relu(x, inplace=True), F.dropout(x, 0.5, False, True), ...: make inplace False."""
-    try:
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-    except (TypeError, ValueError):  # builtins without a Python signature take no inplace flag
-        return
-    if bound.arguments.get("inplace") is True:
-        bound.arguments["inplace"] = False
-        node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
-
 
 def lrp_graph(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """Trace ``model`` on ``example`` [B,C,H,W] into the graph that elrp propagates over.
-
-    Works on a deep copy in eval mode, with frozen parameters, BatchNorm folded into the
-    layer before it and in-place ops made out-of-place; ``model`` is left untouched.
-    Raises ValueError for TorchScript models and for forward()s that cannot be traced.
-    """
-    _check_model(model)
-    model = copy.deepcopy(model).eval().requires_grad_(False)
-    tracer = _ConcreteTracer(example.detach())
-    try:
-        with torch.no_grad():
-            graph = tracer.trace(model)
-    except ValueError:
-        raise
-    except Exception as e:
-        raise ValueError(f"elrp cannot trace the model with torch.fx: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    gm = fx.GraphModule(model, graph)
-    _remove_inplace(gm)
-    _fold_batchnorm(gm)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm.eval()
-
-
-def _op_label(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op == "call_module":
-        return f"layer {node.target!r} ({type(gm.get_submodule(node.target)).__name__})"
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    kind = "method" if node.op == "call_method" else "operation"
-    return f"{kind} {name!r} (node {node.name!r})"
-
-
-def _plan(gm: fx.GraphModule) -> dict[fx.Node, str]:
-    """The rule of every node that carries relevance; ValueError for anything else."""
-    plan: dict[fx.Node, str] = {}
-    live: set[fx.Node] = set()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if not placeholders:
-        raise ValueError("elrp: the traced model has no input")
-    live.add(placeholders[0])
-    plan[placeholders[0]] = "input"
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr"):
-            continue
-        inputs = [n for n in _input_nodes(node) if n in live]
-        if node.op == "output":
-            continue
-        if not inputs:
-            continue  # depends on constants only: computed, carries no relevance
-        live.add(node)
-        rule = _rule(node, gm, inputs, plan)
-        if rule is None:
-            raise ValueError(f"elrp does not support {_op_label(node, gm)}")
-        plan[node] = rule
-    return plan
-
-
-def _rule(node: fx.Node, gm: fx.GraphModule, live_inputs: list[fx.Node], plan) -> str | None:
-    if all(plan.get(n) == "shape" for n in live_inputs):
-        return "shape"  # arithmetic on sizes, e.g. x.size(0) * 2
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, _PASS_MODULES):
-            return "pass"
-        if isinstance(module, _MOVE_MODULES):
-            return "move"
-        if isinstance(module, _EPS_MODULES):
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
-                return None  # batch statistics even in eval: not a per-image linear map
-            return "eps"
-        return None
-    target = node.target
-    if _is_shape_op(node):
-        return "shape"
-    if node.op == "call_function":
-        if target is operator.getitem and plan.get(node.args[0]) == "shape":
-            return "shape"
-        if target in _PASS_FUNCTIONS:
-            return "pass"
-        if target in _MOVE_FUNCTIONS:
-            return "move"
-        if target in _EPS_FUNCTIONS:
-            return "eps"
-        if target in _SCALE_FUNCTIONS:
-            activations = [n for n in live_inputs if plan.get(n) != "shape"]
-            # a / b is linear only in a; a * b only with one activation factor
-            if len(set(activations)) == 1 and not (target in (operator.truediv, torch.div)
-                                                    and node.args[0] is not activations[0]):
-                return "eps"
-        return None
-    if node.op == "call_method":
-        if target in _PASS_METHODS:
-            return "pass"
-        if target in _MOVE_METHODS:
-            return "move"
-        if target in _EPS_METHODS:
-            return "eps"
-        if target in _SCALE_METHODS:
-            activations = [n for n in live_inputs if plan.get(n) != "shape"]
-            if len(set(activations)) == 1 and (target == "mul" or node.args[0] is activations[0]):
-                return "eps"
-        return None
-    return None
-
-
-# --- the relevance pass ---------------------------------------------------------------
-
-def _call(node: fx.Node, gm: fx.GraphModule, args, kwargs):
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)(*args, **kwargs)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    return getattr(args[0], node.target)(*args[1:], **kwargs)
+    """The traced graph elrp propagates over (see :func:`explainers._graph.trace_model`)."""
+    return trace_model(model, example, "elrp")
 
 
 def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -423,19 +74,19 @@ def propagate(gm: fx.GraphModule, plan: dict[fx.Node, str], x: torch.Tensor, tar
         if rule in ("eps", "move"):
             # Each node gets leaf copies of its activation inputs, so its local
             # vector-Jacobian product can be taken on its own in the relevance pass.
-            inputs = [n for n in dict.fromkeys(_input_nodes(node))
+            inputs = [n for n in dict.fromkeys(input_nodes(node))
                       if plan.get(n) not in (None, "shape") and isinstance(env[n], torch.Tensor)
                       and env[n].is_floating_point()]
             leaves = {n: env[n].detach().requires_grad_(True) for n in inputs}
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: leaves.get(n, env[n]))
             with torch.enable_grad():
-                out = _call(node, gm, args, kwargs)
+                out = call_node(node, gm, args, kwargs)
             local[node] = (inputs, [leaves[n] for n in inputs], out)
             env[node] = out.detach()
         else:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
             with torch.no_grad():
-                env[node] = _call(node, gm, args, kwargs)
+                env[node] = call_node(node, gm, args, kwargs)
     if not isinstance(output, fx.Node) or not isinstance(env.get(output), torch.Tensor) \
             or env[output].dim() != 2 or plan.get(output) in (None, "shape"):
         raise ValueError("elrp needs a model that returns one logits tensor [B,K] computed from its input")
@@ -453,7 +104,7 @@ def propagate(gm: fx.GraphModule, plan: dict[fx.Node, str], x: torch.Tensor, tar
         if rule == "input":
             return r, target_logits.squeeze(1)
         if rule == "pass":
-            incoming = [(n, r) for n in _input_nodes(node) if plan.get(n) not in (None, "shape")][:1]
+            incoming = [(n, r) for n in input_nodes(node) if plan.get(n) not in (None, "shape")][:1]
         else:
             inputs, leaves, out = local.pop(node)
             if not inputs:
@@ -495,7 +146,7 @@ class EpsilonLRP(Explainer):
         super().__init__(model)
         if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not epsilon > 0:
             raise ValueError(f"epsilon must be a number > 0, got {epsilon!r}")
-        _check_model(model)  # fail at setup, not on the first batch
+        check_model(model, "elrp")  # fail at setup, not on the first batch
         self.epsilon = float(epsilon)
         self._graphs: dict[tuple, tuple[fx.GraphModule, dict]] = {}
 
@@ -507,7 +158,7 @@ class EpsilonLRP(Explainer):
         key = (tuple(images.shape[1:]), images.dtype, images.device)
         if key not in self._graphs:
             gm = lrp_graph(self.model, images[:1])
-            self._graphs[key] = (gm, _plan(gm))
+            self._graphs[key] = (gm, plan_rules(gm, "elrp"))
         return self._graphs[key]
 
     def explain(self, images, targets, seeds=None):

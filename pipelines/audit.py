@@ -23,7 +23,9 @@ from apache_beam.utils import shared
 from explainers import explainer_class, list_methods
 from pipelines.options import UsageError, parse_run_args
 from pipelines.preflight import preflight
+from pipelines.sanity import run_sanity_check
 from transforms import storage
+from transforms.abele_protocol import AbeleProtocol
 from transforms.batching import ERRORS, READ, ReadShardBatches
 from transforms.explain import ExplainBatches, ExplainConfig
 from transforms.models import ModelSpec, model_hashes
@@ -33,7 +35,14 @@ from transforms.rows import ERROR_SCHEMA, SUMMARY_SCHEMA, saliency_schema
 from transforms.summary import Summarize
 
 log = logging.getLogger("saliency_audit")
+ABELE_CONVENTION = (
+    "ABELE's protocol (methods.md 15.1): relevance_V = label-flip rate averaged over the percentiles "
+    "min,5,...,95,max as pixels below each percentile of the map become pixel value V (0, 127, 255); "
+    "relevance_curve = the 3 x 21 flips, fill-major; stability_* = mean/max Lipschitz ratio against "
+    "{n} salt-and-pepper copies (1/11 + 1/11) that keep the label; coherence_* = the same against up "
+    "to {n} nearest images of the same batch with the same target and predicted class (null if none)")
 OUTPUTS = ("saliency", "summary", "errors")
+OPTIONAL_OUTPUTS = ("sanity",)  # published (empty when not asked for) so no stale result outlives a rerun
 
 
 def parse_methods(text: str, method_options: dict[str, Any], aae: str | None) -> dict[str, dict[str, Any]]:
@@ -73,11 +82,11 @@ def beam_pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, Any]:
 
 def build_pipeline(p: beam.Pipeline, *, shards: list[str], staging: str, config: ExplainConfig,
                    prep: Preprocessing, batch_size: int, output_files: int,
-                   storage_options: dict[str, Any]) -> None:
+                   storage_options: dict[str, Any], limit_per_shard: int | None = None) -> None:
     batched = (p
                | "Shards" >> beam.Create(shards)
                | "SpreadShards" >> beam.Reshuffle()
-               | "ReadAndBatch" >> beam.ParDo(ReadShardBatches(prep, batch_size, storage_options))
+               | "ReadAndBatch" >> beam.ParDo(ReadShardBatches(prep, batch_size, storage_options, limit_per_shard))
                .with_outputs(ERRORS, READ, main="batches"))
     explained = (batched.batches
                  | "SpreadBatches" >> beam.Reshuffle()
@@ -147,7 +156,9 @@ def run(argv: list[str] | None = None) -> dict:
     spec = ModelSpec(args.model, args.weights, args.trust_model, storage_options or None)
     config = ExplainConfig(model=spec, methods=methods, device=args.device, target=args.target, seed=args.seed,
                            metrics=args.metrics, metric_steps=args.metric_steps,
-                           metric_substrate=args.metric_substrate)
+                           metric_substrate=args.metric_substrate,
+                           abele=AbeleProtocol(args.abele_neighbours, prep.mean, prep.std)
+                           if args.abele_metrics else None)
     resolved = preflight(config, shards, prep, storage_options)  # fails fast, before the job
     output_files = args.output_files or min(len(shards), 256)
 
@@ -157,12 +168,16 @@ def run(argv: list[str] | None = None) -> dict:
     try:
         with beam.Pipeline(runner=runner, options=options) as p:
             build_pipeline(p, shards=shards, staging=staging, config=config, prep=prep,
-                           batch_size=args.batch_size, output_files=output_files, storage_options=storage_options)
+                           batch_size=args.batch_size, output_files=output_files, storage_options=storage_options,
+                           limit_per_shard=args.limit_per_shard)
         write_empty_if_missing(storage.join(staging, "saliency"), saliency_schema(methods), storage_options)
         write_empty_if_missing(storage.join(staging, "summary"), SUMMARY_SCHEMA, storage_options)
         write_empty_if_missing(storage.join(staging, "errors"), ERROR_SCHEMA, storage_options)
+        sanity = run_sanity_check(config, shards, prep, staging, images=args.sanity_images,
+                                  threshold=args.sanity_threshold,
+                                  storage_options=storage_options) if args.sanity_check else None
         counts = count_outcomes(staging, list(methods), storage_options)
-        storage.publish(staging, args.output, list(OUTPUTS), storage_options)
+        storage.publish(staging, args.output, [*OUTPUTS, *OPTIONAL_OUTPUTS], storage_options)
     finally:
         storage.remove_tree(staging, storage_options)
 
@@ -187,6 +202,8 @@ def run(argv: list[str] | None = None) -> dict:
                         f"{args.metric_substrate!r}, {args.metric_steps} equal steps; "
                         "*_random: the same for a random order; gini: Gini index of |map|"
                         if args.metrics else "off (--no-metrics)"),
+            "abele_metrics": (ABELE_CONVENTION.format(n=args.abele_neighbours) if args.abele_metrics
+                              else "off (--abele-metrics to compute them)"),
             "seed": "first 32 bits of sha256('{--seed}:{image_id}')",
         },
         "runner": str(runner if isinstance(runner, str) else type(runner).__name__),
@@ -194,7 +211,8 @@ def run(argv: list[str] | None = None) -> dict:
         "versions": package_versions(),
         "counts": counts,
         "reconciled": reconciled,
-        "outputs": {name: f"{name}/" for name in OUTPUTS},
+        "sanity": sanity,
+        "outputs": {name: f"{name}/" for name in (*OUTPUTS, *(("sanity",) if sanity else ()))},
     }
     storage.write_json_atomic(storage.join(args.output, "manifest.json"), manifest, storage_options)
     if not reconciled:
@@ -213,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     out = manifest["options"]["output"]
     for method, c in manifest["counts"].items():
         print(f"{method:>10}: read {c['read']}, explained {c['explained']}, errors {c['errors']}")
-    print(f"outputs in {out} (saliency/, summary/, errors/, manifest.json)")
+    print(f"outputs in {out} ({', '.join(manifest['outputs'].values())}, manifest.json)")
     return 0
 
 

@@ -10,6 +10,7 @@ DEMO_SHARD = DEMO_DATA / "mnist-test-sample.tar"
 DEMO_WEIGHTS = DEMO_DATA / "mnist_cnn.pt"
 DEMO_MODEL = "pipelines.reference_model:mnist_cnn"
 DEMO_METHODS = "sal,grad,intg,deeplift"
+DEMO_SANITY = ["--sanity-check", "--sanity-images", "8"]  # 8 images keep the demo near a minute on 2 cores
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -22,11 +23,24 @@ def cmd_demo(argv: list[str]) -> int:
                                      description="Audit the bundled MNIST sample with the bundled model.")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--methods", default=DEMO_METHODS, help=f"default {DEMO_METHODS}")
+    parser.add_argument("--no-sanity-check", dest="sanity_check", action="store_false",
+                        help="skip the sanity check (on by default in the demo)")
     args, rest = parser.parse_known_args(argv)
     from pipelines import audit
-    return audit.main(["--input", str(DEMO_SHARD), "--model", DEMO_MODEL, "--weights", str(DEMO_WEIGHTS),
+    code = audit.main(["--input", str(DEMO_SHARD), "--model", DEMO_MODEL, "--weights", str(DEMO_WEIGHTS),
                        "--methods", args.methods, "--output", args.output, "--channels", "1",
-                       "--device", "cpu", *rest])
+                       "--device", "cpu", *(DEMO_SANITY if args.sanity_check else []), *rest])
+    if code != 0:
+        return code
+    from pipelines.reporting.audit_dir import AuditDir
+    from pipelines.reporting.figure import example_ids, save_figure
+    from pipelines.reporting.report import write_report
+    from transforms import storage
+    report = write_report(args.output, storage.join(args.output, "report.html"))
+    finished = AuditDir(args.output)
+    figure = save_figure(finished, example_ids(finished), storage.join(args.output, "figure.png"))
+    print(f"report: {report}\nfigure: {figure}")
+    return 0
 
 
 def cmd_shards(argv: list[str]) -> int:
@@ -134,6 +148,69 @@ def cmd_train_aae(argv: list[str]) -> int:
     return 0
 
 
+def _comma_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-options", default="{}", help="fsspec storage options as JSON")
+
+
+def cmd_report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saliency-audit report",
+                                     description="Write one self-contained HTML page about a finished audit.")
+    parser.add_argument("directory", help="the audit's --output directory")
+    parser.add_argument("--output", required=True, help="where to write the HTML file")
+    parser.add_argument("--per-class", type=int, default=3, help="gallery images per class (default 3)")
+    _storage_options(parser)
+    args = parser.parse_args(argv)
+    import json
+    from pipelines.reporting.report import write_report
+    path = write_report(args.directory, args.output, json.loads(args.storage_options), per_class=args.per_class)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_figure(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saliency-audit figure",
+                                     description="A PNG grid: one row per image, one column per method.")
+    parser.add_argument("directory", help="the audit's --output directory")
+    parser.add_argument("--ids", required=True, help="comma list of image ids, one row each")
+    parser.add_argument("--output", required=True, help="where to write the PNG")
+    parser.add_argument("--methods", help="comma list of methods, in column order (default: the run's)")
+    parser.add_argument("--cell", type=int, default=112, help="cell size in pixels (default 112)")
+    parser.add_argument("--overlay", action="store_true", help="draw the maps over the images")
+    _storage_options(parser)
+    args = parser.parse_args(argv)
+    import json
+    from pipelines.reporting.audit_dir import AuditDir
+    from pipelines.reporting.figure import save_figure
+    audit = AuditDir(args.directory, json.loads(args.storage_options))
+    path = save_figure(audit, _comma_list(args.ids), args.output, _comma_list(args.methods) if args.methods else None,
+                       cell=args.cell, overlay=args.overlay)
+    print(f"figure: {path}")
+    return 0
+
+
+def cmd_diff(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saliency-audit diff",
+                                     description="Compare two audits of the same images, map by map.")
+    parser.add_argument("directory_a", help="the first audit (e.g. the current model)")
+    parser.add_argument("directory_b", help="the second audit (e.g. the candidate model)")
+    parser.add_argument("--output", required=True, help="output directory: diff/ Parquet and diff.html")
+    parser.add_argument("--top-k", type=float, default=0.1,
+                        help="top-k overlap: a fraction of the pixels (< 1) or a pixel count (default 0.1)")
+    parser.add_argument("--show", type=int, default=12, help="images shown in diff.html (default 12)")
+    _storage_options(parser)
+    args = parser.parse_args(argv)
+    import json
+    from pipelines.reporting.diff import diff_audits
+    result = diff_audits(args.directory_a, args.directory_b, args.output, top_k=args.top_k, show=args.show,
+                         storage_options=json.loads(args.storage_options))
+    print(f"diff: {result['pairs']} (image, method) pairs; tables in {result['table']}, page {result['page']}")
+    return 0
+
+
 def cmd_benchmark(argv: list[str]) -> int:
     from pipelines import benchmark
     return benchmark.main(argv)
@@ -146,6 +223,9 @@ COMMANDS = {
     "train-classifier": (cmd_train_classifier, "train the reference CNN"),
     "train-aae": (cmd_train_aae, "train the adversarial autoencoder for abele"),
     "benchmark": (cmd_benchmark, "measure each method's throughput against its compute floor"),
+    "report": (cmd_report, "one self-contained HTML page about a finished audit"),
+    "figure": (cmd_figure, "a PNG grid of maps: one row per image, one column per method"),
+    "diff": (cmd_diff, "compare two audits of the same images (e.g. two model versions)"),
 }
 
 

@@ -52,6 +52,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output", required=True, help="output directory (any fsspec URL)")
     add("--target", type=_target, default="predicted", help="predicted | label | INT (default predicted)")
     add("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    add("--limit-per-shard", type=int, metavar="N",
+        help="read only the first N records of every shard (a deterministic sample)")
     add("--device", default="auto", help="cpu | cuda | auto (default auto)")
     add("--metrics", dest="metrics", action="store_true", default=True,
         help="compute explanation-quality metrics (default on)")
@@ -60,6 +62,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="deletion/insertion steps (default 16: 2 x 17 forward passes per map)")
     add("--metric-substrate", default="zero", choices=("zero", "blur", "mean"),
         help="what deleted pixels become in deletion/insertion (default zero)")
+    add("--abele-metrics", action="store_true",
+        help="also ABELE's relevance, coherence and stability per image (costly: about --abele-neighbours "
+             "times each method's own cost)")
+    add("--abele-neighbours", type=int, default=20,
+        help="salt-and-pepper copies for stability, and at most this many same-class batch images for "
+             "coherence (default 20, as ABELE)")
+    add("--sanity-check", action="store_true",
+        help="after the job: cascading randomisation of the model's layers (Adebayo et al. 2018) on a sample")
+    add("--sanity-images", type=int, default=16,
+        help="images in the sanity check: the first N decodable ones in shard order (default 16)")
+    add("--sanity-threshold", type=float, default=0.5,
+        help="flag a method whose mean rank correlation with the fully randomised model's maps stays "
+             "above this (default 0.5)")
     add("--method-options", type=_json_object, default={},
         help='per-method options, e.g. \'{"intg": {"n_steps": 32}}\'')
     add("--aae", help="adversarial autoencoder for abele")
@@ -82,4 +97,8 @@ def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, beam_args = parser.parse_known_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.limit_per_shard is not None and args.limit_per_shard < 1:
+        parser.error("--limit-per-shard must be at least 1")
+    if args.abele_neighbours < 1 or args.sanity_images < 1:
+        parser.error("--abele-neighbours and --sanity-images must be at least 1")
     return args, beam_args

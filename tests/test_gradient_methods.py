@@ -103,8 +103,45 @@ def test_results_do_not_depend_on_batch_composition():
 
 def test_deeplift_refuses_torchscript_with_a_clear_message():
     scripted = torch.jit.script(small_relu_cnn())
-    with pytest.raises(ValueError, match="TorchScript models do not support them"):
+    with pytest.raises(ValueError, match="deeplift needs the model's Python code"):
         get_explainer("deeplift", scripted)
+
+
+class FunctionalNet(torch.nn.Module):
+    """Activations as functions, which module hooks (Captum's DeepLift) never see."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.fc1 = torch.nn.Linear(4 * 6 * 6, 16)
+        self.fc2 = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.nn.functional.relu(self.conv(x)).flatten(1)
+        return self.fc2(torch.sigmoid(self.fc1(h)) - torch.tanh(h[:, :16]))
+
+
+def test_deeplift_rescales_functional_activations():
+    torch.manual_seed(3)
+    model = FunctionalNet().eval()
+    x, t = torch.randn(5, 2, 6, 6), torch.tensor([0, 1, 2, 0, 1])
+    result = get_explainer("deeplift", model, baseline=0.3).explain(x, t)
+    with torch.no_grad():
+        gap = (model(x) - model(torch.full_like(x, 0.3))).gather(1, t[:, None]).squeeze(1)
+    # summation to delta holds exactly only if every nonlinearity got the Rescale rule
+    torch.testing.assert_close(result.maps.sum((1, 2)), gap, rtol=1e-4, atol=1e-5)
+    assert result.extras["convergence_delta"].abs().max() < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Captum's notes about hooks
+def test_deeplift_agrees_with_captum_on_the_demo_model(demo_model, demo_images):
+    from captum.attr import DeepLift as CaptumDeepLift
+    x = demo_images[0][:16]
+    t = demo_model(x).argmax(1)
+    ours = get_explainer("deeplift", demo_model).explain(x, t).maps
+    theirs = CaptumDeepLift(demo_model).attribute(x.clone().requires_grad_(), baselines=torch.zeros_like(x),
+                                                  target=t).detach().sum(1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("images,targets,message", [

@@ -9,64 +9,10 @@ from torch import nn
 
 from explainers import get_explainer
 from explainers.lrp import lrp_graph
-from pipelines.reference_model import MnistCNN
+from pipelines.reference_model import MnistCNN, ResNet18
 
 
 # --- torchvision-style test networks (reduced widths) ---------------------------------
-
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock: conv-bn-relu-conv-bn, shortcut, functional add."""
-
-    def __init__(self, cin, cout, stride=1, inplace_add=True):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)  # applied twice, as in torchvision
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        self.inplace_add = inplace_add
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        if self.inplace_add:
-            out += identity
-        else:
-            out = out + identity
-        return self.relu(out)
-
-
-class ResNet18(nn.Module):
-    """ResNet-18's layout (stem, 4 stages of 2 BasicBlocks, global pool, fc) at width w."""
-
-    def __init__(self, width=4, classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        widths = [width, 2 * width, 4 * width, 8 * width]
-        cin, stages = width, []
-        for i, w in enumerate(widths):
-            stages.append(nn.Sequential(BasicBlock(cin, w, 1 if i == 0 else 2, inplace_add=i % 2 == 0),
-                                        BasicBlock(w, w, 1, inplace_add=i % 2 == 1)))
-            cin = w
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
-
 
 def randomise_batchnorm(model, bias_free=False):
     """Non-trivial running statistics, so folding has something to fold."""
@@ -85,7 +31,7 @@ def randomise_batchnorm(model, bias_free=False):
 
 def resnet(bias_free=False):
     torch.manual_seed(0)
-    model = ResNet18()
+    model = ResNet18(width=4)
     with torch.no_grad():
         randomise_batchnorm(model, bias_free)
         if bias_free:

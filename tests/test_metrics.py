@@ -270,3 +270,17 @@ def test_clear_errors(data):
         deletion_curve(model, images, maps, targets, seeds=seeds[:3])
     with pytest.raises(ValueError, match="percentiles"):
         relevance_flip_rate(model, images, maps, targets, percentiles=(101,))
+
+
+def test_fills_per_channel(data):
+    """Normalised inputs need one fill value per channel; a repeated value equals the scalar."""
+    model, images, targets, seeds = data
+    maps = torch.randn(len(images), H, W, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(relevance_flip_rate(model, images, maps, targets, fill=[1.0] * C),
+                               relevance_flip_rate(model, images, maps, targets, fill=1.0))
+    copies = salt_and_pepper(images[:2], seeds[:2], low=[0.0, 0.5, 1.0][:C], high=2.0)
+    low = (copies != images[:2].unsqueeze(1)) & (copies != 2.0)
+    for channel, value in enumerate([0.0, 0.5, 1.0][:C]):
+        assert bool((copies[:, :, channel][low[:, :, channel]] == value).all())
+    with pytest.raises(ValueError, match="one per channel"):
+        relevance_flip_rate(model, images, maps, targets, fill=[0.0, 1.0])

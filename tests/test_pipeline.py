@@ -121,6 +121,18 @@ def test_no_metrics_leaves_the_columns_null(shards, demo_model_args, tmp_path):
     assert rows and all(r["deletion_auc"] is None and r["gini"] is None for r in rows)
 
 
+def test_limit_per_shard_reads_the_first_records_of_each_shard(shards, demo_model_args, tmp_path):
+    manifest = run_audit(shards, tmp_path, demo_model_args, ["sal"], "--no-metrics", "--limit-per-shard", "5")
+    # good.tar's first 5 digits, and bad.tar's first 5 members: bad-ok and 4 bad records (not bad-cut)
+    assert manifest["counts"] == {"sal": {"read": 10, "explained": 6, "errors": 4}}
+    with tarfile.open(shards / "good.tar") as tar:
+        first = sorted({m.name.split(".")[0] for m in tar.getmembers()[:10]})
+    ids = sorted(r["image_id"] for r in read_output(tmp_path / "saliency"))
+    assert ids == sorted(first + ["bad-ok"])
+    errors = {r["image_id"] for r in read_output(tmp_path / "errors")}
+    assert errors == set(EXPECTED_ERRORS) - {"bad-cut"}
+
+
 def test_errors_have_stage_and_reason(audited):
     output, _, _ = audited
     errors = {r["image_id"]: r for r in read_output(output / "errors")}

@@ -115,6 +115,30 @@ def test_blackbox_chunks_compose_and_count():
     assert np.array_equal(again[0], np.concatenate([first[0], first[0]]))
 
 
+class Counting(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.images = model, 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.model(x)
+
+
+def test_masks_that_differ_only_in_inert_superpixels_are_one_image():
+    """A superpixel that already equals its fill (black background under a black fill) makes
+    no difference on or off, so such masks cost one model call and get the same answer."""
+    image = torch.zeros(1, 1, 8, 8)
+    image[0, 0, :4, :4] = 1.0  # only cell 0 of a 2x2 grid has ink
+    model = Counting(MeanOfChannel0())
+    bb = BlackBox(model, image, torch.tensor([1]), [grid_segments(8, 8, 4)], 0.0, 100)
+    masks = np.array([[1, 0, 0, 0], [1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=bool)
+    probs, labels = bb.query(np.zeros(5, dtype=np.int64), masks)
+    assert model.images == 2 and bb.calls.tolist() == [2]
+    assert len(set(probs[:3])) == 1 and len(set(probs[3:])) == 1 and probs[0] > probs[3]
+    assert labels.tolist() == [1, 1, 1, 0, 0]  # a blank image ties, and argmax takes class 0
+
+
 def test_run_searches_sends_each_search_its_own_replies():
     images = torch.stack([camera(8), camera(8)])
     bb = BlackBox(MeanOfChannel0(), images, torch.tensor([1, 0]), [grid_segments(8, 8, 4)] * 2, 0.0, 4)

@@ -1,6 +1,8 @@
 """Shard -> decoded, preprocessed batches, with every failure sent to the errors output."""
 from __future__ import annotations
 
+import itertools
+
 from typing import Any
 
 import apache_beam as beam
@@ -20,15 +22,21 @@ class ReadShardBatches(beam.DoFn):
     Batches are cut in shard order, per image shape, inside one shard, so their
     composition (and so every float computed on them) is the same on every runner and
     rerun. Tagged outputs: ``errors`` (ErrorRecord) and ``read`` (1 per record read,
-    good or bad, for the manifest's counts).
+    good or bad, for the manifest's counts). ``limit_per_shard`` stops after that many
+    records of each shard (a deterministic sample: the first ones).
     """
 
-    def __init__(self, prep: Preprocessing, batch_size: int, storage_options: dict[str, Any] | None = None):
+    def __init__(self, prep: Preprocessing, batch_size: int, storage_options: dict[str, Any] | None = None,
+                 limit_per_shard: int | None = None):
         self.prep, self.batch_size, self.storage_options = prep, batch_size, storage_options
+        self.limit_per_shard = limit_per_shard
 
     def process(self, shard_url: str):
         pending: dict[tuple[int, ...], list] = {}
-        for record in read_shard(shard_url, self.storage_options):
+        records = read_shard(shard_url, self.storage_options)
+        if self.limit_per_shard is not None:
+            records = itertools.islice(records, self.limit_per_shard)
+        for record in records:
             yield beam.pvalue.TaggedOutput(READ, 1)
             if isinstance(record, ErrorRecord):
                 yield beam.pvalue.TaggedOutput(ERRORS, record)

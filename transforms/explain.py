@@ -13,6 +13,7 @@ from apache_beam.utils import shared
 
 from explainers import get_explainer
 from explainers import metrics as quality
+from transforms.abele_protocol import AbeleProtocol, abele_metrics
 from transforms.batching import ERRORS
 from transforms.models import ModelSpec, load_model, resolve_device
 from transforms.records import ErrorRecord, ImageBatch, seed_for
@@ -29,6 +30,7 @@ class ExplainConfig:
     metrics: bool = True
     metric_steps: int | None = 16  # None: one image row per step (explainers.metrics.default_steps)
     metric_substrate: str = "zero"
+    abele: AbeleProtocol | None = None  # ABELE's relevance/coherence/stability (--abele-metrics)
 
 
 class _Loaded:
@@ -68,6 +70,14 @@ def choose_targets(mode: str, predicted: torch.Tensor, labels: list[int | None],
     if not 0 <= cls < num_classes:
         reasons = [f"--target {cls} is outside the model's {num_classes} classes"] * len(labels)
     return torch.full_like(predicted, cls), reasons
+
+
+def metric_value(value: torch.Tensor) -> float | list[float] | None:
+    """One image's metric as a Parquet value: NaN (no usable neighbour, constant map) -> null."""
+    if value.dim() == 0:
+        number = float(value)
+        return number if np.isfinite(number) else None
+    return value.float().cpu().numpy()
 
 
 class ExplainBatches(beam.DoFn):
@@ -153,12 +163,20 @@ class ExplainBatches(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
                         batch.image_ids[i], batch.sources[i], "explain", f"{type(e).__name__}: {e}", name))
         scores = {}
-        if reference is not None and outcomes:
+        if outcomes and (reference is not None or self.config.abele is not None):
             done = [j for j, *_ in outcomes]
             maps = torch.stack([result.maps[k] for _, result, k, _ in outcomes]).to(images.device).float()
-            metrics = self._metrics(images[done], maps, targets[done], seeds[done])
-            metrics.update({key: values[done] for key, values in reference.items()})
-            scores = {j: {key: float(values[n]) for key, values in metrics.items()} for n, j in enumerate(done)}
+            metrics = {}
+            if reference is not None:
+                metrics.update(self._metrics(images[done], maps, targets[done], seeds[done]))
+                metrics.update({key: values[done] for key, values in reference.items()})
+            if self.config.abele is not None:
+                metrics.update(abele_metrics(
+                    self._state.model, lambda x, t, s: explainer.explain(x, t, s).maps, images[done], maps,
+                    targets[done], predicted[[keep[j] for j in done]], seeds[done], self.config.abele,
+                    chunk=len(keep)))
+            scores = {j: {key: metric_value(values[n]) for key, values in metrics.items()}
+                      for n, j in enumerate(done)}
         for j, result, k, ms in outcomes:
             row = self._row(name, batch, keep[j], result, k, targets[j], seeds[j], probabilities, predicted, ms)
             row.update(scores.get(j, {}))

@@ -41,8 +41,24 @@ SALIENCY_FIELDS = [
     pa.field("deletion_auc_random", pa.float32()),
     pa.field("insertion_auc_random", pa.float32()),
     pa.field("gini", pa.float32()),
+    # ABELE's protocol (null unless --abele-metrics; see transforms.abele_protocol): mean
+    # label-flip rate as the least relevant pixels become 0 / 127 / 255, the 3 x 21 flips
+    # (fill-major, percentiles min, 5, ..., 95, max), and local Lipschitz ratios against
+    # same-class images of the batch (coherence) and salt-and-pepper copies (stability).
+    pa.field("relevance_0", pa.float32()),
+    pa.field("relevance_127", pa.float32()),
+    pa.field("relevance_255", pa.float32()),
+    pa.field("relevance_curve", pa.list_(pa.float32())),
+    pa.field("coherence_mean", pa.float32()),
+    pa.field("coherence_max", pa.float32()),
+    pa.field("stability_mean", pa.float32()),
+    pa.field("stability_max", pa.float32()),
 ]
-METRIC_COLUMNS = ("deletion_auc", "insertion_auc", "deletion_auc_random", "insertion_auc_random", "gini")
+RISE_COLUMNS = ("deletion_auc", "insertion_auc", "deletion_auc_random", "insertion_auc_random", "gini")
+ABELE_COLUMNS = ("relevance_0", "relevance_127", "relevance_255", "coherence_mean", "coherence_max",
+                 "stability_mean", "stability_max")
+METRIC_COLUMNS = RISE_COLUMNS + ABELE_COLUMNS  # per-image scalars the summary aggregates
+SUMMARY_STATISTICS = ("mean", "median", "p10", "p90")
 
 ERROR_SCHEMA = pa.schema([
     pa.field("image_id", pa.string()),
@@ -62,8 +78,12 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("mean_time_ms", pa.float64()),
     pa.field("mean_saliency_abs", pa.float64()),
     pa.field("mean_saliency_sum", pa.float64()),
-    *[pa.field(f"mean_{name}", pa.float64()) for name in METRIC_COLUMNS],
-    *[pa.field(f"median_{name}", pa.float64()) for name in METRIC_COLUMNS],
+    *[pa.field(f"{stat}_{name}", pa.float64()) for name in METRIC_COLUMNS for stat in SUMMARY_STATISTICS],
+    # From the driver-side sanity check (null without --sanity-check): the mean Spearman rank
+    # correlation between the trained and the fully randomised model's maps, and whether it
+    # stays above the threshold (the method's maps do not depend on the model).
+    pa.field("sanity_rank_correlation", pa.float64()),
+    pa.field("sanity_flagged", pa.bool_()),
 ])
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 
-from transforms.rows import METRIC_COLUMNS
+from transforms.rows import METRIC_COLUMNS, SUMMARY_STATISTICS
 
 _MEANS = ("score", "time_ms", "saliency_abs_mean", "saliency_sum")
 
 
 class _SummaryFn(beam.CombineFn):
-    """Counts, accuracy, means, and the metric values themselves for exact medians (a few
+    """Counts, accuracy, means, and the metric values themselves for exact quantiles (a few
     floats per image: small beside the maps the same run writes)."""
 
     def create_accumulator(self):
@@ -49,9 +49,17 @@ class _SummaryFn(beam.CombineFn):
                "mean_saliency_abs": acc["sums"]["saliency_abs_mean"] / n if n else None,
                "mean_saliency_sum": acc["sums"]["saliency_sum"] / n if n else None}
         for k, values in acc["metrics"].items():
-            out[f"mean_{k}"] = float(np.mean(values)) if values else None
-            out[f"median_{k}"] = float(np.median(values)) if values else None
+            out.update(_statistics(k, values))
         return out
+
+
+def _statistics(name: str, values: list[float]) -> dict[str, float | None]:
+    """mean, median, p10 and p90 of one metric's values (all None without values)."""
+    if not values:
+        return {f"{stat}_{name}": None for stat in SUMMARY_STATISTICS}
+    p10, median, p90 = np.quantile(values, (0.1, 0.5, 0.9))
+    return {f"mean_{name}": float(np.mean(values)), f"median_{name}": float(median),
+            f"p10_{name}": float(p10), f"p90_{name}": float(p90)}
 
 
 class Summarize(beam.PTransform):

@@ -43,10 +43,19 @@ def percentile(maps: torch.Tensor, percentiles: torch.Tensor) -> torch.Tensor:
     return v_low + frac * (v_high - v_low)
 
 
+def channel_values(value: float | Sequence[float] | torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """A constant, or one value per channel, as a [C,1,1] tensor that broadcasts over images [...,C,H,W]."""
+    values = torch.as_tensor(value, dtype=images.dtype).reshape(-1).to(images.device)
+    channels = images.shape[-3]
+    if values.numel() not in (1, channels):
+        raise ValueError(f"expected one value or one per channel ({channels}), got {values.numel()}")
+    return values.expand(channels).reshape(channels, 1, 1)
+
+
 def relevance_flip_rate(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
                         targets: torch.Tensor, *,
                         percentiles: Sequence[float] = ABELE_PERCENTILES,
-                        fill: float = 0.0,
+                        fill: float | Sequence[float] | torch.Tensor = 0.0,
                         max_forward_batch: int = DEFAULT_MAX_FORWARD_BATCH) -> torch.Tensor:
     """ABELE's relevance test: does the label flip when the least relevant pixels are blanked?
 
@@ -65,7 +74,8 @@ def relevance_flip_rate(model: torch.nn.Module, images: torch.Tensor, maps: torc
             predicted label, so with ``--target predicted`` the two coincide).
         percentiles: in [0, 100]; default ABELE's (0, 5, 10, ..., 95, 100).
         fill: the constant in model-input space (ABELE's colours 0, 127, 255 are 0.0,
-            127/255, 1.0 for [0,1] inputs). Default 0.0.
+            127/255, 1.0 for [0,1] inputs), or one value per channel (what a pixel value
+            becomes after per-channel mean/std normalisation). Default 0.0.
         max_forward_batch: at most this many images per forward pass (default 256).
 
     Returns:
@@ -83,12 +93,13 @@ def relevance_flip_rate(model: torch.nn.Module, images: torch.Tensor, maps: torc
     thresholds = percentile(maps, q)                                    # [B,P]
     strict = (q < 100).to(device)                                       # p = 100 uses <=
     original = _predict(model, images, max_forward_batch)
+    constant = channel_values(fill, images)
 
     def build(idx):
         b, j = idx // n_p, idx % n_p
         thr = thresholds[b, j].view(-1, 1, 1)
         below = torch.where(strict[j].view(-1, 1, 1), maps[b] < thr, maps[b] <= thr)
-        return torch.where(below.unsqueeze(1), torch.full_like(images[b], float(fill)), images[b])
+        return torch.where(below.unsqueeze(1), constant, images[b])
 
     def reduce(logits, idx):
         return (logits.argmax(dim=1) != original[idx // n_p]).float()
@@ -97,8 +108,8 @@ def relevance_flip_rate(model: torch.nn.Module, images: torch.Tensor, maps: torc
 
 
 def salt_and_pepper(images: torch.Tensor, seeds: torch.Tensor | Sequence[int] | None = None,
-                    n_copies: int = 20, p: float = 1 / 11, low: float = 0.0,
-                    high: float = 1.0) -> torch.Tensor:
+                    n_copies: int = 20, p: float = 1 / 11, low: float | Sequence[float] = 0.0,
+                    high: float | Sequence[float] = 1.0) -> torch.Tensor:
     """Noisy copies for ABELE's stability test: [B,C,H,W] -> [B,n_copies,C,H,W].
 
     Each pixel (all channels together) becomes ``low`` with probability p and ``high`` with
@@ -106,6 +117,7 @@ def salt_and_pepper(images: torch.Tensor, seeds: torch.Tensor | Sequence[int] | 
     its 0 and 255 for uint8 images, i.e. 0.0 and 1.0 for [0,1] inputs). Image i's copies
     depend only on seeds[i] (None: 0). ABELE kept only copies with the model's label
     unchanged: pass ``prediction_unchanged(...)`` as ``valid`` to lipschitz_ratios.
+    ``low`` and ``high`` may also be one value per channel (normalised inputs).
     """
     check_images(images)
     if not 0 <= p <= 0.5:
@@ -118,9 +130,8 @@ def salt_and_pepper(images: torch.Tensor, seeds: torch.Tensor | Sequence[int] | 
                                     generator=generator(s, STREAM_SALT_AND_PEPPER)) for s in seed_list])
     draws = draws.to(images.device)                                     # [B,N,1,H,W]
     copies = images.detach().unsqueeze(1).expand(batch, int(n_copies), channels, height, width)
-    copies = torch.where(draws < p, torch.as_tensor(low, dtype=images.dtype, device=images.device), copies)
-    return torch.where((draws >= p) & (draws < 2 * p),
-                       torch.as_tensor(high, dtype=images.dtype, device=images.device), copies)
+    copies = torch.where(draws < p, channel_values(low, images), copies)
+    return torch.where((draws >= p) & (draws < 2 * p), channel_values(high, images), copies)
 
 
 def prediction_unchanged(model: torch.nn.Module, images: torch.Tensor, neighbours: torch.Tensor, *,

@@ -116,7 +116,8 @@ def cascading_randomization(model: torch.nn.Module, seed: int = 0, *,
     current = model
     for name in names:
         current = copy.deepcopy(current)
-        module = current if name == ROOT_NAME else current.get_submodule(name)
+        # named_modules, not get_submodule: TorchScript modules do not support the latter.
+        module = current if name == ROOT_NAME else dict(current.named_modules())[name]
         reinitialise_(module, stream_seed(seed, STREAM_RANDOMIZATION, zlib.crc32(name.encode())))
         yield name, current
 

@@ -1,0 +1,419 @@
+"""``saliency-audit report DIR --output report.html``: one self-contained page for a person
+who did not run the job.
+
+It shows the run (manifest), a table of methods with their metrics, per-class numbers,
+the sanity check, per-class galleries (image, map, overlay), misclassified images, the
+worst and best images by faithfulness, metric distributions, ABELE's relevance curves,
+rules and exemplars of the superpixel methods and abele, and the errors. Galleries hold a
+bounded number of images, so the page stays a few MB whatever the size of the audit.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from pipelines.reporting import render
+from pipelines.reporting.audit_dir import AuditDir, saliency_map
+from pipelines.reporting.html import Raw, details, esc, img, number, page, paragraph, table
+from pipelines.reporting.plots import histogram, line_chart
+from transforms import storage
+from transforms.rows import ABELE_COLUMNS, RISE_COLUMNS
+
+THUMB = 84            # CSS width of a gallery image
+LONGEST = 128         # stored images are shrunk to at most this many pixels a side
+RULE_EXTRAS = ("rule", "counterfactuals", "weights", "precision", "coverage", "fidelity", "r2")
+METRIC_NOTES = {
+    "deletion_auc": "RISE deletion AUC: the target's probability as the most salient pixels are removed "
+                    "first; lower is better. The random order's value (in brackets) is the level to beat.",
+    "insertion_auc": "RISE insertion AUC: the probability as the most salient pixels are pasted back first; "
+                     "higher is better.",
+    "gini": "Gini index of |map|: 0 = spread evenly, 1 = all on one pixel (sparsity).",
+    "relevance_0": "ABELE relevance: label-flip rate as the least relevant pixels become 0 / 127 / 255, "
+                   "averaged over the percentiles; lower is better.",
+    "coherence_mean": "ABELE coherence: Lipschitz ratio of map change to image change against same-class "
+                      "images of the batch; lower is better.",
+    "stability_mean": "ABELE stability: the same ratio against salt-and-pepper copies; lower is better.",
+}
+
+
+def faithfulness_gain(row: dict) -> float | None:
+    """How far below the random order the deletion curve falls (higher = more faithful)."""
+    if row.get("deletion_auc") is None or row.get("deletion_auc_random") is None:
+        return None
+    return row["deletion_auc_random"] - row["deletion_auc"]
+
+
+class Thumbnails:
+    """Image, map and overlay of the rows a page shows, as <img> tags with data: URIs."""
+
+    def __init__(self, audit: AuditDir, maps: dict[tuple[str, str], dict], images: dict[str, np.ndarray]):
+        self.audit, self.maps, self.images = audit, maps, images
+
+    def _tag(self, rgb: np.ndarray, alt: str) -> Raw:
+        return img(render.data_uri(render.fit(rgb, LONGEST)), alt, THUMB)
+
+    def _size(self, image_id: str) -> tuple[int, int]:
+        row = next((r for (i, _), r in self.maps.items() if i == image_id), None)
+        return (row["height"], row["width"]) if row else (28, 28)
+
+    def image(self, image_id: str) -> Raw:
+        image = self.images.get(image_id)
+        if image is None:
+            return self._tag(render.placeholder(*self._size(image_id)), f"{image_id}: image not readable")
+        return self._tag(render.as_rgb(image), image_id)
+
+    def map(self, image_id: str, method: str) -> Raw:
+        row = self.maps.get((image_id, method))
+        if row is None:
+            return self._tag(render.placeholder(*self._size(image_id)), f"{method} failed on {image_id}")
+        return self._tag(render.colour_map(saliency_map(row), self.audit.signed(method)), f"{method} map, {image_id}")
+
+    def overlay(self, image_id: str, method: str) -> Raw:
+        row, image = self.maps.get((image_id, method)), self.images.get(image_id)
+        if row is None or image is None:
+            return self.map(image_id, method)
+        return self._tag(render.overlay(image, saliency_map(row), self.audit.signed(method)),
+                         f"{method} overlay, {image_id}")
+
+    def pair(self, image_id: str, method: str) -> Raw:
+        return Raw(f'<span class="pair">{self.map(image_id, method)}{self.overlay(image_id, method)}</span>')
+
+
+class Report:
+    def __init__(self, audit: AuditDir, *, per_class: int = 3, extremes: int = 4, misclassified: int = 8):
+        self.audit, self.per_class, self.extremes, self.n_misclassified = audit, per_class, extremes, misclassified
+        self.methods = audit.methods
+        self.rows = audit.scalar_rows()
+        self.summary = audit.rows("summary")
+        self.overall = {s["method"]: s for s in self.summary if s["target"] is None}
+        self.columns = set(audit.columns("saliency").names)
+        self.classes = sorted({r["target"] for r in self.rows if r["target"] is not None})
+        self.first_row = {}
+        for r in self.rows:
+            self.first_row.setdefault(r["image_id"], r)
+        self.selection = self._select()
+        wanted = {i for ids in self.selection.values() for i in ids}
+        maps = audit.map_rows(wanted)
+        sources = {image_id: row["source"] for (image_id, _), row in maps.items()}
+        self.thumbs = Thumbnails(audit, maps, audit.images(sources))
+
+    # ---- which images the page shows ----
+    def _select(self) -> dict[str, list[str]]:
+        ids_by_class = defaultdict(set)
+        for r in self.rows:
+            ids_by_class[r["target"]].add(r["image_id"])
+        selection = {f"class:{c}": sorted(ids_by_class[c])[: self.per_class] for c in self.classes}
+        wrong = sorted({r["image_id"] for r in self.rows if r["label"] is not None and r["label"] != r["predicted"]})
+        selection["misclassified"] = wrong[: self.n_misclassified]
+        for method in self.methods:
+            scored = sorted(((faithfulness_gain(r), r["image_id"]) for r in self.rows
+                             if r["method"] == method and faithfulness_gain(r) is not None))
+            selection[f"worst:{method}"] = [i for _, i in scored[: self.extremes]]
+            selection[f"best:{method}"] = [i for _, i in scored[::-1][: self.extremes]]
+        return selection
+
+    def _rows_of(self, method: str) -> list[dict]:
+        return [r for r in self.rows if r["method"] == method]
+
+    # ---- sections ----
+    def run_section(self) -> str:
+        m = self.audit.manifest
+        model = m.get("model") or {}
+        counts = m.get("counts") or {}
+        read = max((c.get("read", 0) for c in counts.values()), default=0)
+        facts = [
+            ("run id", m.get("run_id")), ("status", m.get("status")),
+            ("started / finished", f"{m.get('started')} / {m.get('finished')}"),
+            ("input", f"{(m.get('input') or {}).get('pattern')} ({(m.get('input') or {}).get('shards')} shard(s))"),
+            ("records read", read),
+            ("model", f"{model.get('model')}"
+                      + (f" with weights {model.get('weights')}" if model.get("weights") else "")),
+            ("model sha256", "; ".join(f"{k}: {v}" for k, v in (model.get("sha256") or {}).items())),
+            ("device / classes", f"{model.get('device')} / {model.get('num_classes')}"),
+            ("methods", ", ".join(self.methods)),
+            ("target", (m.get("options") or {}).get("target")),
+            ("preprocessing", json.dumps(m.get("preprocessing"))),
+            ("runner", m.get("runner")),
+            ("versions", ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())),
+        ]
+        options = [(name, json.dumps(info.get("options"))) for name, info in (m.get("methods") or {}).items()]
+        conventions = list((m.get("conventions") or {}).items())
+        return (table([], facts, "kv")
+                + "<h3>Method options</h3>" + table(["method", "options"], options, "kv")
+                + "<h3>Conventions</h3>" + table([], conventions, "kv")
+                + paragraph(render.DISPLAY_NOTE)
+                + details("The whole manifest.json", f"<pre>{esc(json.dumps(m, indent=2, default=str))}</pre>"))
+
+    def _present(self, metric: str) -> bool:
+        return any(s.get(f"mean_{metric}") is not None for s in self.overall.values())
+
+    def _verdict(self, method: str) -> Raw | str:
+        flagged = self.overall.get(method, {}).get("sanity_flagged")
+        if flagged is None:
+            return "\u2013"
+        return (Raw('<span class="flag">FLAGGED: maps do not depend on the model</span>') if flagged
+                else Raw('<span class="ok">passed</span>'))
+
+    def methods_section(self) -> str:
+        counts = self.audit.manifest.get("counts") or {}
+        pairs = [(a, b, label) for a, b, label in (("deletion_auc", "deletion_auc_random", "deletion AUC (random)"),
+                                                   ("insertion_auc", "insertion_auc_random", "insertion AUC (random)"))
+                 if self._present(a)]
+        sanity = bool(self.audit.manifest.get("sanity"))
+        headers = (["method", "map", "explained", "errors", "ms / image", "accuracy"] + [p[2] for p in pairs]
+                   + (["gini"] if self._present("gini") else []) + (["sanity check"] if sanity else []))
+        rows = []
+        for method in self.methods:
+            s, c = self.overall.get(method, {}), counts.get(method, {})
+            rows.append([method, "signed" if self.audit.signed(method) else "unsigned", c.get("explained"),
+                         c.get("errors"), s.get("mean_time_ms"), s.get("accuracy")]
+                        + [Raw(f"{number(s.get(f'mean_{a}'))} ({number(s.get(f'mean_{b}'))})") for a, b, _ in pairs]
+                        + ([s.get("mean_gini")] if self._present("gini") else [])
+                        + ([self._verdict(method)] if sanity else []))
+        parts = [table(headers, rows), paragraph("Means over all explained images.")]
+        abele = [m for m in ABELE_COLUMNS if self._present(m)]
+        if abele:
+            parts += ["<h3>ABELE's evaluation protocol</h3>",
+                      table(["method", *(m.replace("_", " ") for m in abele)],
+                            [[method, *(self.overall.get(method, {}).get(f"mean_{m}") for m in abele)]
+                             for method in self.methods])]
+        parts += [f'<p class="note">{esc(text)}</p>' for metric, text in METRIC_NOTES.items() if self._present(metric)]
+        stats = [(method, metric, s.get(f"mean_{metric}"), s.get(f"p10_{metric}"), s.get(f"median_{metric}"),
+                  s.get(f"p90_{metric}")) for method, s in self.overall.items()
+                 for metric in (*RISE_COLUMNS, *ABELE_COLUMNS) if s.get(f"mean_{metric}") is not None]
+        parts.append(details("Mean and quantiles of every metric",
+                             table(["method", "metric", "mean", "p10", "median", "p90"], stats)))
+        return "".join(parts)
+
+    def classes_section(self) -> str:
+        per_class = {(s["method"], s["target"]): s for s in self.summary if s["target"] is not None}
+        first = self.methods[0] if self.methods else None
+        metric = "deletion_auc" if self._present("deletion_auc") else None
+        headers = ["class", "images", "accuracy"] + ([f"{m}: deletion AUC" for m in self.methods] if metric else [])
+        rows = []
+        for c in self.classes:
+            base = per_class.get((first, c), {})
+            row = [c, base.get("count"), base.get("accuracy")]
+            if metric:
+                row += [per_class.get((m, c), {}).get(f"mean_{metric}") for m in self.methods]
+            rows.append(row)
+        return table(headers, rows) + paragraph("Classes are the explained target (the predicted class by default); "
+                                                "accuracy counts labelled images whose prediction equals the label.")
+
+    def sanity_section(self) -> str:
+        sanity = self.audit.manifest.get("sanity")
+        if not sanity:
+            return ""
+        rows = self.audit.rows("sanity")
+        layers = sanity.get("layers_top_first") or []
+        labels = [layers[0]] + [f"+{layer}" for layer in layers[1:]] if layers else []
+        by = defaultdict(list)
+        for r in rows:
+            by[(r["method"], r["step"])].append(r)
+
+        def mean(method, step, key):
+            values = [r[key] for r in by[(method, step)] if r[key] is not None and math.isfinite(r[key])]
+            return float(np.mean(values)) if values else None
+
+        steps = range(1, len(layers) + 1)
+        charts = "".join(line_chart(labels, {m: [mean(m, s, key) for s in steps] for m in self.methods},
+                                    title=title, y_label=key.replace("_", " "), y_range=(-1.0, 1.0))
+                         for key, title in (("rank_correlation", "Spearman rank correlation with the trained maps"),
+                                            ("ssim", "SSIM with the trained maps")))
+        verdicts = [(m, v.get("rank_correlation"), v.get("rank_correlation_abs"), v.get("ssim"),
+                     Raw(f'<span class="flag">not checked: {esc(v["error"])}</span>') if v.get("error")
+                     else self._verdict(m))
+                    for m, v in ((m, (sanity.get("methods") or {}).get(m)) for m in self.methods) if v]
+        return (paragraph(f"Cascading randomisation (Adebayo et al. 2018): the model's layers are re-initialised "
+                          f"from the top, cumulatively, and every method explains {len(sanity.get('images') or [])} "
+                          f"sample images again. A method that explains the model must produce different maps; one "
+                          f"whose mean rank correlation with the trained maps stays above "
+                          f"{sanity.get('threshold')} once every layer is random is flagged.")
+                + table(["method", "rank correlation, all layers random", "|rank| correlation", "SSIM", "verdict"],
+                        verdicts)
+                + f'<div class="plots">{charts}</div>'
+                + paragraph("On digits with black backgrounds, |map| rank correlations of gradient x input style "
+                            "methods stay high for any model (their maps are 0 wherever the image is 0): read the "
+                            "signed correlation."))
+
+    def _gallery(self, ids: list[str], caption) -> str:
+        header = ["image"] + self.methods
+        rows = [[Raw(f"{self.thumbs.image(i)}<br>{esc(caption(i))}")] + [self.thumbs.pair(i, m) for m in self.methods]
+                for i in ids]
+        return table(header, rows, "gallery")
+
+    def _caption(self, image_id: str) -> str:
+        row = self.first_row.get(image_id)
+        if row is None:
+            return image_id
+        label = "no label" if row["label"] is None else f"label {row['label']}"
+        return f"{image_id} ({label}, predicted {row['predicted']}, p={number(row['predicted_score'], 2)})"
+
+    def galleries_section(self) -> str:
+        parts = [paragraph(f"Up to {self.per_class} images per class (the first by image id). Per method: the map, "
+                           f"then the map over the image.")]
+        for c in self.classes:
+            parts.append(f"<h3>Class {esc(c)}</h3>" + self._gallery(self.selection[f"class:{c}"], self._caption))
+        return "".join(parts)
+
+    def misclassified_section(self) -> str:
+        ids = self.selection["misclassified"]
+        if not ids:
+            return paragraph("No labelled image is misclassified (or the images carry no labels).")
+        total = len({r["image_id"] for r in self.rows if r["label"] is not None and r["label"] != r["predicted"]})
+        return paragraph(f"{total} labelled image(s) misclassified; the first {len(ids)} by id:") + self._gallery(
+            ids, self._caption)
+
+    def extremes_section(self) -> str:
+        if not self._present("deletion_auc"):
+            return paragraph("No metrics in this audit (run without --no-metrics).")
+        parts = [paragraph("Per method, the images whose deletion curve falls furthest below (best) and least below "
+                           "or above (worst) the random order's: random deletion AUC minus the map's.")]
+        by_key = {(r["image_id"], r["method"]): r for r in self.rows}
+        for method in self.methods:
+            cells = []
+            for kind in ("worst", "best"):
+                for image_id in self.selection[f"{kind}:{method}"]:
+                    r = by_key[(image_id, method)]
+                    text = (f"{kind}: {image_id}, class {r['target']}<br>deletion {number(r['deletion_auc'])} vs "
+                            f"random {number(r['deletion_auc_random'])}<br>insertion {number(r['insertion_auc'])} vs "
+                            f"random {number(r['insertion_auc_random'])}")
+                    cells.append(Raw(f"{self.thumbs.image(image_id)}{self.thumbs.overlay(image_id, method)}"
+                                     f"<br>{text}"))
+            if cells:
+                parts.append(f"<h3>{esc(method)}</h3>" + table([], [cells], "gallery"))
+        return "".join(parts)
+
+    def distributions_section(self) -> str:
+        metrics = [m for m in ("deletion_auc", "insertion_auc", "gini", *ABELE_COLUMNS, "time_ms")
+                   if any(r.get(m) is not None for r in self.rows)]
+        parts = [paragraph("Histograms per method; for deletion and insertion the grey outline is the random order.")]
+        for metric in metrics:
+            reference = f"{metric}_random" if f"{metric}_random" in self.columns else None
+            every = [r[k] for r in self.rows for k in (metric, reference) if k and r.get(k) is not None
+                     and math.isfinite(r[k])]
+            value_range = (min(every), max(every)) if every else (0.0, 1.0)
+            panels = "".join(histogram([r[metric] for r in self._rows_of(m)],
+                                       [r[reference] for r in self._rows_of(m)] if reference else None,
+                                       title=m, value_range=value_range) for m in self.methods)
+            parts.append(f"<h3>{esc(metric.replace('_', ' '))}</h3><div class=\"plots\">{panels}</div>")
+        return "".join(parts)
+
+    def relevance_section(self) -> str:
+        if "relevance_curve" not in self.columns or not self._present("relevance_0"):
+            return ""
+        curves = defaultdict(list)
+        for r in self.audit.rows("saliency", ["method", "relevance_curve"]):
+            if r["relevance_curve"]:
+                curves[r["method"]].append(r["relevance_curve"])
+        percentiles = ["min"] + [str(p) for p in range(5, 100, 5)] + ["max"]
+        charts = []
+        for k, fill in enumerate((0, 127, 255)):
+            series = {m: list(np.mean(np.asarray(curves[m])[:, 21 * k:21 * (k + 1)], axis=0))
+                      for m in self.methods if curves.get(m)}
+            charts.append(line_chart(percentiles, series, title=f"pixels set to {fill}", y_label="label-flip rate",
+                                     y_range=(0.0, 1.0)))
+        return (paragraph("ABELE's relevance test: the share of images whose label flips when the pixels below each "
+                          "percentile of the map are set to a constant. Lower curves mean the map's least relevant "
+                          "pixels really are irrelevant to the model.")
+                + f'<div class="plots">{"".join(charts)}</div>')
+
+    def _rule_text(self, row: dict) -> str:
+        lines = []
+        for key in ("rule", "counterfactuals"):
+            if row.get(key):
+                lines.append(f"<b>{esc(key)}</b>: {esc(row[key])}")
+        numbers = [f"{key} {number(row[key])}" for key in ("precision", "coverage", "fidelity", "r2")
+                   if row.get(key) is not None]
+        if numbers:
+            lines.append(esc(", ".join(numbers)))
+        if row.get("weights"):
+            order = np.argsort(-np.abs(np.asarray(row["weights"])))[:5]
+            lines.append("<b>top superpixels</b>: " + esc(", ".join(f"{i} ({row['weights'][i]:+.3f})" for i in order)))
+        return "<br>".join(lines)
+
+    def _exemplars(self, row: dict, limit: int = 5) -> str:
+        """abele's exemplars and counter-exemplars: flattened images of the map's size."""
+        parts = []
+        channels = (self.audit.manifest.get("preprocessing") or {}).get("channels") or 1
+        for key in sorted(k for k in row if "exemplar" in k and isinstance(row[k], list) and row[k]):
+            images = render.flattened_images(row[key], row["height"], row["width"], channels)
+            if images is None:
+                parts.append(f"<b>{esc(key)}</b>: {len(row[key])} values, not whole {row['height']}x{row['width']} "
+                             f"images")
+                continue
+            tags = "".join(img(render.data_uri(render.fit(x, LONGEST)), key, 56) for x in images[:limit])
+            parts.append(f"<b>{esc(key.replace('_', ' '))}</b> ({len(images)}):<br>{tags}")
+        return "<br>".join(parts)
+
+    def rules_section(self) -> str:
+        declared = self.audit.manifest.get("methods") or {}
+        extras = {m: set(declared.get(m, {}).get("extras") or {}) for m in self.methods}
+        rule_methods = [m for m in self.methods
+                        if extras[m] & set(RULE_EXTRAS) or any("exemplar" in e for e in extras[m])]
+        if not rule_methods:
+            return ""
+        ids = [i for c in self.classes for i in self.selection[f"class:{c}"][:1]][:6]
+        parts = [paragraph("Rules, counterfactuals and exemplars of the superpixel methods and abele, on one image per "
+                           "class. The left image numbers the superpixels the rules refer to.")]
+        for method in rule_methods:
+            rows = []
+            for image_id in ids:
+                row = self.thumbs.maps.get((image_id, method))
+                if row is None:
+                    continue
+                image = self.thumbs.images.get(image_id)
+                if row.get("segments") and image is not None:
+                    segments = np.asarray(row["segments"]).reshape(row["height"], row["width"])
+                    left = img(render.data_uri(render.segments_image(image, segments)), f"superpixels of {image_id}",
+                               112)
+                else:
+                    left = self.thumbs.image(image_id)
+                text = "<br>".join(p for p in (self._rule_text(row), self._exemplars(row)) if p)
+                rows.append([Raw(f"{left}<br>{esc(image_id)}"), self.thumbs.overlay(image_id, method), Raw(text)])
+            parts.append(f"<h3>{esc(method)}</h3>" + table(["superpixels", "overlay", "explanation"], rows))
+        return "".join(parts)
+
+    def errors_section(self) -> str:
+        errors = self.audit.rows("errors")
+        if not errors:
+            return paragraph("No errors: every record read was explained by every method.")
+        counts = defaultdict(int)
+        for e in errors:
+            counts[(e["stage"], e["method"] or "all methods")] += 1
+        shown = errors[:100]
+        return (paragraph(f"{len(errors)} record(s) could not be explained. A failure before any method ran counts "
+                          f"against every method.")
+                + table(["stage", "method", "records"], [(s, m, n) for (s, m), n in sorted(counts.items())])
+                + table(["image id", "source", "stage", "method", "reason"],
+                        [(e["image_id"], (e["source"] or "").rsplit("/", 1)[-1], e["stage"], e["method"] or "all",
+                          e["reason"]) for e in shown])
+                + (paragraph(f"First 100 of {len(errors)} shown; all are in errors/.") if len(errors) > 100 else ""))
+
+    def html(self) -> str:
+        m = self.audit.manifest
+        sections = [("methods", "Methods", self.methods_section()),
+                    ("classes", "Per class", self.classes_section()),
+                    ("sanity", "Sanity check", self.sanity_section()),
+                    ("galleries", "Galleries by class", self.galleries_section()),
+                    ("misclassified", "Misclassified", self.misclassified_section()),
+                    ("extremes", "Worst and best by faithfulness", self.extremes_section()),
+                    ("distributions", "Metric distributions", self.distributions_section()),
+                    ("relevance", "ABELE relevance curves", self.relevance_section()),
+                    ("rules", "Rules and exemplars", self.rules_section()),
+                    ("errors", "Errors", self.errors_section()),
+                    ("run", "The run", self.run_section())]
+        subtitle = (f"Run {m.get('run_id')}, {m.get('finished')}, status {m.get('status')}: "
+                    f"{len({r['image_id'] for r in self.rows})} images explained by {len(self.methods)} method(s). "
+                    f"{render.DISPLAY_NOTE}")
+        return page("Saliency audit report", subtitle, [s for s in sections if s[2]])
+
+
+def write_report(directory: str, output: str, storage_options: dict | None = None, **options) -> str:
+    """Write the report of the audit in ``directory`` to ``output``; returns the output path."""
+    document = Report(AuditDir(directory, storage_options), **options).html()
+    storage.write_bytes_atomic(output, document.encode("utf-8"), storage_options)
+    return output

@@ -1,0 +1,118 @@
+"""The HTML report: its content, and a real headless Chromium that renders it and loads its images.
+
+Without Chromium the browser tests are skipped, unless SALIENCY_AUDIT_REQUIRE_BROWSER is
+set (CI sets it), in which case a missing browser is a failure.
+"""
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from audit_fixtures import shared_audit
+from pipelines import cli
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# Headless flags that keep Chromium off the (closed) network and out of the user's profile.
+QUIET = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio"]
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  document.body.setAttribute("data-probe", JSON.stringify({
+    images: images.length, broken: broken, svgs: document.querySelectorAll("svg").length,
+    sections: Array.from(document.querySelectorAll("section")).map(s => s.id)}));
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return shared_audit(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def report(shared, tmp_path_factory):
+    path = tmp_path_factory.mktemp("report") / "report.html"
+    assert cli.main(["report", str(shared.output), "--output", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = next((found for name in BROWSERS if (found := shutil.which(name))), None)
+    if path is None:
+        message = f"no Chromium found (looked for {', '.join(BROWSERS)})"
+        if os.environ.get("SALIENCY_AUDIT_REQUIRE_BROWSER"):
+            pytest.fail(message + " and SALIENCY_AUDIT_REQUIRE_BROWSER is set")
+        pytest.skip(message + "; install chromium, or set SALIENCY_AUDIT_REQUIRE_BROWSER=1 to fail instead")
+    return path
+
+
+def chromium(browser, profile, *args):
+    proc = subprocess.run([browser, *QUIET, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_report_is_self_contained_and_complete(report, shared):
+    text = report.read_text()
+    assert not re.search(r'(src|href)="(https?:)?//', text)   # nothing fetched from anywhere
+    assert not re.search(r'<(link|script)\b', text)
+    images = re.findall(r'<img src="([^"]*)"', text)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) < 400 and len(text) < 3_000_000      # galleries are capped
+    for heading in ("Methods", "Per class", "Sanity check", "Galleries by class", "Worst and best by faithfulness",
+                    "Metric distributions", "ABELE relevance curves", "Rules and exemplars", "Errors", "The run"):
+        assert f">{heading}</h2>" in text, heading
+    assert re.search(r"<td>edge</td>.*?FLAGGED", text, re.S)           # the model-blind method
+    assert "top superpixels" in text and "r2 " in text                 # lime's explanation
+    assert "broken" in text and "cannot decode png" in text            # the errors table
+    assert shared.manifest["run_id"] in text and "normalised per image for display only" in text
+
+
+def test_chromium_renders_the_report_and_loads_every_image(browser, report, tmp_path):
+    probe = tmp_path / "probe.html"
+    probe.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
+    dom = chromium(browser, tmp_path / "profile", "--virtual-time-budget=15000", "--dump-dom", probe.as_uri())
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, dom[-1000:]
+    result = json.loads(html.unescape(found.group(1)))
+    assert result["broken"] == [] and result["images"] > 100, result
+    assert result["svgs"] >= 10 and "galleries" in result["sections"] and "sanity" in result["sections"]
+
+
+def test_chromium_screenshot_of_the_report(browser, report, tmp_path):
+    shot = tmp_path / "report.png"
+    chromium(browser, tmp_path / "profile", "--window-size=1280,1600", f"--screenshot={shot}", report.as_uri())
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape == (1600, 1280, 3)
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 100       # text, tables and colours, not a blank page
+    assert (image < 128).all(axis=2).mean() > 0.005                   # some dark ink
+
+
+def test_flattened_exemplars_become_images():
+    from pipelines.reporting.render import flattened_images
+    values = np.concatenate([np.zeros(6), np.arange(6.0)])  # two 2x3 grey images
+    images = flattened_images(values, 2, 3)
+    assert len(images) == 2 and images[0].shape == (2, 3, 3)
+    assert images[0].max() == 0 and images[1][1, 2].tolist() == [255, 255, 255]
+    assert flattened_images(values[:5], 2, 3) is None and flattened_images([], 2, 3) is None
+
+
+def test_demo_ends_with_a_report_and_a_figure(tmp_path, capsys):
+    assert cli.main(["demo", "--output", str(tmp_path), "--methods", "sal,grad", "--no-metrics",
+                     "--no-sanity-check"]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {tmp_path}/report.html" in printed and f"figure: {tmp_path}/figure.png" in printed
+    assert "<img" in (tmp_path / "report.html").read_text()
+    from pipelines.reporting.figure import figure_size
+    assert Image.open(tmp_path / "figure.png").size == figure_size(2, 2, 112)  # a 9 and a 0, two methods

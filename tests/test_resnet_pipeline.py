@@ -1,0 +1,75 @@
+"""The model-specific methods in the pipeline on a ResNet-18-shaped network and real RGB photos."""
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as photos
+
+from conftest import add_member, png_bytes, read_output
+from pipelines import audit
+from pipelines.reference_model import resnet18
+
+METHODS = ["sal", "grad", "intg", "deeplift", "elrp", "occlusion", "mask", "smoothgrad", "gradcam", "lime"]
+PHOTOS = {"astronaut": photos.astronaut, "coffee": photos.coffee, "chelsea": photos.chelsea,
+          "rocket": photos.rocket}
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resnet")
+    with tarfile.open(root / "photos.tar", "w") as tar:
+        for name, load in PHOTOS.items():
+            add_member(tar, f"{name}.png", png_bytes(load()))
+    torch.manual_seed(0)
+    model = resnet18()  # torchvision's widths: 11M parameters
+    with torch.no_grad():  # running statistics that BatchNorm folding has to get right
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(model.state_dict(), root / "resnet18.pt")
+    options = {"intg": {"n_steps": 16}, "smoothgrad": {"n_samples": 8}, "mask": {"n_iter": 20},
+               "lime": {"n_samples": 200}}
+    manifest = audit.run([
+        "--input", str(root / "*.tar"), "--model", "pipelines.reference_model:resnet18",
+        "--weights", str(root / "resnet18.pt"), "--methods", ",".join(METHODS),
+        "--resize", f"{SIZE},{SIZE}", "--channels", "3", "--mean", "0.485,0.456,0.406",
+        "--std", "0.229,0.224,0.225", "--batch-size", "4", "--method-options", json.dumps(options),
+        "--output", str(root / "out")])
+    return manifest, read_output(root / "out" / "saliency"), model
+
+
+def test_every_method_explains_every_photo(audited):
+    manifest, rows, _ = audited
+    assert manifest["reconciled"]
+    assert manifest["counts"] == {m: {"read": 4, "explained": 4, "errors": 0} for m in METHODS}
+    assert {(r["method"], r["image_id"]) for r in rows} == {(m, p) for m in METHODS for p in PHOTOS}
+    for row in rows:
+        assert (row["height"], row["width"]) == (SIZE, SIZE)
+        saliency = np.asarray(row["saliency"])
+        assert saliency.shape == (SIZE * SIZE,) and np.isfinite(saliency).all()
+        # Grad-CAM's ReLU zeroes a map whose class evidence is all negative, which an
+        # untrained network's 1x1 last stage can give; every other method must see something
+        if row["method"] != "gradcam":
+            assert saliency.any(), f"{row['method']} gave an all-zero map for {row['image_id']}"
+
+
+def test_reference_based_methods_keep_their_sums(audited):
+    _, rows, _ = audited
+    for row in rows:
+        if row["method"] in ("intg", "deeplift"):
+            # the map sums to f(x) - f(baseline): the gap is small next to the map's own size
+            assert abs(row["convergence_delta"]) < 0.05 * np.abs(row["saliency"]).sum() + 1e-4, row["method"]
+
+
+def test_elrp_equals_gradient_times_input_on_the_relu_resnet(audited):
+    """Ancona et al. 2018: for ReLU networks epsilon-LRP -> gradient x input as epsilon -> 0;
+    with BatchNorm folded and residual adds this only holds if the graph was handled right."""
+    _, rows, _ = audited
+    maps = {(r["method"], r["image_id"]): np.asarray(r["saliency"]) for r in rows}
+    for photo in PHOTOS:
+        grad, elrp = maps[("grad", photo)], maps[("elrp", photo)]
+        assert np.abs(elrp - grad).max() < 1e-2 * np.abs(grad).max(), photo
