@@ -39,7 +39,7 @@ def main() -> None:
 
     model = load_model()
     images = load_digits(args.images)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: the gradient methods reuse targets under autograd
         targets = model(images).argmax(1)
     seeds = torch.arange(len(images), dtype=torch.int64)
     rows = []

@@ -152,7 +152,7 @@ def test_same_seed_same_output_alone_or_in_any_batch(demo_model, demo_images, bu
 
 def test_bundled_aae_reconstructions_keep_their_labels(demo_model, demo_images, bundled):
     images, labels = demo_images  # test digits: never in the AAE's training data
-    assert bundled.config.image_shape == (1, 28, 28) and bundled.config.latent_dim == 4
+    assert bundled.config.image_shape == (1, 28, 28) and bundled.config.latent_dim == 8
     assert label_agreement(bundled, demo_model, images.numpy(), labels.numpy()) >= 0.9
     assert BUNDLED.stat().st_size < 2_000_000
 
@@ -195,7 +195,7 @@ def test_pipeline_runs_abele_end_to_end(small_shard, demo_model_args, tmp_path):
         assert len(r["saliency"]) == 784 and r["rule"].endswith(f"-> class {r['predicted']}")
         assert len(r["exemplars"]) == r["exemplar_count"] * 784 and r["exemplar_count"] > 0
         assert len(r["counter_exemplars"]) == r["counter_exemplar_count"] * 784
-        assert 0 <= r["fidelity"] <= 1 and r["neighbours"] > 50 and len(r["latent"]) == 4
+        assert 0 <= r["fidelity"] <= 1 and r["neighbours"] > 50 and len(r["latent"]) == 8
         assert r["deletion_auc"] is not None
     grad = [r for r in read_output(tmp_path / "saliency") if r["method"] == "grad"]
     assert len(grad) == 4 and all(r["rule"] is None for r in grad)
