@@ -94,7 +94,11 @@ def difference_mask(image: np.ndarray, exemplar: np.ndarray) -> np.ndarray:
         return np.full(d.shape[1:], NEUTRAL)
     d = ((d - low) / (high - low) * 255).mean(0)
     values, counts = np.unique(np.abs(d), return_counts=True)
-    order = np.argsort(counts, kind="stable")[::-1]  # most frequent first; ties: larger value first
+    # Most frequent first. ABELE's code leaves equally frequent values in numpy's arbitrary order;
+    # nearest to neutral first keeps the curve running from common small differences to rare large
+    # ones, so the knee's value separates the two (largest first would put th at an extreme and
+    # leave almost every pixel neutral).
+    order = np.lexsort((np.abs(values - NEUTRAL), -counts))
     threshold = values[order][knee_index(np.log(counts[order]))]
     gap = abs(NEUTRAL - threshold)
     return np.where((d >= NEUTRAL - gap) & (d <= NEUTRAL + gap), NEUTRAL, d)

@@ -9,8 +9,12 @@ DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 DEMO_SHARD = DEMO_DATA / "mnist-test-sample.tar"
 DEMO_WEIGHTS = DEMO_DATA / "mnist_cnn.pt"
 DEMO_MODEL = "pipelines.reference_model:mnist_cnn"
-DEMO_METHODS = "sal,grad,intg,deeplift"
-DEMO_SANITY = ["--sanity-check", "--sanity-images", "8"]  # 8 images keep the demo near a minute on 2 cores
+DEMO_AAE = DEMO_DATA / "mnist_aae.pt"
+# The columns of ABELE's comparison figure first (abele, lime, sal, elrp, grad, intg), then the rest
+# of the families; 100 of the 300 digits and 8 sanity images keep the demo near two minutes on 2 cores.
+DEMO_METHODS = "abele,lime,sal,elrp,grad,intg,deeplift,anchor,lore"
+DEMO_LIMIT = 100
+DEMO_SANITY = ["--sanity-check", "--sanity-images", "8"]
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -25,11 +29,17 @@ def cmd_demo(argv: list[str]) -> int:
     parser.add_argument("--methods", default=DEMO_METHODS, help=f"default {DEMO_METHODS}")
     parser.add_argument("--no-sanity-check", dest="sanity_check", action="store_false",
                         help="skip the sanity check (on by default in the demo)")
+    parser.add_argument("--limit-per-shard", type=int, default=DEMO_LIMIT,
+                        help=f"digits to audit, of the 300 bundled (default {DEMO_LIMIT})")
+    parser.add_argument("--aae", default=str(DEMO_AAE), help="abele's autoencoder (default: the bundled one)")
     args, rest = parser.parse_known_args(argv)
     from pipelines import audit
+    uses_abele = "abele" in [m.strip() for m in args.methods.split(",")]
     code = audit.main(["--input", str(DEMO_SHARD), "--model", DEMO_MODEL, "--weights", str(DEMO_WEIGHTS),
                        "--methods", args.methods, "--output", args.output, "--channels", "1",
-                       "--device", "cpu", *(DEMO_SANITY if args.sanity_check else []), *rest])
+                       "--device", "cpu", "--limit-per-shard", str(args.limit_per_shard),
+                       *(["--aae", args.aae] if uses_abele else []),
+                       *(DEMO_SANITY if args.sanity_check else []), *rest])
     if code != 0:
         return code
     from pipelines.reporting.audit_dir import AuditDir

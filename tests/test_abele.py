@@ -1,6 +1,7 @@
 """abele and its adversarial autoencoder: training, the region a model reads, exemplars, reruns,
 the bundled AAE's quality, the CLI and the pipeline."""
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,13 +56,14 @@ def test_knee_and_masks():
     assert knee_index(np.log([100, 10, 2, 1, 1, 1])) == 2  # farthest below the chord
     image = np.zeros((1, 10, 10))
     image[0, 0] = 255                         # 10 bright pixels
-    image[0, 1:3] = np.arange(100, 120).reshape(2, 10)  # 20 values, once each
+    image[0, 1] = np.arange(100, 110)        # 20 values, once each: 10 near neutral, 10 far from it
+    image[0, 2] = np.arange(200, 210)
     assert (difference_mask(image, image) == 127.5).all()
     mask = difference_mask(image, np.zeros((1, 10, 10)))
-    # counts 70, 10, 1, 1, ...: the knee is the first singleton in ABELE's order (largest value,
-    # 119), so the neutral band is 127.5 +- 8.5: only 119 falls in it
+    # counts 70, 10, 1, 1, ...: the knee is the first singleton, and equally frequent values run
+    # nearest to neutral first, so th = 109 and the neutral band is 127.5 +- 18.5: only 109 is in it
     expected = image[0].copy()
-    expected[expected == 119] = 127.5
+    expected[expected == 109] = 127.5
     assert np.array_equal(mask, expected)
     assert (abele_map(image, np.zeros((0, 1, 10, 10))) == 0).all()
     assert np.array_equal(abele_map(image, np.zeros((3, 1, 10, 10))), expected - 127.5)
@@ -199,6 +201,17 @@ def test_pipeline_runs_abele_end_to_end(small_shard, demo_model_args, tmp_path):
         assert r["deletion_auc"] is not None
     grad = [r for r in read_output(tmp_path / "saliency") if r["method"] == "grad"]
     assert len(grad) == 4 and all(r["rule"] is None for r in grad)
+
+    # the report shows each image's rule and its exemplars and counter-exemplars, titled by class
+    from pipelines.reporting.report import write_report
+    page = Path(write_report(str(tmp_path), str(tmp_path / "report.html"))).read_text()
+    rules = page[page.index('id="rules"'):]
+    first = min(rows, key=lambda r: r["image_id"])
+    assert "<h3>abele</h3>" in rules and "-&gt; class" in rules
+    assert f'title="exemplar, class {first["predicted"]}"' in rules
+    for c in first["counter_exemplar_classes"]:
+        assert c != first["predicted"] and f'title="counter exemplar, class {c}"' in rules
+    assert "not whole" not in rules
 
 
 def test_run_fails_fast_on_a_mismatched_aae(small_shard, demo_model_args, tmp_path, capsys):

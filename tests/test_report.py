@@ -108,6 +108,24 @@ def test_flattened_exemplars_become_images():
     assert flattened_images(values[:5], 2, 3) is None and flattened_images([], 2, 3) is None
 
 
+def test_demo_defaults_run_the_literature_s_methods_with_the_bundled_aae(tmp_path, monkeypatch):
+    from pipelines import audit
+    seen = []
+    monkeypatch.setattr(audit, "main", lambda argv: seen.append(argv) or 3)  # stop before the run
+    assert cli.main(["demo", "--output", str(tmp_path)]) == 3
+
+    def value(argv, flag):
+        return argv[argv.index(flag) + 1]
+
+    methods = value(seen[0], "--methods").split(",")
+    assert methods[:6] == ["abele", "lime", "sal", "elrp", "grad", "intg"]  # ABELE's figure's columns
+    assert {"anchor", "lore", "deeplift"} <= set(methods)
+    assert value(seen[0], "--aae") == str(cli.DEMO_AAE) and cli.DEMO_AAE.is_file()
+    assert value(seen[0], "--limit-per-shard") == "100" and "--sanity-check" in seen[0]
+    assert cli.main(["demo", "--output", str(tmp_path), "--methods", "sal", "--limit-per-shard", "300"]) == 3
+    assert "--aae" not in seen[1] and value(seen[1], "--limit-per-shard") == "300"
+
+
 def test_demo_ends_with_a_report_and_a_figure(tmp_path, capsys):
     assert cli.main(["demo", "--output", str(tmp_path), "--methods", "sal,grad", "--no-metrics",
                      "--no-sanity-check"]) == 0

@@ -336,17 +336,23 @@ class Report:
         return "<br>".join(lines)
 
     def _exemplars(self, row: dict, limit: int = 5) -> str:
-        """abele's exemplars and counter-exemplars: flattened images of the map's size."""
+        """abele's exemplars, then its counter-exemplars: flattened images of the map's size, each
+        titled with the class the model gives it (counter-exemplars carry theirs in *_classes)."""
         parts = []
         channels = (self.audit.manifest.get("preprocessing") or {}).get("channels") or 1
-        for key in sorted(k for k in row if "exemplar" in k and isinstance(row[k], list) and row[k]):
+        keys = sorted((k for k in row if k.endswith("exemplars") and isinstance(row[k], list) and row[k]),
+                      key=lambda k: (k.startswith("counter"), k))
+        for key in keys:
             images = render.flattened_images(row[key], row["height"], row["width"], channels)
             if images is None:
                 parts.append(f"<b>{esc(key)}</b>: {len(row[key])} values, not whole {row['height']}x{row['width']} "
                              f"images")
                 continue
-            tags = "".join(img(render.data_uri(render.fit(x, LONGEST)), key, 56) for x in images[:limit])
-            parts.append(f"<b>{esc(key.replace('_', ' '))}</b> ({len(images)}):<br>{tags}")
+            classes = row.get(f"{key[:-1]}_classes") or [row.get("predicted")] * len(images)
+            tags = "".join(img(render.data_uri(render.fit(x, LONGEST)), f"{key[:-1].replace('_', ' ')}, class {c}", 56)
+                           for x, c in zip(images[:limit], classes))
+            shown = ", ".join(str(c) for c in classes[:limit])
+            parts.append(f"<b>{esc(key.replace('_', ' '))}</b> ({len(images)}; model's classes {esc(shown)}):<br>{tags}")
         return "<br>".join(parts)
 
     def rules_section(self) -> str:
@@ -358,7 +364,8 @@ class Report:
             return ""
         ids = [i for c in self.classes for i in self.selection[f"class:{c}"][:1]][:6]
         parts = [paragraph("Rules, counterfactuals and exemplars of the superpixel methods and abele, on one image per "
-                           "class. The left image numbers the superpixels the rules refer to.")]
+                           "class. For the superpixel methods the left image numbers the superpixels the rules refer "
+                           "to; abele's rules are on the autoencoder's latent coordinates z0, z1, ...")]
         for method in rule_methods:
             rows = []
             for image_id in ids:
@@ -374,7 +381,7 @@ class Report:
                     left = self.thumbs.image(image_id)
                 text = "<br>".join(p for p in (self._rule_text(row), self._exemplars(row)) if p)
                 rows.append([Raw(f"{left}<br>{esc(image_id)}"), self.thumbs.overlay(image_id, method), Raw(text)])
-            parts.append(f"<h3>{esc(method)}</h3>" + table(["superpixels", "overlay", "explanation"], rows))
+            parts.append(f"<h3>{esc(method)}</h3>" + table(["image", "overlay", "explanation"], rows))
         return "".join(parts)
 
     def errors_section(self) -> str:
