@@ -1,4 +1,5 @@
-"""The model-specific methods in the pipeline on a ResNet-18-shaped network and real RGB photos."""
+"""The methods in the pipeline on a ResNet-18-shaped network and real RGB photos (abele with an
+autoencoder that train-aae fits to the same preprocessed photos)."""
 import json
 import tarfile
 
@@ -8,10 +9,11 @@ import torch
 from skimage import data as photos
 
 from conftest import add_member, png_bytes, read_output
-from pipelines import audit
+from pipelines import audit, cli
 from pipelines.reference_model import resnet18
 
-METHODS = ["sal", "grad", "intg", "deeplift", "elrp", "occlusion", "mask", "smoothgrad", "gradcam", "lime"]
+METHODS = ["sal", "grad", "intg", "deeplift", "elrp", "occlusion", "mask", "smoothgrad", "gradcam", "lime", "abele"]
+PREPROCESSING = ["--resize", "32,32", "--channels", "3", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
 PHOTOS = {"astronaut": photos.astronaut, "coffee": photos.coffee, "chelsea": photos.chelsea,
           "rocket": photos.rocket}
 SIZE = 32
@@ -31,13 +33,17 @@ def audited(tmp_path_factory):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     torch.save(model.state_dict(), root / "resnet18.pt")
+    # a 2-epoch AAE is no good at reconstruction, but it has the shape, channels and value range
+    # of the normalised photos, which the run checks before it starts
+    assert cli.main(["train-aae", "--input", str(root / "*.tar"), "--output", str(root / "aae.pt"),
+                     "--epochs", "2", "--batch-size", "2", "--hidden", "8,16", "--holdout", "0",
+                     "--no-progress", "--device", "cpu", *PREPROCESSING]) == 0
     options = {"intg": {"n_steps": 16}, "smoothgrad": {"n_samples": 8}, "mask": {"n_iter": 20},
-               "lime": {"n_samples": 200}}
+               "lime": {"n_samples": 200}, "abele": {"neighbours": 100, "generations": 3, "exemplars": 10}}
     manifest = audit.run([
         "--input", str(root / "*.tar"), "--model", "pipelines.reference_model:resnet18",
-        "--weights", str(root / "resnet18.pt"), "--methods", ",".join(METHODS),
-        "--resize", f"{SIZE},{SIZE}", "--channels", "3", "--mean", "0.485,0.456,0.406",
-        "--std", "0.229,0.224,0.225", "--batch-size", "4", "--method-options", json.dumps(options),
+        "--weights", str(root / "resnet18.pt"), "--methods", ",".join(METHODS), *PREPROCESSING,
+        "--aae", str(root / "aae.pt"), "--batch-size", "4", "--method-options", json.dumps(options),
         "--output", str(root / "out")])
     return manifest, read_output(root / "out" / "saliency"), model
 
@@ -55,6 +61,15 @@ def test_every_method_explains_every_photo(audited):
         # untrained network's 1x1 last stage can give; every other method must see something
         if row["method"] != "gradcam":
             assert saliency.any(), f"{row['method']} gave an all-zero map for {row['image_id']}"
+
+
+def test_abele_explains_colour_images_with_colour_exemplars(audited):
+    _, rows, _ = audited
+    for row in (r for r in rows if r["method"] == "abele"):
+        assert row["rule"].endswith(f"-> class {row['predicted']}") and len(row["latent"]) == 16  # RGB default
+        assert len(row["exemplars"]) == row["exemplar_count"] * 3 * SIZE * SIZE
+        assert len(row["counter_exemplars"]) == row["counter_exemplar_count"] * 3 * SIZE * SIZE
+        assert all(c != row["predicted"] for c in row["counter_exemplar_classes"])
 
 
 def test_reference_based_methods_keep_their_sums(audited):
