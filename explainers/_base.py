@@ -22,6 +22,24 @@ class Explanation:
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+# Images per forward pass when a method's max_forward_batch is None. CPU caches favour small
+# chunks (the demo CNN runs 8.5k images/s in chunks of 32 on 2 cores, 4.2k in chunks of 1024);
+# an accelerator wants large ones.
+CPU_FORWARD_CHUNK, ACCELERATOR_FORWARD_CHUNK = 32, 1024
+
+
+def forward_chunk(requested: int | None, device: torch.device | str) -> int:
+    """The images per forward pass: ``requested`` when given, else a size that suits ``device``."""
+    if requested is not None:
+        return requested
+    return CPU_FORWARD_CHUNK if torch.device(device).type == "cpu" else ACCELERATOR_FORWARD_CHUNK
+
+
+def check_chunk(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+
+
 class Explainer:
     """Base class of every registered method.
 

@@ -15,7 +15,7 @@ from typing import Any, Generator
 import numpy as np
 import torch
 
-from explainers._base import Explainer, check_batch
+from explainers._base import Explainer, check_batch, check_chunk, forward_chunk
 from explainers.superpixels import default_options, fill_images, segment_batch
 
 Search = Generator[np.ndarray, "tuple[np.ndarray, np.ndarray]", Any]
@@ -147,20 +147,20 @@ class SuperpixelExplainer(Explainer):
     segmentation_options: overrides of :func:`explainers.superpixels.default_options`;
     min_segments: fewer superpixels trigger a finer re-segmentation (default 4);
     fill: what switched-off superpixels show: "mean" (default), a number, "blur";
-    max_forward_batch: most masked images per forward pass (default 1024).
+    max_forward_batch: most masked images per forward pass (default None: 32 on CPU, 1024 on
+    an accelerator, see :func:`explainers._base.forward_chunk`).
     """
 
     signed = True
 
     def __init__(self, model, segmentation: str = "quickshift",
                  segmentation_options: dict | None = None, min_segments: int = 4,
-                 fill: float | str = "mean", max_forward_batch: int = 1024):
+                 fill: float | str = "mean", max_forward_batch: int | None = None):
         super().__init__(model)
         default_options(segmentation, 64, 64)  # fail fast on an unknown name
         if min_segments < 2:
             raise ValueError(f"min_segments must be >= 2, got {min_segments}")
-        if max_forward_batch < 1:
-            raise ValueError(f"max_forward_batch must be >= 1, got {max_forward_batch}")
+        check_chunk("max_forward_batch", max_forward_batch)
         if not (isinstance(fill, (int, float)) or fill in ("mean", "blur") or str(fill).startswith("blur:")):
             raise ValueError(f"unknown fill {fill!r}; use 'mean', a number, 'blur' or 'blur:SIGMA'")
         self.segmentation = segmentation
@@ -176,5 +176,6 @@ class SuperpixelExplainer(Explainer):
         seeds = image_seeds(seeds, images.shape[0])
         segments = segment_batch(images, self.segmentation, self.segmentation_options,
                                  self.min_segments, seeds)
-        blackbox = BlackBox(self.model, images, targets, segments, self.fill, self.max_forward_batch)
+        blackbox = BlackBox(self.model, images, targets, segments, self.fill,
+                            forward_chunk(self.max_forward_batch, images.device))
         return segments, blackbox, seeds

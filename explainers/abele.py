@@ -25,7 +25,7 @@ from scipy.special import ndtr, ndtri
 from sklearn.tree import DecisionTreeClassifier
 
 from explainers import _rules as rules
-from explainers._base import Explainer, Explanation, check_batch
+from explainers._base import Explainer, Explanation, check_batch, check_chunk, forward_chunk
 from explainers._blackbox import image_seeds, run_searches
 from explainers._genetic import evolve, mutate, resample_genes
 from explainers._registry import register
@@ -221,7 +221,7 @@ class Abele(Explainer):
     returned (5); max_depth, min_samples_leaf: of the sklearn tree (None, 1);
     max_counterfactuals (5); max_attempts: latent draws per search (2,000; ABELE allows 100,000,
     which costs minutes for an image whose rule box holds few same-class codes, where the
-    explanation then has fewer exemplars); max_forward_batch: codes per decode+classify pass (1024); workers: threads
+    explanation then has fewer exemplars); max_forward_batch: codes per decode+classify pass (None: 32 on CPU, 1024 on an accelerator); workers: threads
     fitting the trees (default: CPU count).
 
     Map: ABELE's, the pixel-wise median over the exemplars of the thresholded, rescaled
@@ -252,7 +252,7 @@ class Abele(Explainer):
                  alpha2: float = 0.5, valid_threshold: float = 0.5, ocr: float = 0.1, exemplars: int = 100,
                  counter_exemplars: int = 5, stored_exemplars: int = 5, max_depth: int | None = None,
                  min_samples_leaf: int = 1, max_counterfactuals: int = 5, max_attempts: int = 2000,
-                 max_forward_batch: int = 1024, workers: int | None = None):
+                 max_forward_batch: int | None = None, workers: int | None = None):
         super().__init__(model)
         if isinstance(aae, AdversarialAutoencoder):
             self.autoencoder, self.aae = aae.eval(), f"<{type(aae).__name__} {aae.config.describe()}>"
@@ -268,8 +268,9 @@ class Abele(Explainer):
                         ("ocr", ocr)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
-        if max_forward_batch < 1 or max_attempts < 1:
-            raise ValueError(f"max_forward_batch and max_attempts must be >= 1, got {max_forward_batch}, {max_attempts}")
+        check_chunk("max_forward_batch", max_forward_batch)
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.neighbours, self.generations, self.cxpb, self.mutpb, self.indpb = neighbours, generations, cxpb, mutpb, indpb
         self.tournament_size, self.alpha1, self.alpha2 = tournament_size, alpha1, alpha2
         self.valid_threshold, self.ocr = valid_threshold, ocr
@@ -388,7 +389,7 @@ class Abele(Explainer):
         with torch.inference_mode():
             z = aae.encode(images).float().cpu().numpy()
             p_x = torch.softmax(self.model(images).float(), dim=1).cpu().numpy()
-        blackbox = LatentBlackBox(self.model, aae, batch, self.max_forward_batch)
+        blackbox = LatentBlackBox(self.model, aae, batch, forward_chunk(self.max_forward_batch, images.device))
 
         def valid(codes):
             return blackbox.prior_like(codes, self.valid_threshold)

@@ -216,7 +216,7 @@ class Anchor(SuperpixelExplainer):
                  min_samples_start: int = 100, max_anchor_size: int | None = None,
                  stop_on_first: bool = False, epsilon_stop: float = 0.05, p_sample: float = 0.5,
                  segmentation: str = "quickshift", segmentation_options: dict | None = None,
-                 min_segments: int = 4, fill: float | str = "mean", max_forward_batch: int = 1024):
+                 min_segments: int = 4, fill: float | str = "mean", max_forward_batch: int | None = None):
         super().__init__(model, segmentation, segmentation_options, min_segments, fill, max_forward_batch)
         if not 0 < threshold <= 1 or not 0 < delta < 1 or tau <= 0 or not 0 < p_sample < 1:
             raise ValueError("need 0 < threshold <= 1, 0 < delta < 1, tau > 0 and 0 < p_sample < 1; got "

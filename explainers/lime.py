@@ -69,7 +69,7 @@ class Lime(SuperpixelExplainer):
 
     def __init__(self, model, n_samples: int = 1000, kernel_width: float = 0.25, alpha: float = 1.0,
                  segmentation: str = "quickshift", segmentation_options: dict | None = None,
-                 min_segments: int = 4, fill: float | str = "mean", max_forward_batch: int = 1024):
+                 min_segments: int = 4, fill: float | str = "mean", max_forward_batch: int | None = None):
         super().__init__(model, segmentation, segmentation_options, min_segments, fill, max_forward_batch)
         if n_samples < 2:
             raise ValueError(f"n_samples must be >= 2, got {n_samples}")

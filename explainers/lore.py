@@ -115,7 +115,7 @@ class Lore(SuperpixelExplainer):
                  alpha2: float = 0.5, eta: float = 1.0, max_depth: int | None = None,
                  max_counterfactuals: int = 5, segmentation: str = "quickshift",
                  segmentation_options: dict | None = None, min_segments: int = 4,
-                 fill: float | str = "mean", max_forward_batch: int = 1024):
+                 fill: float | str = "mean", max_forward_batch: int | None = None):
         super().__init__(model, segmentation, segmentation_options, min_segments, fill, max_forward_batch)
         if population_size < 4 or generations < 0 or tournament_size < 1:
             raise ValueError("need population_size >= 4, generations >= 0 and tournament_size >= 1; got "
