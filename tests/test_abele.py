@@ -152,6 +152,20 @@ def test_same_seed_same_output_alone_or_in_any_batch(demo_model, demo_images, bu
     assert torch.equal(alone.maps[0], inside.maps[2]) and torch.equal(alone.maps[0], again.maps[0])
 
 
+def test_tree_search_trades_a_pure_tree_for_a_simpler_one(demo_model, demo_images, bundled):
+    images, _ = demo_images
+    with torch.inference_mode():
+        targets = demo_model(images[:4]).argmax(1)
+    seeds = torch.arange(4)
+    pure, tuned = (get_explainer("abele", demo_model, aae=bundled, tree_search=search, **FAST).explain(
+        images[:4], targets, seeds) for search in ("none", "small"))
+    assert (pure.extras["fidelity"] == 1).all()  # grown until its leaves are pure
+    assert (tuned.extras["fidelity"] > 0.5).all() and tuned.extras["fidelity"].mean() < 1
+    assert sum(map(len, tuned.extras["rule_features"])) <= sum(map(len, pure.extras["rule_features"]))
+    with pytest.raises(ValueError, match="tree_search must be one of abele, small, none"):
+        get_explainer("abele", demo_model, aae=bundled, tree_search="full")
+
+
 def test_bundled_aae_reconstructions_keep_their_labels(demo_model, demo_images, bundled):
     images, labels = demo_images  # test digits: never in the AAE's training data
     assert bundled.config.image_shape == (1, 28, 28) and bundled.config.latent_dim == 8
