@@ -8,7 +8,7 @@ conditions x violates on it (the "delta"), fewest first.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import f1_score, make_scorer
+from sklearn.metrics import f1_score
 from sklearn.model_selection import GridSearchCV, KFold
 from sklearn.tree import DecisionTreeClassifier
 
@@ -26,6 +26,11 @@ TREE_SEARCHES = {
 }
 
 
+def _macro_f1(tree, features, labels, sample_weight=None) -> float:
+    # a plain callable: sklearn's make_scorer fails on a fold whose training part has one class
+    return f1_score(labels, tree.predict(features), average="macro", zero_division=0, sample_weight=sample_weight)
+
+
 def fit_tree(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, seed: int, search: str = "small",
              max_depth: int | None = None, min_samples_leaf: int = 1) -> tuple[DecisionTreeClassifier, float]:
     """The surrogate tree on a weighted neighbourhood and its fidelity (weighted accuracy on it).
@@ -35,7 +40,7 @@ def fit_tree(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, seed
     tree = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_samples_leaf, random_state=seed % 2 ** 32)
     if grid is not None and len(np.unique(labels)) > 1 and len(labels) >= 2 * folds:
         searcher = GridSearchCV(tree, grid, cv=KFold(folds, shuffle=True, random_state=seed % 2 ** 32),
-                                scoring=make_scorer(f1_score, average="macro", zero_division=0))
+                                scoring=_macro_f1)
         tree = searcher.fit(features, labels, sample_weight=weights).best_estimator_
     else:
         tree.fit(features, labels, sample_weight=weights)

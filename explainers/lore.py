@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.tree import DecisionTreeClassifier
 
 from explainers import _rules as rules
+from explainers._rules import TREE_SEARCHES, fit_tree
 from explainers._base import Explanation
 from explainers._blackbox import SuperpixelExplainer, run_searches
 from explainers._genetic import evolve, mutate
@@ -88,8 +88,11 @@ class Lore(SuperpixelExplainer):
     cxpb: crossover probability per pair (0.5); mutpb: mutation probability per individual
     (0.2); indpb: per-bit resampling probability of a mutation (0.2); tournament_size (3);
     alpha1, alpha2: fitness weights of similarity and outcome (0.5, 0.5); eta: similarity at
-    or above which it counts 0 (1.0: only x itself) -- LORE's defaults; max_depth of the
-    sklearn DecisionTreeClassifier (None); max_counterfactuals listed (5); plus the
+    or above which it counts 0 (1.0: only x itself) -- LORE's defaults; tree_search: how the
+    tree is tuned (:data:`explainers._rules.TREE_SEARCHES`; default "none": grown until pure, with
+    max_depth, default None; on digits "small" gave fidelity 0.998 instead of 1.000 at 4x the
+    time, since the distinct masks of a few superpixels are separable by a small tree anyway);
+    max_counterfactuals listed (5); plus the
     superpixel options (segmentation, fill, ...). Outcome = the model's argmax; "same" means
     the target class.
     Map: +1 on superpixels the factual rule requires on, -1 on those it requires off (x is
@@ -112,7 +115,7 @@ class Lore(SuperpixelExplainer):
 
     def __init__(self, model, population_size: int = 1000, generations: int = 10, cxpb: float = 0.5,
                  mutpb: float = 0.2, indpb: float = 0.2, tournament_size: int = 3, alpha1: float = 0.5,
-                 alpha2: float = 0.5, eta: float = 1.0, max_depth: int | None = None,
+                 alpha2: float = 0.5, eta: float = 1.0, tree_search: str = "none", max_depth: int | None = None,
                  max_counterfactuals: int = 5, segmentation: str = "quickshift",
                  segmentation_options: dict | None = None, min_segments: int = 4,
                  fill: float | str = "mean", max_forward_batch: int | None = None):
@@ -126,7 +129,9 @@ class Lore(SuperpixelExplainer):
         self.population_size, self.generations = population_size, generations
         self.cxpb, self.mutpb, self.indpb, self.tournament_size = cxpb, mutpb, indpb, tournament_size
         self.alpha1, self.alpha2, self.eta = alpha1, alpha2, eta
-        self.max_depth, self.max_counterfactuals = max_depth, max_counterfactuals
+        if tree_search not in TREE_SEARCHES:
+            raise ValueError(f"tree_search must be one of {', '.join(TREE_SEARCHES)}, got {tree_search!r}")
+        self.max_depth, self.max_counterfactuals, self.tree_search = max_depth, max_counterfactuals, tree_search
 
     def passes(self):
         return {"forward": self.population_size * (1 + 6 * self.generations // 10), "backward": 0}
@@ -144,8 +149,9 @@ class Lore(SuperpixelExplainer):
         found = run_searches(blackbox, searches)
         maps, extras = [], {k: [] for k in self.extras}
         for i, (masks, labels) in enumerate(found):
-            tree = DecisionTreeClassifier(max_depth=self.max_depth, random_state=int(seeds[i]) % 2 ** 32)
-            tree.fit(masks.astype(np.float32), labels)
+            features = masks.astype(np.float32)
+            tree, fidelity = fit_tree(features, labels, np.ones(len(labels)), int(seeds[i]), self.tree_search,
+                                      self.max_depth)
             conditions, label, counterfactuals = tree_rules(tree, counts[i], self.max_counterfactuals)
             signs = np.zeros(counts[i], dtype=np.float32)
             for f, on in conditions:
@@ -157,7 +163,7 @@ class Lore(SuperpixelExplainer):
                                                        for c, k in counterfactuals))
             flips = [f for f, _ in counterfactuals[0][0]] if counterfactuals else []
             extras["counterfactual_superpixels"].append(torch.tensor(flips, dtype=torch.int32))
-            extras["fidelity"].append(float(tree.score(masks.astype(np.float32), labels)))
+            extras["fidelity"].append(fidelity)
             extras["segments"].append(torch.from_numpy(segments[i].reshape(-1)))
             extras["neighbours"].append(len(masks))
         extras["fidelity"] = torch.tensor(extras["fidelity"], dtype=torch.float32)
