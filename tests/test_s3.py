@@ -57,6 +57,18 @@ def test_s3_round_trip(s3, demo_shard, demo_model_args, tmp_path):
     assert [e["source"] for e in errors] == ["s3://audit-bucket/shards/broken.tar"]
     assert not fs.glob("audit-bucket/results/_staging*")
 
+    # the report and the figure read the audit, and the images from the shards, back from S3
+    from pipelines import cli
+    assert cli.main(["report", "s3://audit-bucket/results", "--output", "s3://audit-bucket/results/report.html",
+                     "--storage-options", options]) == 0
+    page = fs.cat("audit-bucket/results/report.html").decode()
+    assert page.count("data:image/png;base64,") > 20 and "broken.tar" in page and "image not readable" not in page
+    assert cli.main(["figure", "s3://audit-bucket/results", "--ids", rows[0]["image_id"], "--output",
+                     str(tmp_path / "fig.png"), "--storage-options", options]) == 0
+    from PIL import Image
+    from pipelines.reporting.figure import figure_size
+    assert Image.open(tmp_path / "fig.png").size == figure_size(1, 2, 112)
+
 
 def test_environment_endpoint_works_too(s3, demo_model_args, monkeypatch, tmp_path):
     fs, endpoint = s3
