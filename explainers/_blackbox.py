@@ -10,7 +10,7 @@ so its output does not depend on the rest of the batch.
 """
 from __future__ import annotations
 
-from typing import Any, Generator
+from typing import Any, Callable, Generator
 
 import numpy as np
 import torch
@@ -30,6 +30,29 @@ def image_seeds(seeds: torch.Tensor | None, batch: int) -> np.ndarray:
     if seeds.shape != (batch,):
         raise ValueError(f"seeds must be [B] with B={batch}, got shape {seeds.shape}")
     return seeds.view(np.uint64)
+
+
+class EvaluationMemo:
+    """Each distinct (image index, key) is evaluated once per batch; ``calls[i]`` counts image
+    i's distinct evaluations. Search populations repeat members a lot, and an eval-mode model
+    gives the same answer for the same input."""
+
+    def __init__(self, batch: int):
+        self.calls = np.zeros(batch, dtype=np.int64)
+        self._cache: dict[tuple[int, bytes], object] = {}
+
+    def lookup(self, image_ids: np.ndarray, keys: list[bytes], evaluate: Callable[[np.ndarray], list]) -> list:
+        """The values for rows (image_ids[r], keys[r]); ``evaluate(rows)`` computes the new ones."""
+        keyed = [(int(i), key) for i, key in zip(image_ids, keys)]
+        new: dict[tuple[int, bytes], int] = {}
+        for row, key in enumerate(keyed):
+            if key not in self._cache and key not in new:
+                new[key] = row
+        if new:
+            rows = np.fromiter(new.values(), dtype=np.int64, count=len(new))
+            self._cache.update(zip(new, evaluate(rows)))
+            np.add.at(self.calls, image_ids[rows], 1)
+        return [self._cache[key] for key in keyed]
 
 
 class BlackBox:
@@ -61,8 +84,11 @@ class BlackBox:
         self.inert = (live == 0).cpu().numpy()  # [B, S_max]; True past an image's own segments too
         self.targets = targets.to(self.device).long()
         self.max_forward_batch = max_forward_batch
-        self.calls = np.zeros(b, dtype=np.int64)
-        self._cache: dict[tuple[int, bytes], tuple[float, int]] = {}
+        self.memo = EvaluationMemo(b)
+
+    @property
+    def calls(self) -> np.ndarray:
+        return self.memo.calls
 
     def query(self, image_ids: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows of ``masks`` [N, S_max] bool (padded past each image's S) for images ``image_ids`` [N].
@@ -78,18 +104,13 @@ class BlackBox:
         canonical = self.inert[image_ids]
         canonical[:, :masks.shape[1]] |= masks
         masks = canonical
-        packed = np.packbits(masks, axis=1)
-        keys = [(int(i), row.tobytes()) for i, row in zip(image_ids, packed)]
-        new: dict[tuple[int, bytes], int] = {}
-        for k, key in enumerate(keys):
-            if key not in self._cache and key not in new:
-                new[key] = k
-        if new:
-            rows = np.fromiter(new.values(), dtype=np.int64, count=len(new))
+        keys = [row.tobytes() for row in np.packbits(masks, axis=1)]
+
+        def evaluate(rows):
             probs, labels = self._forward(image_ids[rows], masks[rows])
-            self._cache.update(zip(new, zip(probs.tolist(), labels.tolist())))
-            np.add.at(self.calls, image_ids[rows], 1)
-        found = [self._cache[key] for key in keys]
+            return list(zip(probs.tolist(), labels.tolist()))
+
+        found = self.memo.lookup(image_ids, keys, evaluate)
         return (np.array([p for p, _ in found], dtype=np.float64).reshape(-1),
                 np.array([c for _, c in found], dtype=np.int64).reshape(-1))
 

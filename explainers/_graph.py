@@ -379,3 +379,18 @@ def call_node(node: fx.Node, gm: fx.GraphModule, args, kwargs):
         return node.target(*args, **kwargs)
     return getattr(args[0], node.target)(*args[1:], **kwargs)
 
+
+class TracedGraphs:
+    """``method``'s traced graph of ``model`` and its rule plan, traced once per input shape,
+    dtype and device: ``graphs(images) -> (GraphModule, plan)``."""
+
+    def __init__(self, model: nn.Module, method: str):
+        self.model, self.method = model, method
+        self._graphs: dict[tuple, tuple[fx.GraphModule, dict[fx.Node, str]]] = {}
+
+    def __call__(self, images: torch.Tensor) -> tuple[fx.GraphModule, dict[fx.Node, str]]:
+        key = (tuple(images.shape[1:]), images.dtype, images.device)
+        if key not in self._graphs:
+            gm = trace_model(self.model, images[:1].detach(), self.method)
+            self._graphs[key] = (gm, plan_rules(gm, self.method))
+        return self._graphs[key]

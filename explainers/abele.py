@@ -25,7 +25,7 @@ from scipy.special import ndtr, ndtri
 
 from explainers import _rules as rules
 from explainers._base import Explainer, Explanation, check_batch, check_chunk, forward_chunk
-from explainers._blackbox import image_seeds, run_searches
+from explainers._blackbox import EvaluationMemo, image_seeds, run_searches
 from explainers._genetic import evolve, mutate, resample_genes
 from explainers._registry import register
 from explainers.aae import AdversarialAutoencoder, load_aae
@@ -124,22 +124,20 @@ class LatentBlackBox:
     def __init__(self, model: torch.nn.Module, aae: AdversarialAutoencoder, batch: int, max_forward_batch: int):
         self.model, self.aae, self.max_forward_batch = model, aae, max_forward_batch
         self.device = next(aae.parameters()).device
-        self.calls = np.zeros(batch, dtype=np.int64)
-        self._cache: dict[tuple[int, bytes], tuple[np.ndarray, int]] = {}
+        self.memo = EvaluationMemo(batch)
+
+    @property
+    def calls(self) -> np.ndarray:
+        return self.memo.calls
 
     def query(self, image_ids: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         codes = np.ascontiguousarray(codes, dtype=np.float32)
-        keys = [(int(i), row.tobytes()) for i, row in zip(image_ids, codes)]
-        new: dict[tuple[int, bytes], int] = {}
-        for k, key in enumerate(keys):
-            if key not in self._cache and key not in new:
-                new[key] = k
-        if new:
-            rows = np.fromiter(new.values(), dtype=np.int64, count=len(new))
+
+        def evaluate(rows):
             probs = self.probabilities(codes[rows])
-            self._cache.update(zip(new, zip(probs, probs.argmax(1).tolist())))
-            np.add.at(self.calls, image_ids[rows], 1)
-        found = [self._cache[key] for key in keys]
+            return list(zip(probs, probs.argmax(1).tolist()))
+
+        found = self.memo.lookup(image_ids, [row.tobytes() for row in codes], evaluate)
         return (np.stack([p for p, _ in found]) if found else np.zeros((0, 0), np.float32),
                 np.array([c for _, c in found], dtype=np.int64))
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from explainers._base import Explainer, Explanation, check_batch
-from explainers._graph import call_node, check_model, input_nodes, plan_rules, trace_model
+from explainers._graph import TracedGraphs, call_node, check_model, input_nodes
 from explainers._registry import register
 from explainers.baselines import make_baseline
 from explainers.gradient import sum_channels
@@ -142,17 +142,10 @@ class DeepLift(Explainer):
         check_model(model, "deeplift")
         make_baseline(baseline, torch.zeros(1, 1, 1, 1))  # reject a bad spec at setup
         self.baseline = baseline
-        self._graphs: dict[tuple, tuple[fx.GraphModule, dict]] = {}
+        self.graph = TracedGraphs(model, "deeplift")
 
     def passes(self):
         return {"forward": 1, "backward": 1}
-
-    def graph(self, images: torch.Tensor) -> tuple[fx.GraphModule, dict[fx.Node, str]]:
-        key = (tuple(images.shape[1:]), images.dtype, images.device)
-        if key not in self._graphs:
-            gm = trace_model(self.model, images[:1].detach(), "deeplift")
-            self._graphs[key] = (gm, plan_rules(gm, "deeplift"))
-        return self._graphs[key]
 
     def explain(self, images, targets, seeds=None):
         x = check_batch(images, targets)

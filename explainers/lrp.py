@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 
 from explainers._base import Explainer, Explanation, check_batch
-from explainers._graph import call_node, check_model, input_nodes, plan_rules, trace_model
+from explainers._graph import TracedGraphs, call_node, check_model, input_nodes, trace_model
 from explainers._registry import register
 from explainers.gradient import sum_channels
 
@@ -148,18 +148,10 @@ class EpsilonLRP(Explainer):
             raise ValueError(f"epsilon must be a number > 0, got {epsilon!r}")
         check_model(model, "elrp")  # fail at setup, not on the first batch
         self.epsilon = float(epsilon)
-        self._graphs: dict[tuple, tuple[fx.GraphModule, dict]] = {}
+        self.graph = TracedGraphs(model, "elrp")
 
     def passes(self):
         return {"forward": 1, "backward": 1}
-
-    def graph(self, images: torch.Tensor) -> tuple[fx.GraphModule, dict[fx.Node, str]]:
-        """The traced graph and its rules for inputs shaped like ``images`` (cached)."""
-        key = (tuple(images.shape[1:]), images.dtype, images.device)
-        if key not in self._graphs:
-            gm = lrp_graph(self.model, images[:1])
-            self._graphs[key] = (gm, plan_rules(gm, "elrp"))
-        return self._graphs[key]
 
     def explain(self, images, targets, seeds=None):
         check_batch(images, targets)
