@@ -196,13 +196,14 @@ def save_aae(aae: AdversarialAutoencoder, path: str, training: dict[str, Any] | 
     os.replace(tmp, path)
 
 
-def read_checkpoint(path_or_file) -> dict[str, Any]:
-    """The checkpoint dict, loaded with weights_only=True; ValueError if it is not an AAE checkpoint."""
+def read_checkpoint(path_or_file, storage_options: dict | None = None) -> dict[str, Any]:
+    """The checkpoint dict, loaded with weights_only=True; ValueError if it is not an AAE checkpoint.
+    A path with a scheme (s3://, gs://, ...) is read through fsspec with ``storage_options``."""
     name = path_or_file if isinstance(path_or_file, str) else getattr(path_or_file, "name", "the AAE file")
     try:
         if isinstance(path_or_file, str) and "://" in path_or_file:
             import fsspec
-            with fsspec.open(path_or_file, "rb") as f:
+            with fsspec.open(path_or_file, "rb", **(storage_options or {})) as f:
                 path_or_file = io.BytesIO(f.read())
         state = torch.load(path_or_file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -225,9 +226,10 @@ def from_checkpoint(state: dict[str, Any]) -> AdversarialAutoencoder:
     return aae.eval()
 
 
-def load_aae(path_or_file, device: str | torch.device = "cpu") -> AdversarialAutoencoder:
+def load_aae(path_or_file, device: str | torch.device = "cpu",
+             storage_options: dict | None = None) -> AdversarialAutoencoder:
     """The AAE of a checkpoint written by ``saliency-audit train-aae``, in eval mode."""
-    state = read_checkpoint(path_or_file)
+    state = read_checkpoint(path_or_file, storage_options)
     try:
         aae = from_checkpoint(state)
     except (TypeError, KeyError, RuntimeError, ValueError) as e:

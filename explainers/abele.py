@@ -221,7 +221,8 @@ class Abele(Explainer):
     max_counterfactuals (5); max_attempts: latent draws per search (2,000; ABELE allows 100,000,
     which costs minutes for an image whose rule box holds few same-class codes, where the
     explanation then has fewer exemplars); max_forward_batch: codes per decode+classify pass (None: 32 on CPU, 1024 on an accelerator); workers: threads
-    fitting the trees (default: CPU count).
+    fitting the trees (default: CPU count); storage_options: fsspec options for an aae path on
+    object storage (used to read it, never recorded: they may hold credentials).
 
     Map: ABELE's, the pixel-wise median over the exemplars of the thresholded, rescaled
     difference image - exemplar (see :func:`difference_mask`), minus 127.5: 0 where the image
@@ -252,12 +253,13 @@ class Abele(Explainer):
                  counter_exemplars: int = 5, stored_exemplars: int = 5, max_depth: int | None = None,
                  min_samples_leaf: int = 1, tree_search: str = "small", max_counterfactuals: int = 5,
                  max_attempts: int = 2000,
-                 max_forward_batch: int | None = None, workers: int | None = None):
+                 max_forward_batch: int | None = None, workers: int | None = None,
+                 storage_options: dict | None = None):
         super().__init__(model)
         if isinstance(aae, AdversarialAutoencoder):
             self.autoencoder, self.aae = aae.eval(), f"<{type(aae).__name__} {aae.config.describe()}>"
         elif isinstance(aae, (str, os.PathLike)):
-            self.autoencoder, self.aae = load_aae(str(aae)), str(aae)
+            self.autoencoder, self.aae = load_aae(str(aae), storage_options=storage_options), str(aae)
         else:
             raise ValueError(f"aae must be a checkpoint path or an AdversarialAutoencoder, got {type(aae).__name__}")
         if neighbours < 8 or generations < 0 or tournament_size < 1 or exemplars < 0 or counter_exemplars < 0:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils import shared
 
-from explainers import explainer_class, list_methods
+from explainers import list_methods
 from pipelines.options import UsageError, parse_run_args
 from pipelines.preflight import preflight
 from pipelines.sanity import run_sanity_check
@@ -45,7 +45,23 @@ OUTPUTS = ("saliency", "summary", "errors")
 OPTIONAL_OUTPUTS = ("sanity",)  # published (empty when not asked for) so no stale result outlives a rerun
 
 
-def parse_methods(text: str, method_options: dict[str, Any], aae: str | None) -> dict[str, dict[str, Any]]:
+def redact(argv: list[str]) -> list[str]:
+    """The command line for the manifest, with the value of --storage-options (keys, tokens)
+    replaced."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("<redacted>")
+        elif arg.startswith("--storage-options="):
+            out.append("--storage-options=<redacted>")
+        else:
+            out.append(arg)
+        hide = arg == "--storage-options"
+    return out
+
+
+def parse_methods(text: str, method_options: dict[str, Any], aae: str | None,
+                  storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise UsageError("--methods is empty")
@@ -65,6 +81,8 @@ def parse_methods(text: str, method_options: dict[str, Any], aae: str | None) ->
             if not aae and "aae" not in options:
                 raise UsageError("abele needs --aae PATH (train one with saliency-audit train-aae)")
             options = {"aae": aae, **options}
+            if storage_options and "storage_options" not in options:  # read the AAE where the data is
+                options["storage_options"] = storage_options
         methods[name] = options
     return methods
 
@@ -146,7 +164,7 @@ def run(argv: list[str] | None = None) -> dict:
     args, beam_args = parse_run_args(sys.argv[1:] if argv is None else argv)
     started, run_id = now(), uuid.uuid4().hex[:12]
     storage_options = args.storage_options
-    methods = parse_methods(args.methods, args.method_options, args.aae)
+    methods = parse_methods(args.methods, args.method_options, args.aae, args.storage_options)
     try:
         prep = Preprocessing(resize=args.resize, channels=args.channels, mean=args.mean, std=args.std,
                              to_grayscale=args.to_grayscale, max_pixels=args.max_pixels)
@@ -185,7 +203,7 @@ def run(argv: list[str] | None = None) -> dict:
     manifest = {
         "run_id": run_id, "started": started, "finished": now(),
         "status": "succeeded" if reconciled else "counts_do_not_reconcile",
-        "command": ["saliency-audit", "run", *(sys.argv[1:] if argv is None else argv)],
+        "command": ["saliency-audit", "run", *redact(sys.argv[1:] if argv is None else argv)],
         "input": {"pattern": args.input, "shards": len(shards)},
         "model": {"model": args.model, "weights": args.weights, "sha256": model_hashes(spec),
                   "device": resolved["device"], "num_classes": resolved["num_classes"]},

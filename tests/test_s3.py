@@ -4,7 +4,7 @@ import tarfile
 
 import pytest
 
-from conftest import add_member
+from conftest import DEMO_DATA, add_member
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -68,6 +68,25 @@ def test_s3_round_trip(s3, demo_shard, demo_model_args, tmp_path):
     from PIL import Image
     from pipelines.reporting.figure import figure_size
     assert Image.open(tmp_path / "fig.png").size == figure_size(1, 2, 112)
+
+
+def test_abele_reads_its_aae_from_s3_with_the_run_s_storage_options(s3, demo_shard, demo_model_args, tmp_path):
+    fs, endpoint = s3
+    with tarfile.open(demo_shard) as src, tarfile.open(tmp_path / "few.tar", "w") as dst:
+        for member in src.getmembers()[:4]:  # 2 digits
+            add_member(dst, member.name, src.extractfile(member).read())
+    fs.put(str(tmp_path / "few.tar"), "audit-bucket/few/few-0.tar")
+    fs.put(str(DEMO_DATA / "mnist_aae.pt"), "audit-bucket/models/aae.pt")
+    secret = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    manifest = audit.run(["--input", "s3://audit-bucket/few/*.tar", *demo_model_args, "--methods", "abele",
+                          "--aae", "s3://audit-bucket/models/aae.pt", "--output", str(tmp_path / "out"),
+                          "--channels", "1", "--storage-options", json.dumps(secret), "--method-options",
+                          '{"abele": {"neighbours": 60, "generations": 2, "exemplars": 5}}'])
+    assert manifest["counts"]["abele"] == {"read": 2, "explained": 2, "errors": 0}
+    assert manifest["methods"]["abele"]["options"]["aae"] == "s3://audit-bucket/models/aae.pt"
+    recorded = json.dumps(manifest)
+    assert endpoint not in recorded and '"secret"' not in recorded  # credentials never reach the manifest
+    assert manifest["command"][manifest["command"].index("--storage-options") + 1] == "<redacted>"
 
 
 def test_environment_endpoint_works_too(s3, demo_model_args, monkeypatch, tmp_path):
