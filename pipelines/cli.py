@@ -17,6 +17,12 @@ DEMO_LIMIT = 100
 DEMO_SANITY = ["--sanity-check", "--sanity-images", "8"]
 
 
+def _storage_options(parser: argparse.ArgumentParser) -> None:
+    from pipelines.options import _json_object
+    parser.add_argument("--storage-options", type=_json_object, default={},
+                        help="fsspec storage options as a JSON object")
+
+
 def cmd_run(argv: list[str]) -> int:
     from pipelines import audit
     return audit.main(argv)
@@ -87,14 +93,13 @@ def cmd_train_classifier(argv: list[str]) -> int:
     parser.add_argument("--test", help="glob of labelled test shards to report accuracy on")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--storage-options", default="{}")
+    _storage_options(parser)
     args = parser.parse_args(argv)
-    import json
     import torch
     from pipelines.dataset import load_labelled
     from pipelines.training import evaluate, train_classifier
     from transforms.preprocess import Preprocessing
-    options = json.loads(args.storage_options)
+    options = args.storage_options
     prep = Preprocessing(resize=(28, 28), channels=1, to_grayscale=True)
     images, labels, skipped = load_labelled(args.input, prep, options)
     print(f"training on {len(images)} images" + (f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""))
@@ -111,7 +116,7 @@ def cmd_train_classifier(argv: list[str]) -> int:
 
 
 def cmd_train_aae(argv: list[str]) -> int:
-    from pipelines.options import _floats, _json_object, _size
+    from pipelines.options import _floats, _size
     parser = argparse.ArgumentParser(prog="saliency-audit train-aae",
                                      description="Train the adversarial autoencoder that abele needs (--aae).")
     parser.add_argument("--input", required=True, help="glob of image shards (labels are not needed)")
@@ -134,7 +139,7 @@ def cmd_train_aae(argv: list[str]) -> int:
     parser.add_argument("--mean", type=_floats)
     parser.add_argument("--std", type=_floats)
     parser.add_argument("--to-grayscale", action="store_true")
-    parser.add_argument("--storage-options", type=_json_object, default={})
+    _storage_options(parser)
     args = parser.parse_args(argv)
     from explainers.aae import default_config
     from pipelines.aae_training import format_report, input_range, train_aae
@@ -162,10 +167,6 @@ def _comma_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _storage_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage-options", default="{}", help="fsspec storage options as JSON")
-
-
 def cmd_report(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="saliency-audit report",
                                      description="Write one self-contained HTML page about a finished audit.")
@@ -174,9 +175,8 @@ def cmd_report(argv: list[str]) -> int:
     parser.add_argument("--per-class", type=int, default=3, help="gallery images per class (default 3)")
     _storage_options(parser)
     args = parser.parse_args(argv)
-    import json
     from pipelines.reporting.report import write_report
-    path = write_report(args.directory, args.output, json.loads(args.storage_options), per_class=args.per_class)
+    path = write_report(args.directory, args.output, args.storage_options, per_class=args.per_class)
     print(f"report: {path}")
     return 0
 
@@ -192,10 +192,9 @@ def cmd_figure(argv: list[str]) -> int:
     parser.add_argument("--overlay", action="store_true", help="draw the maps over the images")
     _storage_options(parser)
     args = parser.parse_args(argv)
-    import json
     from pipelines.reporting.audit_dir import AuditDir
     from pipelines.reporting.figure import save_figure
-    audit = AuditDir(args.directory, json.loads(args.storage_options))
+    audit = AuditDir(args.directory, args.storage_options)
     path = save_figure(audit, _comma_list(args.ids), args.output, _comma_list(args.methods) if args.methods else None,
                        cell=args.cell, overlay=args.overlay)
     print(f"figure: {path}")
@@ -213,10 +212,9 @@ def cmd_diff(argv: list[str]) -> int:
     parser.add_argument("--show", type=int, default=12, help="images shown in diff.html (default 12)")
     _storage_options(parser)
     args = parser.parse_args(argv)
-    import json
     from pipelines.reporting.diff import diff_audits
     result = diff_audits(args.directory_a, args.directory_b, args.output, top_k=args.top_k, show=args.show,
-                         storage_options=json.loads(args.storage_options))
+                         storage_options=args.storage_options)
     print(f"diff: {result['pairs']} (image, method) pairs; tables in {result['table']}, page {result['page']}")
     return 0
 
