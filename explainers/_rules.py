@@ -31,9 +31,15 @@ def _macro_f1(tree, features, labels, sample_weight=None) -> float:
     return f1_score(labels, tree.predict(features), average="macro", zero_division=0, sample_weight=sample_weight)
 
 
-def fit_tree(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, seed: int, search: str = "small",
+def check_tree_search(search: str) -> None:
+    if search not in TREE_SEARCHES:
+        raise ValueError(f"tree_search must be one of {', '.join(TREE_SEARCHES)}, got {search!r}")
+
+
+def fit_tree(features: np.ndarray, labels: np.ndarray, weights: np.ndarray | None, seed: int, search: str = "small",
              max_depth: int | None = None, min_samples_leaf: int = 1) -> tuple[DecisionTreeClassifier, float]:
-    """The surrogate tree on a weighted neighbourhood and its fidelity (weighted accuracy on it).
+    """The surrogate tree on a neighbourhood (weighted, or not with weights None) and its fidelity
+    (weighted accuracy on it).
 
     search: a key of TREE_SEARCHES; max_depth and min_samples_leaf apply with "none"."""
     grid, folds = TREE_SEARCHES[search]

@@ -271,8 +271,7 @@ class Abele(Explainer):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         check_chunk("max_forward_batch", max_forward_batch)
-        if tree_search not in rules.TREE_SEARCHES:
-            raise ValueError(f"tree_search must be one of {', '.join(rules.TREE_SEARCHES)}, got {tree_search!r}")
+        rules.check_tree_search(tree_search)
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.neighbours, self.generations, self.cxpb, self.mutpb, self.indpb = neighbours, generations, cxpb, mutpb, indpb

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from explainers import _rules as rules
-from explainers._rules import TREE_SEARCHES, fit_tree
 from explainers._base import Explanation
 from explainers._blackbox import SuperpixelExplainer, run_searches
 from explainers._genetic import evolve, mutate
@@ -129,8 +128,7 @@ class Lore(SuperpixelExplainer):
         self.population_size, self.generations = population_size, generations
         self.cxpb, self.mutpb, self.indpb, self.tournament_size = cxpb, mutpb, indpb, tournament_size
         self.alpha1, self.alpha2, self.eta = alpha1, alpha2, eta
-        if tree_search not in TREE_SEARCHES:
-            raise ValueError(f"tree_search must be one of {', '.join(TREE_SEARCHES)}, got {tree_search!r}")
+        rules.check_tree_search(tree_search)
         self.max_depth, self.max_counterfactuals, self.tree_search = max_depth, max_counterfactuals, tree_search
 
     def passes(self):
@@ -150,8 +148,7 @@ class Lore(SuperpixelExplainer):
         maps, extras = [], {k: [] for k in self.extras}
         for i, (masks, labels) in enumerate(found):
             features = masks.astype(np.float32)
-            tree, fidelity = fit_tree(features, labels, np.ones(len(labels)), int(seeds[i]), self.tree_search,
-                                      self.max_depth)
+            tree, fidelity = rules.fit_tree(features, labels, None, int(seeds[i]), self.tree_search, self.max_depth)
             conditions, label, counterfactuals = tree_rules(tree, counts[i], self.max_counterfactuals)
             signs = np.zeros(counts[i], dtype=np.float32)
             for f, on in conditions:

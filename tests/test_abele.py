@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEMO_DATA, REGION, RegionModel, add_member, read_output, scene
+from conftest import DEMO_DATA, REGION, RegionModel, add_member, read_output
 from explainers import get_explainer
 from explainers.aae import AAEConfig, AdversarialAutoencoder, load_aae, save_aae
 from explainers.abele import abele_map, difference_mask, knee_index
