@@ -10,7 +10,7 @@ import numpy as np
 
 from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
 from transforms.readers import read_shard
-from transforms.records import ErrorRecord, ImageBatch
+from transforms.records import ErrorRecord, ImageBatch, RawImage
 
 ERRORS = "errors"
 READ = "read"
@@ -33,7 +33,7 @@ class ReadShardBatches(beam.DoFn):
 
     def process(self, shard_url: str):
         pending: dict[tuple[int, ...], list] = {}
-        records = read_shard(shard_url, self.storage_options)
+        records = read_shard(shard_url, self.storage_options, max_pixels=self.prep.max_pixels)
         if self.limit_per_shard is not None:
             records = itertools.islice(records, self.limit_per_shard)
         for record in records:
@@ -41,18 +41,30 @@ class ReadShardBatches(beam.DoFn):
             if isinstance(record, ErrorRecord):
                 yield beam.pvalue.TaggedOutput(ERRORS, record)
                 continue
-            try:
-                array = decode(record, self.prep.max_pixels)
-                pixels = preprocess(array, self.prep)
-            except BadImage as e:
-                yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(record.image_id, record.source, e.stage, str(e)))
+            prepared = _prepare(record, self.prep)
+            if isinstance(prepared, ErrorRecord):
+                yield beam.pvalue.TaggedOutput(ERRORS, prepared)
                 continue
+            array, pixels = prepared
             group = pending.setdefault(pixels.shape, [])
             group.append((record, array.shape[:2], pixels))
             if len(group) == self.batch_size:
                 yield _to_batch(pending.pop(pixels.shape))
         for group in pending.values():
             yield _to_batch(group)
+
+
+def _prepare(record: RawImage, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray] | ErrorRecord:
+    """(decoded [H,W,C], model input [C,H,W]), or the ErrorRecord that costs this record."""
+    stage = "decode"
+    try:
+        array = decode(record, prep.max_pixels)
+        stage = "preprocess"
+        return array, preprocess(array, prep)
+    except BadImage as e:
+        return ErrorRecord(record.image_id, record.source, e.stage, str(e))
+    except Exception as e:  # a failure nobody foresaw still costs only this record
+        return ErrorRecord(record.image_id, record.source, stage, f"{type(e).__name__}: {e}")
 
 
 def _to_batch(group) -> ImageBatch:

@@ -17,7 +17,7 @@ from transforms.abele_protocol import AbeleProtocol, abele_metrics
 from transforms.batching import ERRORS
 from transforms.models import ModelSpec, load_model, resolve_device
 from transforms.records import ErrorRecord, ImageBatch, seed_for
-from transforms.rows import extra_value, map_statistics
+from transforms.rows import extra_value, map_problem, map_statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +73,12 @@ def choose_targets(mode: str, predicted: torch.Tensor, labels: list[int | None],
 
 
 def metric_value(value: torch.Tensor) -> float | list[float] | None:
-    """One image's metric as a Parquet value: NaN (no usable neighbour, constant map) -> null."""
-    if value.dim() == 0:
-        number = float(value)
-        return number if np.isfinite(number) else None
-    return value.float().cpu().numpy()
+    """One image's metric as a Parquet value: NaN or infinite (no usable neighbour, constant
+    map, a model that overflows on perturbed images) -> null."""
+    values = value.float().cpu().numpy()
+    if not np.isfinite(values).all():
+        return None
+    return float(values) if value.dim() == 0 else values
 
 
 class ExplainBatches(beam.DoFn):
@@ -105,18 +106,27 @@ class ExplainBatches(beam.DoFn):
         images = torch.from_numpy(batch.pixels).to(state.device)
         try:
             with torch.inference_mode():
-                probabilities = torch.softmax(state.model(images).float(), dim=1)
+                logits = state.model(images).float()
+                probabilities = torch.softmax(logits, dim=1)
         except Exception as e:
             for image_id, source in zip(batch.image_ids, batch.sources):
                 yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
                     image_id, source, "model", f"model forward failed: {type(e).__name__}: {e}"))
             return
+        # A non-finite output costs that image only: its maps and scores would be NaN too.
+        finite = (torch.isfinite(logits).all(dim=1) & torch.isfinite(probabilities).all(dim=1)).tolist()
         predicted = probabilities.argmax(dim=1)
         targets, reasons = choose_targets(config.target, predicted, batch.labels, probabilities.shape[1])
-        keep = [i for i, r in enumerate(reasons) if r is None]
+        keep = []
         for i, reason in enumerate(reasons):
-            if reason is not None:
-                yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(batch.image_ids[i], batch.sources[i], "target", reason))
+            if not finite[i]:
+                stage, reason = "model", "model output (logits or probabilities) is not finite"
+            elif reason is None:
+                keep.append(i)
+                continue
+            else:
+                stage = "target"
+            yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(batch.image_ids[i], batch.sources[i], stage, reason))
         if not keep:
             return
         index = torch.tensor(keep, device=images.device)
@@ -162,25 +172,54 @@ class ExplainBatches(beam.DoFn):
                 except Exception as e:
                     yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
                         batch.image_ids[i], batch.sources[i], "explain", f"{type(e).__name__}: {e}", name))
+        stored = []  # a map with NaN or inf costs that image and method; the metrics never see it
+        for outcome in outcomes:
+            j, result, k, _ = outcome
+            problem = map_problem(result.maps[k].detach().float().cpu().numpy())
+            if problem is None:
+                stored.append(outcome)
+            else:
+                i = keep[j]
+                yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(batch.image_ids[i], batch.sources[i], "explain",
+                                                                   problem, name))
+        outcomes = stored
         scores = {}
         if outcomes and (reference is not None or self.config.abele is not None):
             done = [j for j, *_ in outcomes]
             maps = torch.stack([result.maps[k] for _, result, k, _ in outcomes]).to(images.device).float()
-            metrics = {}
-            if reference is not None:
-                metrics.update(self._metrics(images[done], maps, targets[done], seeds[done]))
-                metrics.update({key: values[done] for key, values in reference.items()})
-            if self.config.abele is not None:
-                metrics.update(abele_metrics(
-                    self._state.model, lambda x, t, s: explainer.explain(x, t, s).maps, images[done], maps,
-                    targets[done], predicted[[keep[j] for j in done]], seeds[done], self.config.abele,
-                    chunk=len(keep)))
-            scores = {j: {key: metric_value(values[n]) for key, values in metrics.items()}
-                      for n, j in enumerate(done)}
+            scores = self._scores(explainer, done, maps, keep, images, targets, seeds, predicted, reference)
         for j, result, k, ms in outcomes:
             row = self._row(name, batch, keep[j], result, k, targets[j], seeds[j], probabilities, predicted, ms)
             row.update(scores.get(j, {}))
             yield row
+
+    def _scores(self, explainer, done, maps, keep, images, targets, seeds, predicted, reference):
+        """{position in keep: {metric: value}} for the explained images. A metric that fails
+        on the batch is retried per image, and an image it still fails on gets nulls: a
+        metric costs a value, never the row or the run."""
+        try:
+            return self._batch_scores(explainer, done, maps, keep, images, targets, seeds, predicted, reference)
+        except Exception:
+            scores = {}
+            for n, j in enumerate(done):
+                try:
+                    scores.update(self._batch_scores(explainer, [j], maps[n:n + 1], keep, images, targets, seeds,
+                                                     predicted, reference))
+                except Exception:
+                    scores[j] = {}
+            return scores
+
+    def _batch_scores(self, explainer, done, maps, keep, images, targets, seeds, predicted, reference):
+        metrics = {}
+        if reference is not None:
+            metrics.update(self._metrics(images[done], maps, targets[done], seeds[done]))
+            metrics.update({key: values[done] for key, values in reference.items()})
+        if self.config.abele is not None:
+            metrics.update(abele_metrics(
+                self._state.model, lambda x, t, s: explainer.explain(x, t, s).maps, images[done], maps,
+                targets[done], predicted[[keep[j] for j in done]], seeds[done], self.config.abele,
+                chunk=len(keep)))
+        return {j: {key: metric_value(values[n]) for key, values in metrics.items()} for n, j in enumerate(done)}
 
     def _row(self, name, batch, i, result, k, target, seed, probabilities, predicted, ms):
         saliency = result.maps[k].detach().float().cpu().numpy()

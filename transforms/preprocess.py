@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from transforms.records import RawImage
+from transforms.records import DEFAULT_MAX_PIXELS, RawImage
 
 
 class BadImage(ValueError):
@@ -38,7 +38,7 @@ class Preprocessing:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     to_grayscale: bool = False
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self):
         if self.channels not in (None, 1, 3):
@@ -97,6 +97,8 @@ def _decode_npy(data: bytes, max_pixels: int) -> np.ndarray:
         array = array[:, :, None]
     if array.ndim != 3:
         raise BadImage("decode", f"npy image must be [H,W] or [H,W,C], got shape {array.shape}")
+    if array.shape[0] * array.shape[1] == 0:
+        raise BadImage("decode", f"npy image has no pixels (shape {array.shape})")
     if array.shape[0] * array.shape[1] > max_pixels:
         raise BadImage("decode", f"image is {array.shape[0]}x{array.shape[1]} pixels, over the limit of {max_pixels}")
     if array.dtype == np.uint8:
@@ -104,9 +106,11 @@ def _decode_npy(data: bytes, max_pixels: int) -> np.ndarray:
     if array.dtype == np.uint16:
         return array.astype(np.float32) / 65535.0
     if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise BadImage("decode", "npy image contains NaN or infinite values")
-        return array.astype(np.float32)
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32)
+        if not np.isfinite(array).all():  # checked after the cast: float64 beyond float32's range becomes inf
+            raise BadImage("decode", "npy image contains NaN or infinite values (in float32)")
+        return array
     raise BadImage("decode", f"unsupported npy dtype {array.dtype}")
 
 
@@ -130,4 +134,6 @@ def preprocess(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
         tensor = tensor - torch.tensor(prep.mean, dtype=torch.float32).view(-1, 1, 1)
     if prep.std is not None:
         tensor = tensor / torch.tensor(prep.std, dtype=torch.float32).view(-1, 1, 1)
+    if not bool(torch.isfinite(tensor).all()):  # extreme pixels can overflow in resizing or normalising
+        raise BadImage("preprocess", "preprocessed image has NaN or infinite values (pixel values too extreme)")
     return tensor.numpy().astype(np.float32, copy=False)

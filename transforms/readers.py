@@ -5,18 +5,36 @@ record (or whole shard) it cannot, so nothing read is ever dropped silently.
 """
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import io
+import math
+import numbers
 import posixpath
 import tarfile
 from typing import Any, Iterator
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 
-from transforms.records import ErrorRecord, RawImage
+from transforms.records import DEFAULT_MAX_PIXELS, ErrorRecord, RawImage
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "npy")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 SHARD_SUFFIXES = TAR_SUFFIXES + (".parquet",) + tuple("." + e for e in IMAGE_EXTENSIONS)
+INT64 = range(-2 ** 63, 2 ** 63)
+# Bytes read ahead of an npy array to check its header (numpy refuses headers over 10000).
+NPY_HEADER_PEEK = 16 * 1024
+LABEL_MAX_BYTES = 1024
+MEMBER_TYPES = {tarfile.LNKTYPE: "hard link", tarfile.SYMTYPE: "symbolic link", tarfile.CHRTYPE: "character device",
+                tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}
+
+
+def max_image_bytes(max_pixels: int) -> int:
+    """The most bytes an image within --max-pixels can take: 4 channels of float64, plus a
+    header allowance. Larger members are not read at all."""
+    return max_pixels * 4 * 8 + 64 * 1024
 
 
 def shard_kind(url: str) -> str:
@@ -30,15 +48,78 @@ def shard_kind(url: str) -> str:
     raise ValueError(f"unsupported shard type: {url} (expected one of {', '.join(SHARD_SUFFIXES)})")
 
 
-def read_shard(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[RawImage | ErrorRecord]:
-    """All records of one shard, in shard order."""
+def read_shard(url: str, storage_options: dict[str, Any] | None = None, *,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[RawImage | ErrorRecord]:
+    """All records of one shard, in shard order. Records larger than ``max_pixels`` allows
+    are errors before their bytes are read."""
     try:
         kind = shard_kind(url)
     except ValueError as e:
         yield ErrorRecord(url, url, "read", str(e))
         return
     reader = {"tar": _read_tar, "parquet": _read_parquet, "image": _read_image_file}[kind]
-    yield from reader(url, storage_options or {})
+    try:
+        yield from reader(url, storage_options or {}, max_pixels)
+    except Exception as e:  # a reader bug must still cost only the rest of this shard
+        yield ErrorRecord(url, url, "read", f"unreadable shard: {type(e).__name__}: {e}")
+
+
+def parse_label(value: Any) -> int | None:
+    """A record's label: an int in the int64 range or an integral float; None for no label.
+    Anything else raises ValueError saying what the label was."""
+    if value is None:
+        return None
+    number = value
+    if isinstance(value, str):
+        number = _parse_number(value.strip())
+    if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+        number = int(number)
+    if isinstance(number, numbers.Integral) and not isinstance(number, bool) and int(number) in INT64:
+        return int(number)
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise ValueError(f"label is not an integer in the int64 range: {shown}")
+
+
+def _parse_number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def image_problem(fmt: str, size: int, prefix: bytes, max_pixels: int) -> str | None:
+    """Why an image of ``size`` bytes starting with ``prefix`` must not be read, or None."""
+    limit = max_image_bytes(max_pixels)
+    if size > limit:
+        return f"image of {size} bytes is over the limit of {limit} bytes for {max_pixels} pixels (--max-pixels)"
+    return npy_problem(prefix, size, max_pixels) if fmt == "npy" else None
+
+
+def npy_problem(prefix: bytes, size: int, max_pixels: int) -> str | None:
+    """Check an npy array's shape and dtype from its header alone. An unreadable header is
+    left to the decoder to report."""
+    stream = io.BytesIO(prefix)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return f"unsupported npy format version {version}"
+        shape, _, dtype = read_header(stream)
+    except Exception:
+        return None
+    if dtype.hasobject or not (dtype.kind == "f" or (dtype.kind == "u" and dtype.itemsize <= 2)):
+        return f"unsupported npy dtype {dtype}"
+    pixels = math.prod(shape[:2]) if len(shape) in (2, 3) else math.prod(shape)
+    if pixels > max_pixels or math.prod(shape) > 4 * max_pixels:
+        return f"npy image of shape {shape}: over the limit of {max_pixels} pixels (--max-pixels)"
+    needed = stream.tell() + math.prod(shape) * dtype.itemsize
+    if needed > size:
+        return f"npy array is truncated: shape {shape} of {dtype} needs {needed} bytes, the data has {size}"
+    return None
 
 
 def _split_key(member_name: str) -> tuple[str, str]:
@@ -48,29 +129,44 @@ def _split_key(member_name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
-def _read_tar(url: str, storage_options: dict) -> Iterator[RawImage | ErrorRecord]:
+@dataclasses.dataclass
+class _Sample:
+    """The members of one tar sample read so far, and why any could not be."""
+
+    key: str
+    duplicate: bool = False
+    parts: dict[str, bytes] = dataclasses.field(default_factory=dict)  # ext -> data
+    names: dict[str, str] = dataclasses.field(default_factory=dict)    # member name -> ext
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+def _read_tar(url: str, storage_options: dict, max_pixels: int) -> Iterator[RawImage | ErrorRecord]:
     # Members of one sample are adjacent in a WebDataset tar; stream them and emit a
     # sample when its key changes, so a shard never has to fit in memory.
-    key, parts, seen = None, {}, 0
+    sample: _Sample | None = None
+    seen: set[str] = set()
     try:
-        with fsspec.open(url, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with fsspec.open(url, "rb", **storage_options) as f, _open_tar_stream(f) as tar:
             for member in tar:
-                if not member.isfile():
+                if member.isdir():
                     continue
                 member_key, ext = _split_key(member.name)
-                if member_key != key:
-                    if key is not None:
-                        seen += 1
-                        yield _tar_sample(key, parts, url)
-                    key, parts = member_key, {}
+                if sample is None or member_key != sample.key:
+                    if sample is not None:
+                        yield _tar_sample(sample, url)
+                    sample = _Sample(member_key, duplicate=member_key in seen)
+                    seen.add(member_key)
+                if sample.duplicate:
+                    continue  # stream past it unread
                 try:
-                    parts[ext] = tar.extractfile(member).read()
+                    _add_member(tar, member, ext, sample, max_pixels)
                 except (tarfile.TarError, EOFError, OSError) as e:
                     # The archive ends inside this member: report it and stop reading.
                     yield ErrorRecord(member_key, url, "read", f"truncated tar member {member.name}: {e}")
                     return
-            if key is not None:
-                yield _tar_sample(key, parts, url)
+            if sample is not None:
+                last, sample = sample, None
+                yield _tar_sample(last, url)
             tail = _unread_tail(tar)
             if 0 < tail < tarfile.BLOCKSIZE:
                 # tarfile takes a partial header block for the end of the archive;
@@ -78,8 +174,52 @@ def _read_tar(url: str, storage_options: dict) -> Iterator[RawImage | ErrorRecor
                 yield ErrorRecord(f"{url}@{tar.offset}", url, "read",
                                   f"tar shard is truncated: it ends inside a member header at byte {tar.offset}")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        where = f" after {seen} samples" if seen else ""
-        yield ErrorRecord(key or url, url, "read", f"unreadable tar shard{where}: {type(e).__name__}: {e}")
+        where = f" after {len(seen) - 1} samples" if len(seen) > 1 else ""
+        yield ErrorRecord(sample.key if sample else url, url, "read",
+                          f"unreadable tar shard{where}: {type(e).__name__}: {e}")
+
+
+def _open_tar_stream(f) -> tarfile.TarFile:
+    """A streaming TarFile. Gzip is inflated by GzipFile, which inflates at most what is
+    asked for: tarfile's own gzip stream inflates whole input chunks and copies what is
+    left on every read, so skipping a large, very compressible member takes minutes."""
+    magic = f.read(2)
+    f.seek(0)
+    if magic == b"\x1f\x8b":
+        return tarfile.open(fileobj=gzip.GzipFile(fileobj=f, mode="rb"), mode="r|")
+    return tarfile.open(fileobj=f, mode="r|*")
+
+
+def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample: _Sample, max_pixels: int) -> None:
+    """Read one member into its sample, or note why it cannot be; never follow a link out of
+    the sample, and never read a member too large for its kind."""
+    if member.islnk() and member.linkname in sample.names:
+        sample.parts[ext] = sample.parts[sample.names[member.linkname]]
+        return
+    if not member.isfile():
+        kind = MEMBER_TYPES.get(member.type, f"member of tar type {member.type!r}")
+        target = f" to {member.linkname!r}" if member.issym() or member.islnk() else ""
+        sample.problems.append(f"member {member.name!r} is a {kind}{target}, not a regular file")
+        return
+    if ext not in IMAGE_EXTENSIONS and ext != "cls":
+        sample.parts[ext] = b""  # not used: listed, not read
+        return
+    limit = LABEL_MAX_BYTES if ext == "cls" else max_image_bytes(max_pixels)
+    if member.size > limit:
+        sample.problems.append(f"member {member.name!r} is {member.size} bytes, over the limit of {limit} bytes"
+                               + ("" if ext == "cls" else f" for {max_pixels} pixels (--max-pixels)"))
+        return
+    stream = tar.extractfile(member)
+    data = stream.read(NPY_HEADER_PEEK) if ext == "npy" else b""
+    problem = npy_problem(data, member.size, max_pixels) if ext == "npy" else None
+    if problem:
+        sample.problems.append(f"member {member.name!r}: {problem}")
+        return
+    data += stream.read()
+    if len(data) != member.size:
+        raise EOFError(f"{len(data)} of {member.size} bytes")
+    sample.parts[ext] = data
+    sample.names[member.name] = ext
 
 
 def _unread_tail(tar: tarfile.TarFile) -> int:
@@ -90,21 +230,31 @@ def _unread_tail(tar: tarfile.TarFile) -> int:
     return stream.pos - tar.offset
 
 
-def _tar_sample(key: str, parts: dict[str, bytes], url: str) -> RawImage | ErrorRecord:
+def _tar_sample(sample: _Sample, url: str) -> RawImage | ErrorRecord:
+    key, parts = sample.key, sample.parts
+    if sample.duplicate:
+        return ErrorRecord(key, url, "read", "duplicate image id within the shard (the first one was read)")
+    if sample.problems:
+        return ErrorRecord(key, url, "read", "; ".join(sample.problems))
     image_exts = [e for e in IMAGE_EXTENSIONS if e in parts]
     if not image_exts:
         return ErrorRecord(key, url, "read", f"sample has no image member (found: {', '.join(sorted(parts))})")
-    label = None
-    if "cls" in parts:
-        try:
-            label = int(parts["cls"].decode().strip())
-        except ValueError:
-            return ErrorRecord(key, url, "read", f"label is not an integer: {parts['cls'][:20]!r}")
+    try:
+        label = parse_label(_cls_text(parts["cls"])) if "cls" in parts else None
+    except ValueError as e:
+        return ErrorRecord(key, url, "read", str(e))
     ext = image_exts[0]
     return RawImage(key, url, parts[ext], ext, label)
 
 
-def _read_parquet(url: str, storage_options: dict) -> Iterator[RawImage | ErrorRecord]:
+def _cls_text(data: bytes) -> str | bytes:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data
+
+
+def _read_parquet(url: str, storage_options: dict, max_pixels: int) -> Iterator[RawImage | ErrorRecord]:
     try:
         with fsspec.open(url, "rb", **storage_options) as f:
             pf = pq.ParquetFile(f)
@@ -113,30 +263,53 @@ def _read_parquet(url: str, storage_options: dict) -> Iterator[RawImage | ErrorR
             if missing:
                 yield ErrorRecord(url, url, "read", f"parquet shard lacks column(s) {', '.join(sorted(missing))}")
                 return
-            columns = ["image_id", "image"] + (["label"] if "label" in names else [])
-            fmt_col = "format" if "format" in names else None
-            for batch in pf.iter_batches(columns=columns + ([fmt_col] if fmt_col else []), batch_size=256):
+            columns = ["image_id", "image"] + [c for c in ("label", "format") if c in names]
+            seen: set[str] = set()
+            for batch in pf.iter_batches(columns=columns, batch_size=64):
                 for row in batch.to_pylist():
-                    image_id = str(row["image_id"])
-                    data = row["image"]
-                    if data is None:
-                        yield ErrorRecord(image_id, url, "read", "image bytes are null")
-                        continue
-                    fmt = (row.get(fmt_col) or "") if fmt_col else ""
-                    yield RawImage(image_id, url, data, fmt.lower() or sniff_format(data), row.get("label"))
+                    yield _parquet_record(row, url, seen, max_pixels)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for corrupt files
         yield ErrorRecord(url, url, "read", f"unreadable parquet shard: {type(e).__name__}: {e}")
 
 
-def _read_image_file(url: str, storage_options: dict) -> Iterator[RawImage | ErrorRecord]:
-    image_id = posixpath.basename(url)
+def _parquet_record(row: dict, url: str, seen: set[str], max_pixels: int) -> RawImage | ErrorRecord:
+    image_id, data = str(row["image_id"]), row["image"]
+    if image_id in seen:
+        return ErrorRecord(image_id, url, "read", "duplicate image id within the shard (the first one was read)")
+    seen.add(image_id)
+    if data is None:
+        return ErrorRecord(image_id, url, "read", "image bytes are null")
+    if not isinstance(data, bytes):
+        return ErrorRecord(image_id, url, "read", f"image column holds {type(data).__name__}, not bytes")
+    fmt = row.get("format")
+    fmt = fmt.lower() if isinstance(fmt, str) and fmt else sniff_format(data)
+    problem = image_problem(fmt, len(data), data[:NPY_HEADER_PEEK], max_pixels)
+    if problem:
+        return ErrorRecord(image_id, url, "read", problem)
     try:
-        with fsspec.open(url, "rb", **storage_options) as f:
-            data = f.read()
+        return RawImage(image_id, url, data, fmt, parse_label(row.get("label")))
+    except ValueError as e:
+        return ErrorRecord(image_id, url, "read", str(e))
+
+
+def _read_image_file(url: str, storage_options: dict, max_pixels: int) -> Iterator[RawImage | ErrorRecord]:
+    image_id, fmt = posixpath.basename(url), url.rsplit(".", 1)[-1].lower()
+    try:
+        opened = fsspec.open(url, "rb", **storage_options)
+        with opened as f:
+            size = opened.fs.size(opened.path)
+            head = f.read(NPY_HEADER_PEEK)
+            problem = image_problem(fmt, size, head, max_pixels) if size is not None else None
+            if not problem:  # read at most one byte over the limit, whatever the size said
+                data = head + f.read(max_image_bytes(max_pixels) + 1 - len(head))
+                problem = image_problem(fmt, len(data), head, max_pixels)
     except Exception as e:
         yield ErrorRecord(image_id, url, "read", f"cannot read file: {type(e).__name__}: {e}")
         return
-    yield RawImage(image_id, url, data, url.rsplit(".", 1)[-1].lower())
+    if problem:
+        yield ErrorRecord(image_id, url, "read", problem)
+        return
+    yield RawImage(image_id, url, data, fmt)
 
 
 def sniff_format(data: bytes) -> str:

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 
 import numpy as np
+
+# Preprocessing's default --max-pixels; here so the readers can size-check without importing torch.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+# " at 0x7f..." in object reprs (PIL and tarfile name the BytesIO they read): differs per run.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 @dataclasses.dataclass
@@ -24,9 +30,13 @@ class ErrorRecord:
 
     image_id: str
     source: str
-    stage: str  # read | decode | preprocess | explain
+    stage: str  # read | decode | preprocess | model | target | explain
     reason: str
     method: str | None = None
+
+    def __post_init__(self):
+        # Reasons must be the same on every rerun, so no memory addresses.
+        self.reason = _ADDRESS.sub("", str(self.reason))
 
 
 @dataclasses.dataclass

@@ -112,6 +112,18 @@ def extra_value(value: Any) -> Any:
     return value
 
 
+def map_problem(saliency: np.ndarray) -> str | None:
+    """Why a map cannot be stored (NaN or infinite values, in it or in its float32
+    statistics), or None."""
+    if not np.isfinite(saliency).all():
+        return "the map has NaN or infinite values"
+    with np.errstate(over="ignore"):
+        statistics = np.array(list(map_statistics(saliency).values()), dtype=np.float32)
+    if not np.isfinite(statistics).all():
+        return "the map's sum or mean overflows float32"
+    return None
+
+
 def map_statistics(saliency: np.ndarray) -> dict[str, float]:
     return {
         "saliency_min": float(saliency.min()),
