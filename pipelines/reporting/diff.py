@@ -5,29 +5,33 @@ Per (image, method) present in both: the Spearman rank correlation and the SSIM 
 maps, the overlap of their top-k pixels (ranked by signed value, the convention of the
 deletion metric: the evidence *for* the class), and the change in prediction and score.
 Writes ``DIR/diff/part-00000-of-00001.parquet`` and ``DIR/diff.html``, which leads with the
-images whose explanation moved most. Maps are read a chunk of images at a time, so memory
-stays bounded on large audits.
+images whose explanation moved most. Maps are streamed from Arrow to numpy a chunk at a time
+(as many images as fit MAP_BUDGET bytes per audit) and the rows are written as each chunk is
+compared, so memory stays bounded whatever the size of the audits.
 """
 from __future__ import annotations
 
-import io
-import math
+import dataclasses
 from collections import defaultdict
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
 from explainers.metrics import spearman_rank_correlation, ssim
 from pipelines.reporting import render
-from pipelines.reporting.audit_dir import AuditDir, saliency_map
-from pipelines.reporting.html import Raw, esc, img, page, paragraph, table
+from pipelines.reporting.audit_dir import AuditDir
+from pipelines.reporting.html import img, markup, page, paragraph, table
 from transforms import storage
 
-CHUNK = 2048  # images whose maps are held in memory at once
+# Bytes of float32 maps held per audit at once (at least one image). The metrics' work arrays
+# (float64 copies, sort indices, ranks, SSIM's blurred moments) take about 40 times as much, so
+# diff peaks near 0.7 GB above the interpreter, whatever the size of the audits.
+MAP_BUDGET = 16 << 20
 DIFF_SCHEMA = pa.schema([
     pa.field("image_id", pa.string()),
     pa.field("method", pa.string()),
@@ -42,7 +46,7 @@ DIFF_SCHEMA = pa.schema([
     pa.field("top_k", pa.int32()),
     pa.field("ssim", pa.float32()),                   # maps min-max scaled on their own first
 ])
-_ROW_COLUMNS = ["image_id", "method", "label", "target", "predicted", "score", "height", "width", "saliency"]
+_KEY_COLUMNS = ["image_id", "method", "label", "target", "predicted", "score", "height", "width"]
 
 
 def top_k_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,54 +65,180 @@ def pixels_for(top_k: float, pixels: int) -> int:
     return max(1, min(pixels, k))
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+@dataclasses.dataclass
+class Chunk:
+    """Images of one method whose maps share a shape and fit the memory budget together."""
+    method: str
+    height: int
+    width: int
+    ids: list[str]
 
 
-def compare(rows_a: list[dict], rows_b: dict[str, dict], top_k: float) -> list[dict]:
-    """Diff rows of one method's image rows in A against B's rows by image id."""
-    groups = defaultdict(list)  # maps of one shape are compared in one batch
-    for a in rows_a:
-        b = rows_b.get(a["image_id"])
-        if b is not None and (a["height"], a["width"]) == (b["height"], b["width"]):
-            groups[(a["height"], a["width"])].append((a, b))
-    out = []
-    for (height, width), pairs in groups.items():
-        maps_a = torch.from_numpy(np.stack([saliency_map(a) for a, _ in pairs]))
-        maps_b = torch.from_numpy(np.stack([saliency_map(b) for _, b in pairs]))
-        k = pixels_for(top_k, height * width)
-        rho = spearman_rank_correlation(maps_a, maps_b).tolist()
-        overlap = top_k_overlap(maps_a, maps_b, k).tolist()
-        similarity = ssim(maps_a, maps_b).tolist()
-        for i, (a, b) in enumerate(pairs):
-            out.append({"image_id": a["image_id"], "method": a["method"], "label": a["label"],
-                        "target_a": a["target"], "target_b": b["target"],
-                        "predicted_a": a["predicted"], "predicted_b": b["predicted"],
-                        "prediction_changed": a["predicted"] != b["predicted"],
-                        "score_a": a["score"], "score_b": b["score"], "score_change": b["score"] - a["score"],
-                        "rank_correlation": _finite(rho[i]), "top_k_overlap": overlap[i], "top_k": k,
-                        "ssim": _finite(similarity[i])})
-    return out
+def _scalars(audit: AuditDir) -> dict[tuple[str, str], dict]:
+    """(image_id, method) -> the row's scalar columns (no maps)."""
+    return {(r["image_id"], r["method"]): r for r in audit.rows("saliency", _KEY_COLUMNS)}
 
 
-def diff_rows(audit_a: AuditDir, audit_b: AuditDir, top_k: float) -> tuple[list[dict], dict[str, Any]]:
-    """All diff rows, and what could not be compared (pairs only in A, only in B, other shapes)."""
-    keys_a = {(r["image_id"], r["method"]) for r in audit_a.rows("saliency", ["image_id", "method"])}
-    keys_b = {(r["image_id"], r["method"]) for r in audit_b.rows("saliency", ["image_id", "method"])}
-    common = keys_a & keys_b
-    by_method = defaultdict(list)
-    for image_id, method in sorted(common):
-        by_method[method].append(image_id)
-    rows = []
-    for method, ids in sorted(by_method.items()):
-        for start in range(0, len(ids), CHUNK):
-            where = (ds.field("method") == method) & ds.field("image_id").isin(ids[start:start + CHUNK])
-            rows_a = audit_a.rows("saliency", _ROW_COLUMNS, where)
-            rows_b = {r["image_id"]: r for r in audit_b.rows("saliency", _ROW_COLUMNS, where)}
-            rows += compare(rows_a, rows_b, top_k)
-    info = {"only_a": len(keys_a - keys_b), "only_b": len(keys_b - keys_a),
-            "different_shapes": len(common) - len(rows)}
-    return rows, info
+def plan_chunks(pairs: list[tuple[str, str, int, int]], budget: int = MAP_BUDGET) -> Iterator[Chunk]:
+    """(image_id, method, height, width) pairs -> chunks in (method, shape, image id) order, each
+    holding as many images as fit ``budget`` bytes of float32 maps, and at least one."""
+    groups = defaultdict(list)
+    for image_id, method, height, width in pairs:
+        groups[(method, height, width)].append(image_id)
+    for (method, height, width), ids in sorted(groups.items()):
+        ids.sort()
+        per_chunk = max(1, budget // (4 * height * width))
+        for start in range(0, len(ids), per_chunk):
+            yield Chunk(method, height, width, ids[start:start + per_chunk])
+
+
+class MapReader:
+    """Reads the maps of chunks of images from one audit's saliency files, bounded in memory.
+
+    Files are streamed in record batches of about a quarter of the budget (a dataset scan would
+    decode a file's whole row group, which the audit writes as one), only the files that hold a
+    chunk's rows are opened, each is left as soon as it has given them, and maps go from Arrow
+    buffers to numpy without a Python object per value."""
+
+    def __init__(self, audit: AuditDir, budget: int = MAP_BUDGET):
+        dataset = audit._dataset("saliency")
+        self.budget, self.files = budget, list(dataset.files) if dataset is not None else []
+        self.filesystem = dataset.filesystem if dataset is not None else None
+        self.where: dict[tuple[str, str], int] = {}  # (image_id, method) -> index of its file
+        for index, path in enumerate(self.files):
+            with self.filesystem.open_input_file(path) as f:
+                keys = pq.read_table(f, columns=["image_id", "method"])
+            self.where.update(dict.fromkeys(zip(keys.column("image_id").to_pylist(),
+                                                keys.column("method").to_pylist()), index))
+
+    def read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+        """The chunk's maps [N,H,W] float32 (in chunk.ids order) and which of them were found."""
+        position = {image_id: i for i, image_id in enumerate(chunk.ids)}
+        maps = np.zeros((len(chunk.ids), chunk.height, chunk.width), dtype=np.float32)
+        found = np.zeros(len(chunk.ids), dtype=bool)
+        per_file = defaultdict(int)
+        for image_id in chunk.ids:
+            if (image_id, chunk.method) in self.where:
+                per_file[self.where[(image_id, chunk.method)]] += 1
+        pixels = chunk.height * chunk.width
+        wanted = pa.array(chunk.ids, pa.string())
+        for index, expected in sorted(per_file.items()):
+            with self.filesystem.open_input_file(self.files[index]) as f:
+                batches = pq.ParquetFile(f, pre_buffer=False).iter_batches(
+                    batch_size=max(1, self.budget // 4 // (4 * pixels)), columns=["image_id", "method", "saliency"])
+                for batch in batches:
+                    keep = pc.and_(pc.equal(batch.column("method"), chunk.method),
+                                   pc.is_in(batch.column("image_id"), value_set=wanted))
+                    batch = batch.filter(pc.fill_null(keep, False))
+                    expected -= batch.num_rows
+                    _fill(batch, position, pixels, maps, found)
+                    if expected <= 0:
+                        break
+        return maps, found
+
+
+def _fill(batch: pa.RecordBatch, position: dict[str, int], pixels: int, maps: np.ndarray, found: np.ndarray) -> None:
+    """Copy a batch's maps into their rows of ``maps`` (views of Arrow's buffers, no Python floats)."""
+    lists = batch.column("saliency")
+    offsets, values = lists.offsets.to_numpy(), lists.values.to_numpy(zero_copy_only=False)
+    valid = pc.is_valid(lists).to_numpy(zero_copy_only=False)
+    for row, image_id in enumerate(batch.column("image_id").to_pylist()):
+        start, stop = offsets[row], offsets[row + 1]
+        if valid[row] and stop - start == pixels:  # a map of another size than its row says is not compared
+            maps[position[image_id]].reshape(-1)[:] = values[start:stop]
+            found[position[image_id]] = True
+
+
+def compare(chunk: Chunk, maps_a: np.ndarray, maps_b: np.ndarray, scalars_a: list[dict], scalars_b: list[dict],
+            top_k: float) -> pa.Table:
+    """The diff rows of one chunk (maps and scalar rows aligned with chunk.ids)."""
+    a, b = torch.from_numpy(maps_a), torch.from_numpy(maps_b)
+    k = pixels_for(top_k, chunk.height * chunk.width)
+    rho = spearman_rank_correlation(a, b).numpy()
+    similarity = ssim(a, b).numpy()
+    score_a = np.array([r["score"] for r in scalars_a], dtype=np.float64)
+    score_b = np.array([r["score"] for r in scalars_b], dtype=np.float64)
+    columns = {
+        "image_id": chunk.ids, "method": [chunk.method] * len(chunk.ids), "label": [r["label"] for r in scalars_a],
+        "target_a": [r["target"] for r in scalars_a], "target_b": [r["target"] for r in scalars_b],
+        "predicted_a": [r["predicted"] for r in scalars_a], "predicted_b": [r["predicted"] for r in scalars_b],
+        "prediction_changed": [x["predicted"] != y["predicted"] for x, y in zip(scalars_a, scalars_b)],
+        "score_a": score_a.astype(np.float32), "score_b": score_b.astype(np.float32),
+        "score_change": (score_b - score_a).astype(np.float32),
+        "rank_correlation": pa.array(rho, pa.float32(), mask=~np.isfinite(rho)),
+        "top_k_overlap": top_k_overlap(a, b, k).numpy(), "top_k": np.full(len(chunk.ids), k, dtype=np.int32),
+        "ssim": pa.array(similarity, pa.float32(), mask=~np.isfinite(similarity)),
+    }
+    return pa.Table.from_pydict(columns, schema=DIFF_SCHEMA)
+
+
+class PageSummary:
+    """What diff.html needs from the rows, gathered chunk by chunk: the ``show`` pairs that moved
+    most, and per method the values behind the means."""
+
+    _ORDER = [("rank_correlation", "ascending", "at_end"), ("top_k_overlap", "ascending", "at_end"),
+              ("image_id", "ascending", "at_end"), ("method", "ascending", "at_end")]
+
+    def __init__(self, show: int):
+        self.show, self.moved, self.k = show, [], None
+        self.per_method: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.pairs = 0
+
+    def add(self, rows: pa.Table) -> None:
+        self.pairs += rows.num_rows
+        self.k = self.k if self.k is not None else rows.column("top_k")[0].as_py()
+        order = pc.sort_indices(rows, sort_keys=self._ORDER)
+        self.moved = _moved_most(self.moved + rows.take(order[: self.show]).to_pylist())[: self.show]
+        for method in pc.unique(rows.column("method")).to_pylist():
+            mine = rows.filter(pc.equal(rows.column("method"), method))
+            columns = {name: mine.column(name).to_numpy(zero_copy_only=False)
+                       for name in ("rank_correlation", "top_k_overlap", "ssim", "prediction_changed")}
+            # the change in double precision, as the page has always shown it
+            columns["score_change"] = (mine.column("score_b").to_numpy().astype(np.float64)
+                                       - mine.column("score_a").to_numpy().astype(np.float64))
+            for name, values in columns.items():
+                self.per_method[method][name].append(values)
+
+    def method_rows(self) -> list[list]:
+        out = []
+        for method, columns in sorted(self.per_method.items()):
+            values = {name: np.concatenate(parts) for name, parts in columns.items()}
+            out.append([method, len(values["top_k_overlap"]), _mean(values["rank_correlation"]),
+                        _mean(values["top_k_overlap"]), _mean(values["ssim"]),
+                        int(values["prediction_changed"].astype(bool).sum()), _mean(values["score_change"])])
+        return out
+
+
+def diff_tables(audit_a: AuditDir, audit_b: AuditDir, top_k: float, budget: int = MAP_BUDGET
+                ) -> tuple[Iterator[pa.Table], dict[str, Any]]:
+    """The diff rows a chunk at a time, and what could not be compared (pairs only in A, only in B,
+    maps of other shapes); info["different_shapes"] is final once the tables are consumed."""
+    scalars_a, scalars_b = _scalars(audit_a), _scalars(audit_b)
+    common = scalars_a.keys() & scalars_b.keys()
+    same = [(i, m, scalars_a[(i, m)]["height"], scalars_a[(i, m)]["width"]) for i, m in common
+            if (scalars_a[(i, m)]["height"], scalars_a[(i, m)]["width"])
+            == (scalars_b[(i, m)]["height"], scalars_b[(i, m)]["width"])]
+    info = {"only_a": len(scalars_a.keys() - scalars_b.keys()), "only_b": len(scalars_b.keys() - scalars_a.keys()),
+            "different_shapes": len(common)}
+
+    def tables() -> Iterator[pa.Table]:
+        reader_a, reader_b = MapReader(audit_a, budget), MapReader(audit_b, budget)
+        for chunk in plan_chunks(same, budget):
+            maps_a, found_a = reader_a.read(chunk)
+            maps_b, found_b = reader_b.read(chunk)
+            keep = found_a & found_b
+            if not keep.any():
+                continue
+            chunk.ids = [i for i, k in zip(chunk.ids, keep) if k]
+            if not keep.all():  # rows whose map is missing or of another size than the row says
+                maps_a, maps_b = maps_a[keep], maps_b[keep]
+            rows = compare(chunk, maps_a, maps_b, [scalars_a[(i, chunk.method)] for i in chunk.ids],
+                           [scalars_b[(i, chunk.method)] for i in chunk.ids], top_k)
+            del maps_a, maps_b
+            info["different_shapes"] -= rows.num_rows
+            yield rows
+
+    return tables(), info
 
 
 def _moved_most(rows: list[dict]) -> list[dict]:
@@ -118,23 +248,36 @@ def _moved_most(rows: list[dict]) -> list[dict]:
                                        r["top_k_overlap"], r["image_id"], r["method"]))
 
 
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
+def _mean(values: np.ndarray) -> float | None:
+    values = values[~np.isnan(values)] if values.dtype.kind == "f" else values
+    return float(np.mean(values, dtype=np.float64)) if len(values) else None
 
 
-def diff_page(audit_a: AuditDir, audit_b: AuditDir, rows: list[dict], info: dict[str, Any], show: int) -> str:
-    moved = _moved_most(rows)[:show]
-    ids = {r["image_id"] for r in moved}
-    maps_a, maps_b = audit_a.map_rows(ids), audit_b.map_rows(ids)
-    images = audit_a.images({i: r["source"] for (i, _), r in maps_a.items()})
+def shown_maps(audit: AuditDir, pairs: set[tuple[str, str]]) -> tuple[dict[tuple[str, str], np.ndarray], dict]:
+    """The maps of a few (image_id, method) pairs, read as the diff reads them, and their sources."""
+    where = ds.field("image_id").isin(sorted({i for i, _ in pairs}))
+    meta = {(r["image_id"], r["method"]): r
+            for r in audit.rows("saliency", ["image_id", "method", "source", "height", "width"], where)}
+    meta = {key: r for key, r in meta.items() if key in pairs}
+    reader, maps = MapReader(audit, MAP_BUDGET), {}
+    for chunk in plan_chunks([(i, m, r["height"], r["width"]) for (i, m), r in meta.items()], MAP_BUDGET):
+        values, found = reader.read(chunk)
+        maps.update({(i, chunk.method): v for i, v, ok in zip(chunk.ids, values, found) if ok})
+    return maps, {i: r["source"] for (i, _), r in meta.items()}
+
+
+def diff_page(audit_a: AuditDir, audit_b: AuditDir, summary: PageSummary, info: dict[str, Any]) -> str:
+    moved = summary.moved
+    pairs = {(r["image_id"], r["method"]) for r in moved}
+    (maps_a, sources), (maps_b, _) = shown_maps(audit_a, pairs), shown_maps(audit_b, pairs)
+    images = audit_a.images(sources)
 
     def picture(maps, audit, row):
-        found = maps.get((row["image_id"], row["method"]))
+        values = maps.get((row["image_id"], row["method"]))
         image = images.get(row["image_id"])
-        if found is None:
+        if values is None:
             return "\u2013"
-        values, signed = saliency_map(found), audit.signed(row["method"])
+        signed = audit.signed(row["method"])
         rgb = render.overlay(image, values, signed) if image is not None else render.colour_map(values, signed)
         return img(render.data_uri(render.fit(rgb, 128)), f"{row['method']} on {row['image_id']}", 96)
 
@@ -144,15 +287,10 @@ def diff_page(audit_a: AuditDir, audit_b: AuditDir, rows: list[dict], info: dict
             return "\u2013"
         return img(render.data_uri(render.fit(render.as_rgb(image), 128)), image_id, 96)
 
-    lead = [[Raw(f"{image_tag(r['image_id'])}<br>{esc(r['image_id'])}"), r["method"],
+    lead = [[markup("{}<br>{}", image_tag(r["image_id"]), r["image_id"]), r["method"],
              picture(maps_a, audit_a, r), picture(maps_b, audit_b, r), r["rank_correlation"], r["top_k_overlap"],
-             r["ssim"], f"{r['predicted_a']} \u2192 {r['predicted_b']}", f"{r['score_change']:+.3f}"] for r in moved]
-    per_method = defaultdict(list)
-    for r in rows:
-        per_method[r["method"]].append(r)
-    summary = [[m, len(rs), _mean(r["rank_correlation"] for r in rs), _mean(r["top_k_overlap"] for r in rs),
-                _mean(r["ssim"] for r in rs), sum(r["prediction_changed"] for r in rs),
-                _mean(r["score_change"] for r in rs)] for m, rs in sorted(per_method.items())]
+             r["ssim"], f"{r['predicted_a']} \u2192 {r['predicted_b']}",
+             f"{r['score_b'] - r['score_a']:+.3f}"] for r in moved]
     ma, mb = audit_a.manifest, audit_b.manifest
 
     def describe(m):
@@ -161,7 +299,7 @@ def diff_page(audit_a: AuditDir, audit_b: AuditDir, rows: list[dict], info: dict
         return (f"run {m.get('run_id')} ({m.get('finished')}): {model.get('model')} {model.get('weights') or ''} "
                 f"sha256 {digest}")
 
-    k = rows[0]["top_k"] if rows else None
+    k = summary.k
     sections = [
         ("moved", "Explanations that moved most",
          paragraph(f"The {len(moved)} (image, method) pairs with the lowest rank correlation between the two audits' "
@@ -171,7 +309,7 @@ def diff_page(audit_a: AuditDir, audit_b: AuditDir, rows: list[dict], info: dict
                   "score change"], lead, "gallery")),
         ("methods", "Per method",
          table(["method", "pairs", "mean rank correlation", f"mean top-{k} overlap", "mean SSIM",
-                "predictions changed", "mean score change"], summary)
+                "predictions changed", "mean score change"], summary.method_rows())
          + paragraph(f"Not compared: {info['only_a']} pair(s) only in A, {info['only_b']} only in B, "
                      f"{info['different_shapes']} with maps of different sizes.")),
         ("audits", "The two audits", table([], [("A", describe(ma)), ("B", describe(mb))], "kv")
@@ -179,7 +317,7 @@ def diff_page(audit_a: AuditDir, audit_b: AuditDir, rows: list[dict], info: dict
                      "share of A's k highest pixels that are also among B's. Score: the explained class's "
                      "probability; change = B - A.")),
     ]
-    return page("Saliency audit diff", f"{len(rows)} (image, method) pairs compared; A = {audit_a.path}, "
+    return page("Saliency audit diff", f"{summary.pairs} (image, method) pairs compared; A = {audit_a.path}, "
                                        f"B = {audit_b.path}", sections)
 
 
@@ -188,13 +326,17 @@ def diff_audits(directory_a: str, directory_b: str, output: str, *, top_k: float
     if top_k <= 0:
         raise ValueError(f"--top-k must be positive, got {top_k}")
     audit_a, audit_b = AuditDir(directory_a, storage_options), AuditDir(directory_b, storage_options)
-    rows, info = diff_rows(audit_a, audit_b, top_k)
-    if not rows:
+    tables, info = diff_tables(audit_a, audit_b, top_k, MAP_BUDGET)
+    summary = PageSummary(show)
+    encoded = pa.BufferOutputStream()  # the compressed scalar rows only: tens of bytes a pair
+    with pq.ParquetWriter(encoded, DIFF_SCHEMA, compression="zstd") as writer:
+        for rows in tables:
+            writer.write_table(rows)
+            summary.add(rows)
+    if not summary.pairs:
         raise ValueError(f"{directory_a} and {directory_b} share no (image, method) pair with maps of one size")
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=DIFF_SCHEMA), buffer, compression="zstd")
     table_url = storage.join(output, "diff", "part-00000-of-00001.parquet")
-    storage.write_bytes_atomic(table_url, buffer.getvalue(), storage_options)
+    storage.write_bytes_atomic(table_url, encoded.getvalue().to_pybytes(), storage_options)
     page_url = storage.join(output, "diff.html")
-    storage.write_bytes_atomic(page_url, diff_page(audit_a, audit_b, rows, info, show).encode(), storage_options)
-    return {"pairs": len(rows), "table": table_url, "page": page_url, **info}
+    storage.write_bytes_atomic(page_url, diff_page(audit_a, audit_b, summary, info).encode(), storage_options)
+    return {"pairs": summary.pairs, "table": table_url, "page": page_url, **info}

@@ -18,6 +18,12 @@ def esc(value: Any) -> str:
     return value if isinstance(value, Raw) else html.escape(str(value))
 
 
+def markup(template: str, *args: Any, **kwargs: Any) -> Raw:
+    """``template`` (our HTML, with ``{}`` fields) filled with escaped values: the one way data
+    enters a tag, so an image id or a reason can never become markup."""
+    return Raw(template.format(*map(esc, args), **{k: esc(v) for k, v in kwargs.items()}))
+
+
 def number(value: Any, digits: int = 3) -> str:
     """A value for a table cell: None -> an en dash, floats to ``digits`` significant digits."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -39,15 +45,15 @@ def table(headers: Iterable[Any], rows: Iterable[Iterable[Any]], css: str = "") 
     headers = list(headers)
     head = f'<thead><tr>{"".join(f"<th>{esc(h)}</th>" for h in headers)}</tr></thead>' if any(headers) else ""
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return Raw(f'<table class="{css}">{head}<tbody>{body}</tbody></table>')
+    return Raw(f'<table class="{esc(css)}">{head}<tbody>{body}</tbody></table>')
 
 
 def img(uri: str, alt: str, width: int, title: str = "") -> Raw:
-    return Raw(f'<img src="{uri}" alt="{esc(alt)}" title="{esc(title or alt)}" width="{width}">')
+    return markup('<img src="{}" alt="{}" title="{}" width="{}">', uri, alt, title or alt, int(width))
 
 
 def section(anchor: str, title: str, *parts: str) -> Raw:
-    return Raw(f'<section id="{anchor}"><h2>{esc(title)}</h2>{"".join(parts)}</section>')
+    return markup('<section id="{}"><h2>{}</h2>{}</section>', anchor, title, Raw("".join(parts)))
 
 
 def paragraph(text: str) -> Raw:
@@ -55,7 +61,7 @@ def paragraph(text: str) -> Raw:
 
 
 def details(summary: str, content: str) -> Raw:
-    return Raw(f"<details><summary>{esc(summary)}</summary>{content}</details>")
+    return markup("<details><summary>{}</summary>{}</details>", summary, Raw(content))
 
 
 _CSS = """
@@ -75,7 +81,7 @@ details{margin:8px 0}.plots svg{margin:0 12px 12px 0}.kv th{width:180px}
 
 def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
     """sections: (anchor, title, html). Returns the whole document."""
-    nav = " ".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in sections)
+    nav = " ".join(markup('<a href="#{}">{}</a>', a, t) for a, t, _ in sections)
     body = "".join(section(a, t, content) for a, t, content in sections)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'

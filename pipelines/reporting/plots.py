@@ -37,7 +37,7 @@ def histogram(values, reference=None, *, title: str, value_range: tuple[float, f
              f'<title>{esc(title)}</title>',
              f'<text x="{left}" y="12" {_FONT} font-weight="600">{esc(title)}</text>',
              f'<text x="{left}" y="25" {_FONT} fill="#555">n {len(values)}, mean '
-             f'{number(float(np.mean(values)) if values else None)}</text>']
+             f'{esc(number(float(np.mean(values)) if values else None))}</text>']
     for i, count in enumerate(counts):
         if count:
             parts.append(f'<rect x="{left + i * bar:.1f}" y="{y(count):.1f}" width="{max(bar - 1, 1):.1f}" '
@@ -47,8 +47,8 @@ def histogram(values, reference=None, *, title: str, value_range: tuple[float, f
                          for i, c in enumerate(ref_counts))
         parts.append(f'<polyline points="{steps}" fill="none" stroke="#777" stroke-width="1.2"/>')
     parts += [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>',
-              f'<text x="{left}" y="{height - 4}" {_FONT}>{number(low)}</text>',
-              f'<text x="{right}" y="{height - 4}" {_FONT} text-anchor="end">{number(high)}</text>', "</svg>"]
+              f'<text x="{left}" y="{height - 4}" {_FONT}>{esc(number(low))}</text>',
+              f'<text x="{right}" y="{height - 4}" {_FONT} text-anchor="end">{esc(number(high))}</text>', "</svg>"]
     return Raw("".join(parts))
 
 
@@ -73,8 +73,8 @@ def line_chart(x_labels: list[str], series: dict[str, list[float | None]], *, ti
              f'<text x="{left}" y="14" {_FONT} font-weight="600">{esc(title)}</text>',
              f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#333"/>',
-             f'<text x="{left - 4}" y="{py(high) + 4:.1f}" {_FONT} text-anchor="end">{number(high)}</text>',
-             f'<text x="{left - 4}" y="{py(low) + 4:.1f}" {_FONT} text-anchor="end">{number(low)}</text>',
+             f'<text x="{left - 4}" y="{py(high) + 4:.1f}" {_FONT} text-anchor="end">{esc(number(high))}</text>',
+             f'<text x="{left - 4}" y="{py(low) + 4:.1f}" {_FONT} text-anchor="end">{esc(number(low))}</text>',
              f'<text x="10" y="{(top + bottom) / 2:.1f}" {_FONT} transform="rotate(-90 10 {(top + bottom) / 2:.1f})" '
              f'text-anchor="middle">{esc(y_label)}</text>']
     if low < 0 < high:

@@ -17,7 +17,7 @@ import numpy as np
 
 from pipelines.reporting import render
 from pipelines.reporting.audit_dir import AuditDir, saliency_map
-from pipelines.reporting.html import Raw, details, esc, img, number, page, paragraph, table
+from pipelines.reporting.html import Raw, details, img, markup, number, page, paragraph, table
 from pipelines.reporting.plots import histogram, line_chart
 from transforms import storage
 from transforms.rows import ABELE_COLUMNS, RISE_COLUMNS
@@ -79,7 +79,7 @@ class Thumbnails:
                          f"{method} overlay, {image_id}")
 
     def pair(self, image_id: str, method: str) -> Raw:
-        return Raw(f'<span class="pair">{self.map(image_id, method)}{self.overlay(image_id, method)}</span>')
+        return markup('<span class="pair">{}{}</span>', self.map(image_id, method), self.overlay(image_id, method))
 
 
 class Report:
@@ -145,7 +145,7 @@ class Report:
                 + "<h3>Method options</h3>" + table(["method", "options"], options, "kv")
                 + "<h3>Conventions</h3>" + table([], conventions, "kv")
                 + paragraph(render.DISPLAY_NOTE)
-                + details("The whole manifest.json", f"<pre>{esc(json.dumps(m, indent=2, default=str))}</pre>"))
+                + details("The whole manifest.json", markup("<pre>{}</pre>", json.dumps(m, indent=2, default=str))))
 
     def _present(self, metric: str) -> bool:
         return any(s.get(f"mean_{metric}") is not None for s in self.overall.values())
@@ -170,7 +170,8 @@ class Report:
             s, c = self.overall.get(method, {}), counts.get(method, {})
             rows.append([method, "signed" if self.audit.signed(method) else "unsigned", c.get("explained"),
                          c.get("errors"), s.get("mean_time_ms"), s.get("accuracy")]
-                        + [Raw(f"{number(s.get(f'mean_{a}'))} ({number(s.get(f'mean_{b}'))})") for a, b, _ in pairs]
+                        + [markup("{} ({})", number(s.get(f"mean_{a}")), number(s.get(f"mean_{b}")))
+                           for a, b, _ in pairs]
                         + ([s.get("mean_gini")] if self._present("gini") else [])
                         + ([self._verdict(method)] if sanity else []))
         parts = [table(headers, rows), paragraph("Means over all explained images.")]
@@ -180,7 +181,8 @@ class Report:
                       table(["method", *(m.replace("_", " ") for m in abele)],
                             [[method, *(self.overall.get(method, {}).get(f"mean_{m}") for m in abele)]
                              for method in self.methods])]
-        parts += [f'<p class="note">{esc(text)}</p>' for metric, text in METRIC_NOTES.items() if self._present(metric)]
+        parts += [markup('<p class="note">{}</p>', text) for metric, text in METRIC_NOTES.items()
+                  if self._present(metric)]
         stats = [(method, metric, s.get(f"mean_{metric}"), s.get(f"p10_{metric}"), s.get(f"median_{metric}"),
                   s.get(f"p90_{metric}")) for method, s in self.overall.items()
                  for metric in (*RISE_COLUMNS, *ABELE_COLUMNS) if s.get(f"mean_{metric}") is not None]
@@ -224,7 +226,7 @@ class Report:
                          for key, title in (("rank_correlation", "Spearman rank correlation with the trained maps"),
                                             ("ssim", "SSIM with the trained maps")))
         verdicts = [(m, v.get("rank_correlation"), v.get("rank_correlation_abs"), v.get("ssim"),
-                     Raw(f'<span class="flag">not checked: {esc(v["error"])}</span>') if v.get("error")
+                     markup('<span class="flag">not checked: {}</span>', v["error"]) if v.get("error")
                      else self._verdict(m))
                     for m, v in ((m, (sanity.get("methods") or {}).get(m)) for m in self.methods) if v]
         return (paragraph(f"Cascading randomisation (Adebayo et al. 2018): the model's layers are re-initialised "
@@ -241,7 +243,7 @@ class Report:
 
     def _gallery(self, ids: list[str], caption) -> str:
         header = ["image"] + self.methods
-        rows = [[Raw(f"{self.thumbs.image(i)}<br>{esc(caption(i))}")] + [self.thumbs.pair(i, m) for m in self.methods]
+        rows = [[markup("{}<br>{}", self.thumbs.image(i), caption(i))] + [self.thumbs.pair(i, m) for m in self.methods]
                 for i in ids]
         return table(header, rows, "gallery")
 
@@ -256,7 +258,7 @@ class Report:
         parts = [paragraph(f"Up to {self.per_class} images per class (the first by image id). Per method: the map, "
                            f"then the map over the image.")]
         for c in self.classes:
-            parts.append(f"<h3>Class {esc(c)}</h3>" + self._gallery(self.selection[f"class:{c}"], self._caption))
+            parts.append(markup("<h3>Class {}</h3>", c) + self._gallery(self.selection[f"class:{c}"], self._caption))
         return "".join(parts)
 
     def misclassified_section(self) -> str:
@@ -278,13 +280,13 @@ class Report:
             for kind in ("worst", "best"):
                 for image_id in self.selection[f"{kind}:{method}"]:
                     r = by_key[(image_id, method)]
-                    text = (f"{kind}: {image_id}, class {r['target']}<br>deletion {number(r['deletion_auc'])} vs "
-                            f"random {number(r['deletion_auc_random'])}<br>insertion {number(r['insertion_auc'])} vs "
-                            f"random {number(r['insertion_auc_random'])}")
-                    cells.append(Raw(f"{self.thumbs.image(image_id)}{self.thumbs.overlay(image_id, method)}"
-                                     f"<br>{text}"))
+                    cells.append(markup("{}{}<br>{}: {}, class {}<br>deletion {} vs random {}<br>insertion {} vs "
+                                        "random {}", self.thumbs.image(image_id), self.thumbs.overlay(image_id, method),
+                                        kind, image_id, r["target"], number(r["deletion_auc"]),
+                                        number(r["deletion_auc_random"]), number(r["insertion_auc"]),
+                                        number(r["insertion_auc_random"])))
             if cells:
-                parts.append(f"<h3>{esc(method)}</h3>" + table([], [cells], "gallery"))
+                parts.append(markup("<h3>{}</h3>", method) + table([], [cells], "gallery"))
         return "".join(parts)
 
     def distributions_section(self) -> str:
@@ -299,7 +301,7 @@ class Report:
             panels = "".join(histogram([r[metric] for r in self._rows_of(m)],
                                        [r[reference] for r in self._rows_of(m)] if reference else None,
                                        title=m, value_range=value_range) for m in self.methods)
-            parts.append(f"<h3>{esc(metric.replace('_', ' '))}</h3><div class=\"plots\">{panels}</div>")
+            parts.append(markup('<h3>{}</h3><div class="plots">{}</div>', metric.replace("_", " "), Raw(panels)))
         return "".join(parts)
 
     def relevance_section(self) -> str:
@@ -325,14 +327,15 @@ class Report:
         lines = []
         for key in ("rule", "counterfactuals"):
             if row.get(key):
-                lines.append(f"<b>{esc(key)}</b>: {esc(row[key])}")
+                lines.append(markup("<b>{}</b>: {}", key, row[key]))
         numbers = [f"{key} {number(row[key])}" for key in ("precision", "coverage", "fidelity", "r2")
                    if row.get(key) is not None]
         if numbers:
-            lines.append(esc(", ".join(numbers)))
+            lines.append(markup("{}", ", ".join(numbers)))
         if row.get("weights"):
             order = np.argsort(-np.abs(np.asarray(row["weights"])))[:5]
-            lines.append("<b>top superpixels</b>: " + esc(", ".join(f"{i} ({row['weights'][i]:+.3f})" for i in order)))
+            top = ", ".join(f"{i} ({row['weights'][i]:+.3f})" for i in order)
+            lines.append(markup("<b>top superpixels</b>: {}", top))
         return "<br>".join(lines)
 
     def _exemplars(self, row: dict, limit: int = 5) -> str:
@@ -345,14 +348,15 @@ class Report:
         for key in keys:
             images = render.flattened_images(row[key], row["height"], row["width"], channels)
             if images is None:
-                parts.append(f"<b>{esc(key)}</b>: {len(row[key])} values, not whole {row['height']}x{row['width']} "
-                             f"images")
+                parts.append(markup("<b>{}</b>: {} values, not whole {}x{} images", key, len(row[key]), row["height"],
+                                    row["width"]))
                 continue
             classes = row.get(f"{key[:-1]}_classes") or [row.get("predicted")] * len(images)
             tags = "".join(img(render.data_uri(render.fit(x, LONGEST)), f"{key[:-1].replace('_', ' ')}, class {c}", 56)
                            for x, c in zip(images[:limit], classes))
             shown = ", ".join(str(c) for c in classes[:limit])
-            parts.append(f"<b>{esc(key.replace('_', ' '))}</b> ({len(images)}; model's classes {esc(shown)}):<br>{tags}")
+            parts.append(markup("<b>{}</b> ({}; model's classes {}):<br>{}", key.replace("_", " "), len(images), shown,
+                                Raw(tags)))
         return "<br>".join(parts)
 
     def rules_section(self) -> str:
@@ -380,8 +384,8 @@ class Report:
                 else:
                     left = self.thumbs.image(image_id)
                 text = "<br>".join(p for p in (self._rule_text(row), self._exemplars(row)) if p)
-                rows.append([Raw(f"{left}<br>{esc(image_id)}"), self.thumbs.overlay(image_id, method), Raw(text)])
-            parts.append(f"<h3>{esc(method)}</h3>" + table(["image", "overlay", "explanation"], rows))
+                rows.append([markup("{}<br>{}", left, image_id), self.thumbs.overlay(image_id, method), Raw(text)])
+            parts.append(markup("<h3>{}</h3>", method) + table(["image", "overlay", "explanation"], rows))
         return "".join(parts)
 
     def errors_section(self) -> str:
