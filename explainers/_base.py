@@ -35,6 +35,22 @@ def forward_chunk(requested: int | None, device: torch.device | str) -> int:
     return CPU_FORWARD_CHUNK if torch.device(device).type == "cpu" else ACCELERATOR_FORWARD_CHUNK
 
 
+def padded_chunks(fn, inputs: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``fn`` over ``inputs`` in chunks of exactly ``chunk`` rows (the last one padded with copies of
+    its last row), concatenated. Kernels pick their blocking from the batch size, so a row's
+    result can differ in the last bits with the number of rows beside it; a fixed size makes it
+    depend on that row alone, so discrete decisions (argmax, rules, exemplar choice) do not
+    change with which other images share the batch."""
+    out = []
+    for start in range(0, len(inputs), chunk):
+        part = inputs[start:start + chunk]
+        n = len(part)
+        if n < chunk:
+            part = torch.cat([part, part[-1:].expand(chunk - n, *part.shape[1:])])
+        out.append(fn(part)[:n])
+    return torch.cat(out)
+
+
 def check_chunk(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")

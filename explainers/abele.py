@@ -24,7 +24,7 @@ import torch
 from scipy.special import ndtr, ndtri
 
 from explainers import _rules as rules
-from explainers._base import Explainer, Explanation, check_batch, check_chunk, forward_chunk
+from explainers._base import Explainer, Explanation, check_batch, check_chunk, forward_chunk, padded_chunks
 from explainers._blackbox import EvaluationMemo, image_seeds, run_searches
 from explainers._genetic import evolve, mutate, resample_genes
 from explainers._registry import register
@@ -141,19 +141,19 @@ class LatentBlackBox:
         return (np.stack([p for p, _ in found]) if found else np.zeros((0, 0), np.float32),
                 np.array([c for _, c in found], dtype=np.int64))
 
+    # Fixed-size chunks (explainers._base.padded_chunks): a code's decoding and class never depend
+    # on which other codes, of this image or of others in the batch, share its chunk.
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> torch.Tensor:
-        out = [self.aae.decode(torch.as_tensor(codes[s:s + self.max_forward_batch], device=self.device))
-               for s in range(0, len(codes), self.max_forward_batch)]
-        return torch.cat(out) if out else torch.zeros(0, *self.aae.config.image_shape, device=self.device)
+        if not len(codes):
+            return torch.zeros(0, *self.aae.config.image_shape, device=self.device)
+        return padded_chunks(self.aae.decode, torch.as_tensor(codes, device=self.device), self.max_forward_batch)
 
     @torch.inference_mode()
     def probabilities(self, codes: np.ndarray) -> np.ndarray:
-        out = []
-        for s in range(0, len(codes), self.max_forward_batch):
-            images = self.aae.decode(torch.as_tensor(codes[s:s + self.max_forward_batch], device=self.device))
-            out.append(torch.softmax(self.model(images).float(), dim=1).cpu().numpy())
-        return np.concatenate(out)
+        def classify(chunk):
+            return torch.softmax(self.model(self.aae.decode(chunk)).float(), dim=1)
+        return padded_chunks(classify, torch.as_tensor(codes, device=self.device), self.max_forward_batch).cpu().numpy()
 
     @torch.inference_mode()
     def prior_like(self, codes: np.ndarray, threshold: float) -> np.ndarray:
@@ -390,10 +390,11 @@ class Abele(Explainer):
         seeds = image_seeds(seeds, batch)
         rngs = [np.random.default_rng(s) for s in seeds]
         targets = [int(t) for t in targets]
+        chunk = forward_chunk(self.max_forward_batch, images.device)
         with torch.inference_mode():
-            z = aae.encode(images).float().cpu().numpy()
-            p_x = torch.softmax(self.model(images).float(), dim=1).cpu().numpy()
-        blackbox = LatentBlackBox(self.model, aae, batch, forward_chunk(self.max_forward_batch, images.device))
+            z = padded_chunks(aae.encode, images, chunk).float().cpu().numpy()
+            p_x = padded_chunks(lambda x: torch.softmax(self.model(x).float(), dim=1), images, chunk).cpu().numpy()
+        blackbox = LatentBlackBox(self.model, aae, batch, chunk)
 
         def valid(codes):
             return blackbox.prior_like(codes, self.valid_threshold)

@@ -11,7 +11,6 @@ import json
 import logging
 import platform
 import sys
-import uuid
 from importlib import metadata
 from typing import Any
 
@@ -21,16 +20,18 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.utils import shared
 
 from explainers import list_methods
-from pipelines.options import UsageError, parse_run_args
-from pipelines.preflight import preflight
-from pipelines.sanity import run_sanity_check
-from transforms import storage
+from pipelines.options import UsageError, parse_run_args, redact_argv
+from pipelines.preflight import check_shards, preflight
+from pipelines.sanity import SANITY_SCHEMA, run_sanity_check
+from transforms import map_storage, publication, storage
 from transforms.abele_protocol import AbeleProtocol
 from transforms.batching import ERRORS, READ, ReadShardBatches
+from transforms.duplicates import DropRepeatedIds, FirstShardOfRepeatedIds
 from transforms.explain import ExplainBatches, ExplainConfig
 from transforms.models import ModelSpec, model_hashes
-from transforms.parquet_sink import WriteParquet, write_empty_if_missing
+from transforms.parquet_sink import WriteParquet, write_table
 from transforms.preprocess import Preprocessing
+from transforms.publication import Heartbeat, Run
 from transforms.rows import ERROR_SCHEMA, SUMMARY_SCHEMA, saliency_schema
 from transforms.summary import Summarize
 
@@ -41,23 +42,7 @@ ABELE_CONVENTION = (
     "relevance_curve = the 3 x 21 flips, fill-major; stability_* = mean/max Lipschitz ratio against "
     "{n} salt-and-pepper copies (1/11 + 1/11) that keep the label; coherence_* = the same against up "
     "to {n} nearest images of the same batch with the same target and predicted class (null if none)")
-OUTPUTS = ("saliency", "summary", "errors")
-OPTIONAL_OUTPUTS = ("sanity",)  # published (empty when not asked for) so no stale result outlives a rerun
-
-
-def redact(argv: list[str]) -> list[str]:
-    """The command line for the manifest, with the value of --storage-options (keys, tokens)
-    replaced."""
-    out, hide = [], False
-    for arg in argv:
-        if hide:
-            out.append("<redacted>")
-        elif arg.startswith("--storage-options="):
-            out.append("--storage-options=<redacted>")
-        else:
-            out.append(arg)
-        hide = arg == "--storage-options"
-    return out
+OUTPUTS = ("saliency", "summary", "errors", "sanity")  # sanity: empty unless --sanity-check
 
 
 def parse_methods(text: str, method_options: dict[str, Any], aae: str | None,
@@ -98,53 +83,6 @@ def beam_pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, Any]:
     return options, runner_name
 
 
-def build_pipeline(p: beam.Pipeline, *, shards: list[str], staging: str, config: ExplainConfig,
-                   prep: Preprocessing, batch_size: int, output_files: int,
-                   storage_options: dict[str, Any], limit_per_shard: int | None = None) -> None:
-    batched = (p
-               | "Shards" >> beam.Create(shards)
-               | "SpreadShards" >> beam.Reshuffle()
-               | "ReadAndBatch" >> beam.ParDo(ReadShardBatches(prep, batch_size, storage_options, limit_per_shard))
-               .with_outputs(ERRORS, READ, main="batches"))
-    explained = (batched.batches
-                 | "SpreadBatches" >> beam.Reshuffle()
-                 | "Explain" >> beam.ParDo(ExplainBatches(config, shared.Shared())).with_outputs(ERRORS, main="rows"))
-    rows = explained.rows
-    schema = saliency_schema(config.methods)
-    rows | "WriteSaliency" >> WriteParquet(storage.join(staging, "saliency"), schema, num_files=output_files,
-                                           sort_by=["image_id", "method"], storage_options=storage_options)
-    (rows | "Summarize" >> Summarize()
-     | "WriteSummary" >> WriteParquet(storage.join(staging, "summary"), SUMMARY_SCHEMA, key="method",
-                                      sort_by=["method", "target"], storage_options=storage_options))
-    ((batched.errors, explained.errors) | "AllErrors" >> beam.Flatten()
-     | "ErrorRows" >> beam.Map(dataclasses.asdict)
-     | "WriteErrors" >> WriteParquet(storage.join(staging, "errors"), ERROR_SCHEMA, num_files=output_files,
-                                     sort_by=["image_id", "stage", "method"], storage_options=storage_options))
-    (batched[READ] | "CountRead" >> beam.CombineGlobally(sum)
-     | "WriteReadCount" >> beam.Map(lambda n: storage.write_json_atomic(
-         storage.join(staging, "_read.json"), {"read": n}, storage_options)))
-
-
-def count_outcomes(staging: str, methods: list[str], storage_options: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """Per method: records read (counted at the reader), rows explained and errors, from the
-    files themselves; errors without a method (read, decode, preprocess, model) count
-    against every method."""
-    read = json.loads(storage.read_bytes(storage.join(staging, "_read.json"), storage_options))["read"]
-
-    def method_column(name):
-        fs, path = storage.filesystem(storage.join(staging, name), storage_options)
-        values = []
-        for file in sorted(fs.glob(f"{path}/*.parquet")):
-            with fs.open(file, "rb") as f:
-                values += pq.read_table(f, columns=["method"]).column("method").to_pylist()
-        return values
-
-    explained, errors = method_column("saliency"), method_column("errors")
-    shared_errors = sum(1 for m in errors if m is None)
-    return {m: {"read": read, "explained": explained.count(m), "errors": shared_errors + errors.count(m)}
-            for m in methods}
-
-
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for dist in ("saliency-audit", "apache-beam", "torch", "captum", "scikit-image", "pyarrow", "fsspec", "numpy"):
@@ -159,62 +97,194 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def run(argv: list[str] | None = None) -> dict:
-    """Run the audit; returns the manifest. Raises UsageError for bad invocations."""
-    args, beam_args = parse_run_args(sys.argv[1:] if argv is None else argv)
-    started, run_id = now(), uuid.uuid4().hex[:12]
-    storage_options = args.storage_options
+def runner_name(beam_args: list[str]) -> str:
+    runner = beam_pipeline_options(beam_args)[1]
+    return runner if isinstance(runner, str) else type(runner).__name__
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything the run needs, checked before any work starts."""
+
+    argv: list[str]
+    args: Any
+    beam_args: list[str]
+    methods: dict[str, dict[str, Any]]
+    prep: Preprocessing
+    shards: list[str]
+    config: ExplainConfig
+    resolved: dict[str, Any]
+    schema: Any
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self.args.storage_options
+
+
+def plan(argv: list[str]) -> Plan:
+    """Parse and check the invocation, find the shards and run preflight (the model on a sample
+    image with every method): a bad run fails here, in seconds, with UsageError."""
+    args, beam_args = parse_run_args(argv)
     methods = parse_methods(args.methods, args.method_options, args.aae, args.storage_options)
     try:
         prep = Preprocessing(resize=args.resize, channels=args.channels, mean=args.mean, std=args.std,
                              to_grayscale=args.to_grayscale, max_pixels=args.max_pixels)
-        shards = storage.expand_glob(args.input, storage_options)
+        shards = check_shards(storage.expand_glob(args.input, args.storage_options), args.input)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
-    spec = ModelSpec(args.model, args.weights, args.trust_model, storage_options or None)
+    spec = ModelSpec(args.model, args.weights, args.trust_model, args.storage_options or None)
     config = ExplainConfig(model=spec, methods=methods, device=args.device, target=args.target, seed=args.seed,
                            metrics=args.metrics, metric_steps=args.metric_steps,
                            metric_substrate=args.metric_substrate,
                            abele=AbeleProtocol(args.abele_neighbours, prep.mean, prep.std)
                            if args.abele_metrics else None)
-    resolved = preflight(config, shards, prep, storage_options)  # fails fast, before the job
-    output_files = args.output_files or min(len(shards), 256)
+    resolved = preflight(config, shards, prep, args.storage_options)
+    schema = map_storage.saliency_schema(saliency_schema(methods), args.map_dtype)
+    return Plan(argv, args, beam_args, methods, prep, shards, config, resolved, schema)
 
-    staging = storage.join(args.output, f"_staging-{run_id}")
-    options, runner = beam_pipeline_options(beam_args)
-    log.info("run %s: %d shard(s), methods %s, runner %s", run_id, len(shards), ",".join(methods), runner)
-    try:
-        with beam.Pipeline(runner=runner, options=options) as p:
-            build_pipeline(p, shards=shards, staging=staging, config=config, prep=prep,
-                           batch_size=args.batch_size, output_files=output_files, storage_options=storage_options,
-                           limit_per_shard=args.limit_per_shard)
-        write_empty_if_missing(storage.join(staging, "saliency"), saliency_schema(methods), storage_options)
-        write_empty_if_missing(storage.join(staging, "summary"), SUMMARY_SCHEMA, storage_options)
-        write_empty_if_missing(storage.join(staging, "errors"), ERROR_SCHEMA, storage_options)
-        sanity = run_sanity_check(config, shards, prep, staging, images=args.sanity_images,
-                                  threshold=args.sanity_threshold,
-                                  storage_options=storage_options) if args.sanity_check else None
-        counts = count_outcomes(staging, list(methods), storage_options)
-        storage.publish(staging, args.output, [*OUTPUTS, *OPTIONAL_OUTPUTS], storage_options)
-    finally:
-        storage.remove_tree(staging, storage_options)
 
-    reconciled = all(c["read"] == c["explained"] + c["errors"] for c in counts.values())
-    manifest = {
-        "run_id": run_id, "started": started, "finished": now(),
-        "status": "succeeded" if reconciled else "counts_do_not_reconcile",
-        "command": ["saliency-audit", "run", *redact(sys.argv[1:] if argv is None else argv)],
-        "input": {"pattern": args.input, "shards": len(shards)},
-        "model": {"model": args.model, "weights": args.weights, "sha256": model_hashes(spec),
-                  "device": resolved["device"], "num_classes": resolved["num_classes"]},
-        "methods": resolved["methods"],
+def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: ExplainConfig, prep: Preprocessing,
+                   batch_size: int, storage_options: dict[str, Any], schema=None, map_dtype: str = "float32",
+                   limit_per_shard: int | None = None) -> None:
+    """The Beam job: shards -> batches -> explanations -> Parquet files in the run's folders.
+
+    Shards are the unit of parallelism (one reader per shard, batches explained where they are
+    read), so nothing between the reader and the sink is held for the whole dataset. An image id
+    read from several shards is explained once, from the first of them in shard order."""
+    schema = schema or saliency_schema(config.methods)
+    reader = ReadShardBatches(prep, batch_size, storage_options, limit_per_shard)
+    shard_urls = p | "Shards" >> beam.Create(shards)
+    first_shard = (shard_urls | "FindRepeatedIds" >> FirstShardOfRepeatedIds(reader))
+    batched = (shard_urls
+               | "SpreadShards" >> beam.Reshuffle()
+               | "ReadAndBatch" >> beam.ParDo(reader).with_outputs(ERRORS, READ, main="batches"))
+    unique = (batched.batches
+              | "DropRepeatedIds" >> beam.ParDo(DropRepeatedIds(), beam.pvalue.AsDict(first_shard))
+              .with_outputs(ERRORS, main="batches"))
+    explained = (unique.batches
+                 | "Explain" >> beam.ParDo(ExplainBatches(config, shared.Shared())).with_outputs(ERRORS, main="rows"))
+    rows = explained.rows
+    files = {
+        "saliency": (rows | "StoredMaps" >> beam.Map(map_storage.stored_row, map_dtype)
+                     | "WriteSaliency" >> WriteParquet(run.folder("saliency"), schema, storage_options=storage_options)),
+        "summary": (rows | "Summarize" >> Summarize()
+                    | "WriteSummary" >> WriteParquet(run.folder("summary"), SUMMARY_SCHEMA,
+                                                     storage_options=storage_options)),
+        "errors": ((batched.errors, unique.errors, explained.errors) | "AllErrors" >> beam.Flatten()
+                   | "ErrorRows" >> beam.Map(dataclasses.asdict)
+                   | "WriteErrors" >> WriteParquet(run.folder("errors"), ERROR_SCHEMA, storage_options=storage_options)),
+    }
+    for name, urls in files.items():  # the files a committed bundle wrote: the run's result
+        (urls | f"List{name.title()}" >> beam.combiners.ToList()
+         | f"Commit{name.title()}" >> beam.Map(_write_file_list, run.private(f"files-{name}.json"), storage_options))
+    (batched[READ] | "CountRead" >> beam.CombineGlobally(sum)
+     | "WriteReadCount" >> beam.Map(lambda n: storage.write_json_atomic(run.private("read.json"), {"read": n},
+                                                                        storage_options)))
+
+
+def _write_file_list(urls: list[str], target: str, storage_options: dict[str, Any]) -> None:
+    storage.write_json_atomic(target, sorted(urls), storage_options)
+
+
+def execute(plan: Plan, run: Run) -> dict | None:
+    """Run the Beam job and, if asked, the sanity check, into the run's own folders; returns the
+    sanity check's manifest entry."""
+    args = plan.args
+    options, runner = beam_pipeline_options(plan.beam_args)
+    log.info("run %s: %d shard(s), methods %s, runner %s", run.run_id, len(plan.shards), ",".join(plan.methods),
+             runner)
+    with beam.Pipeline(runner=runner, options=options) as p:
+        build_pipeline(p, shards=plan.shards, run=run, config=plan.config, prep=plan.prep,
+                       batch_size=args.batch_size, storage_options=plan.storage_options, schema=plan.schema,
+                       map_dtype=args.map_dtype, limit_per_shard=args.limit_per_shard)
+    commit_files(plan, run)
+    if not args.sanity_check:
+        return None
+    return run_sanity_check(plan.config, plan.shards, plan.prep, sanity_dir=run.folder("sanity"),
+                            summary_dir=run.folder("summary"), images=args.sanity_images,
+                            threshold=args.sanity_threshold, storage_options=plan.storage_options)
+
+
+def commit_files(plan: Plan, run: Run) -> None:
+    """Keep exactly the files the job committed: delete any that a failed and retried bundle left
+    behind, and give an output without rows one empty file, so readers still find its schema."""
+    schemas = {"saliency": plan.schema, "summary": SUMMARY_SCHEMA, "errors": ERROR_SCHEMA}
+    for name, schema in schemas.items():
+        committed = set(json.loads(storage.read_bytes(run.private(f"files-{name}.json"), plan.storage_options)))
+        fs, folder = storage.filesystem(run.folder(name), plan.storage_options)
+        fs.invalidate_cache()
+        for path in fs.glob(f"{folder}/*.parquet"):
+            if storage.full_url(fs, path) not in committed and path not in committed:
+                fs.rm_file(path)
+        if not committed:
+            write_table(run.folder(name), schema.empty_table(), plan.storage_options)
+    if not plan.args.sanity_check:
+        write_table(run.folder("sanity"), SANITY_SCHEMA.empty_table(), plan.storage_options)
+
+
+def output_files(run: Run, storage_options: dict[str, Any]) -> dict[str, list[str]]:
+    """Per output, the run's files relative to the output directory."""
+    out = {}
+    for name in OUTPUTS:
+        fs, folder = storage.filesystem(run.folder(name), storage_options)
+        fs.invalidate_cache()
+        out[name] = sorted(f"{name}/run={run.run_id}/{path.rsplit('/', 1)[-1]}"
+                           for path in fs.glob(f"{folder}/*.parquet"))
+    return out
+
+
+def count_outcomes(run: Run, methods: list[str], storage_options: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per method: records read (counted at the reader), rows explained and errors, from the
+    files themselves; errors without a method (read, decode, preprocess, model) count
+    against every method."""
+    read = json.loads(storage.read_bytes(run.private("read.json"), storage_options))["read"]
+
+    def method_counts(name) -> dict[str | None, int]:
+        fs, folder = storage.filesystem(run.folder(name), storage_options)
+        counts: dict[str | None, int] = {}
+        for file in sorted(fs.glob(f"{folder}/*.parquet")):
+            with fs.open(file, "rb") as f:
+                column = pq.read_table(f, columns=["method"]).column("method")
+            for entry in column.value_counts().to_pylist():
+                counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+        return counts
+
+    explained, errors = method_counts("saliency"), method_counts("errors")
+    return {m: {"read": read, "explained": explained.get(m, 0), "errors": errors.get(None, 0) + errors.get(m, 0)}
+            for m in methods}
+
+
+def verify(plan: Plan, run: Run) -> dict[str, dict[str, int]]:
+    """The counts from the files; a run whose counts do not reconcile is never published."""
+    counts = count_outcomes(run, list(plan.methods), plan.storage_options)
+    if not all(c["read"] == c["explained"] + c["errors"] for c in counts.values()):
+        raise RuntimeError(f"counts do not reconcile (read != explained + errors): {counts}; "
+                           "the previous results are left as they were")
+    return counts
+
+
+def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dict | None) -> dict:
+    args = plan.args
+    files = output_files(run, plan.storage_options)
+    saliency_rows = sum(c["explained"] for c in counts.values())
+    return {
+        "run_id": run.run_id, "started": started, "finished": now(), "status": "succeeded",
+        "layout": "run-folders",
+        "command": ["saliency-audit", "run", *redact_argv(plan.argv)],
+        "input": {"pattern": args.input, "shards": len(plan.shards)},
+        "model": {"model": args.model, "weights": args.weights, "sha256": model_hashes(plan.config.model),
+                  "device": plan.resolved["device"], "num_classes": plan.resolved["num_classes"]},
+        "methods": plan.resolved["methods"],
         "options": {k: v for k, v in vars(args).items() if k not in ("storage_options",)},
-        "preprocessing": dataclasses.asdict(prep),
+        "preprocessing": dataclasses.asdict(plan.prep),
         "conventions": {
             "explained_output": "logit of the target class (pre-softmax)",
             "score": "softmax probability of the target class",
             "channel_reduction": "sum over channels",
             "normalisation": "none: saliency holds raw values",
+            "map_storage": map_storage.convention(args.map_dtype),
+            "image_ids": ("unique per audit: a record whose id was already read from an earlier shard (in shard "
+                          "order) or earlier in the same shard is an error (stage read), not explained twice"),
             "metrics": ("RISE deletion/insertion AUC of the target's softmax probability, pixels ranked by "
                         "signed map value (ties broken by the image's seed), substrate "
                         f"{args.metric_substrate!r}, {args.metric_steps} equal steps; "
@@ -224,18 +294,56 @@ def run(argv: list[str] | None = None) -> dict:
                               else "off (--abele-metrics to compute them)"),
             "seed": "first 32 bits of sha256('{--seed}:{image_id}')",
         },
-        "runner": str(runner if isinstance(runner, str) else type(runner).__name__),
-        "beam_args": beam_args,
+        "runner": runner_name(plan.beam_args),
+        "beam_args": redact_argv(plan.beam_args),
         "versions": package_versions(),
         "counts": counts,
-        "reconciled": reconciled,
+        "reconciled": True,
         "sanity": sanity,
-        "outputs": {name: f"{name}/" for name in (*OUTPUTS, *(("sanity",) if sanity else ()))},
+        "outputs": run.relative_outputs(OUTPUTS),
+        "files": files,
+        "map_bytes_per_row": _bytes_per_row(run, plan.storage_options, saliency_rows),
     }
-    storage.write_json_atomic(storage.join(args.output, "manifest.json"), manifest, storage_options)
-    if not reconciled:
-        raise RuntimeError(f"counts do not reconcile (read != explained + errors): {counts}")
+
+
+def _bytes_per_row(run: Run, storage_options: dict[str, Any], rows: int) -> float | None:
+    fs, folder = storage.filesystem(run.folder("saliency"), storage_options)
+    size = sum(fs.size(path) for path in fs.glob(f"{folder}/*.parquet"))
+    return round(size / rows, 1) if rows else None
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the audit; returns the manifest. Raises UsageError for bad invocations.
+
+    Phases: plan (checks, preflight), execute (the job, into this run's own folders), verify (the
+    counts reconcile), publish (the manifest becomes the pointer, in one put), reclaim (folders of
+    runs that can no longer be the result). A failure before publishing leaves the previous
+    result as it was and removes this run's files."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    audit_plan = plan(argv)
+    started = now()
+    current = Run(audit_plan.args.output, publication.new_run_id(), audit_plan.storage_options)
+    stale_after = 60.0 * audit_plan.args.reclaim_after
+    publication.reclaim(current.output, current.storage_options, stale_after, keep=current.run_id)
+    try:
+        with Heartbeat(current):
+            sanity = execute(audit_plan, current)
+            counts = verify(audit_plan, current)
+            manifest = build_manifest(audit_plan, current, started, counts, sanity)
+        publication.commit(current, manifest)
+    except BaseException as e:
+        _abandon_unless_published(current, f"{type(e).__name__}: {e}")
+        raise
+    publication.reclaim(current.output, current.storage_options, stale_after)
     return manifest
+
+
+def _abandon_unless_published(run: Run, reason: str) -> None:
+    try:
+        if publication.published_run(publication.read_pointer(run.output, run.storage_options)) != run.run_id:
+            publication.abandon(run, reason)
+    except Exception as e:  # storage is failing too: reclaim removes the run once its heartbeat is stale
+        log.warning("could not remove the files of failed run %s: %s", run.run_id, e)
 
 
 def main(argv: list[str] | None = None) -> int:

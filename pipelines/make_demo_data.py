@@ -103,7 +103,7 @@ def make_demo_aae(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, output_dir: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder with the MNIST IDX .gz files")
     parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="where to write the demo files")
     parser.add_argument("--no-progress", action="store_true", help="hide the training progress bars")

@@ -2,20 +2,40 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 import json
+import math
+import re
 
 DEFAULT_METHODS = "sal,grad,intg,deeplift"
+REDACTED = "<redacted>"
+# Flags whose values are credentials: --storage-options (fsspec keys and tokens) and any flag named
+# like a secret, e.g. Beam's --s3_access_key_id, --s3_secret_access_key, --s3_session_token.
+_SECRET_NAME = re.compile(r"key|secret|token|passw|credential", re.IGNORECASE)
+_STORAGE_OPTIONS = "storage-options"
 
 
 class UsageError(Exception):
     """A bad invocation: reported in one line, before any work starts."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Reports a bad command line as a UsageError (one line, exit 2 in main) instead of
+    printing the whole usage."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -37,9 +57,9 @@ def _json_object(text: str) -> dict:
 
 
 def _target(text: str) -> str:
-    if text in ("predicted", "label") or text.lstrip("-").isdigit():
-        return text
-    raise argparse.ArgumentTypeError(f"--target must be predicted, label or a class index, got {text!r}")
+    if text in ("predicted", "label") or (text.isascii() and text.isdigit()):
+        return str(int(text)) if text.isdigit() else text
+    raise argparse.ArgumentTypeError(f"must be predicted, label or a class index >= 0, got {text!r}")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,18 +107,125 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--channels", type=int, choices=(1, 3), help="channels the model takes")
     add("--to-grayscale", action="store_true", help="convert RGB images for a 1-channel model")
     add("--max-pixels", type=int, default=4096 * 4096, help="reject larger images (default 4096*4096)")
-    add("--output-files", type=int, help="Parquet files per output (default: one per input shard, at most 256)")
+    add("--output-files", type=int, help=argparse.SUPPRESS)  # accepted for old scripts: files now roll by size
+    add("--map-dtype", choices=("float32", "float16"), default="float32",
+        help="stored form of the saliency maps: float32 (default) or float16 (half the bytes; 3 significant "
+             "digits, values beyond +-65504 clipped; the row's saliency_min/max keep the exact range)")
+    add("--reclaim-after", type=float, default=30.0, metavar="MINUTES",
+        help="remove the folders of an earlier run of this --output whose heartbeat is older than this "
+             "(a killed run; default 30)")
+
+
+# (flag, lowest, highest) for the numeric options; None where unbounded.
+_RANGES = (("batch_size", 1, None), ("limit_per_shard", 1, None), ("metric_steps", 1, None),
+           ("abele_neighbours", 1, None), ("sanity_images", 1, None), ("sanity_threshold", -1, 1),
+           ("max_pixels", 1, None), ("output_files", 1, None), ("reclaim_after", 0, None))
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for name, low, high in _RANGES:
+        value = getattr(args, name, None)
+        if value is None:
+            continue  # an optional flag left out (or one this build does not have)
+        if not (low <= value if high is None else low <= value <= high):  # NaN fails both
+            bound = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise UsageError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+
+
+def _flag_name(token: str) -> str:
+    return token.split("=", 1)[0]
+
+
+@functools.lru_cache(maxsize=1)
+def beam_option_parser() -> argparse.ArgumentParser:
+    """A parser of every Beam pipeline option (as PipelineOptions.get_all_options builds it)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    class Parser(_BeamArgumentParser):
+        def error(self, message: str):
+            raise UsageError(f"Beam option: {message}")
+
+    parser = Parser(allow_abbrev=False, add_help=False)
+    classes: dict[str, type] = {}
+    for cls in PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)  # a class seen twice (e.g. via the main session) counts once
+    for cls in classes.values():
+        cls._add_argparse_args(parser)  # pylint: disable=protected-access
+    return parser
+
+
+def _check_beam_args(beam_args: list[str], ours: list[str]) -> None:
+    """Beam only logs arguments it cannot parse and runs on, so anything that is neither ours
+    nor a Beam option fails here, with the nearest known flag."""
+    beam = beam_option_parser()
+    _, unknown = beam.parse_known_args(beam_args)
+    flags = [t for t in unknown if t.startswith("-") and t != "--"]
+    if flags:
+        name = _flag_name(flags[0])
+        close = _closest(name, ours + [f for f in beam._option_string_actions if f.startswith("--")])
+        raise UsageError(f"unknown option {name}" + (f"; did you mean {close}?" if close else ""))
+    if unknown:
+        raise UsageError(f"unexpected argument {unknown[0][:60]!r} (every value follows its flag)")
+
+
+def _closest(name: str, known: list[str]) -> str | None:
+    """The flag a prefix spelling stands for (the shortest that starts with it), else the most
+    similar known flag."""
+    extended = sorted((f for f in known if f.startswith(name) and len(name) > 2), key=len)
+    close = extended or difflib.get_close_matches(name, known, n=1)
+    return close[0] if close else None
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="saliency-audit run", description="Run a saliency audit.", allow_abbrev=False,
+                            usage="%(prog)s --input GLOB --model MODEL --output DIR [options] [Beam options]")
+    add_run_arguments(parser)
+    return parser
 
 
 def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Our options and the remaining arguments, which are Beam pipeline options."""
-    parser = argparse.ArgumentParser(prog="saliency-audit run", description="Run a saliency audit.")
-    add_run_arguments(parser)
+    """Our options and the remaining arguments, which must be Beam pipeline options.
+    Raises UsageError for a bad command line."""
+    parser = _run_parser()
     args, beam_args = parser.parse_known_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    if args.limit_per_shard is not None and args.limit_per_shard < 1:
-        parser.error("--limit-per-shard must be at least 1")
-    if args.abele_neighbours < 1 or args.sanity_images < 1:
-        parser.error("--abele-neighbours and --sanity-images must be at least 1")
+    _check_ranges(args)
+    _check_beam_args(beam_args, [f for f in parser._option_string_actions if f.startswith("--")])
     return args, beam_args
+
+
+def _takes_value(flag: str) -> bool:
+    """Whether a known flag reads the next argument (booleans do not); unknown flags are
+    assumed to, so that a secret after one is still hidden."""
+    for parser in (_run_parser(), beam_option_parser()):
+        action = parser._option_string_actions.get(flag)
+        if action is not None:
+            return action.nargs != 0
+    return True
+
+
+def _is_secret_flag(flag: str) -> bool:
+    name = flag.lstrip("-").replace("_", "-").lower()
+    # a prefix spelling is refused by the parsers, but hide its value all the same
+    return (len(name) >= 2 and _STORAGE_OPTIONS.startswith(name)) or bool(_SECRET_NAME.search(name))
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with the value of --storage-options and of every flag named like a
+    secret (key, secret, token, password, credential) replaced by <redacted>, in both the
+    ``--flag VALUE`` and ``--flag=VALUE`` forms (for the manifest)."""
+    out: list[str] = []
+    hide_next = False
+    for token in argv:
+        if hide_next and not token.startswith("--"):
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        hide_next = False
+        flag, eq, _ = token.partition("=")
+        if token.startswith("-") and _is_secret_flag(flag):
+            if eq:
+                token = f"{flag}={REDACTED}"
+            else:
+                hide_next = _takes_value(flag)
+        out.append(token)
+    return out

@@ -12,14 +12,48 @@ from pipelines.options import UsageError
 from transforms.explain import ExplainConfig, build_explainers
 from transforms.models import ModelLoadError
 from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
-from transforms.readers import read_shard
+from transforms.readers import SHARD_SUFFIXES, read_shard, shard_kind
 from transforms.records import RawImage, seed_for
 
 SAMPLE_SEARCH = 64  # records looked at to find one decodable sample image
 
 
+def check_shards(shards: list[str], pattern: str | None = None) -> list[str]:
+    """The shards to read: all of them when at least one has a supported type (the others then
+    become one errors/ row each, so they are counted); a UsageError when none has."""
+    supported = [url for url in shards if _is_shard(url)]
+    if not supported:
+        found = sorted({_suffix(url) for url in shards})
+        listed = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "")
+        raise UsageError(f"no image shards among the {len(shards)} file(s) matching {pattern or '--input'} "
+                         f"(found: {listed}); supported: {', '.join(SHARD_SUFFIXES)}")
+    return shards
+
+
+def _is_shard(url: str) -> bool:
+    try:
+        shard_kind(url)
+    except ValueError:
+        return False
+    return True
+
+
+def _suffix(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else "(no extension)"
+
+
+def check_target(target: str, num_classes: int) -> None:
+    """A class index the model does not have would only fill errors/; refuse it up front."""
+    if target.isdigit() and int(target) >= num_classes:
+        raise UsageError(f"--target {target} is not a class of the model, which has {num_classes} "
+                         f"(0 to {num_classes - 1})")
+
+
 def first_sample(shards: list[str], prep: Preprocessing, storage_options: dict) -> tuple[str, torch.Tensor] | None:
-    records = itertools.chain.from_iterable(read_shard(url, storage_options) for url in shards[:4])
+    readable = [url for url in shards if _is_shard(url)][:4]
+    records = itertools.chain.from_iterable(read_shard(url, storage_options, max_pixels=prep.max_pixels)
+                                            for url in readable)
     for record in itertools.islice(records, SAMPLE_SEARCH):
         if isinstance(record, RawImage):
             try:
@@ -31,6 +65,7 @@ def first_sample(shards: list[str], prep: Preprocessing, storage_options: dict) 
 
 def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
               storage_options: dict[str, Any]) -> dict[str, Any]:
+    check_shards(shards)  # before the model loads: nothing to audit is the cheaper finding
     try:
         loaded = build_explainers(config)
     except ModelLoadError as e:
@@ -54,6 +89,7 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
     if logits.dim() != 2:
         raise UsageError(f"the model must return logits [B,K], returned shape {list(logits.shape)}")
     report["num_classes"], report["sample_image"] = int(logits.shape[1]), image_id
+    check_target(config.target, report["num_classes"])
     target = logits.argmax(dim=1)
     seeds = torch.tensor([seed_for(image_id, config.seed)])
     for name, explainer in loaded.explainers.items():

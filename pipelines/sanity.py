@@ -29,6 +29,7 @@ from explainers import get_explainer
 from explainers.metrics import cascading_randomization, spearman_rank_correlation, ssim
 from transforms import storage
 from transforms.explain import ExplainConfig, build_explainers, choose_targets
+from transforms.parquet_sink import write_table
 from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
 from transforms.readers import read_shard
 from transforms.records import RawImage, seed_for
@@ -51,7 +52,8 @@ def sample_images(shards: list[str], prep: Preprocessing, storage_options: dict[
                   count: int) -> tuple[list[str], torch.Tensor, list[int | None]]:
     """The first ``count`` decodable images in shard order: ids, model input [N,C,H,W], labels."""
     ids, images, labels = [], [], []
-    records = itertools.chain.from_iterable(read_shard(url, storage_options) for url in shards)
+    records = itertools.chain.from_iterable(read_shard(url, storage_options, max_pixels=prep.max_pixels)
+                                            for url in shards)
     for record in records:
         if len(ids) == count:
             break
@@ -156,17 +158,15 @@ def annotate_summary(summary_dir: str, results: dict[str, dict[str, Any]], stora
             pq.write_table(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA), f, compression="zstd")
 
 
-def run_sanity_check(config: ExplainConfig, shards: list[str], prep: Preprocessing, staging: str, *,
-                     images: int, threshold: float, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """Writes ``staging/sanity/`` and the summary's sanity columns; returns the manifest entry."""
+def run_sanity_check(config: ExplainConfig, shards: list[str], prep: Preprocessing, *, sanity_dir: str,
+                     summary_dir: str, images: int, threshold: float, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``sanity_dir`` and the sanity columns of the summary in ``summary_dir``; returns the
+    manifest entry."""
     ids, pixels, labels = sample_images(shards, prep, storage_options, images)
     rows, layers, errors = randomisation_rows(config, ids, pixels, labels) if ids else ([], [], {})
     results = verdicts(rows, list(config.methods), threshold, errors)
-    fs, path = storage.filesystem(storage.join(staging, "sanity", "part-00000-of-00001.parquet"), storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(pa.Table.from_pylist(rows, schema=SANITY_SCHEMA), f, compression="zstd")
-    annotate_summary(storage.join(staging, "summary"), results, storage_options)
+    write_table(sanity_dir, pa.Table.from_pylist(rows, schema=SANITY_SCHEMA), storage_options)
+    annotate_summary(summary_dir, results, storage_options)
     flagged = [m for m, v in results.items() if v["flagged"]]
     log.info("sanity check on %d image(s), %d layer(s): %s", len({r["image_id"] for r in rows}), len(layers),
              f"flagged {', '.join(flagged)}" if flagged else "no method flagged")

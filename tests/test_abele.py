@@ -145,7 +145,7 @@ def test_same_seed_same_output_alone_or_in_any_batch(demo_model, demo_images, bu
         images[2:3], targets[2:3], torch.tensor([9]))
     again = get_explainer("abele", demo_model, aae=bundled, **options).explain(
         images[2:3], targets[2:3], torch.tensor([9]))
-    inside = get_explainer("abele", demo_model, aae=bundled, max_forward_batch=37, **options).explain(
+    inside = get_explainer("abele", demo_model, aae=bundled, **options).explain(
         images[:3], targets, torch.tensor([4, 5, 9]))
     for name, value in alone.extras.items():
         assert str(value[0]) == str(again.extras[name][0]) == str(inside.extras[name][2]), name

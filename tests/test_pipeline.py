@@ -172,13 +172,13 @@ def test_manifest_records_the_run(audited):
 def test_rerun_replaces_and_reproduces(audited, shards, demo_model_args, tmp_path):
     output, _, _ = audited
     before = sorted((r["image_id"], r["method"], r["saliency"]) for r in read_output(output / "saliency"))
-    files_before = sorted(p.name for p in (output / "saliency").iterdir())
     second = run_audit(shards, output, demo_model_args, METHODS)
     after = sorted((r["image_id"], r["method"], r["saliency"]) for r in read_output(output / "saliency"))
-    assert after == before  # same values, no duplicates
-    assert sorted(p.name for p in (output / "saliency").iterdir()) == files_before
-    assert not [p for p in output.iterdir() if p.name.startswith("_staging")]
+    assert after == before  # same values, no duplicates: the first run's folders are gone
     assert second["run_id"] != audited[1]["run_id"]
+    for name in ("saliency", "summary", "errors", "sanity"):
+        assert [p.name for p in (output / name).iterdir()] == [f"run={second['run_id']}"]
+    assert sorted(p.name for p in (output / "_runs").iterdir()) == [second["run_id"], f"{second['run_id']}.json"]
 
 
 def test_a_failed_run_leaves_the_previous_results_whole(shards, demo_model_args, tmp_path, monkeypatch):
@@ -187,19 +187,21 @@ def test_a_failed_run_leaves_the_previous_results_whole(shards, demo_model_args,
     manifest_before = (tmp_path / "manifest.json").read_text()
 
     from transforms import parquet_sink
-    original = parquet_sink._WriteFile.process
+    original = parquet_sink._WriteRows.finish_bundle
 
-    def fail_on_errors_output(self, element):
-        if "errors" in self.directory:
+    def fail_on_errors_output(self):
+        if "/errors/" in self.directory:
             raise OSError("disk full (simulated)")
-        yield from original(self, element)
+        yield from original(self)
 
-    monkeypatch.setattr(parquet_sink._WriteFile, "process", fail_on_errors_output)
+    monkeypatch.setattr(parquet_sink._WriteRows, "finish_bundle", fail_on_errors_output)
     with pytest.raises(Exception, match="disk full"):
         run_audit(shards, tmp_path, demo_model_args, ["grad"])
     after = sorted((r["image_id"], r["saliency"]) for r in read_output(tmp_path / "saliency"))
     assert after == before and (tmp_path / "manifest.json").read_text() == manifest_before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("_staging")]
+    published = json.loads(manifest_before)["run_id"]
+    for name in ("saliency", "summary", "errors", "sanity"):  # the failed run removed its folders
+        assert [p.name for p in (tmp_path / name).iterdir()] == [f"run={published}"]
 
 
 def test_target_label_sends_unlabelled_images_to_errors(shards, demo_model_args, tmp_path):

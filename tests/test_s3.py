@@ -45,17 +45,21 @@ def test_s3_round_trip(s3, demo_shard, demo_model_args, tmp_path):
     manifest = audit.run(["--input", "s3://audit-bucket/shards/*.tar", *demo_model_args, "--methods", "sal,grad",
                           "--output", "s3://audit-bucket/results", "--channels", "1",
                           "--storage-options", options])
-    # 10 images per shard, twice (same ids: two shards may hold the same key), plus one unreadable shard
-    assert manifest["counts"]["sal"] == {"read": 21, "explained": 20, "errors": 1}
+    # 10 images per shard, twice (same ids in two shards: explained once, from the first shard; the
+    # copies are errors), plus one unreadable shard
+    assert manifest["counts"]["sal"] == {"read": 21, "explained": 10, "errors": 11}
     assert fs.exists("audit-bucket/results/manifest.json")
     import pyarrow.parquet as pq
-    files = fs.glob("audit-bucket/results/saliency/*.parquet")
+    files = fs.glob("audit-bucket/results/saliency/run=*/*.parquet")
+    assert [f"audit-bucket/results/{f}" for f in manifest["files"]["saliency"]] == files
     rows = [r for f in files for r in pq.read_table(fs.open(f, "rb")).to_pylist()]
-    assert len(rows) == 40 and {r["source"] for r in rows} == {
-        "s3://audit-bucket/shards/s-0.tar", "s3://audit-bucket/shards/s-1.tar"}
-    errors = [r for f in fs.glob("audit-bucket/results/errors/*.parquet") for r in pq.read_table(fs.open(f, "rb")).to_pylist()]
-    assert [e["source"] for e in errors] == ["s3://audit-bucket/shards/broken.tar"]
-    assert not fs.glob("audit-bucket/results/_staging*")
+    assert len(rows) == 20 and {r["source"] for r in rows} == {"s3://audit-bucket/shards/s-0.tar"}
+    errors = [r for f in fs.glob("audit-bucket/results/errors/run=*/*.parquet")
+              for r in pq.read_table(fs.open(f, "rb")).to_pylist()]
+    assert sorted(e["source"] for e in errors) == ["s3://audit-bucket/shards/broken.tar"] + [
+        "s3://audit-bucket/shards/s-1.tar"] * 10
+    assert all("duplicate image id: already read from s3://audit-bucket/shards/s-0.tar" in e["reason"]
+               for e in errors if e["source"].endswith("s-1.tar"))
 
     # the report and the figure read the audit, and the images from the shards, back from S3
     from pipelines import cli

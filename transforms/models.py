@@ -4,10 +4,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import io
+import json
 import os
 import pickle
+import posixpath
 import re
 import tempfile
+import warnings
+import zipfile
 from typing import Any
 
 import fsspec
@@ -120,6 +125,8 @@ def _from_callable(spec: ModelSpec) -> torch.nn.Module:
 
 def _from_file(path: str, spec: ModelSpec) -> torch.nn.Module:
     if spec.model.endswith(".pt2"):
+        if not spec.trust_model:
+            _refuse_unsafe_pt2(path, spec.model)
         try:
             return torch.export.load(path).module()
         except Exception as e:
@@ -149,6 +156,66 @@ def _torch_load(path: str, trust: bool, name: str, hint: str = ""):
             raise ModelLoadError(f"cannot load {name}: {type(e2).__name__}: {e2}") from None
     except Exception as e:
         raise ModelLoadError(f"cannot load {name}: {type(e).__name__}: {e}{hint}") from None
+
+
+# torch.export.load unpickles with weights_only=False: weights and tensor constants marked
+# use_pickle in data/{weights,constants}/*_config.json, opaque_obj_/custom_obj_ constants, and
+# (after a failed weights_only=True try) every *.pt entry and the pre-2.8 serialized_*.json.
+# It also dlopens compiled code under data/aotinductor/. So the archive is read first.
+_PICKLED_CONSTANT_PREFIXES = ("opaque_obj_", "custom_obj_")
+_TORCH_LOADED_JSON = ("serialized_state_dict.json", "serialized_constants.json")
+
+
+def _refuse_unsafe_pt2(path: str, name: str) -> None:
+    entry = unsafe_pt2_entry(path, name)
+    if entry:
+        raise ModelLoadError(f"{name} would unpickle entry {entry}, which can run code; refused. "
+                             "Pass --trust-model if you trust this file")
+
+
+def unsafe_pt2_entry(path: str, name: str | None = None) -> str | None:
+    """The first entry of a torch.export archive that loading it would unpickle without
+    weights_only=True (or run as native code), in a few words; None if there is none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():  # every copy of a duplicated name is checked
+                found = _unsafe_entry(info.filename, lambda: archive.read(info))
+                if found:
+                    return found
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read torch.export archive {name or path}: {type(e).__name__}: {e}") from None
+    return None
+
+
+def _unsafe_entry(filename: str, read) -> str | None:
+    rooted, base = f"/{filename}", posixpath.basename(filename)  # entries usually sit under a root folder
+    if "/data/aotinductor/" in rooted:
+        return f"{filename} (compiled AOTInductor code)"
+    if base.endswith("_config.json") and ("/data/weights/" in rooted or "/data/constants/" in rooted):
+        try:
+            config = json.loads(read())["config"]
+            items = [(str(fqn), meta.get("path_name", ""), meta.get("use_pickle")) for fqn, meta in config.items()]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{filename} (unreadable payload config)"
+        for fqn, path_name, use_pickle in items:
+            if use_pickle or str(path_name).startswith(_PICKLED_CONSTANT_PREFIXES):
+                return f"{posixpath.join(posixpath.dirname(filename), str(path_name))} ({fqn} marked use_pickle)"
+        return None
+    if (base.endswith(".pt") or base in _TORCH_LOADED_JSON) and _needs_full_unpickling(read()):
+        return f"{filename} (not loadable with weights_only=True)"
+    return None
+
+
+def _needs_full_unpickling(data: bytes) -> bool:
+    if not data:
+        return False  # torch reads an empty artifact as {} without unpickling
+    try:
+        with warnings.catch_warnings():  # a hostile file's pickle protocol is no news to the user
+            warnings.simplefilter("ignore")
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:
+        return True
+    return False
 
 
 class _local_copy:

@@ -1,8 +1,9 @@
-"""Storage through fsspec: glob expansion, whole-file reads and atomic publication of outputs."""
+"""Storage through fsspec: glob expansion, whole-file reads, single-step writes of small files."""
 from __future__ import annotations
 
 import json
-import posixpath
+import os
+import uuid
 from typing import Any
 
 import fsspec
@@ -46,13 +47,24 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
 
 
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write to a temporary name beside ``url`` and rename, so readers never see a partial file."""
+    """Replace one file in a single step, so readers see the old or the new content, never a part:
+    on local disks a rename from a temporary name of this writer's own (two writers never share
+    one), elsewhere one put (object stores make a put visible whole or not at all)."""
     fs, path = filesystem(url, storage_options)
-    tmp = f"{path}.tmp-writing"
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)
 
 
 def write_json_atomic(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
@@ -63,45 +75,9 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
-def publish(staging: str, output: str, names: list[str], storage_options: dict[str, Any] | None = None) -> None:
-    """Move each ``staging/NAME`` directory to ``output/NAME``, replacing what was there.
-
-    The old directory is first renamed aside and removed only after the new one is in
-    place, so a rerun replaces results instead of adding to them, and at every moment
-    ``output/NAME`` is either the complete old or the complete new result (on local
-    disks; on object stores a move is a copy, and manifest.json, written last, tells
-    which run the files belong to).
-    """
-    fs, out_path = filesystem(output, storage_options)
-    _, staging_path = filesystem(staging, storage_options)
-    fs.makedirs(out_path, exist_ok=True)
-    for name in names:
-        src, dst = f"{staging_path}/{name}", f"{out_path}/{name}"
-        old = f"{staging_path}/_replaced-{name}"
-        if fs.exists(dst):
-            _move_tree(fs, dst, old)
-        if fs.exists(src):
-            _move_tree(fs, src, dst)
-        else:
-            fs.makedirs(dst, exist_ok=True)
-        if fs.exists(old):
-            fs.rm(old, recursive=True)
-
-
-def _is_local(fs) -> bool:
+def is_local(fs) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
-
-
-def _move_tree(fs, src: str, dst: str) -> None:
-    """Rename a directory on local disks; on object stores, where directories are only
-    key prefixes, copy every object and then delete the source."""
-    if _is_local(fs):
-        fs.mv(src, dst, recursive=True)
-        return
-    for path in fs.find(src):
-        fs.copy(path, dst + path[len(src):])
-    fs.rm(src, recursive=True)
 
 
 def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -6,6 +6,7 @@ report on a big audit reads its metric columns once and a few maps.
 from __future__ import annotations
 
 import json
+import logging
 from functools import cached_property
 from typing import Any, Iterable
 
@@ -16,10 +17,14 @@ import pyarrow.dataset as ds
 from transforms import storage
 from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
 from transforms.readers import read_shard
-from transforms.records import RawImage
+from transforms.records import ErrorRecord, RawImage
 
 
 class AuditDir:
+    """A published audit, read through its manifest (the pointer ``transforms.publication``
+    writes last): each output is the folder, and the files, that the manifest names, so a
+    reader never mixes runs, even while another run of the same --output is being written."""
+
     def __init__(self, path: str, storage_options: dict[str, Any] | None = None):
         self.path, self.storage_options = str(path), storage_options or {}
         try:
@@ -28,10 +33,22 @@ class AuditDir:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.path} has no manifest.json: not the output of a finished run") from None
 
+    def files(self, name: str) -> list[str]:
+        """URLs of the output's files: the manifest's list, or its folder's files for older manifests."""
+        listed = (self.manifest.get("files") or {}).get(name)
+        if listed is not None:
+            return [storage.join(self.path, relative) for relative in listed]
+        folder = (self.manifest.get("outputs") or {}).get(name, f"{name}/")
+        fs, path = storage.filesystem(storage.join(self.path, folder.rstrip("/")), self.storage_options)
+        return sorted(storage.full_url(fs, p) for p in fs.glob(f"{path}/*.parquet"))
+
     def _dataset(self, name: str) -> ds.Dataset | None:
-        fs, path = storage.filesystem(storage.join(self.path, name), self.storage_options)
-        files = sorted(fs.glob(f"{path}/*.parquet"))
-        return ds.dataset(files, format="parquet", filesystem=fs) if files else None
+        files = self.files(name)
+        if not files:
+            return None
+        fs, _ = storage.filesystem(files[0], self.storage_options)
+        return ds.dataset([storage.filesystem(f, self.storage_options)[1] for f in files], format="parquet",
+                          filesystem=fs)
 
     def table(self, name: str, columns: Iterable[str] | None = None, where=None) -> pa.Table:
         """One output (saliency, summary, errors, sanity) as a table; empty if it is absent."""
@@ -85,27 +102,41 @@ class AuditDir:
     def images(self, sources: dict[str, str]) -> dict[str, np.ndarray]:
         """image_id -> [H,W,C] float in [0,1], read back from the shards the rows name.
 
-        Images whose shard has moved or no longer decodes are left out (pages show a
-        placeholder); each shard is read once.
+        Images that cannot be read back are left out (pages show a placeholder): a shard that
+        has moved, no longer decodes, or cannot be reached (permissions, network, a missing
+        bucket: any exception) costs its images and one warning line, never the page.
         """
         prep = self.display_preprocessing()
+        found: dict[str, np.ndarray] = {}
+
+        def read_back(source: str, ids: set[str]) -> str | None:
+            """Decode the shard's wanted images into ``found``; why some were not there, if any were not."""
+            seen, reason = set(), None
+            for record in read_shard(source, self.storage_options, max_pixels=prep.max_pixels):
+                if isinstance(record, RawImage) and record.image_id in ids:
+                    seen.add(record.image_id)
+                    try:
+                        found[record.image_id] = preprocess(decode(record, prep.max_pixels), prep).transpose(1, 2, 0)
+                    except BadImage:
+                        pass  # decodable when it was audited; a placeholder now
+                    if ids <= seen:
+                        return None
+                elif isinstance(record, ErrorRecord) and reason is None:
+                    reason = record.reason
+            return None if ids <= seen else reason or "the images are no longer in it"
+
         wanted: dict[str, set[str]] = {}
         for image_id, source in sources.items():
             wanted.setdefault(source, set()).add(image_id)
-        found = {}
         for source, ids in sorted(wanted.items()):
             try:
-                for record in read_shard(source, self.storage_options):
-                    if isinstance(record, RawImage) and record.image_id in ids:
-                        try:
-                            pixels = preprocess(decode(record, prep.max_pixels), prep)
-                            found[record.image_id] = pixels.transpose(1, 2, 0)
-                        except BadImage:
-                            pass
-                        if ids <= found.keys():
-                            break
-            except (OSError, ValueError):
-                continue
+                problem = read_back(source, ids)
+            except Exception as e:  # noqa: BLE001 - whatever storage raises costs only the pictures
+                problem = f"{type(e).__name__}: {e}"
+            if problem is not None:
+                logging.getLogger("saliency_audit").warning(
+                    "shard %s unreadable, %d image(s) shown as placeholders: %s", source,
+                    len(ids - found.keys()), " ".join(problem.split()))
         return found
 
 

@@ -1,0 +1,82 @@
+"""Image ids are unique per audit: an id read from several shards is explained once, from the
+first of those shards in shard order; later records with it become errors (stage read).
+
+A first, cheap pass lists each shard's ids (read, not decoded) and finds the ids that occur in
+more than one shard; the main pass drops their later copies. (Repeats within one shard are
+the reader's business: it keeps the first.) Without repeats the side input is empty, and the
+main pass changes nothing.
+"""
+from __future__ import annotations
+
+import itertools
+
+import apache_beam as beam
+
+from transforms.batching import ERRORS, ReadShardBatches
+from transforms.readers import read_shard
+from transforms.records import ErrorRecord, ImageBatch, RawImage
+
+
+def shard_ids(url: str, reader: ReadShardBatches):
+    """(image_id, shard url) once for every id the reader would explain from this shard."""
+    records = read_shard(url, reader.storage_options, max_pixels=reader.prep.max_pixels)
+    if reader.limit_per_shard is not None:
+        records = itertools.islice(records, reader.limit_per_shard)
+    for image_id in dict.fromkeys(r.image_id for r in records if isinstance(r, RawImage)):
+        yield image_id, url
+
+
+class _FirstShard(beam.CombineFn):
+    """(first shard url in sort order, number of shards) of one id."""
+
+    def create_accumulator(self):
+        return None, 0
+
+    def add_input(self, acc, url):
+        first, n = acc
+        return (url if first is None or url < first else first), n + 1
+
+    def merge_accumulators(self, accumulators):
+        first, n = None, 0
+        for url, count in accumulators:
+            if url is not None and (first is None or url < first):
+                first = url
+            n += count
+        return first, n
+
+    def extract_output(self, acc):
+        return acc
+
+
+class FirstShardOfRepeatedIds(beam.PTransform):
+    """Shard urls -> (image_id, first shard url) for the ids found in more than one shard."""
+
+    def __init__(self, reader: ReadShardBatches):
+        super().__init__()
+        self.reader = reader
+
+    def expand(self, shards):
+        return (shards
+                | "ListIds" >> beam.FlatMap(shard_ids, self.reader)
+                | "FirstShard" >> beam.CombinePerKey(_FirstShard())
+                | "Repeated" >> beam.Filter(lambda kv: kv[1][1] > 1)
+                | "KeepFirst" >> beam.MapTuple(lambda image_id, first: (image_id, first[0])))
+
+
+class DropRepeatedIds(beam.DoFn):
+    """Batches -> the same batches without images whose id an earlier shard already holds."""
+
+    def process(self, batch: ImageBatch, first_shard: dict[str, str]):
+        keep = [i for i, (image_id, source) in enumerate(zip(batch.image_ids, batch.sources))
+                if first_shard.get(image_id, source) == source]
+        if len(keep) == len(batch.image_ids):
+            yield batch
+            return
+        for i in sorted(set(range(len(batch.image_ids))) - set(keep)):
+            yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
+                batch.image_ids[i], batch.sources[i], "read",
+                f"duplicate image id: already read from {first_shard[batch.image_ids[i]]}"))
+        if keep:
+            yield ImageBatch(image_ids=[batch.image_ids[i] for i in keep], sources=[batch.sources[i] for i in keep],
+                             labels=[batch.labels[i] for i in keep], sizes=[batch.sizes[i] for i in keep],
+                             pixels=batch.pixels[keep])

@@ -1,0 +1,221 @@
+"""Publishing a run's results on storage that has no atomic directory rename (S3, GCS, ...).
+
+Layout under an audit's ``--output``::
+
+    manifest.json                      the pointer: the published run's manifest, written last in one put
+    saliency/run=<id>/part-*.parquet   every run writes its outputs into folders of its own (hive-style
+    summary/run=<id>/  errors/run=<id>/  sanity/run=<id>/   names, so pyarrow.dataset on OUTPUT/saliency reads them)
+    _runs/<id>.json                    the run's state: running (with a heartbeat) | published | failed
+    _runs/<id>/                        the run's private files: the read count, committed file lists, its manifest
+
+Nothing is ever moved or copied. A run becomes the result when its manifest replaces
+``manifest.json``; one put of one small object is atomic on object stores, and on local disks
+the pointer is written to a temporary name of its own and renamed. Readers follow the pointer's
+``outputs`` (``pipelines.reporting.AuditDir`` does), so they see exactly one run's complete
+result at every moment: before the put the previous run, after it the new one.
+
+Folders of runs that lost (a failed run, a killed one, a run superseded by a later put) are
+removed by ``reclaim``, which every run calls after publishing. It deletes a run's folders only
+when the pointer does not name it and the run is finished (published or failed: those states are
+written after the run's last put) or its heartbeat is stale (killed). The markers are listed
+*before* the pointer is read: a run seen as published then had put its pointer before that read,
+so if the pointer names another run, it was superseded for good.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import posixpath
+import threading
+import uuid
+from typing import Any
+
+from transforms import storage
+
+log = logging.getLogger("saliency_audit")
+
+POINTER = "manifest.json"
+RUNS = "_runs"
+OUTPUTS = ("saliency", "summary", "errors", "sanity")
+HEARTBEAT_S = 60.0
+DEFAULT_STALE_S = 30 * 60.0  # a run whose heartbeat is older than this was killed
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def new_run_id() -> str:
+    """Sortable by start time (to the second), then random: two runs never share one."""
+    return now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+class Run:
+    """One run's places under an audit's output: its output folders, its private folder, its marker."""
+
+    def __init__(self, output: str, run_id: str, storage_options: dict[str, Any] | None = None):
+        self.output, self.run_id = output.rstrip("/"), run_id
+        self.storage_options = storage_options or {}
+
+    def folder(self, name: str) -> str:
+        """Where the run writes the output ``name`` (saliency, summary, errors, sanity)."""
+        return storage.join(self.output, name, f"run={self.run_id}")
+
+    def private(self, *parts: str) -> str:
+        return storage.join(self.output, RUNS, self.run_id, *parts)
+
+    @property
+    def marker(self) -> str:
+        return storage.join(self.output, RUNS, f"{self.run_id}.json")
+
+    def relative_outputs(self, names=OUTPUTS) -> dict[str, str]:
+        """The manifest's ``outputs``: folders relative to the output directory."""
+        return {name: f"{name}/run={self.run_id}/" for name in names}
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+
+
+def read_pointer(output: str, storage_options: dict[str, Any] | None = None) -> dict | None:
+    """The published manifest, or None when nothing was published yet."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(output, POINTER), storage_options))
+    except FileNotFoundError:
+        return None
+
+
+def published_run(manifest: dict | None) -> str | None:
+    return (manifest or {}).get("run_id") if (manifest or {}).get("layout") == "run-folders" else None
+
+
+class Heartbeat:
+    """Keeps the run's marker fresh while the job runs, so reclaim never takes a live run for a
+    killed one."""
+
+    def __init__(self, run: Run, interval: float = HEARTBEAT_S):
+        self.run, self.interval = run, interval
+        self.started = now().isoformat(timespec="seconds")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        write_marker(self.run, "running", started=self.started)
+
+    def __enter__(self) -> "Heartbeat":
+        self.beat()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{self.run.run_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as e:  # a missed beat only makes the run look older
+                log.warning("heartbeat of run %s failed: %s", self.run.run_id, e)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def write_marker(run: Run, state: str, **fields: Any) -> None:
+    body = {"run_id": run.run_id, "state": state, "heartbeat": now().isoformat(timespec="seconds"), **fields}
+    storage.write_bytes_atomic(run.marker, _json(body), run.storage_options)
+
+
+def commit(run: Run, manifest: dict) -> None:
+    """Make the run the audit's result: its manifest becomes the pointer (one put), then its
+    marker says published, which lets later runs reclaim it once superseded. Raises only if the
+    pointer was not written; once it is, the run is the result whatever happens next."""
+    body = _json(manifest)
+    storage.write_bytes_atomic(run.private(POINTER), body, run.storage_options)
+    storage.write_bytes_atomic(storage.join(run.output, POINTER), body, run.storage_options)
+    try:
+        write_marker(run, "published")
+    except Exception as e:  # the marker stays "running": reclaimed once stale and superseded
+        log.warning("run %s is published, but its marker could not be updated: %s", run.run_id, e)
+
+
+def abandon(run: Run, reason: str) -> None:
+    """A run that will not be published: say so, then remove what it wrote."""
+    write_marker(run, "failed", reason=reason[:500])
+    _remove_run(run)
+
+
+def _remove_run(run: Run) -> None:
+    # Output folders and private files first, the marker last: an interrupted removal leaves
+    # the marker, so the next reclaim finishes the job.
+    for url in [run.folder(name) for name in OUTPUTS] + [run.private()]:
+        storage.remove_tree(url, run.storage_options)
+    storage.remove_tree(run.marker, run.storage_options)
+
+
+def list_markers(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict]:
+    """run id -> marker body, listed afresh (object-store listings are cached by fsspec)."""
+    fs, path = storage.filesystem(storage.join(output, RUNS), storage_options)
+    fs.invalidate_cache()
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return {}
+    markers = {}
+    for entry in entries:
+        name = posixpath.basename(entry.rstrip("/"))
+        if not name.endswith(".json"):
+            continue
+        try:
+            body = json.loads(fs.cat_file(entry))
+        except (FileNotFoundError, ValueError):
+            continue  # removed or being replaced right now: the next reclaim sees it
+        markers[name[:-len(".json")]] = body
+    return markers
+
+
+def _age_s(stamp: str | None) -> float:
+    try:
+        return (now() - datetime.datetime.fromisoformat(stamp)).total_seconds()
+    except (TypeError, ValueError):
+        return float("inf")
+
+
+def reclaim(output: str, storage_options: dict[str, Any] | None = None, stale_after_s: float = DEFAULT_STALE_S,
+            keep: str | None = None) -> list[str]:
+    """Remove the folders of runs that can never become the result; returns their ids. Best
+    effort: a failure is logged (the next run tries again), never raised.
+
+    ``keep``: a run id never to remove (the caller's own, before it is published)."""
+    removed = []
+    try:
+        markers = list_markers(output, storage_options)  # before the pointer: see the module's docstring
+        current = published_run(read_pointer(output, storage_options))
+        for run_id, marker in sorted(markers.items()):
+            if run_id in (current, keep):
+                continue
+            finished = marker.get("state") in ("published", "failed")
+            if finished or _age_s(marker.get("heartbeat")) > stale_after_s:
+                _remove_run(Run(output, run_id, storage_options))
+                removed.append(run_id)
+        _remove_legacy(output, storage_options, current)
+    except Exception as e:
+        log.warning("could not remove the folders of earlier runs of %s: %s", output, e)
+    if removed:
+        log.info("reclaimed the folders of %d earlier run(s): %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _remove_legacy(output: str, storage_options: dict[str, Any] | None, current: str | None) -> None:
+    """Files of the layout before run folders (OUTPUT/saliency/part-*.parquet, _staging-*), once a
+    run-folder result is published: they belong to no run and would mix into directory reads."""
+    if current is None:
+        return
+    fs, path = storage.filesystem(output, storage_options)
+    fs.invalidate_cache()
+    for name in OUTPUTS:
+        for file in fs.glob(f"{path}/{name}/*.parquet"):
+            fs.rm_file(file)
+    for folder in fs.glob(f"{path}/_staging-*"):
+        fs.rm(folder, recursive=True)
