@@ -330,20 +330,14 @@ def run(argv: list[str] | None = None) -> dict:
             sanity = execute(audit_plan, current)
             counts = verify(audit_plan, current)
             manifest = build_manifest(audit_plan, current, started, counts, sanity)
-        publication.commit(current, manifest)
     except BaseException as e:
-        _abandon_unless_published(current, f"{type(e).__name__}: {e}")
+        try:
+            publication.abandon(current, f"{type(e).__name__}: {e}")
+        except Exception as e2:  # storage is failing too: reclaim removes the run once its heartbeat is stale
+            log.warning("could not remove the files of failed run %s: %s", current.run_id, e2)
         raise
-    publication.reclaim(current.output, current.storage_options, stale_after)
+    publication.publish(current, manifest, stale_after)
     return manifest
-
-
-def _abandon_unless_published(run: Run, reason: str) -> None:
-    try:
-        if publication.published_run(publication.read_pointer(run.output, run.storage_options)) != run.run_id:
-            publication.abandon(run, reason)
-    except Exception as e:  # storage is failing too: reclaim removes the run once its heartbeat is stale
-        log.warning("could not remove the files of failed run %s: %s", run.run_id, e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ import json
 import math
 import re
 
+from transforms.publication import MIN_STALE_S
+
 DEFAULT_METHODS = "sal,grad,intg,deeplift"
 REDACTED = "<redacted>"
 # Flags whose values are credentials: --storage-options (fsspec keys and tokens) and any flag named
@@ -119,7 +121,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 # (flag, lowest, highest) for the numeric options; None where unbounded.
 _RANGES = (("batch_size", 1, None), ("limit_per_shard", 1, None), ("metric_steps", 1, None),
            ("abele_neighbours", 1, None), ("sanity_images", 1, None), ("sanity_threshold", -1, 1),
-           ("max_pixels", 1, None), ("output_files", 1, None), ("reclaim_after", 0, None))
+           ("max_pixels", 1, None), ("output_files", 1, None),
+           ("reclaim_after", MIN_STALE_S / 60, None))
 
 
 def _check_ranges(args: argparse.Namespace) -> None:

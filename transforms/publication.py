@@ -28,6 +28,7 @@ import json
 import logging
 import posixpath
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -40,6 +41,10 @@ RUNS = "_runs"
 OUTPUTS = ("saliency", "summary", "errors", "sanity")
 HEARTBEAT_S = 60.0
 DEFAULT_STALE_S = 30 * 60.0  # a run whose heartbeat is older than this was killed
+MIN_STALE_S = 2 * HEARTBEAT_S  # shorter, and a live run could be taken for a killed one
+# A run that failed while putting its pointer keeps its files this long: a put the client gave up
+# on may still land, and the pointer must not name removed files.
+LATE_PUT_GRACE_S = 2 * HEARTBEAT_S
 
 
 def now() -> datetime.datetime:
@@ -140,10 +145,34 @@ def commit(run: Run, manifest: dict) -> None:
         log.warning("run %s is published, but its marker could not be updated: %s", run.run_id, e)
 
 
-def abandon(run: Run, reason: str) -> None:
-    """A run that will not be published: say so, then remove what it wrote."""
-    write_marker(run, "failed", reason=reason[:500])
-    _remove_run(run)
+def abandon(run: Run, reason: str, pointer_attempted: bool = False) -> None:
+    """A run that will not be published: say so, then remove what it wrote (or, if it tried to
+    put its pointer, leave that to reclaim once LATE_PUT_GRACE_S has passed)."""
+    write_marker(run, "failed", reason=reason[:500], pointer_attempted=pointer_attempted)
+    if not pointer_attempted:
+        _remove_run(run)
+
+
+def publish(run: Run, manifest: dict, stale_after_s: float = DEFAULT_STALE_S) -> bool:
+    """Commit the run, then reclaim the folders of runs that can no longer be the result. Returns
+    True; raises if the run did not become the result. A failure after the pointer was written
+    (a lost reply, the marker) still leaves the run published, and is only logged."""
+    try:
+        commit(run, manifest)
+    except BaseException as e:
+        try:
+            published = published_run(read_pointer(run.output, run.storage_options)) == run.run_id
+        except Exception:
+            published = False
+        if not published:
+            try:
+                abandon(run, f"{type(e).__name__}: {e}", pointer_attempted=True)
+            except Exception as e2:  # storage is failing: reclaim removes the run once it is stale
+                log.warning("could not mark run %s failed: %s", run.run_id, e2)
+            raise
+        log.warning("run %s is published, but committing it reported %s: %s", run.run_id, type(e).__name__, e)
+    reclaim(run.output, run.storage_options, stale_after_s)
+    return True
 
 
 def _remove_run(run: Run) -> None:
@@ -195,11 +224,14 @@ def reclaim(output: str, storage_options: dict[str, Any] | None = None, stale_af
         for run_id, marker in sorted(markers.items()):
             if run_id in (current, keep):
                 continue
-            finished = marker.get("state") in ("published", "failed")
-            if finished or _age_s(marker.get("heartbeat")) > stale_after_s:
+            age = _age_s(marker.get("heartbeat"))
+            finished = marker.get("state") == "published" or (
+                marker.get("state") == "failed" and (not marker.get("pointer_attempted") or age > LATE_PUT_GRACE_S))
+            if finished or age > stale_after_s:
                 _remove_run(Run(output, run_id, storage_options))
                 removed.append(run_id)
         _remove_legacy(output, storage_options, current)
+        _remove_temporaries(output, storage_options, stale_after_s)
     except Exception as e:
         log.warning("could not remove the folders of earlier runs of %s: %s", output, e)
     if removed:
@@ -219,3 +251,17 @@ def _remove_legacy(output: str, storage_options: dict[str, Any] | None, current:
             fs.rm_file(file)
     for folder in fs.glob(f"{path}/_staging-*"):
         fs.rm(folder, recursive=True)
+
+
+def _remove_temporaries(output: str, storage_options: dict[str, Any] | None, stale_after_s: float) -> None:
+    """Temporary files of local single-step writes (storage.write_bytes_atomic) whose writer was
+    killed before its rename; only old ones: a younger one may be a live writer's."""
+    fs, path = storage.filesystem(output, storage_options)
+    if not storage.is_local(fs):
+        return
+    for file in fs.glob(f"{path}/{POINTER}.tmp-*") + fs.glob(f"{path}/{RUNS}/*.tmp-*"):
+        try:
+            if time.time() - fs.info(file)["mtime"] > stale_after_s:
+                fs.rm_file(file)
+        except FileNotFoundError:
+            pass  # renamed or removed meanwhile

@@ -81,6 +81,9 @@ def is_local(fs) -> bool:
 
 
 def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Remove a file or folder; one already gone (a concurrent reclaim removed it) is no error."""
     fs, path = filesystem(url, storage_options)
-    if fs.exists(path):
+    try:
         fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
