@@ -1,6 +1,8 @@
 """The explainer interface: a batch of images and targets in, a batch of maps (and extras) out."""
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import inspect
 from typing import Any, ClassVar
@@ -33,6 +35,14 @@ def forward_chunk(requested: int | None, device: torch.device | str) -> int:
     if requested is not None:
         return requested
     return CPU_FORWARD_CHUNK if torch.device(device).type == "cpu" else ACCELERATOR_FORWARD_CHUNK
+
+
+CHUNK_BUDGET_BYTES = 16 * 2**20  # input images per forward chunk, at most (perturbation methods, metrics)
+
+
+def chunk_within_budget(requested: int, image_shape: tuple[int, ...] | torch.Size) -> int:
+    """``requested`` images per chunk, fewer where they would exceed CHUNK_BUDGET_BYTES (at least 1)."""
+    return max(1, min(requested, CHUNK_BUDGET_BYTES // (4 * math.prod(image_shape))))
 
 
 def padded_chunks(fn, inputs: torch.Tensor, chunk: int) -> torch.Tensor:

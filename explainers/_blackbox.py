@@ -15,7 +15,7 @@ from typing import Any, Callable, Generator
 import numpy as np
 import torch
 
-from explainers._base import Explainer, check_batch, check_chunk, forward_chunk
+from explainers._base import Explainer, check_batch, check_chunk, chunk_within_budget, forward_chunk
 from explainers.superpixels import default_options, fill_images, segment_batch
 
 Search = Generator[np.ndarray, "tuple[np.ndarray, np.ndarray]", Any]
@@ -122,7 +122,8 @@ class BlackBox:
                 ids = torch.as_tensor(image_ids[start:start + self.max_forward_batch], device=self.device)
                 m = torch.as_tensor(masks[start:start + self.max_forward_batch], device=self.device)
                 pixels = torch.gather(m, 1, self.flat_segments[ids]).to(self.off.dtype).reshape(-1, 1, h, w)
-                p = torch.softmax(self.model(self.off[ids] + self.delta[ids] * pixels).float(), dim=1)
+                composed = self.delta[ids].mul_(pixels).add_(self.off[ids])  # in place: 2 chunk-sized tensors
+                p = torch.softmax(self.model(composed).float(), dim=1)
                 probs.append(p.gather(1, self.targets[ids, None])[:, 0])
                 labels.append(p.argmax(dim=1))
         return torch.cat(probs).double().cpu().numpy(), torch.cat(labels).cpu().numpy()
@@ -169,7 +170,8 @@ class SuperpixelExplainer(Explainer):
     min_segments: fewer superpixels trigger a finer re-segmentation (default 4);
     fill: what switched-off superpixels show: "mean" (default), a number, "blur";
     max_forward_batch: most masked images per forward pass (default None: 32 on CPU, 1024 on
-    an accelerator, see :func:`explainers._base.forward_chunk`).
+    an accelerator, see :func:`explainers._base.forward_chunk`; fewer for large images, see
+    explainers._base.CHUNK_BUDGET_BYTES).
     """
 
     signed = True
@@ -197,6 +199,6 @@ class SuperpixelExplainer(Explainer):
         seeds = image_seeds(seeds, images.shape[0])
         segments = segment_batch(images, self.segmentation, self.segmentation_options,
                                  self.min_segments, seeds)
-        blackbox = BlackBox(self.model, images, targets, segments, self.fill,
-                            forward_chunk(self.max_forward_batch, images.device))
+        chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, images.device), images.shape[1:])
+        blackbox = BlackBox(self.model, images, targets, segments, self.fill, chunk)
         return segments, blackbox, seeds

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from explainers._base import Explainer, Explanation, check_batch, check_chunk, forward_chunk
+from explainers._base import Explainer, Explanation, check_batch, check_chunk, chunk_within_budget, forward_chunk
 from explainers._registry import register
 
 REFERENCE_SIZE = (28, 28)  # the image size passes() reports before the first batch
@@ -18,15 +18,26 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return starts
 
 
-def window_masks(height: int, width: int, window: int, stride: int, device=None) -> torch.Tensor:
-    """All windows as a boolean tensor [N, H, W] (True = occluded), rows first."""
-    rows = window_starts(height, window, stride)
-    cols = window_starts(width, window, stride)
-    masks = torch.zeros(len(rows), len(cols), height, width, dtype=torch.bool, device=device)
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            masks[i, j, r:r + window, c:c + window] = True
-    return masks.view(-1, height, width)
+def window_axes(height: int, width: int, window: int, stride: int,
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows' extents per axis: rows [R, H] and cols [C, W] bool (True = covered).
+
+    Window (i, j) is ``rows[i, :, None] & cols[j, None, :]``: the R x C windows are never
+    stored as full masks, which at 224 px with the defaults would be 12,321 x 224 x 224."""
+    def axis(size: int) -> torch.Tensor:
+        starts = torch.tensor(window_starts(size, window, stride), device=device)
+        offset = torch.arange(size, device=device) - starts[:, None]
+        return (offset >= 0) & (offset < window)
+    return axis(height), axis(width)
+
+
+def window_masks(height: int, width: int, window: int, stride: int, device=None,
+                 index: torch.Tensor | None = None) -> torch.Tensor:
+    """Windows ``index`` (default all, rows first) as a boolean tensor [N, H, W] (True = occluded)."""
+    rows, cols = window_axes(height, width, window, stride, device)
+    if index is None:
+        index = torch.arange(len(rows) * len(cols), device=device)
+    return rows[index // len(cols), :, None] & cols[index % len(cols), None, :]
 
 
 @register
@@ -47,8 +58,9 @@ class Occlusion(Explainer):
         or "logit".  Probabilities saturate for confident predictions, so a single window
         rarely moves them much; logits do not saturate.
     max_forward_batch: at most this many occluded images go through the model at once,
-        which bounds memory whatever the batch size and number of windows (default None:
-        32 on CPU, 1024 on an accelerator).
+        which bounds memory whatever the batch size, image size and number of windows
+        (default None: 32 on CPU, 1024 on an accelerator; fewer for large images, see
+        explainers._base.CHUNK_BUDGET_BYTES).
 
     Cost: (number of windows + 1) forward passes per image, no backward: 13 x 13 windows
     + 1 = 170 forwards for 28 px with the defaults.
@@ -96,19 +108,32 @@ class Occlusion(Explainer):
         self._size = (height, width)
         device = images.device
         targets = targets.to(device).long()
-        masks = window_masks(height, width, self.window, self.stride, device)  # [N,H,W]
-        n = masks.shape[0]
+        row_starts = torch.tensor(window_starts(height, self.window, self.stride), device=device)
+        col_starts = torch.tensor(window_starts(width, self.window, self.stride), device=device)
+        n_cols = len(col_starts)
+        n = len(row_starts) * n_cols
+        offsets = torch.arange(self.window, device=device)
+        channels = torch.arange(images.shape[1], device=device)[None, :, None, None]
         with torch.inference_mode():
             drops = torch.empty(batch, n, device=device)
             images = images.detach()
             base = self._scores(images, targets)
-            # The (image, window) pairs in row-major order, evaluated in chunks.
-            total, chunk = batch * n, forward_chunk(self.max_forward_batch, device)
+            # The (image, window) pairs in row-major order, evaluated in chunks; only each
+            # window's own pixels are written, so memory and time follow the chunk, never the
+            # number of windows times the image size.
+            total = batch * n
+            chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, device), images.shape[1:])
             for start in range(0, total, chunk):
                 index = torch.arange(start, min(start + chunk, total), device=device)
                 b, w = index // n, index % n
-                occluded = images[b].masked_fill(masks[w].unsqueeze(1), self.fill)
+                occluded = images[b]  # a copy
+                r = (row_starts[w // n_cols, None] + offsets)[:, None, :, None]
+                c = (col_starts[w % n_cols, None] + offsets)[:, None, None, :]
+                occluded[torch.arange(len(index), device=device)[:, None, None, None], channels, r, c] = self.fill
                 drops.view(-1)[index] = base[b] - self._scores(occluded, targets[b])
-            coverage = masks.sum(0, dtype=torch.float32)  # >= 1 everywhere by window_starts
-            maps = torch.einsum("bn,nhw->bhw", drops, masks.float()) / coverage
+            # sum over windows of drop x mask, one axis at a time (the masks are separable);
+            # coverage >= 1 everywhere by window_starts
+            rows, cols = (axis.float() for axis in window_axes(height, width, self.window, self.stride, device))
+            coverage = rows.sum(0)[:, None] * cols.sum(0)[None, :]
+            maps = torch.einsum("bij,ih,jw->bhw", drops.view(batch, len(rows), len(cols)), rows, cols) / coverage
         return Explanation(maps.clone())  # outside inference mode: a normal tensor

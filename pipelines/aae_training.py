@@ -7,15 +7,22 @@ is the MSE on images scaled to [-1, 1], as in ABELE (tanh outputs), so its weigh
 Adam with beta1 = 0.5 as in ABELE (its lr is 2e-4 over 10,000 steps of 256; the default here is
 higher, for fewer steps on a CPU).
 
+``saliency-audit train-aae`` streams the shards (:func:`scan_shards`, :func:`train_aae_stream`):
+each epoch reads them in a seeded random order through a bounded shuffle buffer, so memory does
+not grow with the dataset; :func:`train_aae` trains on an array.
+
 A checkpoint is written after every epoch, optimiser states included, and training resumes from
 it. Each epoch's shuffling and prior draws come from a generator seeded by (seed, epoch), so a
-resumed run continues exactly as an uninterrupted one would.
+resumed run continues exactly as an uninterrupted one would (shard order and shuffle buffer
+included).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import os
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,11 +30,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from explainers.aae import AAEConfig, AdversarialAutoencoder, from_checkpoint, read_checkpoint, save_aae
+from pipelines.dataset import images_within_budget, iter_images, shuffle_buffer
+from transforms import storage
+from transforms.preprocess import Preprocessing
 
 DEFAULT_EPOCHS = 20
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_LR = 1e-3
 DEFAULT_ADV_WEIGHT = 0.001  # ABELE's 0.999 / 0.001 split
+DEFAULT_SHUFFLE_BUFFER = 4096  # images; capped by pipelines.dataset.MEMORY_BUDGET_BYTES
+MAX_HELD_OUT = 1000  # images kept for the report, likewise capped
 _ARCHITECTURE = ("image_shape", "latent_dim", "architecture", "hidden", "disc_hidden", "value_range")
 
 
@@ -40,6 +52,12 @@ def split_holdout(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nda
     order = np.random.default_rng(seed).permutation(n)
     k = min(n - 1, max(1, round(holdout * n))) if holdout > 0 and n > 1 else 0
     return np.sort(order[k:]), np.sort(order[:k])
+
+
+def _check_training(epochs: int, batch_size: int, lr: float, adv_weight: float) -> None:
+    if epochs < 0 or batch_size < 1 or not lr > 0 or not 0 <= adv_weight < 1:
+        raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0 and 0 <= adv_weight < 1; got "
+                         f"{epochs}, {batch_size}, {lr}, {adv_weight}")
 
 
 def train_aae(images: np.ndarray, config: AAEConfig, *, output: str | None = None, epochs: int = DEFAULT_EPOCHS,
@@ -57,11 +75,125 @@ def train_aae(images: np.ndarray, config: AAEConfig, *, output: str | None = Non
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or tuple(images.shape[1:]) != config.image_shape:
         raise ValueError(f"images must be [N, {', '.join(map(str, config.image_shape))}], got {list(images.shape)}")
-    if epochs < 0 or batch_size < 1 or not lr > 0 or not 0 <= adv_weight < 1:
-        raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0 and 0 <= adv_weight < 1; got "
-                         f"{epochs}, {batch_size}, {lr}, {adv_weight}")
+    _check_training(epochs, batch_size, lr, adv_weight)
     train_idx, held_idx = split_holdout(len(images), holdout, seed)
     x = torch.from_numpy(images[train_idx])
+
+    def batches(generator: torch.Generator) -> Iterator[torch.Tensor]:
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            yield x[order[start:start + batch_size]]
+
+    aae, history = _fit(batches, math.ceil(len(x) / batch_size), config, output=output, epochs=epochs, lr=lr,
+                        adv_weight=adv_weight, seed=seed, device=device, resume=resume, progress=progress)
+    held = images[held_idx] if len(held_idx) else images[train_idx[:MAX_HELD_OUT]]
+    report = {"history": history, "trained_images": len(train_idx), "held_out_images": len(held_idx),
+              **evaluate_aae(aae, held, seed=seed)}
+    return aae, report
+
+
+@dataclasses.dataclass
+class ShardStream:
+    """The images of some shards, streamed for training (see :func:`scan_shards`).
+
+    Training holds only ``buffer_size`` images and the ``held`` ones (the held-out images, or
+    the first training images when none are held out, for the report), never the dataset."""
+
+    urls: list[str]
+    prep: Preprocessing
+    storage_options: dict | None
+    image_shape: tuple[int, int, int]
+    train_count: int
+    held_keys: frozenset[tuple[str, str]]  # (shard url, image id) of the held-out images
+    held: np.ndarray
+    skipped: list[str]
+    buffer_size: int
+
+    def batches(self, generator: torch.Generator, batch_size: int) -> Iterator[torch.Tensor]:
+        """One epoch: the shards in a random order, their images through a shuffle buffer."""
+        order = torch.randperm(len(self.urls), generator=generator).tolist()
+        records = iter_images([self.urls[i] for i in order], self.prep, self.storage_options, require_labels=False)
+        images = (image for url, image_id, image, _ in records
+                  if (url, image_id) not in self.held_keys and image.shape == self.image_shape)
+        batch: list[np.ndarray] = []
+        for image in shuffle_buffer(images, self.buffer_size, generator):
+            batch.append(image)
+            if len(batch) == batch_size:
+                yield torch.from_numpy(np.stack(batch))
+                batch = []
+        if batch:
+            yield torch.from_numpy(np.stack(batch))
+
+
+def _unit_hash(seed: int, image_id: str) -> float:
+    """A value in [0, 1) fixed by (seed, image id): which images are held out, whatever the order."""
+    digest = hashlib.blake2b(f"{seed}\0{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def scan_shards(pattern: str, prep: Preprocessing, storage_options: dict | None = None, *,
+                holdout: float = 0.05, seed: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> ShardStream:
+    """One pass over the shards: count the usable images, check they share one shape, and keep
+    the held-out ones: those whose id hashes below ``holdout`` (at least one when holdout > 0),
+    at most MAX_HELD_OUT and at most a memory budget's worth."""
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle buffer must be >= 1 image, got {shuffle_buffer}")
+    urls = storage.expand_glob(pattern, storage_options)
+    skipped: list[str] = []
+    shape, count, cap = None, 0, MAX_HELD_OUT
+    held: dict[tuple[str, str], np.ndarray] = {}
+    first: list[np.ndarray] = []  # the report's images when none are held out
+    lowest: tuple[float, tuple[str, str] | None, np.ndarray | None] = (math.inf, None, None)
+    for url, image_id, image, _ in iter_images(urls, prep, storage_options, False, skipped.append):
+        if shape is None:
+            shape, cap = image.shape, images_within_budget(MAX_HELD_OUT, image.shape)
+        elif image.shape != shape:
+            raise ValueError(f"images in {pattern} have different shapes {sorted({shape, image.shape})}; "
+                             "pass --resize")
+        count += 1
+        key, u = (url, image_id), _unit_hash(seed, image_id)
+        if u < holdout and len(held) < cap and key not in held:
+            held[key] = image
+        elif len(first) < cap:
+            first.append(image)
+        if u < lowest[0] and key not in held:
+            lowest = (u, key, image)
+    if not count:
+        raise ValueError(f"no usable images in {pattern}" + (f" ({skipped[0]})" if skipped else ""))
+    if holdout > 0 and count > 1 and not held:  # a tiny set: hold out the image that hashes lowest
+        held[lowest[1]] = lowest[2]
+    return ShardStream(urls=urls, prep=prep, storage_options=storage_options, image_shape=tuple(shape),
+                       train_count=count - len(held), held_keys=frozenset(held),
+                       held=np.stack(list(held.values()) or first), skipped=skipped,
+                       buffer_size=images_within_budget(shuffle_buffer, shape))
+
+
+def train_aae_stream(stream: ShardStream, config: AAEConfig, *, output: str | None = None,
+                     epochs: int = DEFAULT_EPOCHS, batch_size: int = DEFAULT_BATCH_SIZE, lr: float = DEFAULT_LR,
+                     adv_weight: float = DEFAULT_ADV_WEIGHT, seed: int = 0, device: str = "cpu",
+                     resume: bool = True, progress: bool = True) -> tuple[AdversarialAutoencoder, dict[str, Any]]:
+    """:func:`train_aae` on a :class:`ShardStream`: memory follows the shuffle buffer and the
+    held-out images, not the number of images. Resuming is exact as with arrays."""
+    if tuple(stream.image_shape) != tuple(config.image_shape):
+        raise ValueError(f"the shards hold images of shape {list(stream.image_shape)}, "
+                         f"the config expects {list(config.image_shape)}")
+    _check_training(epochs, batch_size, lr, adv_weight)
+    aae, history = _fit(lambda generator: stream.batches(generator, batch_size),
+                        math.ceil(stream.train_count / batch_size), config, output=output, epochs=epochs, lr=lr,
+                        adv_weight=adv_weight, seed=seed, device=device, resume=resume, progress=progress)
+    report = {"history": history, "trained_images": stream.train_count, "held_out_images": len(stream.held_keys),
+              **evaluate_aae(aae, stream.held, seed=seed)}
+    return aae, report
+
+
+def _fit(batches: Callable[[torch.Generator], Iterator[torch.Tensor]], steps: int, config: AAEConfig, *,
+         output: str | None, epochs: int, lr: float, adv_weight: float, seed: int, device: str, resume: bool,
+         progress: bool) -> tuple[AdversarialAutoencoder, list[dict[str, float]]]:
+    """The training loop. ``batches(generator)`` yields one epoch's batches, shuffled with
+    ``generator`` (seeded by (seed, epoch), which also draws the prior samples); ``steps``
+    is the expected number of batches, for the progress bar."""
     lo, hi = config.value_range
     mid, half = (lo + hi) / 2, (hi - lo) / 2
 
@@ -87,15 +219,14 @@ def train_aae(images: np.ndarray, config: AAEConfig, *, output: str | None = Non
             opt_d.load_state_dict(training["opt_d"])
     bce = nn.BCEWithLogitsLoss()
     k = config.latent_dim
-    steps = math.ceil(len(x) / batch_size)
     for epoch in range(start, epochs):
         aae.train()
         generator = _generator(seed, epoch)
-        order = torch.randperm(len(x), generator=generator)
-        sums = np.zeros(3)
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for step in bar:
-            batch = x[order[step * batch_size:(step + 1) * batch_size]].to(device)
+        sums, step = np.zeros(3), 0
+        bar = tqdm(batches(generator), total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
+                   leave=False)
+        for step, batch in enumerate(bar, 1):
+            batch = batch.to(device)
             prior = torch.randn(len(batch), k, generator=generator).to(device)
             # 1. the discriminator: prior draws are "real", codes "fake"
             with torch.no_grad():
@@ -115,9 +246,9 @@ def train_aae(images: np.ndarray, config: AAEConfig, *, output: str | None = Non
             loss.backward()
             opt_ae.step()
             sums += (rec_loss.item(), d_loss.item(), adv_loss.item())
-            bar.set_postfix(rec=f"{sums[0] / (step + 1):.4f}", disc=f"{sums[1] / (step + 1):.3f}", refresh=False)
+            bar.set_postfix(rec=f"{sums[0] / step:.4f}", disc=f"{sums[1] / step:.3f}", refresh=False)
         bar.close()
-        history.append({"epoch": epoch + 1, **{name: float(v / steps) for name, v in  # plain floats: weights_only
+        history.append({"epoch": epoch + 1, **{name: float(v / max(step, 1)) for name, v in  # plain floats
                                                zip(("reconstruction", "discriminator", "adversarial"), sums)}})
         if output:
             save_aae(aae, output, {"epoch": epoch + 1, "history": history, "seed": seed,
@@ -125,10 +256,7 @@ def train_aae(images: np.ndarray, config: AAEConfig, *, output: str | None = Non
     aae.eval()
     if output:  # the finished file drops the optimiser states (3x the weights); resuming restarts Adam
         save_aae(aae, output, {"epoch": max(start, epochs), "history": history, "seed": seed})
-    held = images[held_idx] if len(held_idx) else images[train_idx[:1000]]
-    report = {"history": history, "trained_images": len(train_idx), "held_out_images": len(held_idx),
-              **evaluate_aae(aae, held, seed=seed)}
-    return aae, report
+    return aae, history
 
 
 def input_range(prep, channels: int) -> tuple[float, float]:

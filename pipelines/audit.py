@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import platform
 import sys
+import time
 from importlib import metadata
 from typing import Any
 
@@ -27,9 +29,11 @@ from transforms import map_storage, publication, storage
 from transforms.abele_protocol import AbeleProtocol
 from transforms.batching import ERRORS, READ, ReadShardBatches
 from transforms.duplicates import DropRepeatedIds, FirstShardOfRepeatedIds
-from transforms.explain import ExplainBatches, ExplainConfig
+from transforms.explain import ExplainBatches, ExplainConfig, build_explainers
 from transforms.models import ModelSpec, model_hashes
 from transforms.parquet_sink import WriteParquet, write_table
+from transforms.readers import read_shard
+from transforms.records import ImageBatch
 from transforms.preprocess import Preprocessing
 from transforms.publication import Heartbeat, Run
 from transforms.rows import ERROR_SCHEMA, SUMMARY_SCHEMA, saliency_schema
@@ -320,7 +324,11 @@ def run(argv: list[str] | None = None) -> dict:
     runs that can no longer be the result). A failure before publishing leaves the previous
     result as it was and removes this run's files."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    audit_plan = plan(argv)
+    return run_plan(plan(argv))
+
+
+def run_plan(audit_plan: Plan) -> dict:
+    """The phases after ``plan`` (see ``run``)."""
     started = now()
     current = Run(audit_plan.args.output, publication.new_run_id(), audit_plan.storage_options)
     stale_after = 60.0 * audit_plan.args.reclaim_after
@@ -340,11 +348,82 @@ def run(argv: list[str] | None = None) -> dict:
     return manifest
 
 
+def count_records(plan: Plan) -> int:
+    """Records the job would read (shards read, nothing decoded), with --limit-per-shard."""
+    total = 0
+    for url in plan.shards:
+        records = read_shard(url, plan.storage_options, max_pixels=plan.prep.max_pixels)
+        total += sum(1 for _ in itertools.islice(records, plan.args.limit_per_shard))
+    return total
+
+
+def calibrate(plan: Plan, images: int = 8) -> dict[str, float]:
+    """Seconds per image on this machine, on the first decodable images, after a warm-up: each
+    method's own cost (its metrics included) and, under None, the per-batch work every method
+    shares (the forward pass and the random-order reference of the metrics)."""
+    from pipelines.sanity import sample_images
+    ids, pixels, labels = sample_images(plan.shards, plan.prep, plan.storage_options, images)
+    if not ids:
+        return {}
+    loaded = build_explainers(plan.config)
+    batch = ImageBatch(ids, ["calibration"] * len(ids), labels, [tuple(pixels.shape[2:])] * len(ids), pixels.numpy())
+
+    def seconds(methods: dict) -> float:
+        step = ExplainBatches(dataclasses.replace(plan.config, methods=methods), shared.Shared())
+        step._state = loaded
+        start = time.perf_counter()
+        list(step.process(batch))
+        return (time.perf_counter() - start) / len(ids)
+
+    seconds(plan.methods)  # warm-up: first calls allocate and compile
+    shared_cost = seconds({})
+    out: dict[str | None, float] = {name: max(0.0, seconds({name: options}) - shared_cost)
+                                    for name, options in plan.methods.items()}
+    out[None] = shared_cost
+    return out
+
+
+def print_plan(plan: Plan) -> None:
+    """``run --dry-run``: what the job would do and about how long it would take here."""
+    records = count_records(plan)
+    seconds = calibrate(plan)
+    print(f"input: {plan.args.input}: {len(plan.shards)} shard(s), {records} record(s)"
+          + (f" (at most {plan.args.limit_per_shard} per shard)" if plan.args.limit_per_shard else ""))
+    print(f"model: {plan.args.model} on {plan.resolved['device']}, {plan.resolved['num_classes']} classes; "
+          f"batch size {plan.args.batch_size}; metrics {'on' if plan.args.metrics else 'off'}")
+    print(f"{'method':>12}  {'passes / image':>16}  {'s / image':>10}  {'estimate':>10}")
+    total = seconds.get(None, 0.0) * records
+    for name, info in plan.resolved["methods"].items():
+        passes = "+".join(str(v) for v in info["passes"].values()) if isinstance(info["passes"], dict) \
+            else str(info["passes"])
+        per_image = seconds.get(name)
+        estimate = per_image * records if per_image is not None else None
+        total += estimate or 0.0
+        print(f"{name:>12}  {passes:>16}  {per_image if per_image is not None else float('nan'):>10.4f}  "
+              f"{_duration(estimate):>10}")
+    print(f"{'(shared)':>12}  {'1+0':>16}  {seconds.get(None, float('nan')):>10.4f}  "
+          f"{_duration(seconds.get(None, 0.0) * records):>10}")
+    print(f"estimated time: {_duration(total)} in one process on this machine (calibrated on "
+          f"{min(8, records)} image(s); the sanity check and reading are extra). Nothing was run (--dry-run).")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 \
+        else f"{seconds / 3600:.1f} h"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        manifest = run(argv)
+        audit_plan = plan(argv)
+        if audit_plan.args.dry_run:
+            print_plan(audit_plan)
+            return 0
+        manifest = run_plan(audit_plan)
     except UsageError as e:
         print(f"saliency-audit: error: {e}", file=sys.stderr)
         return 2

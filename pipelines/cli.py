@@ -17,8 +17,24 @@ DEMO_LIMIT = 100
 DEMO_SANITY = ["--sanity-check", "--sanity-images", "8"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """allow_abbrev=False: a prefix such as --storage-opt would otherwise be taken for the full
+    flag. Rejected arguments are echoed with secrets redacted (they may be misspelt credentials)."""
+
+    def __init__(self, prog: str, description: str):
+        super().__init__(prog=f"saliency-audit {prog}", description=description, allow_abbrev=False)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            from pipelines.options import redact_argv
+            self.error(f"unrecognized arguments: {' '.join(redact_argv(extras))}")
+        return parsed
+
+
 def _storage_options(parser: argparse.ArgumentParser) -> None:
     from pipelines.options import _json_object
+    parser.allow_abbrev = False  # every parser that takes credentials refuses prefix spellings
     parser.add_argument("--storage-options", type=_json_object, default={},
                         help="fsspec storage options as a JSON object")
 
@@ -29,8 +45,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="saliency-audit demo",
-                                     description="Audit the bundled MNIST sample with the bundled model.")
+    parser = _Parser("demo", "Audit the bundled MNIST sample with the bundled model.")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--methods", default=DEMO_METHODS, help=f"default {DEMO_METHODS}")
     parser.add_argument("--no-sanity-check", dest="sanity_check", action="store_false",
@@ -60,8 +75,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_shards(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="saliency-audit shards",
-                                     description="Turn MNIST-format IDX files into WebDataset tar shards.")
+    parser = _Parser("shards", "Turn MNIST-format IDX files into WebDataset tar shards.")
     parser.add_argument("--from-idx", required=True, help="IDX images file (.gz or plain)")
     parser.add_argument("--labels", help="IDX labels file (.gz or plain)")
     parser.add_argument("--output", required=True, help="output directory")
@@ -86,8 +100,7 @@ def cmd_shards(argv: list[str]) -> int:
 
 
 def cmd_train_classifier(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="saliency-audit train-classifier",
-                                     description="Train the small reference CNN on 28x28 grayscale shards.")
+    parser = _Parser("train-classifier", "Train the small reference CNN on 28x28 grayscale shards.")
     parser.add_argument("--input", required=True, help="glob of labelled training shards")
     parser.add_argument("--output", required=True, help="where to write the state dict")
     parser.add_argument("--test", help="glob of labelled test shards to report accuracy on")
@@ -117,8 +130,7 @@ def cmd_train_classifier(argv: list[str]) -> int:
 
 def cmd_train_aae(argv: list[str]) -> int:
     from pipelines.options import _floats, _size
-    parser = argparse.ArgumentParser(prog="saliency-audit train-aae",
-                                     description="Train the adversarial autoencoder that abele needs (--aae).")
+    parser = _Parser("train-aae", "Train the adversarial autoencoder that abele needs (--aae).")
     parser.add_argument("--input", required=True, help="glob of image shards (labels are not needed)")
     parser.add_argument("--output", required=True, help="checkpoint path; written every epoch, resumed from")
     parser.add_argument("--latent-dim", type=int, help="code size (default 4 for grey images, 16 for colour)")
@@ -129,7 +141,10 @@ def cmd_train_aae(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--adv-weight", type=float, default=0.001, help="weight of the adversarial loss")
-    parser.add_argument("--holdout", type=float, default=0.05, help="share of images held out for the report")
+    parser.add_argument("--holdout", type=float, default=0.05,
+                        help="share of images held out for the report (at most 1000)")
+    parser.add_argument("--shuffle-buffer", type=int, default=4096,
+                        help="images held for shuffling while the shards stream (capped at 256 MB of images)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if --output exists")
@@ -142,22 +157,24 @@ def cmd_train_aae(argv: list[str]) -> int:
     _storage_options(parser)
     args = parser.parse_args(argv)
     from explainers.aae import default_config
-    from pipelines.aae_training import format_report, input_range, train_aae
-    from pipelines.dataset import load_labelled
+    from pipelines.aae_training import format_report, input_range, scan_shards, train_aae_stream
     from transforms.models import resolve_device
     from transforms.preprocess import Preprocessing
     prep = Preprocessing(resize=args.resize, channels=args.channels, mean=args.mean, std=args.std,
                          to_grayscale=args.to_grayscale)
-    images, _, skipped = load_labelled(args.input, prep, args.storage_options, require_labels=False)
-    config = default_config(images.shape[1:], latent_dim=args.latent_dim, architecture=args.architecture,
-                            hidden=args.hidden, value_range=input_range(prep, images.shape[1]),
+    # streamed: memory follows --shuffle-buffer and the held-out images, not the dataset
+    stream = scan_shards(args.input, prep, args.storage_options, holdout=args.holdout, seed=args.seed,
+                         shuffle_buffer=args.shuffle_buffer)
+    config = default_config(stream.image_shape, latent_dim=args.latent_dim, architecture=args.architecture,
+                            hidden=args.hidden, value_range=input_range(prep, stream.image_shape[0]),
                             preprocessing={k: getattr(prep, k) for k in ("channels", "resize", "mean", "std")})
-    print(f"training on {len(images)} images of {config.describe()}, latent size {config.latent_dim}"
-          + (f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""))
-    _, report = train_aae(images, config, output=args.output, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, adv_weight=args.adv_weight, seed=args.seed,
-                          device=str(resolve_device(args.device)), holdout=args.holdout,
-                          resume=not args.no_resume, progress=not args.no_progress)
+    skipped = stream.skipped
+    print(f"training on {stream.train_count + len(stream.held_keys)} images of {config.describe()}, "
+          f"latent size {config.latent_dim}" + (f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""))
+    _, report = train_aae_stream(stream, config, output=args.output, epochs=args.epochs, batch_size=args.batch_size,
+                                 lr=args.lr, adv_weight=args.adv_weight, seed=args.seed,
+                                 device=str(resolve_device(args.device)),
+                                 resume=not args.no_resume, progress=not args.no_progress)
     print(format_report(report))
     print(f"saved {args.output}; use it with --methods abele --aae {args.output}")
     return 0
@@ -168,8 +185,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 def cmd_report(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="saliency-audit report",
-                                     description="Write one self-contained HTML page about a finished audit.")
+    parser = _Parser("report", "Write one self-contained HTML page about a finished audit.")
     parser.add_argument("directory", help="the audit's --output directory")
     parser.add_argument("--output", required=True, help="where to write the HTML file")
     parser.add_argument("--per-class", type=int, default=3, help="gallery images per class (default 3)")
@@ -182,8 +198,7 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_figure(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="saliency-audit figure",
-                                     description="A PNG grid: one row per image, one column per method.")
+    parser = _Parser("figure", "A PNG grid: one row per image, one column per method.")
     parser.add_argument("directory", help="the audit's --output directory")
     parser.add_argument("--ids", required=True, help="comma list of image ids, one row each")
     parser.add_argument("--output", required=True, help="where to write the PNG")
@@ -202,8 +217,7 @@ def cmd_figure(argv: list[str]) -> int:
 
 
 def cmd_diff(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="saliency-audit diff",
-                                     description="Compare two audits of the same images, map by map.")
+    parser = _Parser("diff", "Compare two audits of the same images, map by map.")
     parser.add_argument("directory_a", help="the first audit (e.g. the current model)")
     parser.add_argument("directory_b", help="the second audit (e.g. the candidate model)")
     parser.add_argument("--output", required=True, help="output directory: diff/ Parquet and diff.html")

@@ -113,6 +113,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--map-dtype", choices=("float32", "float16"), default="float32",
         help="stored form of the saliency maps: float32 (default) or float16 (half the bytes; 3 significant "
              "digits, values beyond +-65504 clipped; the row's saliency_min/max keep the exact range)")
+    add("--dry-run", action="store_true",
+        help="print the plan (shards, records, methods, passes and seconds per image, estimated time from a "
+             "short calibration on sample images) and exit without running")
     add("--reclaim-after", type=float, default=30.0, metavar="MINUTES",
         help="remove the folders of an earlier run of this --output whose heartbeat is older than this "
              "(a killed run; default 30)")

@@ -1,21 +1,144 @@
 """Checks made before a job starts, so that a bad run fails in seconds with one clear line
 instead of on the workers: the model loads, takes the preprocessed images, and every
-method runs on a real sample image with its options."""
+method runs on a real sample image with its options.
+
+On a runner whose workers run elsewhere (Dataflow, a Flink or Spark cluster, a remote job
+server or Dask scheduler) the launcher checks what it can on its own CPU and leaves the
+worker device to the workers; a model's code must then be something the workers can import."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib.metadata
 import itertools
-from typing import Any
+import logging
+from typing import Any, Iterable
 
 import torch
 
 from pipelines.options import UsageError
 from transforms.explain import ExplainConfig, build_explainers
-from transforms.models import ModelLoadError
+from transforms.models import ModelLoadError, ModelSpec, check_device_name, device_available, resolve_device
 from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
 from transforms.readers import SHARD_SUFFIXES, read_shard, shard_kind
 from transforms.records import RawImage, seed_for
 
 SAMPLE_SEARCH = 64  # records looked at to find one decodable sample image
+log = logging.getLogger("saliency_audit")
+LOCAL_MASTERS = ("[local]", "[auto]")  # Flink: an embedded cluster in the launcher's process tree
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+# Beam options that ship code to the workers (or a worker image that may hold it).
+SHIPPING_OPTIONS = ("extra_packages", "setup_file", "requirements_file", "sdk_container_image")
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """Where the model runs. ``requested``: --device as given; ``check``: where preflight runs
+    on this launcher; ``worker``: the device recorded for the workers until they report theirs
+    (the requested one on a remote runner, which the workers resolve themselves; the launcher's
+    resolved device otherwise, since the workers run here); ``remote``: the workers run elsewhere."""
+
+    requested: str
+    check: str
+    worker: str
+    remote: bool
+
+
+def _runner_options(beam_args: list[str]):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    return PipelineOptions(beam_args)
+
+
+def runner_short_name(beam_args: list[str]) -> str:
+    """``dataflow``, ``flink``, ``direct``... from --runner (a name or a dotted class path)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+    runner = _runner_options(beam_args).view_as(StandardOptions).runner or "DirectRunner"
+    name = runner.rsplit(".", 1)[-1].lower()
+    return name[:-len("runner")] if name.endswith("runner") and name != "runner" else name
+
+
+def _dask_address(beam_args: list[str]) -> str | None:
+    """--dask_client_address or --dask_scheduler_file (parsed here: Beam registers the Dask
+    options only once apache_beam.runners.dask is imported)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--dask_client_address")
+    parser.add_argument("--dask_scheduler_file")
+    known, _ = parser.parse_known_args(beam_args)
+    return known.dask_client_address or known.dask_scheduler_file
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0] if ":" in address else address
+    return host in LOOPBACK_HOSTS
+
+
+def workers_are_remote(beam_args: list[str]) -> bool:
+    """Whether the runner's workers may run on other machines than this launcher, so that its
+    devices say nothing about theirs. DirectRunner, Prism, an embedded Flink and
+    ``--job_endpoint=embed`` run their workers here; Dataflow, a Flink or Spark master, any other
+    job endpoint (a port-forwarded one included) and a non-local Dask scheduler do not."""
+    from apache_beam.options.pipeline_options import PortableOptions
+    name = runner_short_name(beam_args)
+    options = _runner_options(beam_args).get_all_options(drop_default=True, retain_unknown_options=True)
+    if name in ("dataflow", "testdataflow"):
+        return True
+    if name == "flink":
+        return options.get("flink_master", "[auto]") not in LOCAL_MASTERS
+    if name == "spark":
+        return not str(options.get("spark_master_url", "local[4]")).startswith("local")
+    if name == "dask":
+        address = _dask_address(beam_args)
+        return address is not None and not _is_loopback(address)
+    if name == "portable":
+        endpoint = _runner_options(beam_args).view_as(PortableOptions).job_endpoint
+        return endpoint not in (None, "embed")
+    return False
+
+
+def plan_devices(requested: str, beam_args: list[str]) -> Devices:
+    """The launcher's check device and the device recorded for the workers. A device missing
+    here fails (ModelLoadError) unless the workers run elsewhere."""
+    check_device_name(requested)
+    remote = workers_are_remote(beam_args)
+    if remote and not device_available(requested):
+        log.info("--device %s is not available on this launcher: preflight runs on its CPU and the "
+                 "workers of the %s runner use their own %s device", requested, runner_short_name(beam_args),
+                 requested)
+        return Devices(requested, "cpu", requested, True)
+    local = str(resolve_device(requested))
+    return Devices(requested, local, requested if remote else local, remote)
+
+
+def _shipping_options(beam_args: list[str]) -> list[str]:
+    options = _runner_options(beam_args).get_all_options(drop_default=True, retain_unknown_options=True)
+    return [f"--{name}" for name in SHIPPING_OPTIONS if options.get(name)]
+
+
+def check_model_shipping(spec: ModelSpec, beam_args: list[str], remote: bool) -> None:
+    """A ``module:Callable`` model must be importable on remote workers: its module belongs to an
+    installed distribution (which the worker image or --requirements_file provides), or code is
+    shipped (--extra_package, --setup_file, --requirements_file, --sdk_container_image).
+    Model files (TorchScript, .pt2) carry no code and always pass."""
+    if not remote or not spec.is_callable() or _shipping_options(beam_args):
+        return
+    top = spec.model.partition(":")[0].split(".", 1)[0]
+    if top in importlib.metadata.packages_distributions():
+        return
+    raise UsageError(
+        f"--model {spec.model}: module {top!r} is not part of an installed distribution, so the "
+        f"{runner_short_name(beam_args)} workers cannot import it; ship it with --extra_package DIST.whl, "
+        "--setup_file ./setup.py or --requirements_file, bake it into --sdk_container_image, or export "
+        "the model to a TorchScript or .pt2 file")
+
+
+def worker_device_entry(resolved: dict[str, Any], worker_devices: Iterable[str] | None) -> dict[str, Any]:
+    """The manifest's model device fields: ``device`` is what the workers used (the one device
+    they reported, or several joined by ","), else the device recorded before the run;
+    ``device_requested`` is --device; ``device_check`` where preflight ran on the launcher."""
+    seen = sorted(set(worker_devices or ()))
+    return {"device": ",".join(seen) if seen else resolved["device"],
+            "device_requested": resolved["device_requested"], "device_check": resolved["device_check"],
+            "worker_devices": seen}
 
 
 def check_shards(shards: list[str], pattern: str | None = None) -> list[str]:
@@ -64,15 +187,21 @@ def first_sample(shards: list[str], prep: Preprocessing, storage_options: dict) 
 
 
 def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
-              storage_options: dict[str, Any]) -> dict[str, Any]:
+              storage_options: dict[str, Any], beam_args: list[str] | None = None) -> dict[str, Any]:
+    """Checks the run on this launcher; ``beam_args`` (the runner's options) decide whether the
+    worker device is checked here or left to remote workers."""
     check_shards(shards)  # before the model loads: nothing to audit is the cheaper finding
+    beam_args = list(beam_args or [])
     try:
-        loaded = build_explainers(config)
+        devices = plan_devices(config.device, beam_args)
+        check_model_shipping(config.model, beam_args, devices.remote)
+        loaded = build_explainers(dataclasses.replace(config, device=devices.check))
     except ModelLoadError as e:
         raise UsageError(str(e)) from None
     except (ValueError, TypeError) as e:  # an explainer refused its options or the model
         raise UsageError(f"cannot set up the methods: {e}") from None
-    report = {"device": str(loaded.device), "num_classes": None, "sample_image": None,
+    report = {"device": devices.worker, "device_requested": devices.requested, "device_check": devices.check,
+              "num_classes": None, "sample_image": None,
               "methods": {name: {"options": ex.options(), "signed": ex.signed, "passes": ex.passes(),
                                  "extras": dict(ex.extras)} for name, ex in loaded.explainers.items()}}
     sample = first_sample(shards, prep, storage_options)

@@ -43,13 +43,29 @@ class ModelSpec:
         return [f for f in ([] if self.is_callable() else [self.model]) + [self.weights] if f]
 
 
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+
+def check_device_name(device: str) -> None:
+    """A spelling error fails everywhere, whether or not this machine has the device."""
+    if not _DEVICE.match(device):
+        raise ModelLoadError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+
+
+def device_available(device: str) -> bool:
+    """Whether ``device`` (a valid name) can be used on this machine; auto always can."""
+    check_device_name(device)
+    if not device.startswith("cuda"):
+        return True
+    index = int(device.partition(":")[2] or 0)
+    return torch.cuda.is_available() and index < torch.cuda.device_count()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was requested but no CUDA device is available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ModelLoadError(f"--device must be cpu, cuda or auto, got {device!r}")
+    if not device_available(device):
+        raise ModelLoadError(f"--device {device} was requested but no such CUDA device is available")
     return torch.device(device)
 
 
@@ -146,7 +162,7 @@ def _from_file(path: str, spec: ModelSpec) -> torch.nn.Module:
 def _torch_load(path: str, trust: bool, name: str, hint: str = ""):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         if not trust:
             raise ModelLoadError(f"{name} needs arbitrary unpickling, which can run code; refused. "
                                  f"Pass --trust-model if you trust this file{hint}") from None

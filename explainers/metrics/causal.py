@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from explainers._base import chunk_within_budget
 from explainers.metrics._utils import (
     STREAM_RANDOM_MAP, STREAM_TIE_BREAK, as_seed_list, check_inputs, check_max_forward_batch,
     forward_in_chunks, gaussian_kernel1d, generator, separable_filter, target_probability,
@@ -132,7 +133,8 @@ def _causal_curve(mode: str, model, images, maps, targets, *, steps, substrate, 
     def reduce(logits, idx):
         return target_probability(logits, targets[idx // (steps + 1)])
 
-    probs = forward_in_chunks(model, batch * (steps + 1), build, reduce, max_forward_batch, device)
+    chunk = chunk_within_budget(max_forward_batch, images.shape[1:])  # memory follows one chunk
+    probs = forward_in_chunks(model, batch * (steps + 1), build, reduce, chunk, device)
     return probs.view(batch, steps + 1)
 
 
@@ -154,7 +156,8 @@ def deletion_curve(model: torch.nn.Module, images: torch.Tensor, maps: torch.Ten
         substrate: what removed pixels become, all channels at once: "zero" (default),
             "blur", "mean" or a number (see make_substrate).
         seeds: [B] int seeds for the tie-break permutation (None: 0 for every image).
-        max_forward_batch: at most this many perturbed images per forward pass (default 256).
+        max_forward_batch: at most this many perturbed images per forward pass (default 256;
+            fewer for large images, see explainers._base.CHUNK_BUDGET_BYTES).
         blur_sigma: sigma of the "blur" substrate (default None: see blur_substrate).
 
     Returns:
