@@ -23,13 +23,13 @@ from apache_beam.utils import shared
 
 from explainers import list_methods
 from pipelines.options import UsageError, parse_run_args, redact_argv
-from pipelines.preflight import check_shards, preflight
+from pipelines.preflight import check_shards, preflight, worker_device_entry
 from pipelines.sanity import SANITY_SCHEMA, run_sanity_check
 from transforms import map_storage, publication, storage
 from transforms.abele_protocol import AbeleProtocol
 from transforms.batching import ERRORS, READ, ReadShardBatches
 from transforms.duplicates import DropRepeatedIds, FirstShardOfRepeatedIds
-from transforms.explain import ExplainBatches, ExplainConfig, build_explainers
+from transforms.explain import DEVICE, ExplainBatches, ExplainConfig, build_explainers
 from transforms.models import ModelSpec, model_hashes
 from transforms.parquet_sink import WriteParquet, write_table
 from transforms.readers import read_shard
@@ -142,7 +142,7 @@ def plan(argv: list[str]) -> Plan:
                            metric_substrate=args.metric_substrate,
                            abele=AbeleProtocol(args.abele_neighbours, prep.mean, prep.std)
                            if args.abele_metrics else None)
-    resolved = preflight(config, shards, prep, args.storage_options)
+    resolved = preflight(config, shards, prep, args.storage_options, beam_args)
     schema = map_storage.saliency_schema(saliency_schema(methods), args.map_dtype)
     return Plan(argv, args, beam_args, methods, prep, shards, config, resolved, schema)
 
@@ -166,7 +166,10 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
               | "DropRepeatedIds" >> beam.ParDo(DropRepeatedIds(), beam.pvalue.AsDict(first_shard))
               .with_outputs(ERRORS, main="batches"))
     explained = (unique.batches
-                 | "Explain" >> beam.ParDo(ExplainBatches(config, shared.Shared())).with_outputs(ERRORS, main="rows"))
+                 | "Explain" >> beam.ParDo(ExplainBatches(config, shared.Shared()))
+                 .with_outputs(ERRORS, DEVICE, main="rows"))
+    (explained[DEVICE] | "WorkerDevices" >> beam.Distinct() | "ListDevices" >> beam.combiners.ToList()
+     | "WriteDevices" >> beam.Map(_write_file_list, run.private("devices.json"), storage_options))
     rows = explained.rows
     files = {
         "saliency": (rows | "StoredMaps" >> beam.Map(map_storage.stored_row, map_dtype)
@@ -277,7 +280,8 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
         "command": ["saliency-audit", "run", *redact_argv(plan.argv)],
         "input": {"pattern": args.input, "shards": len(plan.shards)},
         "model": {"model": args.model, "weights": args.weights, "sha256": model_hashes(plan.config.model),
-                  "device": plan.resolved["device"], "num_classes": plan.resolved["num_classes"]},
+                  **worker_device_entry(plan.resolved, _worker_devices(run, plan.storage_options)),
+                  "num_classes": plan.resolved["num_classes"]},
         "methods": plan.resolved["methods"],
         "options": {k: v for k, v in vars(args).items() if k not in ("storage_options",)},
         "preprocessing": dataclasses.asdict(plan.prep),
@@ -308,6 +312,11 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
         "files": files,
         "map_bytes_per_row": _bytes_per_row(run, plan.storage_options, saliency_rows),
     }
+
+
+def _worker_devices(run: Run, storage_options: dict[str, Any]) -> list[str]:
+    """The devices the explain step ran on, as the workers reported them."""
+    return json.loads(storage.read_bytes(run.private("devices.json"), storage_options))
 
 
 def _bytes_per_row(run: Run, storage_options: dict[str, Any], rows: int) -> float | None:

@@ -19,6 +19,8 @@ from transforms.models import ModelSpec, load_model, resolve_device
 from transforms.records import ErrorRecord, ImageBatch, seed_for
 from transforms.rows import extra_value, map_problem, map_statistics
 
+DEVICE = "device"  # side output: the device each batch ran on, so the manifest records the workers'
+
 
 @dataclasses.dataclass(frozen=True)
 class ExplainConfig:
@@ -99,6 +101,7 @@ class ExplainBatches(beam.DoFn):
     def process(self, batch: ImageBatch):
         with self._state.lock:
             outputs = list(self._explain_batch(batch))
+        yield beam.pvalue.TaggedOutput(DEVICE, str(self._state.device))
         yield from outputs
 
     def _explain_batch(self, batch: ImageBatch):

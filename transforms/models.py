@@ -65,7 +65,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not device_available(device):
-        raise ModelLoadError(f"--device {device} was requested but no such CUDA device is available")
+        found = (f"this machine has {torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available()
+                 else "no CUDA device is available")
+        raise ModelLoadError(f"--device {device} was requested but {found}")
     return torch.device(device)
 
 

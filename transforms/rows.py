@@ -78,6 +78,11 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("mean_time_ms", pa.float64()),
     pa.field("mean_saliency_abs", pa.float64()),
     pa.field("mean_saliency_sum", pa.float64()),
+    # Maps that say nothing: all zero (empty), or one value everywhere (constant, empty included).
+    pa.field("empty_maps", pa.int64()),
+    pa.field("constant_maps", pa.int64()),
+    pa.field("empty_share", pa.float64()),
+    pa.field("constant_share", pa.float64()),
     *[pa.field(f"{stat}_{name}", pa.float64()) for name in METRIC_COLUMNS for stat in SUMMARY_STATISTICS],
     # From the driver-side sanity check (null without --sanity-check): the mean Spearman rank
     # correlation between the trained and the fully randomised model's maps, and whether it

@@ -27,7 +27,7 @@ class SummaryAccumulator:
     """
 
     def __init__(self) -> None:
-        self.count = self.labelled = self.correct = 0
+        self.count = self.labelled = self.correct = self.empty = self.constant = 0
         self.sums = dict.fromkeys(_MEANS + METRIC_COLUMNS, 0.0)
         self.finite = dict.fromkeys(_MEANS + METRIC_COLUMNS, 0)
         self.sketches = {k: kll_doubles_sketch(SKETCH_K) for k in METRIC_COLUMNS}
@@ -47,6 +47,8 @@ class SummaryAccumulator:
         self.count += other.count
         self.labelled += other.labelled
         self.correct += other.correct
+        self.empty += other.empty
+        self.constant += other.constant
         for k in self.sums:
             self.sums[k] += other.sums[k]
             self.finite[k] += other.finite[k]
@@ -88,6 +90,9 @@ class _SummaryFn(beam.CombineFn):
         if row.get("label") is not None:
             acc.labelled += 1
             acc.correct += int(row["label"] == row["predicted"])
+        if row.get("saliency_min") == row.get("saliency_max"):  # one value everywhere: points nowhere
+            acc.constant += 1
+            acc.empty += int(row.get("saliency_max") == 0)
         for k in _MEANS + METRIC_COLUMNS:
             acc.add_value(k, row.get(k))
         return acc
@@ -99,12 +104,15 @@ class _SummaryFn(beam.CombineFn):
         return merged
 
     def extract_output(self, acc):
+        n = acc.count
         out = {"count": acc.count, "labelled": acc.labelled,
                "accuracy": acc.correct / acc.labelled if acc.labelled else None,
                "mean_score": acc.mean("score"),
                "mean_time_ms": acc.mean("time_ms"),
                "mean_saliency_abs": acc.mean("saliency_abs_mean"),
-               "mean_saliency_sum": acc.mean("saliency_sum")}
+               "mean_saliency_sum": acc.mean("saliency_sum"),
+               "empty_maps": acc.empty, "constant_maps": acc.constant,
+               "empty_share": acc.empty / n if n else None, "constant_share": acc.constant / n if n else None}
         for k in METRIC_COLUMNS:
             out.update(acc.statistics(k))
         return out

@@ -72,7 +72,7 @@ h3{margin:20px 0 8px}
 table{border-collapse:collapse;margin:8px 0 16px}th,td{border:1px solid #ddd;padding:3px 8px;
   text-align:left;vertical-align:top}th{background:#f5f5f7}td{font-variant-numeric:tabular-nums}
 img{image-rendering:pixelated;image-rendering:crisp-edges;border:1px solid #ccc;margin:1px;vertical-align:top}
-.note{color:#555;font-size:13px}.flag{color:#b00020;font-weight:600}.ok{color:#1b7f3b}
+.note{color:#555;font-size:13px}.flag{color:#b00020;font-weight:600}.warnings{border-left:4px solid #b00020;background:#fdecee;padding:4px 12px;margin:8px 0}.ok{color:#1b7f3b}
 .gallery td{text-align:center;font-size:12px}.pair{white-space:nowrap}
 nav a{margin-right:12px}pre{background:#f5f5f7;padding:8px;overflow:auto;font-size:12px;max-height:420px}
 details{margin:8px 0}.plots svg{margin:0 12px 12px 0}.kv th{width:180px}

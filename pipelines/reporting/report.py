@@ -157,24 +157,56 @@ class Report:
         return (Raw('<span class="flag">FLAGGED: maps do not depend on the model</span>') if flagged
                 else Raw('<span class="ok">passed</span>'))
 
+    EMPTY_WARNING = 0.05   # share of maps that say nothing, above which the auditor is warned
+    RANDOM_WARNING = 0.9   # deletion AUC at or above this fraction of a random map's: no better than random
+
+    @staticmethod
+    def _share(value) -> str:
+        return "\u2013" if value is None else f"{100 * value:.0f}%" if value >= 0.01 or value == 0 else "<1%"
+
+    def _say_nothing(self, s: dict):
+        empty, constant = s.get("empty_share"), s.get("constant_share")
+        text = f"{self._share(empty)} / {self._share(constant)}"
+        return markup('<span class="flag">{}</span>', text) if (constant or 0) > self.EMPTY_WARNING else text
+
+    def _warnings(self) -> list[str]:
+        """Methods whose maps say nothing for many images, or rank pixels no better than chance."""
+        lines = []
+        for method in self.methods:
+            s = self.overall.get(method, {})
+            if (s.get("constant_share") or 0) > self.EMPTY_WARNING:
+                lines.append(f"{method}: {self._share(s['constant_share'])} of its maps are constant "
+                             f"({self._share(s.get('empty_share'))} all zero): they point nowhere.")
+            deletion, random = s.get("mean_deletion_auc"), s.get("mean_deletion_auc_random")
+            if deletion is not None and random and deletion >= self.RANDOM_WARNING * random:
+                lines.append(f"{method}: mean deletion AUC {number(deletion)} is no better than a random map's "
+                             f"{number(random)}: its ranking of the pixels is not faithful to the model.")
+        if not lines:
+            return []
+        items = "".join(markup("<li>{}</li>", line) for line in lines)
+        return [markup('<div class="warnings"><strong>{}</strong><ul>', "Warnings"), Raw(items), Raw("</ul></div>")]
+
     def methods_section(self) -> str:
         counts = self.audit.manifest.get("counts") or {}
         pairs = [(a, b, label) for a, b, label in (("deletion_auc", "deletion_auc_random", "deletion AUC (random)"),
                                                    ("insertion_auc", "insertion_auc_random", "insertion AUC (random)"))
                  if self._present(a)]
         sanity = bool(self.audit.manifest.get("sanity"))
-        headers = (["method", "map", "explained", "errors", "ms / image", "accuracy"] + [p[2] for p in pairs]
+        headers = (["method", "map", "explained", "errors", "empty / constant maps", "ms / image", "accuracy"]
+                   + [p[2] for p in pairs]
                    + (["gini"] if self._present("gini") else []) + (["sanity check"] if sanity else []))
         rows = []
         for method in self.methods:
             s, c = self.overall.get(method, {}), counts.get(method, {})
             rows.append([method, "signed" if self.audit.signed(method) else "unsigned", c.get("explained"),
-                         c.get("errors"), s.get("mean_time_ms"), s.get("accuracy")]
+                         c.get("errors"), self._say_nothing(s), s.get("mean_time_ms"), s.get("accuracy")]
                         + [markup("{} ({})", number(s.get(f"mean_{a}")), number(s.get(f"mean_{b}")))
                            for a, b, _ in pairs]
                         + ([s.get("mean_gini")] if self._present("gini") else [])
                         + ([self._verdict(method)] if sanity else []))
-        parts = [table(headers, rows), paragraph("Means over all explained images.")]
+        parts = [*self._warnings(), table(headers, rows), paragraph(
+            "Means over all explained images. Empty maps are all zero, constant maps one value everywhere "
+            "(empty included): they point nowhere.")]
         abele = [m for m in ABELE_COLUMNS if self._present(m)]
         if abele:
             parts += ["<h3>ABELE's evaluation protocol</h3>",

@@ -1,0 +1,31 @@
+"""Maps that say nothing are counted in the summary and shown to the auditor in the report."""
+import tarfile
+
+import numpy as np
+
+from conftest import add_member, png_bytes
+from pipelines import audit
+from pipelines.reporting.audit_dir import AuditDir
+from pipelines.reporting.report import write_report
+
+
+def test_empty_maps_are_counted_and_reported(demo_shard, demo_model_args, tmp_path):
+    # gradient x input is exactly 0 on a black image, whatever the model: 4 empty grad maps of 8
+    with tarfile.open(demo_shard) as src, tarfile.open(tmp_path / "s.tar", "w") as dst:
+        for member in src.getmembers()[:8]:
+            add_member(dst, member.name, src.extractfile(member).read())
+        for i in range(4):
+            add_member(dst, f"black-{i}.png", png_bytes(np.zeros((28, 28), np.uint8)))
+    audit.run(["--input", str(tmp_path / "s.tar"), *demo_model_args, "--methods", "grad,sal", "--channels", "1",
+               "--no-metrics", "--output", str(tmp_path / "out")])
+    finished = AuditDir(str(tmp_path / "out"))
+    overall = {r["method"]: r for r in finished.rows("summary") if r["target"] is None}
+    assert overall["grad"]["empty_maps"] == 4 and overall["grad"]["empty_share"] == 0.5
+    assert overall["grad"]["constant_maps"] == 4 and overall["sal"]["empty_maps"] == 0
+    per_class = [r for r in finished.rows("summary") if r["method"] == "grad" and r["target"] is not None]
+    assert sum(r["empty_maps"] for r in per_class) == 4
+    page = (tmp_path / "report.html")
+    write_report(str(tmp_path / "out"), str(page))
+    text = page.read_text()
+    assert "grad: 50% of its maps are constant (50% all zero): they point nowhere." in text
+    assert "sal: " not in text.split('class="warnings"')[1].split("</div>")[0]
