@@ -158,7 +158,8 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
     schema = schema or saliency_schema(config.methods)
     reader = ReadShardBatches(prep, batch_size, storage_options, limit_per_shard)
     shard_urls = p | "Shards" >> beam.Create(shards)
-    first_shard = (shard_urls | "FindRepeatedIds" >> FirstShardOfRepeatedIds(reader))
+    first_shard = (shard_urls | "FindRepeatedIds" >> FirstShardOfRepeatedIds(reader) if len(shards) > 1
+                   else p | "NoRepeatedIds" >> beam.Create([]))  # one shard: the reader keeps ids unique
     batched = (shard_urls
                | "SpreadShards" >> beam.Reshuffle()
                | "ReadAndBatch" >> beam.ParDo(reader).with_outputs(ERRORS, READ, main="batches"))

@@ -217,13 +217,13 @@ def test_a_key_repeated_within_a_shard_is_read_once(tmp_path):
 # 4. Sizes are checked before anything is read.
 
 # Read and decode one shard in a fresh process: prints the peak RSS after the imports and
-# after the shard, then the reasons. (RUSAGE_SELF in the child is what RUSAGE_CHILDREN
-# reports to the parent, split at the point where the shard starts.)
+# after the shard, then the reasons. (VmHWM, the peak of this process's own memory: ru_maxrss
+# would carry the parent's peak across fork and exec.)
 READ_AND_DECODE = textwrap.dedent("""
     import resource, sys
     from transforms.preprocess import BadImage, decode
     from transforms.readers import read_shard
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:"))) / 1024
     before, reasons = peak(), []
     for record in read_shard(sys.argv[1]):
         try:

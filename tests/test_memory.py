@@ -1,6 +1,6 @@
 """Memory follows the batch and the chunk, never the dataset or the image size.
 
-Each measurement runs in a fresh Python process that reports its own peak RSS (ru_maxrss), so
+Each measurement runs in a fresh Python process that reports its own peak RSS (VmHWM), so
 the numbers are not mixed with the test runner's."""
 import io
 import subprocess
@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def peak_rss_mb(code: str, cwd: Path = ROOT, timeout: float = 300) -> tuple[float, str]:
     """Run ``code`` in a fresh interpreter; (its peak RSS in MB, its stdout)."""
-    script = code + "\nimport resource; print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak into a child's ru_maxrss across fork and
+    # exec, so a child of a large pytest process would report the parent's size
+    script = code + "\nprint('PEAK_KB', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n"
     done = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(cwd)})
     assert done.returncode == 0, done.stderr[-2000:]

@@ -138,7 +138,7 @@ class ClientError(Exception):
 def test_unreachable_shards_become_placeholders(audits, tmp_path, monkeypatch, caplog, failure):
     clean, _ = audits
 
-    def unreachable(url, storage_options=None):
+    def unreachable(url, storage_options=None, **kwargs):
         raise failure
         yield  # a generator, like the real reader
 

@@ -17,7 +17,7 @@ from transforms.abele_protocol import AbeleProtocol, abele_metrics
 from transforms.batching import ERRORS
 from transforms.models import ModelSpec, load_model, resolve_device
 from transforms.records import ErrorRecord, ImageBatch, seed_for
-from transforms.rows import extra_value, map_problem, map_statistics
+from transforms.rows import extra_value, map_problems, map_statistics
 
 DEVICE = "device"  # side output: the device each batch ran on, so the manifest records the workers'
 
@@ -175,24 +175,28 @@ class ExplainBatches(beam.DoFn):
                 except Exception as e:
                     yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
                         batch.image_ids[i], batch.sources[i], "explain", f"{type(e).__name__}: {e}", name))
-        stored = []  # a map with NaN or inf costs that image and method; the metrics never see it
-        for outcome in outcomes:
-            j, result, k, _ = outcome
-            problem = map_problem(result.maps[k].detach().float().cpu().numpy())
+        if not outcomes:
+            return
+        # One array and one set of statistics for the batch's maps, not per row. A map with NaN or
+        # inf costs that image and method; the metrics never see it.
+        arrays = torch.stack([result.maps[k] for _, result, k, _ in outcomes]).detach().float().cpu().numpy()
+        statistics = map_statistics(arrays)
+        stored = []
+        for n, (outcome, problem) in enumerate(zip(outcomes, map_problems(arrays, statistics))):
             if problem is None:
-                stored.append(outcome)
+                stored.append((n, outcome))
             else:
-                i = keep[j]
+                i = keep[outcome[0]]
                 yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(batch.image_ids[i], batch.sources[i], "explain",
                                                                    problem, name))
-        outcomes = stored
         scores = {}
-        if outcomes and (reference is not None or self.config.abele is not None):
-            done = [j for j, *_ in outcomes]
-            maps = torch.stack([result.maps[k] for _, result, k, _ in outcomes]).to(images.device).float()
+        if stored and (reference is not None or self.config.abele is not None):
+            done = [outcome[0] for _, outcome in stored]
+            maps = torch.from_numpy(arrays[[n for n, _ in stored]]).to(images.device)
             scores = self._scores(explainer, done, maps, keep, images, targets, seeds, predicted, reference)
-        for j, result, k, ms in outcomes:
-            row = self._row(name, batch, keep[j], result, k, targets[j], seeds[j], probabilities, predicted, ms)
+        for n, (j, result, k, ms) in stored:
+            row = self._row(name, batch, keep[j], result, k, targets[j], seeds[j], probabilities, predicted, ms,
+                            arrays[n], {key: float(values[n]) for key, values in statistics.items()})
             row.update(scores.get(j, {}))
             yield row
 
@@ -224,8 +228,7 @@ class ExplainBatches(beam.DoFn):
                 chunk=len(keep)))
         return {j: {key: metric_value(values[n]) for key, values in metrics.items()} for n, j in enumerate(done)}
 
-    def _row(self, name, batch, i, result, k, target, seed, probabilities, predicted, ms):
-        saliency = result.maps[k].detach().float().cpu().numpy()
+    def _row(self, name, batch, i, result, k, target, seed, probabilities, predicted, ms, saliency, statistics):
         target = int(target)
         row = {
             "image_id": batch.image_ids[i], "source": batch.sources[i], "label": batch.labels[i],
@@ -233,8 +236,7 @@ class ExplainBatches(beam.DoFn):
             "score": float(probabilities[i, target]), "predicted_score": float(probabilities[i, predicted[i]]),
             "height": saliency.shape[0], "width": saliency.shape[1],
             "original_height": batch.sizes[i][0], "original_width": batch.sizes[i][1],
-            "saliency": saliency.astype(np.float32).reshape(-1), "time_ms": float(ms), "seed": int(seed),
-            **map_statistics(saliency),
+            "saliency": saliency.reshape(-1), "time_ms": float(ms), "seed": int(seed), **statistics,
         }
         for extra, values in result.extras.items():
             row[extra] = extra_value(values[k])

@@ -117,27 +117,41 @@ def extra_value(value: Any) -> Any:
     return value
 
 
-def map_problem(saliency: np.ndarray) -> str | None:
-    """Why a map cannot be stored (NaN or infinite values, in it or in its float32
+def map_statistics(maps: np.ndarray) -> dict[str, np.ndarray]:
+    """Per map of ``maps`` [N,H,W]: min, max, sum and mean |value| (float64 sums), vectorised
+    over the batch."""
+    flat = maps.reshape(len(maps), -1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return {"saliency_min": flat.min(axis=1), "saliency_max": flat.max(axis=1),
+                "saliency_sum": flat.sum(axis=1, dtype=np.float64),
+                "saliency_abs_mean": np.abs(flat).mean(axis=1, dtype=np.float64)}
+
+
+def map_problems(maps: np.ndarray, statistics: dict[str, np.ndarray]) -> list[str | None]:
+    """Per map, why it cannot be stored (NaN or infinite values, in it or in its float32
     statistics), or None."""
-    if not np.isfinite(saliency).all():
-        return "the map has NaN or infinite values"
+    finite = np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
     with np.errstate(over="ignore"):
-        statistics = np.array(list(map_statistics(saliency).values()), dtype=np.float32)
-    if not np.isfinite(statistics).all():
-        return "the map's sum or mean overflows float32"
-    return None
+        stored = np.stack([np.isfinite(v.astype(np.float32)) for v in statistics.values()]).all(axis=0)
+    return [None if ok and fits else "the map has NaN or infinite values" if not ok
+            else "the map's sum or mean overflows float32" for ok, fits in zip(finite, stored)]
 
 
-def map_statistics(saliency: np.ndarray) -> dict[str, float]:
-    return {
-        "saliency_min": float(saliency.min()),
-        "saliency_max": float(saliency.max()),
-        "saliency_sum": float(saliency.sum(dtype=np.float64)),
-        "saliency_abs_mean": float(np.abs(saliency).mean(dtype=np.float64)),
-    }
+_NUMPY = {pa.float16(): np.float16, pa.float32(): np.float32, pa.float64(): np.float64,
+          pa.int32(): np.int32, pa.int64(): np.int64}
+
+
+def _column(values: list, field: pa.Field) -> pa.Array:
+    """One column; lists of 1-D arrays (the maps) are built from one concatenated buffer instead
+    of value by value."""
+    dtype = _NUMPY.get(field.type.value_type) if pa.types.is_list(field.type) else None
+    if dtype is not None and values and all(isinstance(v, np.ndarray) and v.ndim == 1 for v in values):
+        offsets = np.zeros(len(values) + 1, dtype=np.int32)
+        np.cumsum([len(v) for v in values], out=offsets[1:])
+        flat = np.concatenate(values).astype(dtype, copy=False)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=field.type.value_type))
+    return pa.array(values, type=field.type)
 
 
 def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    columns = {f.name: [row.get(f.name) for row in rows] for f in schema}
-    return pa.Table.from_pydict(columns, schema=schema)
+    return pa.Table.from_arrays([_column([row.get(f.name) for row in rows], f) for f in schema], schema=schema)

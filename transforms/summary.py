@@ -80,7 +80,11 @@ class SummaryAccumulator:
 
 
 class _SummaryFn(beam.CombineFn):
-    """Counts, accuracy, exact means and sketched quantiles per key."""
+    """Counts, accuracy, exact means and sketched quantiles per key; with ``rows=False`` the
+    output is the accumulator itself, to be merged further (per class -> per method)."""
+
+    def __init__(self, rows: bool = True):
+        self.rows = rows
 
     def create_accumulator(self):
         return SummaryAccumulator()
@@ -104,25 +108,43 @@ class _SummaryFn(beam.CombineFn):
         return merged
 
     def extract_output(self, acc):
-        n = acc.count
-        out = {"count": acc.count, "labelled": acc.labelled,
-               "accuracy": acc.correct / acc.labelled if acc.labelled else None,
-               "mean_score": acc.mean("score"),
-               "mean_time_ms": acc.mean("time_ms"),
-               "mean_saliency_abs": acc.mean("saliency_abs_mean"),
-               "mean_saliency_sum": acc.mean("saliency_sum"),
-               "empty_maps": acc.empty, "constant_maps": acc.constant,
-               "empty_share": acc.empty / n if n else None, "constant_share": acc.constant / n if n else None}
-        for k in METRIC_COLUMNS:
-            out.update(acc.statistics(k))
-        return out
+        return summary_row(acc) if self.rows else acc
+
+
+class _MergeSummaries(_SummaryFn):
+    """Accumulators in, one summary row out."""
+
+    def add_input(self, acc, other):
+        acc.merge(other)
+        return acc
+
+
+def summary_row(acc: SummaryAccumulator) -> dict:
+    n = acc.count
+    out = {"count": n, "labelled": acc.labelled,
+           "accuracy": acc.correct / acc.labelled if acc.labelled else None,
+           "mean_score": acc.mean("score"),
+           "mean_time_ms": acc.mean("time_ms"),
+           "mean_saliency_abs": acc.mean("saliency_abs_mean"),
+           "mean_saliency_sum": acc.mean("saliency_sum"),
+           "empty_maps": acc.empty, "constant_maps": acc.constant,
+           "empty_share": acc.empty / n if n else None, "constant_share": acc.constant / n if n else None}
+    for k in METRIC_COLUMNS:
+        out.update(acc.statistics(k))
+    return out
 
 
 class Summarize(beam.PTransform):
-    """Saliency rows -> summary rows (target None = all classes of the method)."""
+    """Saliency rows -> summary rows per (method, target class), and per method (target None)
+    from the merged per-class accumulators: each row is added once."""
 
     def expand(self, rows):
-        return (rows
-                | "KeyByClass" >> beam.FlatMap(lambda r: [((r["method"], r["target"]), r), ((r["method"], None), r)])
-                | "Combine" >> beam.CombinePerKey(_SummaryFn())
+        per_class = (rows
+                     | "KeyByClass" >> beam.Map(lambda r: ((r["method"], r["target"]), r))
+                     | "Combine" >> beam.CombinePerKey(_SummaryFn(rows=False)))
+        overall = (per_class
+                   | "KeyByMethod" >> beam.MapTuple(lambda key, acc: ((key[0], None), acc))
+                   | "Merge" >> beam.CombinePerKey(_MergeSummaries()))
+        classes = per_class | "ClassRows" >> beam.MapTuple(lambda key, acc: (key, summary_row(acc)))
+        return ((classes, overall) | "Both" >> beam.Flatten()
                 | "ToRow" >> beam.MapTuple(lambda key, stats: {"method": key[0], "target": key[1], **stats}))
