@@ -170,7 +170,7 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
                  | "Explain" >> beam.ParDo(ExplainBatches(config, shared.Shared()))
                  .with_outputs(ERRORS, DEVICE, main="rows"))
     (explained[DEVICE] | "WorkerDevices" >> beam.Distinct() | "ListDevices" >> beam.combiners.ToList()
-     | "WriteDevices" >> beam.Map(_write_file_list, run.private("devices.json"), storage_options))
+     | "WriteDevices" >> beam.Map(_write_sorted_list, run.private("devices.json"), storage_options))
     rows = explained.rows
     files = {
         "saliency": (rows | "StoredMaps" >> beam.Map(map_storage.stored_row, map_dtype)
@@ -184,14 +184,14 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
     }
     for name, urls in files.items():  # the files a committed bundle wrote: the run's result
         (urls | f"List{name.title()}" >> beam.combiners.ToList()
-         | f"Commit{name.title()}" >> beam.Map(_write_file_list, run.private(f"files-{name}.json"), storage_options))
+         | f"Commit{name.title()}" >> beam.Map(_write_sorted_list, run.private(f"files-{name}.json"), storage_options))
     (batched[READ] | "CountRead" >> beam.CombineGlobally(sum)
      | "WriteReadCount" >> beam.Map(lambda n: storage.write_json_atomic(run.private("read.json"), {"read": n},
                                                                         storage_options)))
 
 
-def _write_file_list(urls: list[str], target: str, storage_options: dict[str, Any]) -> None:
-    storage.write_json_atomic(target, sorted(urls), storage_options)
+def _write_sorted_list(values: list[str], target: str, storage_options: dict[str, Any]) -> None:
+    storage.write_json_atomic(target, sorted(values), storage_options)
 
 
 def execute(plan: Plan, run: Run) -> dict | None:
@@ -218,11 +218,12 @@ def commit_files(plan: Plan, run: Run) -> None:
     behind, and give an output without rows one empty file, so readers still find its schema."""
     schemas = {"saliency": plan.schema, "summary": SUMMARY_SCHEMA, "errors": ERROR_SCHEMA}
     for name, schema in schemas.items():
-        committed = set(json.loads(storage.read_bytes(run.private(f"files-{name}.json"), plan.storage_options)))
+        urls = json.loads(storage.read_bytes(run.private(f"files-{name}.json"), plan.storage_options))
+        committed = {url.rsplit("/", 1)[-1] for url in urls}  # all in the run's folder of this output
         fs, folder = storage.filesystem(run.folder(name), plan.storage_options)
         fs.invalidate_cache()
         for path in fs.glob(f"{folder}/*.parquet"):
-            if storage.full_url(fs, path) not in committed and path not in committed:
+            if path.rsplit("/", 1)[-1] not in committed:
                 fs.rm_file(path)
         if not committed:
             write_table(run.folder(name), schema.empty_table(), plan.storage_options)
@@ -230,28 +231,31 @@ def commit_files(plan: Plan, run: Run) -> None:
         write_table(run.folder("sanity"), SANITY_SCHEMA.empty_table(), plan.storage_options)
 
 
-def output_files(run: Run, storage_options: dict[str, Any]) -> dict[str, list[str]]:
-    """Per output, the run's files relative to the output directory."""
+def run_files(run: Run, storage_options: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per output, the run's files (relative to the output directory) and their sizes, listed once
+    for the counts, the manifest and the bytes per row."""
     out = {}
     for name in OUTPUTS:
         fs, folder = storage.filesystem(run.folder(name), storage_options)
         fs.invalidate_cache()
-        out[name] = sorted(f"{name}/run={run.run_id}/{path.rsplit('/', 1)[-1]}"
-                           for path in fs.glob(f"{folder}/*.parquet"))
+        found = fs.glob(f"{folder}/*.parquet", detail=True)
+        out[name] = {f"{name}/run={run.run_id}/{path.rsplit('/', 1)[-1]}": int(info["size"])
+                     for path, info in sorted(found.items())}
     return out
 
 
-def count_outcomes(run: Run, methods: list[str], storage_options: dict[str, Any]) -> dict[str, dict[str, int]]:
+def count_outcomes(run: Run, methods: list[str], storage_options: dict[str, Any],
+                   files: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     """Per method: records read (counted at the reader), rows explained and errors, from the
     files themselves; errors without a method (read, decode, preprocess, model) count
     against every method."""
     read = json.loads(storage.read_bytes(run.private("read.json"), storage_options))["read"]
+    fs, root = storage.filesystem(run.output, storage_options)
 
     def method_counts(name) -> dict[str | None, int]:
-        fs, folder = storage.filesystem(run.folder(name), storage_options)
         counts: dict[str | None, int] = {}
-        for file in sorted(fs.glob(f"{folder}/*.parquet")):
-            with fs.open(file, "rb") as f:
+        for relative in files[name]:
+            with fs.open(f"{root}/{relative}", "rb") as f:
                 column = pq.read_table(f, columns=["method"]).column("method")
             for entry in column.value_counts().to_pylist():
                 counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
@@ -262,18 +266,18 @@ def count_outcomes(run: Run, methods: list[str], storage_options: dict[str, Any]
             for m in methods}
 
 
-def verify(plan: Plan, run: Run) -> dict[str, dict[str, int]]:
+def verify(plan: Plan, run: Run, files: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     """The counts from the files; a run whose counts do not reconcile is never published."""
-    counts = count_outcomes(run, list(plan.methods), plan.storage_options)
+    counts = count_outcomes(run, list(plan.methods), plan.storage_options, files)
     if not all(c["read"] == c["explained"] + c["errors"] for c in counts.values()):
         raise RuntimeError(f"counts do not reconcile (read != explained + errors): {counts}; "
                            "the previous results are left as they were")
     return counts
 
 
-def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dict | None) -> dict:
+def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dict | None,
+                   files: dict[str, dict[str, int]]) -> dict:
     args = plan.args
-    files = output_files(run, plan.storage_options)
     saliency_rows = sum(c["explained"] for c in counts.values())
     return {
         "run_id": run.run_id, "started": started, "finished": now(), "status": "succeeded",
@@ -310,20 +314,14 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
         "reconciled": True,
         "sanity": sanity,
         "outputs": run.relative_outputs(OUTPUTS),
-        "files": files,
-        "map_bytes_per_row": _bytes_per_row(run, plan.storage_options, saliency_rows),
+        "files": {name: list(sizes) for name, sizes in files.items()},
+        "map_bytes_per_row": round(sum(files["saliency"].values()) / saliency_rows, 1) if saliency_rows else None,
     }
 
 
 def _worker_devices(run: Run, storage_options: dict[str, Any]) -> list[str]:
     """The devices the explain step ran on, as the workers reported them."""
     return json.loads(storage.read_bytes(run.private("devices.json"), storage_options))
-
-
-def _bytes_per_row(run: Run, storage_options: dict[str, Any], rows: int) -> float | None:
-    fs, folder = storage.filesystem(run.folder("saliency"), storage_options)
-    size = sum(fs.size(path) for path in fs.glob(f"{folder}/*.parquet"))
-    return round(size / rows, 1) if rows else None
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -346,8 +344,9 @@ def run_plan(audit_plan: Plan) -> dict:
     try:
         with Heartbeat(current):
             sanity = execute(audit_plan, current)
-            counts = verify(audit_plan, current)
-            manifest = build_manifest(audit_plan, current, started, counts, sanity)
+            files = run_files(current, audit_plan.storage_options)
+            counts = verify(audit_plan, current, files)
+            manifest = build_manifest(audit_plan, current, started, counts, sanity, files)
     except BaseException as e:
         try:
             publication.abandon(current, f"{type(e).__name__}: {e}")

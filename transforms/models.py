@@ -18,6 +18,8 @@ from typing import Any
 import fsspec
 import torch
 
+from transforms import storage
+
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -244,7 +246,7 @@ class _local_copy:
 
     def __enter__(self) -> str:
         fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        if storage.is_local(fs):
             return path
         suffix = os.path.splitext(path)[1]
         fd, self.tmp = tempfile.mkstemp(suffix=suffix)
