@@ -1,14 +1,19 @@
 """Speed and faithfulness of the superpixel methods on MNIST digits, printed as a Markdown table.
 
-    python benchmarks/superpixel_methods.py [--images 50] [--anchor-images 20] [--threads 2]
+    python benchmarks/superpixel_methods.py [--images 200] [--anchor-images 20] [--threads 2] [--lime-only]
 
-Compares, in one run and on the same digits, model and segmentation:
-- our ``lime`` (all images in one call) with the ``lime`` package's LimeImageExplainer given
-  the same segmentation (ours, passed as segmentation_fn), fill (0, ABELE's hide_color),
-  number of samples, kernel width and per-image seed; the package runs with its default
-  batch_size=10 on a few images (timing only) and with batch_size=1000 on all of them;
-- RISE deletion AUC (explainers.metrics.deletion_auc: one row per step, zero substrate;
-  lower is better) of each map, and of random maps as a reference;
+Compares, in one run and on the same digits and model (the demo CNN, trained on the 5,000-digit
+subset by pipelines/make_demo_data.py):
+- lime, default against default: our ``lime`` with its defaults vs the ``lime`` package's
+  LimeImageExplainer with its own (quickshift kernel_size=4, max_dist=200, ratio=0.2;
+  hide_color=None, i.e. each superpixel's mean; 1000 samples; kernel width 0.25);
+- lime, tuned against tuned: the package as ABELE ran it (quickshift kernel_size=1, black
+  hiding, hide_color=0) vs our lime with our best settings (its defaults), and our lime with
+  its previous defaults (quickshift, superpixel-mean fill, probability) for reference;
+  the package runs with batch_size=1000 (its default of 10 only costs time);
+- RISE deletion AUC (explainers.metrics.deletion_auc: zero substrate, --steps steps; lower is
+  better) of each map, as a fraction of random maps' AUC (1.0 = random), and paired
+  differences with standard errors;
 - our ``anchor`` batched over the images vs Ribeiro's reference implementation (the
   ``anchor-exp`` package, ``pip install --no-deps anchor-exp``: its other requirements are
   for text) one image at a time with the same segmentation, fill, threshold, delta, tau and
@@ -80,10 +85,15 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def lime_package(model, images, targets, seeds, n_samples, batch_size, segmentation_options):
-    """The lime package on each image; returns maps [n,28,28], R^2 [n], model calls."""
+def lime_package(model, images, targets, seeds, n_samples, batch_size, kernel_size=None, hide_color=None):
+    """The lime package on each image; returns maps [n,28,28], R^2 [n], model calls.
+
+    kernel_size None: the package's own segmentation (quickshift kernel_size=4, max_dist=200,
+    ratio=0.2); else quickshift with that kernel size and the same max_dist and ratio, seeded
+    per image as the package seeds its own. hide_color None: each superpixel's mean.
+    """
     from lime.lime_image import LimeImageExplainer
-    from explainers.superpixels import segment
+    from lime.wrappers.scikit_image import SegmentationAlgorithm
     calls = [0]
 
     def classifier_fn(batch):  # lime hands (n, H, W, 3) copies of the grey image
@@ -93,13 +103,14 @@ def lime_package(model, images, targets, seeds, n_samples, batch_size, segmentat
 
     maps, r2 = [], []
     for image, target, seed in zip(images[:, 0].numpy().astype(np.float64), targets.tolist(), seeds.tolist()):
-        explainer = LimeImageExplainer(kernel_width=0.25, random_state=seed)  # per image: lime#477
+        explainer = LimeImageExplainer(random_state=seed)  # per image: lime#477
+        segmentation = None if kernel_size is None else SegmentationAlgorithm(
+            "quickshift", kernel_size=kernel_size, max_dist=200, ratio=0.2, random_seed=seed)
         with contextlib.redirect_stderr(io.StringIO()):  # lime 0.2.0 always draws a progress bar
             explanation = explainer.explain_instance(
-                image, classifier_fn, labels=(target,), top_labels=None, hide_color=0,
+                image, classifier_fn, labels=(target,), top_labels=None, hide_color=hide_color,
                 num_features=100000, num_samples=n_samples, batch_size=batch_size,
-                segmentation_fn=lambda rgb, s=seed: segment(np.moveaxis(rgb, -1, 0)[:1], "quickshift",
-                                                            segmentation_options, seed=s))
+                segmentation_fn=segmentation, random_seed=seed)
         weights = np.zeros(explanation.segments.max() + 1, dtype=np.float32)
         for feature, weight in explanation.local_exp[target]:
             weights[feature] = weight
@@ -148,12 +159,12 @@ def anchor_precision(model, images, targets, segments, anchors, fill, n=2000):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=50)
-    parser.add_argument("--slow-lime-images", type=int, default=5,
-                        help="images for the lime package at its default batch_size=10 (timing only)")
+    parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--anchor-images", type=int, default=20)
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=28, help="deletion steps (28: one row of a digit each)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lime-only", action="store_true", help="skip anchor and lore")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -172,7 +183,10 @@ def main() -> None:
     aucs = {}
 
     def deletion(maps, n):
-        return deletion_auc(model, images[:n], maps, targets[:n], seeds=seeds[:n]).double().numpy()
+        return deletion_auc(model, images[:n], maps, targets[:n], steps=args.steps,
+                            seeds=seeds[:n]).double().numpy()
+
+    random_auc = deletion(random_maps(images[:, 0].shape, seeds), len(images))
 
     def add(method, impl, n, seconds, calls, maps=None, quality=""):
         invocations = model.invocations / n  # counted since the last reset, before deletion runs
@@ -180,28 +194,31 @@ def main() -> None:
             aucs[(method, impl)] = deletion(maps, n)
         model.invocations = 0
         rows.append((method, impl, n, seconds / n, n / seconds, calls, invocations,
-                     f"{aucs[(method, impl)].mean():.4f}" if maps is not None else "-", quality))
+                     f"{aucs[(method, impl)].mean():.4f} ({aucs[(method, impl)].mean() / random_auc[:n].mean():.3f})"
+                     if maps is not None else "-", quality))
 
-    # lime: ours vs the package
-    ours = get_explainer("lime", model, n_samples=args.samples, **common)
-    result, seconds = timed(lambda: ours.explain(images, targets, seeds))
-    add("lime", "ours, whole batch", len(images), seconds, float(result.extras["model_calls"].float().mean()),
-        result.maps, f"R2 {float(result.extras['r2'].mean()):.3f}")
-    segmentation_options = None  # ours picks quickshift's options from the size; pass the same ones
-    from explainers.superpixels import default_options
-    segmentation_options = default_options("quickshift", 28, 28)
-    (maps, r2, calls), seconds = timed(lambda: lime_package(model, images, targets, seeds, args.samples, 1000,
-                                                            segmentation_options))
-    add("lime", "lime package, batch_size=1000", len(images), seconds, calls / len(images), maps,
-        f"R2 {r2.mean():.3f}")
-    n = min(args.slow_lime_images, len(images))
-    (maps, r2, calls), seconds = timed(lambda: lime_package(model, images[:n], targets[:n], seeds[:n],
-                                                            args.samples, 10, segmentation_options))
-    add("lime", "lime package, default batch_size=10", n, seconds, calls / n, None,
-        f"timing only, first {n} images")
-    rows.append(("random maps", "reference", len(images), 0.0, 0.0, 0, 0,
-                 f"{deletion(random_maps(images[:, 0].shape, seeds), len(images)).mean():.4f}", ""))
+    def ours_lime(impl, **options):
+        explainer = get_explainer("lime", model, n_samples=args.samples, **options)
+        result, seconds = timed(lambda: explainer.explain(images, targets, seeds))
+        segments = np.mean([int(s.max()) + 1 for s in result.extras["segments"]])
+        add("lime", impl, len(images), seconds, float(result.extras["model_calls"].float().mean()), result.maps,
+            f"R2 {float(result.extras['r2'].mean()):.3f}; {segments:.1f} superpixels")
+
+    def package_lime(impl, **options):
+        (maps, r2, calls), seconds = timed(lambda: lime_package(model, images, targets, seeds, args.samples,
+                                                                1000, **options))
+        add("lime", impl, len(images), seconds, calls / len(images), maps, f"R2 {r2.mean():.3f}")
+
+    # lime: default vs default, tuned vs tuned
+    ours_lime(OURS_DEFAULT)
+    package_lime(PACKAGE_DEFAULT)
+    package_lime(PACKAGE_ABELE, kernel_size=1, hide_color=0)
+    ours_lime("ours, previous defaults (quickshift, superpixel-mean fill, probability)",
+              segmentation="quickshift", fill="mean", score="probability")
+    rows.append(("random maps", "reference", len(images), 0.0, 0.0, 0, 0, f"{random_auc.mean():.4f} (1.000)", ""))
     model.invocations = 0
+    if args.lime_only:
+        return report(rows, aucs, args, {})
 
     # anchor: batched vs one image at a time, same algorithm and seeds
     n = min(args.anchor_images, len(images))
@@ -240,23 +257,31 @@ def main() -> None:
     add("lore", "ours, whole batch", n, seconds, float(result.extras["model_calls"].float().mean()),
         result.maps, f"fidelity {float(result.extras['fidelity'].mean()):.3f}")
 
-    lime_rows = {r[1]: r for r in rows if r[0] == "lime"}
-    ours_s = lime_rows["ours, whole batch"][3]
-    print(f"\nMNIST CNN (pipelines/demo_data), {args.threads} torch threads, quickshift "
-          f"{segmentation_options}, fill 0, {args.samples} lime samples\n")
+    report(rows, aucs, args, anchor_speedup)
+
+
+OURS_DEFAULT = "ours, defaults (= our best: slic 100, fill 0, log-odds)"
+PACKAGE_DEFAULT = "lime package, defaults (quickshift kernel 4, superpixel-mean hiding)"
+PACKAGE_ABELE = "lime package as ABELE ran it (quickshift kernel 1, black hiding)"
+
+
+def report(rows, aucs, args, anchor_speedup) -> None:
+    print(f"\nMNIST CNN (pipelines/demo_data), first {args.images} test digits, {args.threads} torch threads, "
+          f"{args.samples} lime samples, deletion AUC with a zero substrate over {args.steps} steps\n")
     print("| method | implementation | images | s / image | images / s | model calls / image "
-          "| forward passes / image | deletion AUC (lower is better) | quality |")
+          "| forward passes / image | deletion AUC, lower is better (/ random) | quality |")
     print("|---|---|---|---|---|---|---|---|---|")
     for method, impl, n_img, per, rate, calls, passes, dauc, quality in rows:
         print(f"| {method} | {impl} | {n_img} | {per:.4f} | {rate:.1f} | {calls:.0f} | {passes:.2f} | {dauc} "
               f"| {quality} |")
     print()
-    for impl, row in lime_rows.items():
-        if impl != "ours, whole batch":
-            print(f"- lime speedup vs {impl}: {row[3] / ours_s:.1f}x")
-    diff = aucs[("lime", "ours, whole batch")] - aucs[("lime", "lime package, batch_size=1000")]
-    print(f"- lime deletion AUC, ours minus package, paired over {len(diff)} images: {diff.mean():+.4f} "
-          f"(standard error {diff.std(ddof=1) / np.sqrt(len(diff)):.4f}); negative means ours is better")
+    seconds = {r[1]: r[3] for r in rows if r[0] == "lime"}
+    for label, ours, theirs in (("default vs default", OURS_DEFAULT, PACKAGE_DEFAULT),
+                                ("tuned vs tuned", OURS_DEFAULT, PACKAGE_ABELE)):
+        diff = aucs[("lime", ours)] - aucs[("lime", theirs)]
+        print(f"- lime {label}: deletion AUC ours minus package, paired over {len(diff)} images: "
+              f"{diff.mean():+.4f} (standard error {diff.std(ddof=1) / np.sqrt(len(diff)):.4f}; negative: ours "
+              f"is better); ours {seconds[theirs] / seconds[ours]:.1f}x faster")
     for impl, speedup in anchor_speedup.items():
         print(f"- anchor speedup, ours batched vs {impl}: {speedup:.1f}x")
 

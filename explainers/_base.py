@@ -45,20 +45,70 @@ def chunk_within_budget(requested: int, image_shape: tuple[int, ...] | torch.Siz
     return max(1, min(requested, CHUNK_BUDGET_BYTES // (4 * math.prod(image_shape))))
 
 
-def padded_chunks(fn, inputs: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``fn`` over ``inputs`` in chunks of exactly ``chunk`` rows (the last one padded with copies of
-    its last row), concatenated. Kernels pick their blocking from the batch size, so a row's
-    result can differ in the last bits with the number of rows beside it; a fixed size makes it
-    depend on that row alone, so discrete decisions (argmax, rules, exemplar choice) do not
-    change with which other images share the batch."""
-    out = []
-    for start in range(0, len(inputs), chunk):
-        part = inputs[start:start + chunk]
-        n = len(part)
-        if n < chunk:
-            part = torch.cat([part, part[-1:].expand(chunk - n, *part.shape[1:])])
-        out.append(fn(part)[:n])
-    return torch.cat(out)
+# Batch independence. A kernel picks its blocking, and so its rounding, from the batch size and
+# the rows beside a row, so the same image's logits differ in the last bits (~1e-7) alone and in
+# a batch. Two ways keep a discrete decision from following that noise:
+# - owner_chunks: an image's rows never share a forward pass with another image's, so every value
+#   it sees, continuous or not, is bit-identical alone or in any batch (abele, whose genetic
+#   search and tree turn continuous values into decisions);
+# - stable_argmax: batched logits, and the few rows whose top-2 gap is within a tolerance far above
+#   that noise are recomputed alone (the predicted class, the superpixel methods' labels).
+DECISION_RTOL = 1e-4  # of max(1, max |logit|): ~1e3 times float32 batch noise on the demo CNN
+
+
+def owner_chunks(fn, inputs: torch.Tensor, owners, chunk: int) -> torch.Tensor:
+    """``fn`` over ``inputs`` [N, ...] in chunks of at most ``chunk`` rows that all belong to one
+    owner (``owners`` [N], e.g. the image a latent code explores), each owner's rows in their
+    order; results in the order of ``inputs``. A row's result depends only on its owner's rows
+    in this call, never on the other owners', so a search that asks only for its own rows gets
+    the same bits alone or in any batch. Costs at most one partial chunk per owner and call."""
+    owners = torch.as_tensor(owners, dtype=torch.long)
+    if not len(inputs):
+        return fn(inputs)
+    index = torch.arange(len(owners))
+    parts, order = [], []
+    for owner in torch.unique(owners).tolist():
+        rows = index[owners == owner]
+        for start in range(0, len(rows), chunk):
+            take = rows[start:start + chunk]
+            parts.append(fn(inputs[take.to(inputs.device)]))
+            order.append(take)
+    out = torch.cat(parts)
+    return out[torch.argsort(torch.cat(order)).to(out.device)]
+
+
+def alone(fn, inputs: torch.Tensor) -> torch.Tensor:
+    """``fn`` over each row of ``inputs`` as a batch of one, concatenated."""
+    return owner_chunks(fn, inputs, torch.arange(len(inputs)), 1)
+
+
+def decision_tolerance(dtype: torch.dtype) -> float:
+    """Relative top-2 gap below which a decision is recomputed alone: DECISION_RTOL, wider for
+    low-precision logits (their batch noise is 100 ulps at most)."""
+    return max(DECISION_RTOL, 100 * torch.finfo(dtype).eps) if dtype.is_floating_point else DECISION_RTOL
+
+
+def near_ties(logits: torch.Tensor, rtol: float = DECISION_RTOL) -> torch.Tensor:
+    """Rows [N] bool whose top-2 logit gap is within rtol * max(1, max |logit|): their argmax could
+    follow the batch's rounding noise. Rows with a non-finite logit count as ties (recomputed)."""
+    if logits.shape[1] < 2:
+        return torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+    top = logits.topk(2, dim=1).values
+    scale = logits.abs().amax(dim=1).clamp_min(1)
+    return ~((top[:, 0] - top[:, 1]) > rtol * scale)
+
+
+def stable_argmax(logits: torch.Tensor, recompute, rtol: float = DECISION_RTOL) -> tuple[torch.Tensor, int]:
+    """argmax [N] of batched ``logits`` [N,K] that equals each row's argmax computed alone, as long
+    as the batch's noise per logit stays under rtol/2 of the scale: if the batched gap exceeds
+    rtol * scale, noise that small cannot reorder the top two, and rows within it are recomputed
+    by ``recompute(rows [n] long) -> logits [n,K]``, which must compute each row alone (see
+    :func:`alone`). Returns (classes, number of rows recomputed)."""
+    classes = logits.argmax(dim=1)
+    ties = torch.nonzero(near_ties(logits, rtol)).reshape(-1)
+    if len(ties):
+        classes[ties] = recompute(ties).to(classes.device).argmax(dim=1)
+    return classes, len(ties)
 
 
 def check_chunk(name: str, value: int | None) -> None:

@@ -15,8 +15,10 @@ from typing import Any, Callable, Generator
 import numpy as np
 import torch
 
-from explainers._base import Explainer, check_batch, check_chunk, chunk_within_budget, forward_chunk
-from explainers.superpixels import default_options, fill_images, segment_batch
+from explainers._base import (Explainer, alone, check_batch, check_chunk, chunk_within_budget, decision_tolerance,
+                              forward_chunk, stable_argmax)
+from explainers._scores import check_score, target_scores
+from explainers.superpixels import check_fill, default_options, fill_images, segment_batch
 
 Search = Generator[np.ndarray, "tuple[np.ndarray, np.ndarray]", Any]
 
@@ -61,6 +63,9 @@ class BlackBox:
     images [B,C,H,W] (model-input space), targets [B], segments: B int [H,W] label arrays,
     fill: see :func:`explainers.superpixels.fill_images`. ``calls[i]`` counts the masked
     images of image i that went through the model (distinct images only).
+    score: what query returns per mask, in float64: "probability" (softmax of the target,
+    default), "log_odds", "margin" or "logit" (see :func:`explainers._scores.target_scores`;
+    they keep their resolution where a confident model's probability rounds to exactly 1).
 
     A superpixel whose fill equals its pixels (black background under a black or mean
     fill, most of a digit's superpixels) is inert: switching it off changes no pixel.
@@ -69,7 +74,10 @@ class BlackBox:
     """
 
     def __init__(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                 segments: list[np.ndarray], fill: float | str, max_forward_batch: int):
+                 segments: list[np.ndarray], fill: float | str, max_forward_batch: int,
+                 score: str = "probability"):
+        check_score(score)
+        self.score = score
         self.model = model
         self.device = images.device
         b, c, h, w = images.shape
@@ -123,9 +131,12 @@ class BlackBox:
                 m = torch.as_tensor(masks[start:start + self.max_forward_batch], device=self.device)
                 pixels = torch.gather(m, 1, self.flat_segments[ids]).to(self.off.dtype).reshape(-1, 1, h, w)
                 composed = self.delta[ids].mul_(pixels).add_(self.off[ids])  # in place: 2 chunk-sized tensors
-                p = torch.softmax(self.model(composed).float(), dim=1)
-                probs.append(p.gather(1, self.targets[ids, None])[:, 0])
-                labels.append(p.argmax(dim=1))
+                logits = self.model(composed)
+                # float64: the ridge regression sees small differences between nearby masks
+                probs.append(target_scores(logits, self.targets[ids], self.score, torch.float64))
+                # the class each masked image gets alone: near ties are recomputed one at a time
+                labels.append(stable_argmax(logits.float(), lambda rows: alone(self.model, composed[rows]).float(),
+                                            decision_tolerance(logits.dtype))[0])
         return torch.cat(probs).double().cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 
@@ -168,7 +179,8 @@ class SuperpixelExplainer(Explainer):
     segmentation: "quickshift" (default), "slic", "felzenszwalb" or "grid";
     segmentation_options: overrides of :func:`explainers.superpixels.default_options`;
     min_segments: fewer superpixels trigger a finer re-segmentation (default 4);
-    fill: what switched-off superpixels show: "mean" (default), a number, "blur";
+    fill: what switched-off superpixels show: "image-mean", "mean" (default here; each method
+    sets its own), a number, "blur", see :func:`explainers.superpixels.fill_images`;
     max_forward_batch: most masked images per forward pass (default None: 32 on CPU, 1024 on
     an accelerator, see :func:`explainers._base.forward_chunk`; fewer for large images, see
     explainers._base.CHUNK_BUDGET_BYTES).
@@ -184,21 +196,22 @@ class SuperpixelExplainer(Explainer):
         if min_segments < 2:
             raise ValueError(f"min_segments must be >= 2, got {min_segments}")
         check_chunk("max_forward_batch", max_forward_batch)
-        if not (isinstance(fill, (int, float)) or fill in ("mean", "blur") or str(fill).startswith("blur:")):
-            raise ValueError(f"unknown fill {fill!r}; use 'mean', a number, 'blur' or 'blur:SIGMA'")
+        check_fill(fill)
         self.segmentation = segmentation
         self.segmentation_options = dict(segmentation_options or {})
         self.min_segments = min_segments
         self.fill = fill
         self.max_forward_batch = max_forward_batch
 
-    def _prepare(self, images: torch.Tensor, targets: torch.Tensor, seeds: torch.Tensor | None):
-        """Validate, segment and wrap the model: (segments list, BlackBox, uint64 seeds [B])."""
+    def _prepare(self, images: torch.Tensor, targets: torch.Tensor, seeds: torch.Tensor | None,
+                 score: str = "probability"):
+        """Validate, segment and wrap the model: (segments list, BlackBox, uint64 seeds [B]);
+        score: what the BlackBox returns, see :class:`BlackBox`."""
         check_batch(images, targets)
         images = images.detach()
         seeds = image_seeds(seeds, images.shape[0])
         segments = segment_batch(images, self.segmentation, self.segmentation_options,
                                  self.min_segments, seeds)
         chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, images.device), images.shape[1:])
-        blackbox = BlackBox(self.model, images, targets, segments, self.fill, chunk)
+        blackbox = BlackBox(self.model, images, targets, segments, self.fill, chunk, score)
         return segments, blackbox, seeds

@@ -10,8 +10,9 @@ map, the pixel-wise median over exemplars p of ABELE's thresholded difference x 
 
 All images of a batch advance together (:func:`explainers._blackbox.run_searches`): every round
 decodes and labels every image's pending codes in large forward passes; the trees are fitted
-in parallel threads. Each image's draws come from its own seed, so its result does not depend
-on the batch.
+in parallel threads. Each image's draws come from its own seed, and its codes never share a
+forward pass with another image's (:func:`explainers._base.owner_chunks`), so its result, maps
+included, is bit-identical alone or in any batch.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from scipy.special import ndtr, ndtri
 
 from explainers import _rules as rules
-from explainers._base import Explainer, Explanation, check_batch, check_chunk, forward_chunk, padded_chunks
+from explainers._base import Explainer, Explanation, alone, check_batch, check_chunk, forward_chunk, owner_chunks
 from explainers._blackbox import EvaluationMemo, image_seeds, run_searches
 from explainers._genetic import evolve, mutate, resample_genes
 from explainers._registry import register
@@ -134,26 +135,30 @@ class LatentBlackBox:
         codes = np.ascontiguousarray(codes, dtype=np.float32)
 
         def evaluate(rows):
-            probs = self.probabilities(codes[rows])
+            probs = self.probabilities(codes[rows], image_ids[rows])
             return list(zip(probs, probs.argmax(1).tolist()))
 
         found = self.memo.lookup(image_ids, [row.tobytes() for row in codes], evaluate)
         return (np.stack([p for p, _ in found]) if found else np.zeros((0, 0), np.float32),
                 np.array([c for _, c in found], dtype=np.int64))
 
-    # Fixed-size chunks (explainers._base.padded_chunks): a code's decoding and class never depend
-    # on which other codes, of this image or of others in the batch, share its chunk.
+    # Chunks of one image's codes only (explainers._base.owner_chunks): the GA's fitness and the tree
+    # turn the probabilities into decisions, so they must not pick up another image's rounding.
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> torch.Tensor:
+        """One image's codes [n,k] -> images [n,C,H,W]."""
         if not len(codes):
             return torch.zeros(0, *self.aae.config.image_shape, device=self.device)
-        return padded_chunks(self.aae.decode, torch.as_tensor(codes, device=self.device), self.max_forward_batch)
+        return owner_chunks(self.aae.decode, torch.as_tensor(codes, device=self.device), np.zeros(len(codes)),
+                            self.max_forward_batch)
 
     @torch.inference_mode()
-    def probabilities(self, codes: np.ndarray) -> np.ndarray:
+    def probabilities(self, codes: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+        """Softmax [n,K] of the decoded codes [n,k]; row r explores image image_ids[r]."""
         def classify(chunk):
             return torch.softmax(self.model(self.aae.decode(chunk)).float(), dim=1)
-        return padded_chunks(classify, torch.as_tensor(codes, device=self.device), self.max_forward_batch).cpu().numpy()
+        return owner_chunks(classify, torch.as_tensor(codes, device=self.device), image_ids,
+                            self.max_forward_batch).cpu().numpy()
 
     @torch.inference_mode()
     def prior_like(self, codes: np.ndarray, threshold: float) -> np.ndarray:
@@ -392,8 +397,8 @@ class Abele(Explainer):
         targets = [int(t) for t in targets]
         chunk = forward_chunk(self.max_forward_batch, images.device)
         with torch.inference_mode():
-            z = padded_chunks(aae.encode, images, chunk).float().cpu().numpy()
-            p_x = padded_chunks(lambda x: torch.softmax(self.model(x).float(), dim=1), images, chunk).cpu().numpy()
+            z = alone(aae.encode, images).float().cpu().numpy()
+            p_x = alone(lambda x: torch.softmax(self.model(x).float(), dim=1), images).cpu().numpy()
         blackbox = LatentBlackBox(self.model, aae, batch, chunk)
 
         def valid(codes):

@@ -197,6 +197,17 @@ class Anchor(SuperpixelExplainer):
     min_samples_start: samples of the empty anchor before testing it (100);
     max_anchor_size: None = all superpixels; stop_on_first: return the first eligible
     anchor; epsilon_stop: margin around the threshold (0.05) -- alibi's defaults.
+    Superpixel defaults: segmentation="slic" (25 superpixels whatever the image size, so a
+    superpixel is ~4% of the image; alibi's AnchorImage also uses slic) and fill="image-mean"
+    (a hidden superpixel shows the image's average colour). With quickshift (~8 superpixels
+    on a 28x28 digit) and each superpixel hidden under its own mean, hiding kept the class,
+    so 27.5% of anchors on 200 MNIST test digits (t10k 1000-1199, demo CNN) were empty, and
+    16% of anchors pointed at a planted 4x4 patch; now 4.5% empty (precision >= 0.95 on
+    every digit, mean 0.996) and 94% on the patch. A constant 0 fill gave 1% empty but is
+    out of distribution on non-black backgrounds (it added background superpixels to 8 of
+    16 patch anchors). The price: hidden background is no longer identical to the black
+    background, so ~900 distinct masks per digit instead of ~65 (about 0.6 s per digit on
+    one core instead of 0.05 s).
     Map: 1 on the anchor's superpixels, 0 elsewhere (unsigned).
     Cost: adaptive, typically 10^3-10^4 forward passes per image; all images' arm pulls of a
     round go through the model together.
@@ -215,8 +226,8 @@ class Anchor(SuperpixelExplainer):
                  batch_size: int = 100, beam_size: int = 1, coverage_samples: int = 10000,
                  min_samples_start: int = 100, max_anchor_size: int | None = None,
                  stop_on_first: bool = False, epsilon_stop: float = 0.05, p_sample: float = 0.5,
-                 segmentation: str = "quickshift", segmentation_options: dict | None = None,
-                 min_segments: int = 4, fill: float | str = "mean", max_forward_batch: int | None = None):
+                 segmentation: str = "slic", segmentation_options: dict | None = None,
+                 min_segments: int = 4, fill: float | str = "image-mean", max_forward_batch: int | None = None):
         super().__init__(model, segmentation, segmentation_options, min_segments, fill, max_forward_batch)
         if not 0 < threshold <= 1 or not 0 < delta < 1 or tau <= 0 or not 0 < p_sample < 1:
             raise ValueError("need 0 < threshold <= 1, 0 < delta < 1, tau > 0 and 0 < p_sample < 1; got "

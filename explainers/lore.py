@@ -92,7 +92,12 @@ class Lore(SuperpixelExplainer):
     max_depth, default None; on digits "small" gave fidelity 0.998 instead of 1.000 at 4x the
     time, since the distinct masks of a few superpixels are separable by a small tree anyway);
     max_counterfactuals listed (5); plus the
-    superpixel options (segmentation, fill, ...). Outcome = the model's argmax; "same" means
+    superpixel options (segmentation, fill, ...), whose defaults here are
+    segmentation="slic" (25 superpixels at any size) and fill="image-mean", for the reasons
+    and figures given in :class:`explainers.anchor.Anchor`: with quickshift and
+    per-superpixel means 26% of rules on 200 MNIST test digits were "any image" and 16%
+    pointed at a planted patch; now 0% and 94%, at ~1,300 distinct masks per digit instead
+    of ~80. Outcome = the model's argmax; "same" means
     the target class.
     Map: +1 on superpixels the factual rule requires on, -1 on those it requires off (x is
     all on, so its own rule only ever requires "on"), 0 elsewhere. Signed.
@@ -115,9 +120,9 @@ class Lore(SuperpixelExplainer):
     def __init__(self, model, population_size: int = 1000, generations: int = 10, cxpb: float = 0.5,
                  mutpb: float = 0.2, indpb: float = 0.2, tournament_size: int = 3, alpha1: float = 0.5,
                  alpha2: float = 0.5, eta: float = 1.0, tree_search: str = "none", max_depth: int | None = None,
-                 max_counterfactuals: int = 5, segmentation: str = "quickshift",
+                 max_counterfactuals: int = 5, segmentation: str = "slic",
                  segmentation_options: dict | None = None, min_segments: int = 4,
-                 fill: float | str = "mean", max_forward_batch: int | None = None):
+                 fill: float | str = "image-mean", max_forward_batch: int | None = None):
         super().__init__(model, segmentation, segmentation_options, min_segments, fill, max_forward_batch)
         if population_size < 4 or generations < 0 or tournament_size < 1:
             raise ValueError("need population_size >= 4, generations >= 0 and tournament_size >= 1; got "

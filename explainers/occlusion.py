@@ -5,6 +5,7 @@ import torch
 
 from explainers._base import Explainer, Explanation, check_batch, check_chunk, chunk_within_budget, forward_chunk
 from explainers._registry import register
+from explainers._scores import check_score, target_scores
 
 REFERENCE_SIZE = (28, 28)  # the image size passes() reports before the first batch
 
@@ -54,9 +55,13 @@ class Occlusion(Explainer):
     stride: step between windows (default 2).
     fill: value the occluded pixels take, in model-input space (default 0.0, black for
         [0,1] inputs; DeepExplain uses 0 too).
-    score: "probability" (default, as in the paper: the softmax probability of the target)
-        or "logit".  Probabilities saturate for confident predictions, so a single window
-        rarely moves them much; logits do not saturate.
+    score: "log_odds" (default), "margin", "logit" or "probability" (see target_scores).
+        The paper used the softmax probability, but it saturates: on a confident model
+        (the demo CNN with its logits x50, where float32 rounds every probability to 1.0)
+        68 of 100 maps came out all zero and deletion AUC was 0.73 of a random map's.
+        The log-odds orders the occluded images exactly as the probability does without
+        saturating: deletion/random 0.28 there, and 0.176 on the demo CNN itself
+        (probability 0.180, margin 0.193, logit 0.209; 100 MNIST test digits).
     max_forward_batch: at most this many occluded images go through the model at once,
         which bounds memory whatever the batch size, image size and number of windows
         (default None: 32 on CPU, 1024 on an accelerator; fewer for large images, see
@@ -69,7 +74,7 @@ class Occlusion(Explainer):
     name = "occlusion"
 
     def __init__(self, model, window: int = 4, stride: int = 2, fill: float = 0.0,
-                 score: str = "probability", max_forward_batch: int | None = None):
+                 score: str = "log_odds", max_forward_batch: int | None = None):
         super().__init__(model)
         check_chunk("max_forward_batch", max_forward_batch)
         for option, value in (("window", window), ("stride", stride)):
@@ -77,8 +82,7 @@ class Occlusion(Explainer):
                 raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
         if not isinstance(fill, (int, float)) or isinstance(fill, bool):
             raise ValueError(f"fill must be a number, got {fill!r}")
-        if score not in ("probability", "logit"):
-            raise ValueError(f"score must be 'probability' or 'logit', got {score!r}")
+        check_score(score)
         self.window = window
         self.stride = stride
         self.fill = float(fill)
@@ -95,10 +99,7 @@ class Occlusion(Explainer):
         return {"forward": n + 1, "backward": 0}
 
     def _scores(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(images)
-        if self.score == "probability":
-            logits = torch.log_softmax(logits.float(), dim=1).exp()
-        return logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()
+        return target_scores(self.model(images), targets, self.score)
 
     def explain(self, images, targets, seeds=None):
         check_batch(images, targets)

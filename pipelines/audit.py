@@ -22,9 +22,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.utils import shared
 
 from explainers import list_methods
-from pipelines.options import UsageError, parse_run_args, redact_argv
+from pipelines.options import UsageError, redact_argv
 from pipelines.preflight import check_shards, preflight, worker_device_entry
 from pipelines.sanity import SANITY_SCHEMA, run_sanity_check
+from pipelines.spec import manifest_entry, parse_invocation, redact_secrets
 from transforms import map_storage, publication, storage
 from transforms.abele_protocol import AbeleProtocol
 from transforms.batching import ERRORS, READ, ReadShardBatches
@@ -126,9 +127,10 @@ class Plan:
 
 
 def plan(argv: list[str]) -> Plan:
-    """Parse and check the invocation, find the shards and run preflight (the model on a sample
-    image with every method): a bad run fails here, in seconds, with UsageError."""
-    args, beam_args = parse_run_args(argv)
+    """Parse and check the invocation (a --config spec, then the flags that override it), find
+    the shards and run preflight (the model on a sample image with every method): a bad run fails
+    here, in seconds, with UsageError."""
+    args, beam_args = parse_invocation(argv)
     methods = parse_methods(args.methods, args.method_options, args.aae, args.storage_options)
     try:
         prep = Preprocessing(resize=args.resize, channels=args.channels, mean=args.mean, std=args.std,
@@ -283,12 +285,13 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
         "run_id": run.run_id, "started": started, "finished": now(), "status": "succeeded",
         "layout": "run-folders",
         "command": ["saliency-audit", "run", *redact_argv(plan.argv)],
+        "spec": manifest_entry(args, plan.beam_args),  # the resolved spec: file, then flags; secrets redacted
         "input": {"pattern": args.input, "shards": len(plan.shards)},
         "model": {"model": args.model, "weights": args.weights, "sha256": model_hashes(plan.config.model),
                   **worker_device_entry(plan.resolved, _worker_devices(run, plan.storage_options)),
                   "num_classes": plan.resolved["num_classes"]},
         "methods": plan.resolved["methods"],
-        "options": {k: v for k, v in vars(args).items() if k not in ("storage_options",)},
+        "options": {k: redact_secrets(v) for k, v in vars(args).items() if k not in ("storage_options",)},
         "preprocessing": dataclasses.asdict(plan.prep),
         "conventions": {
             "explained_output": "logit of the target class (pre-softmax)",

@@ -66,10 +66,13 @@ def _target(text: str) -> str:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
+    add("--config", metavar="SPEC", help="audit spec (.toml, .yaml or .yml) giving any of these options; flags given "
+                                         "on the command line override it (docs/spec.md)")
     add("--input", required=True, help="glob of shards on any fsspec URL (.tar, .parquet, .png/.jpg/.npy)")
     add("--model", required=True, help="TorchScript file, torch.export .pt2 archive, or module:Callable")
     add("--weights", help="state dict for --model module:Callable (loaded with weights_only=True)")
     add("--trust-model", action="store_true", help="allow model files that need arbitrary unpickling")
+    _add_off_switch(parser, "trust-model")
     add("--methods", default=DEFAULT_METHODS, help=f"comma list of methods (default {DEFAULT_METHODS})")
     add("--output", required=True, help="output directory (any fsspec URL)")
     add("--target", type=_target, default="predicted", help="predicted | label | INT (default predicted)")
@@ -87,11 +90,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--abele-metrics", action="store_true",
         help="also ABELE's relevance, coherence and stability per image (costly: about --abele-neighbours "
              "times each method's own cost)")
+    _add_off_switch(parser, "abele-metrics")
     add("--abele-neighbours", type=int, default=20,
         help="salt-and-pepper copies for stability, and at most this many same-class batch images for "
              "coherence (default 20, as ABELE)")
     add("--sanity-check", action="store_true",
         help="after the job: cascading randomisation of the model's layers (Adebayo et al. 2018) on a sample")
+    _add_off_switch(parser, "sanity-check")
     add("--sanity-images", type=int, default=16,
         help="images in the sanity check: the first N decodable ones in shard order (default 16)")
     add("--sanity-threshold", type=float, default=0.5,
@@ -108,6 +113,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--std", type=_floats, help="per-channel std divided by after subtracting the mean")
     add("--channels", type=int, choices=(1, 3), help="channels the model takes")
     add("--to-grayscale", action="store_true", help="convert RGB images for a 1-channel model")
+    _add_off_switch(parser, "to-grayscale")
     add("--max-pixels", type=int, default=4096 * 4096, help="reject larger images (default 4096*4096)")
     add("--output-files", type=int, help=argparse.SUPPRESS)  # accepted for old scripts: files now roll by size
     add("--map-dtype", choices=("float32", "float16"), default="float32",
@@ -121,6 +127,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
              "(a killed run; default 30)")
 
 
+def _add_off_switch(parser: argparse.ArgumentParser, flag: str) -> None:
+    """--no-FLAG, so that a command line can turn off a switch that a --config spec turns on."""
+    parser.add_argument(f"--no-{flag}", dest=flag.replace("-", "_"), action="store_false",
+                        help=f"turn --{flag} off (where a --config spec turns it on)")
+
+
 # (flag, lowest, highest) for the numeric options; None where unbounded.
 _RANGES = (("batch_size", 1, None), ("limit_per_shard", 1, None), ("metric_steps", 1, None),
            ("abele_neighbours", 1, None), ("sanity_images", 1, None), ("sanity_threshold", -1, 1),
@@ -128,14 +140,23 @@ _RANGES = (("batch_size", 1, None), ("limit_per_shard", 1, None), ("metric_steps
            ("reclaim_after", MIN_STALE_S / 60, None))
 
 
-def _check_ranges(args: argparse.Namespace) -> None:
-    for name, low, high in _RANGES:
-        value = getattr(args, name, None)
-        if value is None:
-            continue  # an optional flag left out (or one this build does not have)
+def range_problem(name: str, value) -> str | None:
+    """Why ``value`` is out of range for the option ``name`` (its dest), or None; also used for
+    the values of a --config spec."""
+    for option, low, high in _RANGES:
+        if option != name or value is None:  # None: an optional flag left out
+            continue
         if not (low <= value if high is None else low <= value <= high):  # NaN fails both
             bound = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise UsageError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+            return f"must be {bound}, got {value}"
+    return None
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for name, _, _ in _RANGES:
+        problem = range_problem(name, getattr(args, name, None))
+        if problem:
+            raise UsageError(f"--{name.replace('_', '-')} {problem}")
 
 
 def _flag_name(token: str) -> str:
@@ -182,7 +203,7 @@ def _closest(name: str, known: list[str]) -> str | None:
     return close[0] if close else None
 
 
-def _run_parser() -> argparse.ArgumentParser:
+def run_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="saliency-audit run", description="Run a saliency audit.", allow_abbrev=False,
                             usage="%(prog)s --input GLOB --model MODEL --output DIR [options] [Beam options]")
     add_run_arguments(parser)
@@ -192,7 +213,7 @@ def _run_parser() -> argparse.ArgumentParser:
 def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Our options and the remaining arguments, which must be Beam pipeline options.
     Raises UsageError for a bad command line."""
-    parser = _run_parser()
+    parser = run_parser()
     args, beam_args = parser.parse_known_args(argv)
     _check_ranges(args)
     _check_beam_args(beam_args, [f for f in parser._option_string_actions if f.startswith("--")])
@@ -202,7 +223,7 @@ def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def _takes_value(flag: str) -> bool:
     """Whether a known flag reads the next argument (booleans do not); unknown flags are
     assumed to, so that a secret after one is still hidden."""
-    for parser in (_run_parser(), beam_option_parser()):
+    for parser in (run_parser(), beam_option_parser()):
         action = parser._option_string_actions.get(flag)
         if action is not None:
             return action.nargs != 0

@@ -227,4 +227,6 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
         except Exception as e:
             raise UsageError(f"method {name} fails on sample image {image_id}: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if getattr(explainer, "layer_used", None):  # a default layer found by running the model (gradcam)
+            report["methods"][name]["layer_used"] = explainer.layer_used
     return report

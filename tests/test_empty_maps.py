@@ -29,3 +29,16 @@ def test_empty_maps_are_counted_and_reported(demo_shard, demo_model_args, tmp_pa
     text = page.read_text()
     assert "grad: 50% of its maps are constant (50% all zero): they point nowhere." in text
     assert "sal: " not in text.split('class="warnings"')[1].split("</div>")[0]
+
+
+def test_no_better_than_random_warning_gives_the_reason_for_unsigned_maps():
+    from pipelines.reporting.report import method_warnings
+    poor = {"mean_deletion_auc": 0.50, "mean_deletion_auc_random": 0.52, "constant_share": 0.0}
+    good = {"mean_deletion_auc": 0.20, "mean_deletion_auc_random": 0.52, "constant_share": 0.0}
+    (unsigned,) = method_warnings("sal", poor, signed=False)
+    (signed,) = method_warnings("grad", poor, signed=True)
+    assert "no better than a random map" in unsigned and "unsigned" in unsigned and "absolute false" in unsigned
+    assert "no better than a random map" in signed and "unsigned" not in signed
+    assert method_warnings("sal", good, signed=False) == []
+    (empty,) = method_warnings("mask", {**good, "constant_share": 0.3, "empty_share": 0.25}, signed=False)
+    assert empty == "mask: 30% of its maps are constant (25% all zero): they point nowhere."

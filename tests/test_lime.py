@@ -3,12 +3,56 @@ import numpy as np
 import pytest
 import torch
 from skimage import data, transform
+from scipy.stats import spearmanr
 from sklearn.linear_model import Ridge
 
 from explainers import get_explainer, list_methods
+from explainers._scores import target_scores
 from explainers.lime import lime_kernel, weighted_ridge
 
-from conftest import REGION, RegionModel, region_superpixels, scene
+from conftest import RegionModel, region_superpixels, scene
+
+PATCH = 4
+
+
+class PatchDetector(torch.nn.Module):
+    """Class 1 iff some 4x4 window is bright (mean > 0.75): the planted feature, hand-built."""
+
+    def forward(self, x):
+        window = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), PATCH, stride=1)
+        evidence = 20 * (window.amax(dim=(1, 2, 3)) - 0.75)
+        return torch.stack([torch.zeros_like(evidence), evidence], 1)
+
+
+class Scaled(torch.nn.Module):
+    """A model's logits times a factor: same decisions, softmax saturated to exactly 1."""
+
+    def __init__(self, model, factor):
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x):
+        return self.model(x) * self.factor
+
+
+def planted_on_smooth(n, seed, aligned=False):
+    """[n,1,28,28]: a flat grey level in [0.1,0.4] with faint noise, and a 4x4 patch of 1.0 at a
+    random place (aligned: on the 4x4 cells of a 7x7 grid)."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.1 + 0.3 * torch.rand(n, 1, 1, 1, generator=g) + 0.05 * torch.rand(n, 1, 28, 28, generator=g)
+    corners = torch.randint(0, 28 - PATCH + 1, (n, 2), generator=g)
+    if aligned:
+        corners = corners // PATCH * PATCH
+    for i, (r, c) in enumerate(corners.tolist()):
+        x[i, 0, r:r + PATCH, c:c + PATCH] = 1.0
+    return x, corners
+
+
+def points_at_patch(maps, corners):
+    """Per image: the map's strict maximum (not a flat map) lies on the patch."""
+    return [bool(m[r:r + PATCH, c:c + PATCH].max() >= m.max() > m.min()) for m, (r, c) in zip(maps, corners.tolist())]
+
+
 def test_registered():
     assert {"lime", "anchor", "lore"} <= set(list_methods())
 
@@ -87,5 +131,46 @@ def test_bad_options():
         get_explainer("lime", RegionModel(), segmentation="watershed")
     with pytest.raises(ValueError, match="unknown fill"):
         get_explainer("lime", RegionModel(), fill="noise")
+    with pytest.raises(ValueError, match="score must be one of"):
+        get_explainer("lime", RegionModel(), score="softmax")
     with pytest.raises(ValueError, match="images"):
         get_explainer("lime", RegionModel()).explain(torch.zeros(28, 28), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("options", [{}, {"segmentation": "grid", "segmentation_options": {"n_segments": 49}}],
+                         ids=["default segmentation", "patch is its own superpixel"])
+def test_defaults_point_at_a_planted_patch(options):
+    # With a patch that is a superpixel of its own, a superpixel's own mean (lime_image's
+    # hide_color=None, the old default fill) is the patch itself: it could never be switched
+    # off and got no weight. The default fill must hide it whatever the segmentation.
+    x, corners = planted_on_smooth(12, seed=0, aligned=True)
+    targets = torch.ones(len(x), dtype=torch.long)
+    assert (PatchDetector()(x).argmax(1) == 1).all()
+    result = get_explainer("lime", PatchDetector(), **options).explain(x, targets, torch.arange(len(x)))
+    hits = points_at_patch(result.maps, corners)
+    assert sum(hits) >= 0.9 * len(hits), hits
+
+
+def test_not_flat_on_an_over_confident_model(demo_model, demo_images):
+    # Logits x50: p(target) rounds to 1.0 in float32 for almost every mask, so a regression on
+    # it is flat (the old default gave maps of 1e-29 on some digits) or a step function.
+    # Same segments and masks (same seeds): the superpixel ranking must survive the scaling.
+    images = demo_images[0][:6]
+    targets = demo_model(images).argmax(1)
+    seeds = torch.arange(len(images))
+    plain = get_explainer("lime", demo_model, n_samples=500).explain(images, targets, seeds)
+    confident = get_explainer("lime", Scaled(demo_model, 50.0), n_samples=500).explain(images, targets, seeds)
+    assert (confident.maps.flatten(1).abs().amax(1) > 1e-3).all()
+    rho = [spearmanr(a.numpy(), b.numpy())[0] for a, b in zip(plain.extras["weights"], confident.extras["weights"])]
+    assert np.mean(rho) > 0.9, rho  # 0.97 with the log-odds, 0.76 with the probability
+
+
+def test_log_odds_from_logits():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [900.0, 0.0, 1.0]])
+    targets = torch.tensor([0, 0])
+    p = torch.softmax(logits.double(), 1)[0, 0]
+    value = target_scores(logits, targets, "log_odds", torch.float64)
+    assert torch.isclose(value[0], torch.log(p) - torch.log1p(-p))
+    assert torch.isclose(value[1], torch.tensor(900.0 - np.logaddexp(0.0, 1.0), dtype=torch.float64))
+    single = target_scores(torch.tensor([[3.0]]), torch.tensor([0]), "log_odds", torch.float64)
+    assert torch.equal(single, torch.tensor([3.0], dtype=torch.float64))  # one output: a binary logit

@@ -1,6 +1,10 @@
-"""Known answers for elrp: conservation, agreement with gradient x input, BatchNorm
-folding, torchvision-style ResNet/VGG graphs, clear errors, an untouched model."""
+"""Known answers for elrp: conservation, agreement with gradient x input, agreement with
+Zennit's epsilon rule at epsilons where LRP is not gradient x input, BatchNorm folding,
+torchvision-style ResNet/VGG graphs, clear errors, an untouched model."""
 import copy
+import importlib.util
+import sys
+import types
 
 import pytest
 import torch
@@ -9,7 +13,7 @@ from torch import nn
 
 from explainers import get_explainer
 from explainers.lrp import lrp_graph
-from pipelines.reference_model import MnistCNN, ResNet18
+from pipelines.reference_model import BasicBlock, MnistCNN, ResNet18
 
 
 # --- torchvision-style test networks (reduced widths) ---------------------------------
@@ -212,6 +216,114 @@ def test_batch_results_equal_single_image_results():
     for i in range(3):
         torch.testing.assert_close(batch[i:i + 1], explainer.explain(x[i:i + 1], t[i:i + 1]).maps,
                                    rtol=1e-4, atol=1e-6)
+
+
+# --- agreement with Zennit (an independent implementation) at non-tiny epsilon -----------
+
+ZENNIT_INSTALL = "pip install --no-deps zennit==0.5.1"
+
+
+@pytest.fixture(scope="module")
+def zennit():
+    """Zennit's modules.  Its package __init__ imports zennit.torchvision, which imports
+    torchvision.models.resnet for its ResNet canonizer; torchvision has no usable CPU wheel
+    here, so where it is missing a stand-in with the two class names is in sys.modules
+    while zennit is imported, and removed again so no other code sees it."""
+    if importlib.util.find_spec("zennit") is None:
+        pytest.skip(f"zennit is not installed ({ZENNIT_INSTALL})")
+    stand_in = {}
+    if importlib.util.find_spec("torchvision") is None:
+        resnet_module = types.ModuleType("torchvision.models.resnet")
+        resnet_module.BasicBlock = type("BasicBlock", (nn.Module,), {})
+        resnet_module.Bottleneck = type("Bottleneck", (nn.Module,), {})
+        models = types.ModuleType("torchvision.models")
+        models.resnet = resnet_module
+        torchvision = types.ModuleType("torchvision")
+        torchvision.models = models
+        stand_in = {"torchvision": torchvision, "torchvision.models": models,
+                    "torchvision.models.resnet": resnet_module}
+    sys.modules.update(stand_in)
+    try:
+        import zennit.attribution
+        import zennit.canonizers
+        import zennit.composites
+        import zennit.layer
+        import zennit.rules
+        import zennit.torchvision
+        import zennit.types
+    finally:
+        for name in stand_in:
+            sys.modules.pop(name, None)
+    return zennit
+
+
+def zennit_epsilon(zennit, model, x, t, epsilon, canonizers=()):
+    """Zennit's epsilon-LRP configured as elrp's rules: the epsilon rule on Conv, Linear,
+    average pooling and residual sums (Zennit's stock composites use Norm, a fixed 1e-6
+    stabiliser, on the last two); Pass on activations; max pooling, flatten and dropout get
+    no rule, so the plain gradient moves relevance to the winner, as elrp's ``move`` does.
+    Relevance starts as the target logit, as in elrp."""
+    z = zennit
+    rule = z.rules.Epsilon(epsilon)
+    composite = z.composites.LayerMapComposite(
+        [(z.types.Activation, z.rules.Pass()), (z.types.Convolution, rule), (z.types.Linear, rule),
+         (z.types.AvgPool, rule), (z.layer.Sum, rule)], canonizers=list(canonizers))
+    with torch.no_grad():
+        logits = model(x)
+    start = torch.zeros_like(logits).scatter_(1, t[:, None], logits.gather(1, t[:, None]))
+    with z.attribution.Gradient(model, composite) as attributor:
+        _, relevance = attributor(x.clone().requires_grad_(True), start)
+    return relevance.sum(1)
+
+
+def assert_matches_zennit_off_the_gradient_limit(zennit, model, x, t, epsilons, canonizers=lambda: ()):
+    gradient_x_input = get_explainer("grad", model).explain(x, t).maps
+    for epsilon in epsilons:
+        ours = elrp(model, x, t, epsilon=epsilon).maps
+        theirs = zennit_epsilon(zennit, model, x, t, epsilon, canonizers())
+        scale = theirs.abs().max().item()
+        assert scale > 0, f"Zennit's map is all zero at epsilon {epsilon}"
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3 * scale, msg=f"epsilon {epsilon}")
+        # the check means something only where epsilon changes the map
+        departure = ((ours - gradient_x_input).norm() / gradient_x_input.norm()).item()
+        assert departure > 0.1, f"epsilon {epsilon} is still in the gradient x input limit ({departure:.3f})"
+
+
+def test_demo_cnn_matches_zennit_at_epsilon_0_1_1_and_10(zennit, demo_model, demo_images):
+    x = demo_images[0][:8]
+    with torch.no_grad():
+        t = demo_model(x).argmax(1)
+    assert_matches_zennit_off_the_gradient_limit(zennit, demo_model, x, t, (0.1, 1.0, 10.0))
+
+
+def test_net_with_biases_batchnorm_max_and_average_pooling_matches_zennit(zennit):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    randomise_batchnorm(model)
+    with torch.no_grad():  # pre-activations of order 1, so that epsilon 0.1 and 1 matter
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3)
+    model.eval()
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 3])
+    assert_matches_zennit_off_the_gradient_limit(
+        zennit, model, x, t, (0.1, 1.0), lambda: [zennit.canonizers.SequentialMergeBatchNorm()])
+
+
+def test_resnet18_shaped_network_matches_zennit(zennit, monkeypatch):
+    """Residual sums: Zennit's ResNet canonizer rewrites each torchvision BasicBlock into
+    conv-bn-relu-conv-bn, Sum(identity, out), relu; our BasicBlock has the same attributes."""
+    monkeypatch.setattr(zennit.torchvision, "ResNetBasicBlock", BasicBlock)
+    model = resnet()
+    torch.manual_seed(3)
+    x, t = torch.rand(2, 3, 32, 32), torch.tensor([2, 5])
+    # this random width-4 network's pre-activations are around 1e-3
+    assert_matches_zennit_off_the_gradient_limit(
+        zennit, model, x, t, (1e-3, 1e-2), lambda: [zennit.torchvision.ResNetCanonizer()])
 
 
 # --- errors ----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def dilated(reach):
 
 # --- occlusion ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("score", ["probability", "logit"])
+@pytest.mark.parametrize("score", ["log_odds", "margin", "logit", "probability"])
 def test_occlusion_attribution_stays_within_the_window_reach_of_the_region(score):
     x, t = region_images(3, channels=3), torch.ones(3, dtype=torch.long)
     model = RegionModel(channels=3).eval()
@@ -138,13 +138,13 @@ def test_mask_with_blur_reference_runs_and_is_deterministic_per_seed():
 
 def test_mask_passes_and_default_mask_size():
     explainer = get_explainer("mask", RegionModel(), n_iter=10)
-    assert explainer.passes() == {"forward": 11, "backward": 10}
+    assert explainer.passes() == {"forward": 13, "backward": 10}  # + the image, the reference, the result
     assert explainer.options()["mask_size"] is None  # a quarter of the image side
 
 
 @pytest.mark.parametrize("options", [dict(mask_size=0), dict(reference="noise"), dict(blur_sigma=-1),
                                      dict(l1_coeff=-0.1), dict(tv_beta=0), dict(lr=0), dict(n_iter=0),
-                                     dict(noise=-1)])
+                                     dict(noise=-1), dict(score="softmax")])
 def test_mask_bad_options_are_refused(options):
     with pytest.raises(ValueError):
         get_explainer("mask", RegionModel(), **options)

@@ -16,7 +16,7 @@ from explainers import list_methods, method_parameters
 from pipelines import audit
 
 rng = np.random.default_rng(0)
-N_GOOD = 40
+N_GOOD = 20
 
 
 def runnable_methods():

@@ -57,9 +57,13 @@ def test_every_method_explains_every_photo(audited):
         assert (row["height"], row["width"]) == (SIZE, SIZE)
         saliency = np.asarray(row["saliency"])
         assert saliency.shape == (SIZE * SIZE,) and np.isfinite(saliency).all()
-        # Grad-CAM's ReLU zeroes a map whose class evidence is all negative, which an
-        # untrained network's 1x1 last stage can give; every other method must see something
-        if row["method"] != "gradcam":
+        # Grad-CAM's ReLU zeroes a map whose class evidence is all negative, and mask deletes
+        # nothing where the blurred reference does not lower the target's margin (it then reports
+        # deleted_score_relative NaN), both of which an untrained network can give; every other
+        # method must see something
+        if row["method"] == "mask" and not saliency.any():
+            assert row["deleted_score_relative"] is None or np.isnan(row["deleted_score_relative"])
+        elif row["method"] != "gradcam":
             assert saliency.any(), f"{row['method']} gave an all-zero map for {row['image_id']}"
 
 

@@ -39,13 +39,36 @@ def test_smoothgrad_same_image_and_seed_give_the_same_map_alone_and_in_another_b
 def test_smoothgrad_without_noise_is_the_gradient():
     model = small_cnn()
     x, t = batch(3)
-    assert torch.allclose(get_explainer("smoothgrad", model, n_samples=3, noise_level=0.0).explain(x, t).maps,
-                          get_explainer("sal", model).explain(x, t).maps, rtol=1e-5, atol=1e-7)
-    signed = get_explainer("smoothgrad", model, n_samples=2, noise_level=0.0, absolute=False)
-    assert signed.signed and not get_explainer("smoothgrad", model).signed
+    unsigned = get_explainer("smoothgrad", model, n_samples=3, noise_level=0.0, absolute=True)
+    assert torch.allclose(unsigned.explain(x, t).maps, get_explainer("sal", model).explain(x, t).maps,
+                          rtol=1e-5, atol=1e-7)
+    assert not unsigned.signed
+    signed = get_explainer("smoothgrad", model, n_samples=2, noise_level=0.0)  # the default: signed
+    assert signed.signed and signed.options()["absolute"] is False
+    torch.testing.assert_close(signed.explain(x, t).maps,
+                               get_explainer("sal", model, absolute=False).explain(x, t).maps, rtol=1e-5, atol=1e-7)
     grad_x_input = get_explainer("grad", model).explain(x, t).maps
     # grad x input / x, one channel: the signed gradient
     torch.testing.assert_close(signed.explain(x, t).maps * x[:, 0], grad_x_input, rtol=1e-4, atol=1e-6)
+
+
+def test_signed_maps_by_default_beat_unsigned_ones_on_deletion(demo_model, demo_images):
+    """An unsigned map ranks evidence against the class as high as evidence for it, which deletion
+    punishes: smoothgrad's default is the signed mean gradient, and sal offers the signed gradient."""
+    from explainers.metrics import deletion_auc, random_maps
+    x, _ = demo_images
+    x, seeds = x[:32], torch.arange(32)
+    with torch.no_grad():
+        t = demo_model(x).argmax(1)
+    reference = deletion_auc(demo_model, x, random_maps((32, 28, 28), seeds), t, seeds=seeds).mean()
+
+    def ratio(name, **options):
+        maps = get_explainer(name, demo_model, **options).explain(x, t, seeds).maps
+        return float(deletion_auc(demo_model, x, maps, t, seeds=seeds).mean() / reference)
+
+    # first 100 test digits, n_samples 50: smoothgrad 0.16 signed, 0.30 unsigned; sal 0.15 and 0.29
+    assert ratio("smoothgrad", n_samples=10) < 0.75 * ratio("smoothgrad", n_samples=10, absolute=True)
+    assert ratio("sal", absolute=False) < 0.75 * ratio("sal")
 
 
 def test_smoothgrad_chunking_does_not_change_the_result():
@@ -62,6 +85,8 @@ def test_smoothgrad_passes_and_bad_options():
     for options in (dict(n_samples=0), dict(noise_level=-0.1), dict(absolute="yes"), dict(max_expanded_batch=0)):
         with pytest.raises(ValueError):
             get_explainer("smoothgrad", small_cnn(), **options)
+    with pytest.raises(ValueError, match="absolute must be True or False"):
+        get_explainer("sal", small_cnn(), absolute=1)
 
 
 # --- Grad-CAM ----------------------------------------------------------------------------
@@ -84,7 +109,7 @@ def test_gradcam_on_a_global_pool_network_is_class_activation_mapping():
     torch.manual_seed(0)
     model = CAMNet().eval()
     x, t = batch(3)
-    maps = get_explainer("gradcam", model, layer="act").explain(x, t).maps
+    maps = get_explainer("gradcam", model, layer="act", weighting="mean").explain(x, t).maps
     with torch.no_grad():
         a = model.act(model.conv(x))
         cam = torch.relu((model.fc.weight[t][:, :, None, None] * a).sum(1)) / (10 * 10)
@@ -95,8 +120,9 @@ def test_gradcam_is_non_negative_raw_upsampled_and_removes_its_hooks():
     model = small_cnn()
     x, t = batch(4)
     explainer = get_explainer("gradcam", model)
-    assert explainer.layer == "3"  # the last Conv2d
+    assert explainer.layer is None and explainer.options() == {"layer": None, "weighting": "elementwise"}
     maps = explainer.explain(x, t).maps
+    assert explainer.layer_used == "4"  # the ReLU after the last Conv2d
     assert maps.shape == (4, 10, 10) and (maps >= 0).all()
     assert maps.max() > 0 and not torch.allclose(maps.amax((1, 2)), torch.ones(4))  # not scaled to 1
     assert all(not m._forward_hooks for m in model.modules())

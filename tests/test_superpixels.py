@@ -85,6 +85,23 @@ def test_fills():
     assert blurred.shape == images.shape and not torch.equal(blurred, images)
     with pytest.raises(ValueError, match="unknown fill"):
         fill_images(images, segments, "noise")
+    with pytest.raises(ValueError, match="unknown fill"):
+        fill_images(images, segments, "blur:x")
+
+
+def test_image_mean_hides_a_patch_that_is_its_own_superpixel():
+    """Under "mean" a bright patch that slic keeps (nearly) as one superpixel stays a bright
+    patch when hidden; under "image-mean" it takes the image's average, like every hidden region."""
+    image = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 0.5
+    image[0, 0, 10:14, 17:21] = 1.0
+    labels = segment(image[0], "slic")
+    patch = np.unique(labels[10:14, 17:21])
+    assert len(patch) == 1 and (labels == patch[0]).sum() <= 32  # not merged into the noise
+    segments = torch.as_tensor(labels, dtype=torch.long)[None]
+    # brighter than any noise pixel: the "hidden" patch is still a bright patch
+    assert fill_images(image, segments, "mean")[0, 0, 10:14, 17:21].min() > 0.75
+    hidden = fill_images(image, segments, "image-mean")
+    assert torch.allclose(hidden, image.mean().expand_as(image))
 
 
 class MeanOfChannel0(torch.nn.Module):
@@ -134,7 +151,8 @@ def test_masks_that_differ_only_in_inert_superpixels_are_one_image():
     bb = BlackBox(model, image, torch.tensor([1]), [grid_segments(8, 8, 4)], 0.0, 100)
     masks = np.array([[1, 0, 0, 0], [1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=bool)
     probs, labels = bb.query(np.zeros(5, dtype=np.int64), masks)
-    assert model.images == 2 and bb.calls.tolist() == [2]
+    # two distinct images; the blank one's exact tie is then decided alone (stable_argmax): 3 rows
+    assert model.images == 3 and bb.calls.tolist() == [2]
     assert len(set(probs[:3])) == 1 and len(set(probs[3:])) == 1 and probs[0] > probs[3]
     assert labels.tolist() == [1, 1, 1, 0, 0]  # a blank image ties, and argmax takes class 0
 

@@ -12,6 +12,7 @@ import torch
 from apache_beam.utils import shared
 
 from explainers import get_explainer
+from explainers._base import alone, decision_tolerance, stable_argmax
 from explainers import metrics as quality
 from transforms.abele_protocol import AbeleProtocol, abele_metrics
 from transforms.batching import ERRORS
@@ -74,6 +75,20 @@ def choose_targets(mode: str, predicted: torch.Tensor, labels: list[int | None],
     return torch.full_like(predicted, cls), reasons
 
 
+def predict(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [B,K] float32, probabilities [B,K], predicted class [B]) of a batch. The class is
+    the one each image gets alone (batch of 1): rows whose top-2 logit gap is near the batch's
+    rounding noise are recomputed alone (explainers._base.stable_argmax), so the target a
+    method explains never depends on which other images share the batch."""
+    with torch.inference_mode():
+        raw = model(images)
+        logits = raw.float()
+        probabilities = torch.softmax(logits, dim=1)
+        predicted, _ = stable_argmax(logits, lambda rows: alone(model, images[rows]).float(),
+                                     decision_tolerance(raw.dtype))
+    return logits, probabilities, predicted
+
+
 def metric_value(value: torch.Tensor) -> float | list[float] | None:
     """One image's metric as a Parquet value: NaN or infinite (no usable neighbour, constant
     map, a model that overflows on perturbed images) -> null."""
@@ -108,9 +123,7 @@ class ExplainBatches(beam.DoFn):
         state, config = self._state, self.config
         images = torch.from_numpy(batch.pixels).to(state.device)
         try:
-            with torch.inference_mode():
-                logits = state.model(images).float()
-                probabilities = torch.softmax(logits, dim=1)
+            logits, probabilities, predicted = predict(state.model, images)
         except Exception as e:
             for image_id, source in zip(batch.image_ids, batch.sources):
                 yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
@@ -118,7 +131,6 @@ class ExplainBatches(beam.DoFn):
             return
         # A non-finite output costs that image only: its maps and scores would be NaN too.
         finite = (torch.isfinite(logits).all(dim=1) & torch.isfinite(probabilities).all(dim=1)).tolist()
-        predicted = probabilities.argmax(dim=1)
         targets, reasons = choose_targets(config.target, predicted, batch.labels, probabilities.shape[1])
         keep = []
         for i, reason in enumerate(reasons):

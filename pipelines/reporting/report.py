@@ -82,6 +82,34 @@ class Thumbnails:
         return markup('<span class="pair">{}{}</span>', self.map(image_id, method), self.overlay(image_id, method))
 
 
+EMPTY_WARNING = 0.05   # share of maps that say nothing, above which the auditor is warned
+RANDOM_WARNING = 0.9   # deletion AUC at or above this fraction of a random map's: no better than random
+
+
+def _share(value) -> str:
+    return "\u2013" if value is None else f"{100 * value:.0f}%" if value >= 0.01 or value == 0 else "<1%"
+
+
+def method_warnings(method: str, s: dict, signed: bool) -> list[str]:
+    """What the auditor must know about one method's summary row ``s``: maps that point nowhere,
+    and a ranking no better than chance (with the reason, for unsigned maps)."""
+    lines = []
+    if (s.get("constant_share") or 0) > EMPTY_WARNING:
+        lines.append(f"{method}: {_share(s['constant_share'])} of its maps are constant "
+                     f"({_share(s.get('empty_share'))} all zero): they point nowhere.")
+    deletion, random = s.get("mean_deletion_auc"), s.get("mean_deletion_auc_random")
+    if deletion is not None and random and deletion >= RANDOM_WARNING * random:
+        line = (f"{method}: mean deletion AUC {number(deletion)} is no better than a random map's "
+                f"{number(random)}: its ranking of the pixels is not faithful to the model.")
+        if not signed:
+            line += (" Its map is unsigned: it ranks pixels that speak against the class as high as those "
+                     "for it, and deletion removes the top-ranked first, so it punishes unsigned maps by "
+                     "construction; compare with a signed method or variant (grad, intg, sal with "
+                     "absolute false, smoothgrad's default).")
+        lines.append(line)
+    return lines
+
+
 class Report:
     def __init__(self, audit: AuditDir, *, per_class: int = 3, extremes: int = 4, misclassified: int = 8):
         self.audit, self.per_class, self.extremes, self.n_misclassified = audit, per_class, extremes, misclassified
@@ -157,30 +185,15 @@ class Report:
         return (Raw('<span class="flag">FLAGGED: maps do not depend on the model</span>') if flagged
                 else Raw('<span class="ok">passed</span>'))
 
-    EMPTY_WARNING = 0.05   # share of maps that say nothing, above which the auditor is warned
-    RANDOM_WARNING = 0.9   # deletion AUC at or above this fraction of a random map's: no better than random
-
-    @staticmethod
-    def _share(value) -> str:
-        return "\u2013" if value is None else f"{100 * value:.0f}%" if value >= 0.01 or value == 0 else "<1%"
-
     def _say_nothing(self, s: dict):
         empty, constant = s.get("empty_share"), s.get("constant_share")
-        text = f"{self._share(empty)} / {self._share(constant)}"
-        return markup('<span class="flag">{}</span>', text) if (constant or 0) > self.EMPTY_WARNING else text
+        text = f"{_share(empty)} / {_share(constant)}"
+        return markup('<span class="flag">{}</span>', text) if (constant or 0) > EMPTY_WARNING else text
 
     def _warnings(self) -> list[str]:
         """Methods whose maps say nothing for many images, or rank pixels no better than chance."""
-        lines = []
-        for method in self.methods:
-            s = self.overall.get(method, {})
-            if (s.get("constant_share") or 0) > self.EMPTY_WARNING:
-                lines.append(f"{method}: {self._share(s['constant_share'])} of its maps are constant "
-                             f"({self._share(s.get('empty_share'))} all zero): they point nowhere.")
-            deletion, random = s.get("mean_deletion_auc"), s.get("mean_deletion_auc_random")
-            if deletion is not None and random and deletion >= self.RANDOM_WARNING * random:
-                lines.append(f"{method}: mean deletion AUC {number(deletion)} is no better than a random map's "
-                             f"{number(random)}: its ranking of the pixels is not faithful to the model.")
+        lines = [line for method in self.methods
+                 for line in method_warnings(method, self.overall.get(method, {}), self.audit.signed(method))]
         if not lines:
             return []
         items = "".join(markup("<li>{}</li>", line) for line in lines)
