@@ -82,10 +82,14 @@ def alone(fn, inputs: torch.Tensor) -> torch.Tensor:
     return owner_chunks(fn, inputs, torch.arange(len(inputs)), 1)
 
 
-def decision_tolerance(dtype: torch.dtype) -> float:
-    """Relative top-2 gap below which a decision is recomputed alone: DECISION_RTOL, wider for
-    low-precision logits (their batch noise is 100 ulps at most)."""
-    return max(DECISION_RTOL, 100 * torch.finfo(dtype).eps) if dtype.is_floating_point else DECISION_RTOL
+def decision_tolerance(dtype: torch.dtype) -> float | None:
+    """Relative top-2 gap below which a decision is recomputed alone: DECISION_RTOL for float32
+    and wider logits; None (no recomputing) for 16-bit logits, whose rounding (~1e-3) would flag
+    most rows and send every masked image of lime, anchor and lore through the model alone: the
+    batch-independence promise is for float32 models."""
+    if dtype.is_floating_point and torch.finfo(dtype).bits <= 16:
+        return None
+    return DECISION_RTOL
 
 
 def near_ties(logits: torch.Tensor, rtol: float = DECISION_RTOL) -> torch.Tensor:
@@ -98,13 +102,15 @@ def near_ties(logits: torch.Tensor, rtol: float = DECISION_RTOL) -> torch.Tensor
     return ~((top[:, 0] - top[:, 1]) > rtol * scale)
 
 
-def stable_argmax(logits: torch.Tensor, recompute, rtol: float = DECISION_RTOL) -> tuple[torch.Tensor, int]:
+def stable_argmax(logits: torch.Tensor, recompute, rtol: float | None = DECISION_RTOL) -> tuple[torch.Tensor, int]:
     """argmax [N] of batched ``logits`` [N,K] that equals each row's argmax computed alone, as long
     as the batch's noise per logit stays under rtol/2 of the scale: if the batched gap exceeds
     rtol * scale, noise that small cannot reorder the top two, and rows within it are recomputed
     by ``recompute(rows [n] long) -> logits [n,K]``, which must compute each row alone (see
     :func:`alone`). Returns (classes, number of rows recomputed)."""
     classes = logits.argmax(dim=1)
+    if rtol is None:
+        return classes, 0
     ties = torch.nonzero(near_ties(logits, rtol)).reshape(-1)
     if len(ties):
         classes[ties] = recompute(ties).to(classes.device).argmax(dim=1)

@@ -30,6 +30,14 @@ def require_module_hooks(model: torch.nn.Module, method: str) -> None:
                          "Load the model as module:Callable with --weights instead")
 
 
+def hookable(model: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule that takes a forward hook: not the model itself, and nothing inside a
+    TorchScript submodule (a scripted normalisation block, say), which refuses hooks."""
+    scripted = [name for name, m in model.named_modules() if name and isinstance(m, torch.jit.ScriptModule)]
+    return {name: m for name, m in model.named_modules()
+            if name and not any(name == s or name.startswith(s + ".") for s in scripted)}
+
+
 Call = tuple[str, nn.Module, object]  # (module name, module, output) in the order forwards finish
 
 
@@ -111,8 +119,7 @@ class GradCAM(Explainer):
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, str, torch.Tensor]:
         """Logits, and the chosen layer's name and output, from one hooked forward."""
         modules = dict(self.model.named_modules())
-        hooked = {self.layer: modules[self.layer]} if self.layer is not None else \
-            {name: m for name, m in modules.items() if name}  # every module but the model itself
+        hooked = {self.layer: modules[self.layer]} if self.layer is not None else hookable(self.model)
         calls: list[Call] = []
         handles = [m.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m, o)))
                    for name, m in hooked.items()]

@@ -98,8 +98,8 @@ class Lime(SuperpixelExplainer):
                  score: str = "log_odds", segmentation: str = "slic",
                  segmentation_options: dict | None = None, min_segments: int = 4,
                  fill: float | str = 0.0, max_forward_batch: int | None = None):
-        if segmentation_options is None and segmentation == "slic":
-            segmentation_options = dict(SLIC_OPTIONS)
+        if segmentation == "slic":  # lime's own slic defaults, under whatever options are given
+            segmentation_options = {**SLIC_OPTIONS, **(segmentation_options or {})}
         super().__init__(model, segmentation, segmentation_options, min_segments, fill, max_forward_batch)
         check_score(score)
         self.score = score

@@ -11,6 +11,8 @@ from explainers._registry import register
 from explainers._scores import check_score, target_scores
 from explainers.smoothgrad import image_generators
 
+SPAN_RTOL = 1e-3  # image-to-reference score gaps below this (relative to the score) count as none
+
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of [B,C,H,W] per channel, kernel 2*ceil(3 sigma)+1, borders reflected."""
@@ -146,7 +148,9 @@ class MeaningfulPerturbation(Explainer):
         with torch.no_grad():
             ends = target_scores(self.model(torch.cat([images, reference])), targets.repeat(2), self.score)
         floor, span = ends[batch:], ends[:batch] - ends[batch:]
-        deletable = span > 0
+        # A span within rounding noise (a flat image, whose blur is itself) would be blown up to 1 by
+        # the division and the mask would chase noise: such an image has nothing to delete.
+        deletable = span > SPAN_RTOL * ends[:batch].abs().clamp_min(1)
 
         def relative_score(logits: torch.Tensor) -> torch.Tensor:
             """The score's way from the reference (0) to the image (1); 0 where nothing is deletable."""
@@ -168,7 +172,8 @@ class MeaningfulPerturbation(Explainer):
                 # Per-image losses summed: Adam is elementwise, so each mask follows only its own image.
                 loss = (self.l1_coeff * (1 - mask).abs().flatten(1).mean(1)
                         + self.tv_coeff * total_variation(mask, self.tv_beta)
-                        + relative_score(self.model(perturbed))).sum()
+                        # no reward below the reference's score: the mask has done its job there
+                        + relative_score(self.model(perturbed)).clamp_min(0)).sum()
                 mask.grad, = torch.autograd.grad(loss, mask)
             optimiser.step()
             with torch.no_grad():

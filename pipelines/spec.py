@@ -205,6 +205,8 @@ def load(path: str) -> dict[str, Any]:
         raise UsageError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
     except _Bad as e:
         raise UsageError(f"{path}: invalid {kind}: {e}") from None
+    except (ValueError, OverflowError) as e:  # a value the parser cannot build: a date 2001-13-45, !!float x
+        raise UsageError(f"{path}: invalid {kind} value: {_one_line(e)}") from None
     if document is None:  # an empty YAML file
         return {}
     if not isinstance(document, dict):

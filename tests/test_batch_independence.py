@@ -14,7 +14,7 @@ import torch
 
 from conftest import DEMO_DATA, REGION, scene
 from explainers import get_explainer
-from explainers._base import DECISION_RTOL, alone, near_ties, owner_chunks, stable_argmax
+from explainers._base import DECISION_RTOL, alone, decision_tolerance, near_ties, owner_chunks, stable_argmax
 from explainers.aae import load_aae
 from transforms.explain import predict
 
@@ -203,3 +203,14 @@ def test_anchor_and_lore_are_the_same_alone_or_in_any_batch(two_cpu_paths, metho
         targets = torch.ones(len(batch), dtype=torch.long)
         results[name], rows[name] = explainer.explain(batch, targets, seeds), row
     same_outputs(results, rows, list(explainer.extras))
+
+
+def test_half_precision_logits_are_not_recomputed_one_by_one():
+    """16-bit logits round at ~1e-3: a tolerance above that would flag most rows and send every
+    masked image through the model alone; their decisions are taken as batched."""
+    assert decision_tolerance(torch.float32) == DECISION_RTOL
+    assert decision_tolerance(torch.bfloat16) is None and decision_tolerance(torch.float16) is None
+    logits = torch.tensor([[1.0, 1.0], [2.0, 0.0]], dtype=torch.bfloat16)
+    calls = []
+    classes, recomputed = stable_argmax(logits, lambda rows: calls.append(rows) or logits[rows], None)
+    assert recomputed == 0 and not calls and classes.tolist() == [0, 0]

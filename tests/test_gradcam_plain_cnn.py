@@ -200,3 +200,19 @@ def test_resnet_default_layer_is_the_last_stage_and_the_map_is_grad_cams():
 def test_bad_weighting_is_refused():
     with pytest.raises(ValueError, match="weighting must be one of elementwise, mean"):
         get_explainer("gradcam", FunctionalReLU(), weighting="max")
+
+
+class Norm(torch.nn.Module):
+    def forward(self, x):
+        return (x - 0.5) / 0.25
+
+
+def test_default_layer_search_skips_scripted_submodules():
+    """Hooking every module to find the layer must leave TorchScript parts alone (they refuse hooks)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.jit.script(Norm()), torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(256, 3)).eval()
+    x = torch.rand(2, 1, 8, 8)
+    explainer = get_explainer("gradcam", model)
+    maps = explainer.explain(x, model(x).argmax(1)).maps
+    assert explainer.layer_used == "2" and maps.shape == (2, 8, 8)

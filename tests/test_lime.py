@@ -174,3 +174,10 @@ def test_log_odds_from_logits():
     assert torch.isclose(value[1], torch.tensor(900.0 - np.logaddexp(0.0, 1.0), dtype=torch.float64))
     single = target_scores(torch.tensor([[3.0]]), torch.tensor([0]), "log_odds", torch.float64)
     assert torch.equal(single, torch.tensor([3.0], dtype=torch.float64))  # one output: a binary logit
+
+
+def test_given_slic_options_keep_limes_own_segment_count():
+    from explainers.lime import SLIC_OPTIONS
+    lime = get_explainer("lime", RegionModel(), segmentation_options={"compactness": 5.0})
+    assert lime.segmentation_options == {**SLIC_OPTIONS, "compactness": 5.0}
+    assert get_explainer("lime", RegionModel(), segmentation_options={}).segmentation_options == SLIC_OPTIONS

@@ -199,6 +199,10 @@ BAD_SPECS = [  # (file name, content, the one line's expected words)
     ("keys.yaml", "input:\n  on: 1\n", 'input."True": keys must be strings'),
     ("binary.toml", b"\xff\xfe[input]\n", "not UTF-8 text"),
     ("spec.json", "{}", "expected a .toml, .yaml or .yml file"),
+    # values the parsers cannot build raise plain ValueErrors: still one line, exit 2
+    ("date.yaml", "input:\n  path: x\n  when: 2001-13-45\n", "invalid YAML value"),
+    ("float.yaml", "input:\n  limit_per_shard: !!float x\n", "invalid YAML value"),
+    ("digits.toml", "a = " + "1" * 5000 + "\n", "invalid TOML value"),
 ]
 
 
