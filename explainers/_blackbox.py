@@ -1,8 +1,9 @@
 """Batched black-box queries on superpixel masks, shared by lime, anchor and lore.
 
 Each method writes its per-image search as a generator that yields a boolean mask array
-[n, S_i] (superpixels on/off) and receives ``(probs, labels)`` for it: the softmax
-probability of that image's target and the predicted class of each masked image.
+[n, S_i] (superpixels on/off) and receives ``(probs, labels)`` for it: the score of that
+image's target (BlackBox's ``score``: the softmax probability, or log odds for lime) and the
+class each masked image gets alone (near ties decided one at a time).
 :func:`run_searches` advances the searches of all images of a batch in lockstep, so every
 round sends all images' requests through the model together, in forward passes of at most
 ``max_forward_batch`` images. An image's search only ever sees its own masks and results,

@@ -28,7 +28,7 @@ import torch
 from explainers import get_explainer
 from explainers.metrics import cascading_randomization, spearman_rank_correlation, ssim
 from transforms import storage
-from transforms.explain import ExplainConfig, build_explainers, choose_targets
+from transforms.explain import ExplainConfig, build_explainers, choose_targets, predict
 from transforms.parquet_sink import write_table
 from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
 from transforms.readers import read_shard
@@ -87,9 +87,8 @@ def randomisation_rows(config: ExplainConfig, ids: list[str], images: torch.Tens
     method gets no verdict but does not stop the run: the audit itself has succeeded."""
     loaded = build_explainers(config)
     images = images.to(loaded.device)
-    with torch.inference_mode():
-        logits = loaded.model(images)
-    targets, reasons = choose_targets(config.target, logits.argmax(dim=1), labels, logits.shape[1])
+    logits, _, predicted = predict(loaded.model, images)  # the run's own decision, not this batch's
+    targets, reasons = choose_targets(config.target, predicted, labels, logits.shape[1])
     keep = [i for i, reason in enumerate(reasons) if reason is None]
     ids, images, targets = [ids[i] for i in keep], images[keep], targets[keep]
     seeds = torch.tensor([seed_for(image_id, config.seed) for image_id in ids], dtype=torch.int64)
