@@ -226,8 +226,8 @@ class Abele(Explainer):
     max_counterfactuals (5); max_attempts: latent draws per search (2,000; ABELE allows 100,000,
     which costs minutes for an image whose rule box holds few same-class codes, where the
     explanation then has fewer exemplars); max_forward_batch: codes per decode+classify pass (None: 32 on CPU, 1024 on an accelerator); workers: threads
-    fitting the trees (default: CPU count); storage_options: fsspec options for an aae path on
-    object storage (used to read it, never recorded: they may hold credentials).
+    fitting the trees (default: torch.get_num_threads(), the worker's --torch-threads); storage_options:
+    fsspec options for an aae path on object storage (used to read it, never recorded: they may hold credentials).
 
     Map: ABELE's, the pixel-wise median over the exemplars of the thresholded, rescaled
     difference image - exemplar (see :func:`difference_mask`), minus 127.5: 0 where the image
@@ -406,7 +406,9 @@ class Abele(Explainer):
 
         found = run_searches(blackbox, [self._neighbourhood(z[i], p_x[i], targets[i], rngs[i], valid)
                                         for i in range(batch)])
-        with ThreadPoolExecutor(self.workers or os.cpu_count() or 1) as pool:
+        # Default: torch's thread count, which the job sets to this worker's share of the cores
+        # (--torch-threads), so that SDK processes sharing a machine do not oversubscribe it.
+        with ThreadPoolExecutor(self.workers or torch.get_num_threads()) as pool:
             fitted = list(pool.map(lambda i: self._fit(*found[i], int(seeds[i])), range(batch)))
         explained = [rules.tree_rules(tree, z[i], self.max_counterfactuals, collapse=True)
                      for i, (tree, _) in enumerate(fitted)]

@@ -22,11 +22,13 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.utils import shared
 
 from explainers import list_methods
+from pipelines import gates
 from pipelines.options import UsageError, redact_argv
-from pipelines.preflight import check_shards, preflight, worker_device_entry
+from pipelines.findings import SCORE_THRESHOLD, find_clever_hans
+from pipelines.preflight import check_shards, preflight, thread_budget, worker_device_entry
 from pipelines.sanity import SANITY_SCHEMA, run_sanity_check
 from pipelines.spec import manifest_entry, parse_invocation, redact_secrets
-from transforms import map_storage, publication, storage
+from transforms import map_storage, progress, publication, storage
 from transforms.abele_protocol import AbeleProtocol
 from transforms.batching import ERRORS, READ, ReadShardBatches
 from transforms.duplicates import DropRepeatedIds, FirstShardOfRepeatedIds
@@ -47,7 +49,7 @@ ABELE_CONVENTION = (
     "relevance_curve = the 3 x 21 flips, fill-major; stability_* = mean/max Lipschitz ratio against "
     "{n} salt-and-pepper copies (1/11 + 1/11) that keep the label; coherence_* = the same against up "
     "to {n} nearest images of the same batch with the same target and predicted class (null if none)")
-OUTPUTS = ("saliency", "summary", "errors", "sanity")  # sanity: empty unless --sanity-check
+OUTPUTS = publication.OUTPUTS  # sanity: empty unless --sanity-check
 
 
 def parse_methods(text: str, method_options: dict[str, Any], aae: str | None,
@@ -79,12 +81,16 @@ def parse_methods(text: str, method_options: dict[str, Any], aae: str | None,
 
 def beam_pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, Any]:
     """Pipeline options and the runner. DirectRunner is pinned to Beam's in-process
-    FnApiRunner: the stock DirectRunner first tries Prism, which downloads a binary."""
+    FnApiRunner: the stock DirectRunner first tries Prism, which downloads a binary. DaskRunner
+    is ours (pipelines.dask_runner): Beam's drops tagged outputs and all sinks but one."""
     options = PipelineOptions(beam_args)
     runner_name = options.view_as(StandardOptions).runner
     if runner_name in (None, "DirectRunner", "direct"):
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
         return options, FnApiRunner()
+    if runner_name in ("DaskRunner", "dask", "apache_beam.runners.dask.dask_runner.DaskRunner"):
+        from pipelines.dask_runner import DaskRunner
+        return options, DaskRunner()
     return options, runner_name
 
 
@@ -143,7 +149,8 @@ def plan(argv: list[str]) -> Plan:
                            metrics=args.metrics, metric_steps=args.metric_steps,
                            metric_substrate=args.metric_substrate,
                            abele=AbeleProtocol(args.abele_neighbours, prep.mean, prep.std)
-                           if args.abele_metrics else None)
+                           if args.abele_metrics else None,
+                           threads=thread_budget(args.torch_threads, beam_args))
     resolved = preflight(config, shards, prep, args.storage_options, beam_args)
     schema = map_storage.saliency_schema(saliency_schema(methods), args.map_dtype)
     return Plan(argv, args, beam_args, methods, prep, shards, config, resolved, schema)
@@ -158,7 +165,8 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
     read), so nothing between the reader and the sink is held for the whole dataset. An image id
     read from several shards is explained once, from the first of them in shard order."""
     schema = schema or saliency_schema(config.methods)
-    reader = ReadShardBatches(prep, batch_size, storage_options, limit_per_shard)
+    config = dataclasses.replace(config, progress=progress.sink_for(run))  # workers report to the launcher
+    reader = ReadShardBatches(prep, batch_size, storage_options, limit_per_shard, progress=config.progress)
     shard_urls = p | "Shards" >> beam.Create(shards)
     first_shard = (shard_urls | "FindRepeatedIds" >> FirstShardOfRepeatedIds(reader) if len(shards) > 1
                    else p | "NoRepeatedIds" >> beam.Create([]))  # one shard: the reader keeps ids unique
@@ -203,11 +211,13 @@ def execute(plan: Plan, run: Run) -> dict | None:
     options, runner = beam_pipeline_options(plan.beam_args)
     log.info("run %s: %d shard(s), methods %s, runner %s", run.run_id, len(plan.shards), ",".join(plan.methods),
              runner)
-    with beam.Pipeline(runner=runner, options=options) as p:
+    display = progress.Display(progress.sink_for(run), len(plan.shards), args.limit_per_shard)
+    with display, beam.Pipeline(runner=runner, options=options) as p:  # the job runs as this block ends
         build_pipeline(p, shards=plan.shards, run=run, config=plan.config, prep=plan.prep,
                        batch_size=args.batch_size, storage_options=plan.storage_options, schema=plan.schema,
                        map_dtype=args.map_dtype, limit_per_shard=args.limit_per_shard)
     commit_files(plan, run)
+    write_findings(plan, run)
     if not args.sanity_check:
         return None
     return run_sanity_check(plan.config, plan.shards, plan.prep, sanity_dir=run.folder("sanity"),
@@ -231,6 +241,25 @@ def commit_files(plan: Plan, run: Run) -> None:
             write_table(run.folder(name), schema.empty_table(), plan.storage_options)
     if not plan.args.sanity_check:
         write_table(run.folder("sanity"), SANITY_SCHEMA.empty_table(), plan.storage_options)
+
+
+def write_findings(plan: Plan, run: Run) -> None:
+    """Clever-Hans discovery on the committed maps (pipelines.findings): per method and class,
+    attribution concentrated where other classes put none, and SpRAy's clusters."""
+    urls = json.loads(storage.read_bytes(run.private("files-saliency.json"), plan.storage_options))
+    write_table(run.folder("findings"), find_clever_hans(urls, plan.storage_options), plan.storage_options)
+
+
+def findings_entry(run: Run, storage_options: dict[str, Any], files: dict[str, dict[str, int]]) -> dict:
+    """The manifest's summary of findings/: the threshold, how many are flagged, the top one."""
+    fs, root = storage.filesystem(run.output, storage_options)
+    rows = []
+    for relative in files["findings"]:
+        with fs.open(f"{root}/{relative}", "rb") as f:
+            rows += pq.read_table(f, columns=["method", "class", "kind", "score", "region", "flagged"]).to_pylist()
+    top = max(rows, key=lambda r: r["score"], default=None)
+    return {"threshold": SCORE_THRESHOLD, "candidates": len(rows), "flagged": sum(bool(r["flagged"]) for r in rows),
+            "top": top}
 
 
 def run_files(run: Run, storage_options: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -290,6 +319,7 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
         "model": {"model": args.model, "weights": args.weights, "sha256": model_hashes(plan.config.model),
                   **worker_device_entry(plan.resolved, _worker_devices(run, plan.storage_options)),
                   "num_classes": plan.resolved["num_classes"]},
+        "torch_threads": plan.resolved["torch_threads"],  # per worker process; per_process None: decided there
         "methods": plan.resolved["methods"],
         "options": {k: redact_secrets(v) for k, v in vars(args).items() if k not in ("storage_options",)},
         "preprocessing": dataclasses.asdict(plan.prep),
@@ -316,6 +346,7 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
         "counts": counts,
         "reconciled": True,
         "sanity": sanity,
+        "findings": findings_entry(run, plan.storage_options, files),
         "outputs": run.relative_outputs(OUTPUTS),
         "files": {name: list(sizes) for name, sizes in files.items()},
         "map_bytes_per_row": round(sum(files["saliency"].values()) / saliency_rows, 1) if saliency_rows else None,
@@ -373,21 +404,28 @@ def calibrate(plan: Plan, images: int = 8) -> dict[str, float]:
     """Seconds per image on this machine, on the first decodable images, after a warm-up: each
     method's own cost (its metrics included) and, under None, the per-batch work every method
     shares (the forward pass and the random-order reference of the metrics)."""
+    import copy
     from pipelines.sanity import sample_images
+    from transforms.explain import apply_threads
     ids, pixels, labels = sample_images(plan.shards, plan.prep, plan.storage_options, images)
     if not ids:
         return {}
+    apply_threads(plan.config.threads.resolve())  # as one worker process of the run would
     loaded = build_explainers(plan.config)
-    batch = ImageBatch(ids, ["calibration"] * len(ids), labels, [tuple(pixels.shape[2:])] * len(ids), pixels.numpy())
 
-    def seconds(methods: dict) -> float:
+    def seconds(methods: dict, n: int = len(ids)) -> float:
+        batch = ImageBatch(ids[:n], ["calibration"] * n, labels[:n], [tuple(pixels.shape[2:])] * n,
+                           pixels[:n].numpy())
         step = ExplainBatches(dataclasses.replace(plan.config, methods=methods), shared.Shared())
-        step._state = loaded
+        # The step runs every explainer its state holds, so it gets only the measured ones
+        # (with all of them, every figure was the cost of all the methods).
+        step._state = copy.copy(loaded)
+        step._state.explainers = {name: loaded.explainers[name] for name in methods}
         start = time.perf_counter()
         list(step.process(batch))
-        return (time.perf_counter() - start) / len(ids)
+        return (time.perf_counter() - start) / n
 
-    seconds(plan.methods)  # warm-up: first calls allocate and compile
+    seconds(plan.methods, 1)  # warm-up: first calls allocate and compile (one image is enough)
     shared_cost = seconds({})
     out: dict[str | None, float] = {name: max(0.0, seconds({name: options}) - shared_cost)
                                     for name, options in plan.methods.items()}
@@ -427,7 +465,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # Beam configured it on import
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -443,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, c in manifest["counts"].items():
         print(f"{method:>10}: read {c['read']}, explained {c['explained']}, errors {c['errors']}")
     print(f"outputs in {out} ({', '.join(manifest['outputs'].values())}, manifest.json)")
-    return 0
+    return gates.decide(manifest, audit_plan.args, audit_plan.storage_options)  # 0 when no gates are set
 
 
 if __name__ == "__main__":

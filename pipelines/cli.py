@@ -32,6 +32,14 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+class _OneLine(_Parser):
+    """A bad command line as one line (exit 2 in the command), as run reports it."""
+
+    def error(self, message: str):
+        from pipelines.options import UsageError
+        raise UsageError(message)
+
+
 def _storage_options(parser: argparse.ArgumentParser) -> None:
     from pipelines.options import _json_object
     parser.allow_abbrev = False  # every parser that takes credentials refuses prefix spellings
@@ -55,13 +63,17 @@ def cmd_demo(argv: list[str]) -> int:
     parser.add_argument("--aae", default=str(DEMO_AAE), help="abele's autoencoder (default: the bundled one)")
     args, rest = parser.parse_known_args(argv)
     from pipelines import audit
+    # One torch thread (a --torch-threads in the arguments overrides it): the demo's CNN and AAE are
+    # too small for intra-op parallelism, and a second thread mostly spins, most of all on a shared
+    # machine (abele: 1.75 CPU-s per digit with one thread, 12.7 with two, on a busy 2-core machine).
+    threads = ["--torch-threads", "1"]
     uses_abele = "abele" in [m.strip() for m in args.methods.split(",")]
     code = audit.main(["--input", str(DEMO_SHARD), "--model", DEMO_MODEL, "--weights", str(DEMO_WEIGHTS),
                        "--methods", args.methods, "--output", args.output, "--channels", "1",
                        "--device", "cpu", "--limit-per-shard", str(args.limit_per_shard),
                        *(["--aae", args.aae] if uses_abele else []),
-                       *(DEMO_SANITY if args.sanity_check else []), *rest])
-    if code != 0:
+                       *(DEMO_SANITY if args.sanity_check else []), *threads, *rest])
+    if code != 0 or "--dry-run" in rest:  # a dry run wrote nothing to report on
         return code
     from pipelines.reporting.audit_dir import AuditDir
     from pipelines.reporting.figure import example_ids, save_figure
@@ -233,6 +245,31 @@ def cmd_diff(argv: list[str]) -> int:
     return 0
 
 
+def cmd_check(argv: list[str]) -> int:
+    parser = _OneLine("check", "Evaluate the gates on a finished audit, against a baseline audit; exit 1 if one fails.")
+    parser.add_argument("directory", help="the audit's --output directory")
+    parser.add_argument("--config", metavar="SPEC", help="an audit spec: its [gates] and [baseline] tables")
+    parser.add_argument("--verdict", help="where to write verdict.json (default DIRECTORY/verdict.json)")
+    _storage_options(parser)
+    from pipelines import gates, spec
+    from pipelines.options import UsageError
+    gates.add_gate_arguments(parser)  # --baseline, --gate NAME=VALUE: as run reads them
+    try:
+        args = parser.parse_args(argv)
+        if args.config:  # the spec's [gates] and [baseline] first, so the flags override them
+            read = spec.gate_parser().parse_known_args(spec.spec_arguments(spec.load(args.config), args.config))[0]
+            args.gates = [*(read.gates or []), *(args.gates or [])]
+            args.baseline = args.baseline or read.baseline
+    except UsageError as e:
+        print(f"saliency-audit check: error: {e}", file=sys.stderr)
+        return 2
+    verdict, url = gates.check(args.directory, args.baseline, args.gates, args.verdict, args.storage_options)
+    for line in gates.summary_lines(verdict):
+        print(line)
+    print(f"verdict: {url}")
+    return 1 if verdict["status"] == gates.FAIL else 0
+
+
 def cmd_benchmark(argv: list[str]) -> int:
     from pipelines import benchmark
     return benchmark.main(argv)
@@ -248,6 +285,7 @@ COMMANDS = {
     "report": (cmd_report, "one self-contained HTML page about a finished audit"),
     "figure": (cmd_figure, "a PNG grid of maps: one row per image, one column per method"),
     "diff": (cmd_diff, "compare two audits of the same images (e.g. two model versions)"),
+    "check": (cmd_check, "evaluate the gates on an audit against a baseline (exit 1 if one fails)"),
 }
 
 

@@ -64,6 +64,16 @@ def _target(text: str) -> str:
     raise argparse.ArgumentTypeError(f"must be predicted, label or a class index >= 0, got {text!r}")
 
 
+def _threads(text: str) -> int | None:
+    """--torch-threads: ``auto`` (None: each worker's share of its cores) or a count."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of threads, got {text!r}") from None
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--config", metavar="SPEC", help="audit spec (.toml, .yaml or .yml) giving any of these options; flags given "
@@ -80,6 +90,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--limit-per-shard", type=int, metavar="N",
         help="read only the first N records of every shard (a deterministic sample)")
     add("--device", default="auto", help="cpu | cuda | auto (default auto)")
+    add("--torch-threads", type=_threads, default=None, metavar="N|auto",
+        help="torch threads per worker process, also the size of the methods' own thread pools (default auto: "
+             "the cores the worker may use divided by the SDK worker processes the runner starts per machine, "
+             "e.g. --direct_num_workers with --direct_running_mode multi_processing; at least 1)")
     add("--metrics", dest="metrics", action="store_true", default=True,
         help="compute explanation-quality metrics (default on)")
     add("--no-metrics", dest="metrics", action="store_false", help="skip the metrics")
@@ -125,6 +139,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--reclaim-after", type=float, default=30.0, metavar="MINUTES",
         help="remove the folders of an earlier run of this --output whose heartbeat is older than this "
              "(a killed run; default 30)")
+    from pipelines.gates import add_gate_arguments  # here, not at the top: gates reads audits (heavier imports)
+    add_gate_arguments(parser)  # --baseline, --gate NAME=VALUE: decided after the run is published
 
 
 def _add_off_switch(parser: argparse.ArgumentParser, flag: str) -> None:
@@ -136,7 +152,7 @@ def _add_off_switch(parser: argparse.ArgumentParser, flag: str) -> None:
 # (flag, lowest, highest) for the numeric options; None where unbounded.
 _RANGES = (("batch_size", 1, None), ("limit_per_shard", 1, None), ("metric_steps", 1, None),
            ("abele_neighbours", 1, None), ("sanity_images", 1, None), ("sanity_threshold", -1, 1),
-           ("max_pixels", 1, None), ("output_files", 1, None),
+           ("max_pixels", 1, None), ("output_files", 1, None), ("torch_threads", 1, 1024),
            ("reclaim_after", MIN_STALE_S / 60, None))
 
 
@@ -167,6 +183,10 @@ def _flag_name(token: str) -> str:
 def beam_option_parser() -> argparse.ArgumentParser:
     """A parser of every Beam pipeline option (as PipelineOptions.get_all_options builds it)."""
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+    try:  # registers the Dask options (--dask_client_address...) when dask is installed
+        import apache_beam.runners.dask.dask_runner  # noqa: F401  pylint: disable=unused-import
+    except (ImportError, AttributeError):  # without dask, Beam's module fails on ddist.Client
+        pass
 
     class Parser(_BeamArgumentParser):
         def error(self, message: str):

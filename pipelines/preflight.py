@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from pipelines.options import UsageError
-from transforms.explain import ExplainConfig, build_explainers
+from transforms.explain import ExplainConfig, ThreadBudget, build_explainers
 from transforms.models import ModelLoadError, ModelSpec, check_device_name, device_available, resolve_device
 from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
 from transforms.readers import SHARD_SUFFIXES, read_shard, shard_kind
@@ -93,6 +93,42 @@ def workers_are_remote(beam_args: list[str]) -> bool:
         endpoint = _runner_options(beam_args).view_as(PortableOptions).job_endpoint
         return endpoint not in (None, "embed")
     return False
+
+
+def worker_processes(beam_args: list[str]) -> int:
+    """SDK worker processes the runner starts on each machine (0: one per core), which share its
+    cores: DirectRunner's --direct_num_workers in multi_processing mode (its other modes run
+    one process, whose bundles take turns on the model), Dataflow's one per vCPU unless
+    ``no_use_multiple_sdk_containers``, and --sdk_worker_parallelism on portable runners (Flink,
+    Spark; 0 lets the runner choose, taken as one per core). A Dask worker uses its own threads."""
+    from apache_beam.options.pipeline_options import DebugOptions, DirectOptions, PortableOptions
+    options = _runner_options(beam_args)
+    name = runner_short_name(beam_args)
+    if name in ("direct", "fnapi"):
+        direct = options.view_as(DirectOptions)
+        return direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 1
+    if name in ("dataflow", "testdataflow"):
+        return 1 if "no_use_multiple_sdk_containers" in (options.view_as(DebugOptions).experiments or []) else 0
+    if name == "dask":
+        return 1
+    try:  # Beam types it as a string
+        return max(0, int(options.view_as(PortableOptions).sdk_worker_parallelism or 0))
+    except ValueError:
+        return 0
+
+
+def thread_budget(torch_threads: int | None, beam_args: list[str]) -> ThreadBudget:
+    """--torch-threads (None: auto) with the runner's worker processes per machine."""
+    return ThreadBudget(torch_threads, worker_processes(list(beam_args)))
+
+
+def threads_entry(budget: ThreadBudget, beam_args: list[str], remote: bool) -> dict[str, Any]:
+    """The manifest's record of the torch threads: per worker process as resolved here, or None
+    where auto is resolved on the workers (remote ones, from their own cores; Dask workers, from
+    their threads)."""
+    local = budget.threads is not None or not (remote or runner_short_name(beam_args) == "dask")
+    return {"requested": "auto" if budget.threads is None else budget.threads,
+            "worker_processes": budget.processes, "per_process": budget.resolve() if local else None}
 
 
 def plan_devices(requested: str, beam_args: list[str]) -> Devices:
@@ -202,6 +238,8 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
         raise UsageError(f"cannot set up the methods: {e}") from None
     report = {"device": devices.worker, "device_requested": devices.requested, "device_check": devices.check,
               "num_classes": None, "sample_image": None,
+              "torch_threads": threads_entry(thread_budget(config.threads.threads, beam_args), beam_args,
+                                             devices.remote),
               "methods": {name: {"options": ex.options(), "signed": ex.signed, "passes": ex.passes(),
                                  "extras": dict(ex.extras)} for name, ex in loaded.explainers.items()}}
     sample = first_sample(shards, prep, storage_options)

@@ -7,8 +7,10 @@ value is checked here, with the flags' own conversions and range checks, and a b
 one line that names the key. The manifest records the resolved spec (after the overrides), with
 the secrets redacted as in its ``command``.
 
-To add a table later (``[gates]``, ``[baseline]``): add its keys to SCHEMA, each naming the flag
-it stands for; loading, checking, path resolution and the manifest's resolved spec follow.
+To add a table later: add its keys to SCHEMA, each naming the flag it stands for; loading,
+checking, path resolution and the manifest's resolved spec follow. ``[gates]`` and ``[baseline]``
+stand for ``--gate NAME=VALUE`` and ``--baseline`` (pipelines.gates), which ``check`` reads from
+the same file.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines import gates
 from pipelines.options import (
     DEFAULT_METHODS, REDACTED, UsageError, _closest, _is_secret_flag, _OneLineParser, _takes_value,
     beam_option_parser, parse_run_args, range_problem, run_parser)
@@ -30,7 +33,17 @@ MAX_BYTES = 1 << 20  # a spec is a page of settings; anything bigger is a mistak
 MAX_DEPTH = 8        # deepest real use: explain.options.lime.segmentation_options.KEY (5)
 MAX_VALUES = 10_000  # also stops YAML alias bombs, whose values are shared, not copied
 BEAM = "beam"
-_flags = functools.lru_cache(maxsize=1)(run_parser)  # the run's flags, built once
+GATE_FLAG = "--gate"
+
+
+def gate_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """--baseline and --gate: the gates the run decides with after it is published."""
+    parser = parser or _OneLineParser(add_help=False, allow_abbrev=False)
+    gates.add_gate_arguments(parser)
+    return parser
+
+
+_flags = functools.lru_cache(maxsize=1)(run_parser)  # the run's flags (the gates' included), built once
 SUFFIXES = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
 
 
@@ -115,6 +128,12 @@ def _target(value: Any) -> str:
     return str(value)
 
 
+def _threads(value: Any) -> str:
+    if value != "auto" and not _is_int(value):
+        raise _expect('"auto" or a number of threads', value)
+    return str(value)
+
+
 def _switch(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _expect("true or false", value)
@@ -128,6 +147,15 @@ def _table(value: Any) -> str:
         return json.dumps(value)
     except (TypeError, ValueError):  # a TOML/YAML date or the like: the options are JSON values
         raise _Bad("expected plain values (strings, numbers, booleans, lists, tables)") from None
+
+
+def _gate(name: str) -> Callable[[Any], str]:
+    """A [gates] key: a threshold, true (on at its default) or false (off) -> --gate NAME=VALUE."""
+    def kind(value: Any) -> str:
+        if not (isinstance(value, bool) or _is_number(value)):
+            raise _expect("a number, true (its default) or false (off)", value)
+        return f"{name}={'on' if value is True else 'off' if value is False else repr(float(value))}"
+    return kind
 
 
 def _tables(value: Any) -> str:
@@ -158,7 +186,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                       "to_grayscale": Key("--to-grayscale", _switch)},
     "explain": {"methods": Key("--methods", _names), "options": Key("--method-options", _tables),
                 "target": Key("--target", _target), "seed": Key("--seed", _integer),
-                "batch_size": Key("--batch-size", _integer), "aae": Key("--aae", _text, path=True)},
+                "batch_size": Key("--batch-size", _integer), "aae": Key("--aae", _text, path=True),
+                "torch_threads": Key("--torch-threads", _threads)},
     "metrics": {"enabled": Key("--metrics", _switch), "steps": Key("--metric-steps", _integer),
                 "substrate": Key("--metric-substrate", _text), "abele": Key("--abele-metrics", _switch),
                 "abele_neighbours": Key("--abele-neighbours", _integer)},
@@ -167,6 +196,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "output": {"path": Key("--output", _text, path=True), "map_dtype": Key("--map-dtype", _text),
                "reclaim_after": Key("--reclaim-after", _number)},
     "storage": {"options": Key("--storage-options", _table, secret=True)},
+    "gates": {name: Key(GATE_FLAG, _gate(name)) for name in [*gates.GATES, *gates.SETTINGS]},
+    "baseline": {"path": Key("--baseline", _text, path=True)},
 }
 METHOD_OPTIONS = ("explain", "options")
 
@@ -407,10 +438,9 @@ def parse_invocation(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """``parse_run_args`` with --config: the spec's flags first, so the command line's override
     them. Raises UsageError for a bad spec or command line."""
     given = _config_and_methods(argv)
-    if given.config is None:
-        return parse_run_args(argv)
-    spec_argv = spec_arguments(load(given.config), given.config, given.methods)
-    return parse_run_args([*spec_argv, *argv])
+    if given.config is not None:
+        argv = [*spec_arguments(load(given.config), given.config, given.methods), *argv]
+    return parse_run_args(argv)
 
 
 # --- the resolved spec, for the manifest ----------------------------------------------------
@@ -424,6 +454,8 @@ def resolved(args: argparse.Namespace, beam_args: list[str]) -> dict[str, Any]:
     for table, keys in SCHEMA.items():
         for name, key in keys.items():
             value = getattr(args, actions[key.flag].dest, None)
+            if key.flag == GATE_FLAG:
+                value = dict(value or ()).get(name)  # this gate's own value, the last one given
             if value is None:
                 continue  # TOML has no null: an unset optional key is left out
             if key.kind is _names:

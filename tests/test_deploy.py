@@ -347,3 +347,43 @@ def test_flink_compose_fits_together():
     assert (_option(argv, "--environment_type"), _option(argv, "--environment_config")) == (
         "EXTERNAL", f"localhost:{port}")
     parse_run_args(argv)
+
+
+def _dask_cli_flags(command: str) -> str:
+    """The help of `dask worker` / `dask scheduler` (the modules behind the two subcommands)."""
+    return subprocess.run([sys.executable, "-m", f"distributed.cli.dask_{command}", "--help"],
+                          capture_output=True, text=True, timeout=60).stdout
+
+
+def test_dask_kubernetes_manifests_fit_together():
+    docs = _documents(DEPLOY / "dask" / "dask-cluster.yaml")
+    cluster = _kind(docs, "DaskCluster")
+    assert cluster["apiVersion"] == "kubernetes.dask.org/v1"
+    worker = cluster["spec"]["worker"]["spec"]["containers"][0]
+    scheduler = cluster["spec"]["scheduler"]["spec"]["containers"][0]
+    assert worker["args"][:2] == ["dask", "worker"] and scheduler["args"][:2] == ["dask", "scheduler"]
+    worker_help, scheduler_help = _dask_cli_flags("worker"), _dask_cli_flags("scheduler")
+    for flag in (a for a in worker["args"][2:] if a.startswith("--")):
+        assert flag in worker_help, flag  # every flag is one `dask worker` takes
+    for flag in (a for a in scheduler["args"][2:] if a.startswith("--")):
+        assert flag in scheduler_help, flag
+    assert _option(worker["args"], "--nthreads") == "1"  # one model per process; torch uses the cores
+    port = int(_option(scheduler["args"], "--port"))
+    service_ports = {p["name"]: p["port"] for p in cluster["spec"]["scheduler"]["service"]["ports"]}
+    assert service_ports["tcp-comm"] == port
+
+    launcher = _kind(docs, "Job", "saliency-audit")["spec"]["template"]["spec"]["containers"][0]
+    argv = launcher["args"]
+    assert launcher["command"] == ["python", "-m", "pipelines.audit"]
+    assert _option(argv, "--runner") == "DaskRunner"
+    name = cluster["metadata"]["name"]
+    assert _option(argv, "--dask_client_address") == f"tcp://{name}-scheduler:{port}"  # the operator's Service
+    assert launcher["image"] == worker["image"] == scheduler["image"]  # Dask pickles code: one image
+    parse_run_args(argv)  # a valid run invocation, the Dask options included
+    assert preflight.workers_are_remote(argv[argv.index("--runner"):])
+
+
+def test_dask_image_installs_the_dask_extra():
+    dockerfile = (DEPLOY / "dask" / "Dockerfile").read_text()
+    assert re.search(r'pip install [^\n]*"\.\[[^\]]*\bdask\b', dockerfile)
+    assert "dask[distributed]" in (DEPLOY.parent / "pyproject.toml").read_text()

@@ -1,5 +1,12 @@
 """The same inputs give identical Parquet values on every runner we can run here."""
+import json
+import os
+import socket
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,21 +28,70 @@ def two_shards(tmp_path_factory, demo_shard):
 
 
 def audit_with(runner_args, shards, output, demo_model_args):
+    """One torch thread everywhere: a float's last bits depend on how torch splits a reduction
+    over threads, and the runners' automatic thread counts differ (a Dask worker's is 1)."""
     audit.run(["--input", str(shards / "*.tar"), *demo_model_args, "--methods", "sal,intg,deeplift",
-               "--output", str(output), "--channels", "1", "--batch-size", "5", *runner_args])
+               "--output", str(output), "--channels", "1", "--batch-size", "5", "--torch-threads", "1",
+               *runner_args])
     rows = read_output(output / "saliency")
     return {(r["image_id"], r["method"]): (r["saliency"], r["score"], r["predicted"]) for r in rows}
 
 
-def test_in_process_multiprocessing_and_portable_runners_agree(two_shards, tmp_path, demo_model_args):
-    reference = audit_with([], two_shards, tmp_path / "direct", demo_model_args)
-    assert len(reference) == 48 * 3
+def test_in_process_multiprocessing_and_portable_runners_agree(two_shards, tmp_path, demo_model_args,
+                                                               direct_reference):
+    assert len(direct_reference) == 48 * 3
     for name, args in {
         "multi_processing": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
         "portable": ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
     }.items():
-        other = audit_with(args, two_shards, tmp_path / name, demo_model_args)
-        assert other.keys() == reference.keys(), name
-        for key, (saliency, score, predicted) in reference.items():
-            assert np.array_equal(np.asarray(other[key][0]), np.asarray(saliency)), (name, key)
-            assert other[key][1:] == (score, predicted), (name, key)
+        assert_same_values(direct_reference, audit_with(args, two_shards, tmp_path / name, demo_model_args), name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the worker pool exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def assert_same_values(reference: dict, other: dict, name: str) -> None:
+    assert other.keys() == reference.keys(), name
+    for key, (saliency, score, predicted) in reference.items():
+        assert np.array_equal(np.asarray(other[key][0]), np.asarray(saliency)), (name, key)
+        assert other[key][1:] == (score, predicted), (name, key)
+
+
+@pytest.fixture(scope="module")
+def direct_reference(two_shards, tmp_path_factory, demo_model_args):
+    return audit_with([], two_shards, tmp_path_factory.mktemp("direct"), demo_model_args)
+
+
+def test_external_sdk_worker_pool_gives_the_direct_runners_values(two_shards, tmp_path, demo_model_args,
+                                                                   direct_reference):
+    """Flink's topology, Python side: a separate SDK worker pool process (started as the Flink
+    deployment starts it, with the venv's python first on PATH) and the EXTERNAL environment."""
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    pool = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                             f"--service_port={port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for_port(port, pool)
+        other = audit_with(["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
+                            f"--environment_config=127.0.0.1:{port}"], two_shards, tmp_path / "external",
+                           demo_model_args)
+        manifest = json.loads((tmp_path / "external" / "manifest.json").read_text())
+    finally:
+        pool.terminate()
+        pool.wait(timeout=30)
+    assert_same_values(direct_reference, other, "external worker pool")
+    assert manifest["runner"] == "PortableRunner" and "--environment_type=EXTERNAL" in manifest["beam_args"]

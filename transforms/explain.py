@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import threading
 import time
 from typing import Any
@@ -14,6 +16,7 @@ from apache_beam.utils import shared
 from explainers import get_explainer
 from explainers._base import alone, decision_tolerance, stable_argmax
 from explainers import metrics as quality
+from transforms import progress
 from transforms.abele_protocol import AbeleProtocol, abele_metrics
 from transforms.batching import ERRORS
 from transforms.models import ModelSpec, load_model, resolve_device
@@ -21,6 +24,59 @@ from transforms.records import ErrorRecord, ImageBatch, seed_for
 from transforms.rows import extra_value, map_problems, map_statistics
 
 DEVICE = "device"  # side output: the device each batch ran on, so the manifest records the workers'
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadBudget:
+    """Torch threads per worker process (--torch-threads), which also size the methods' own
+    thread pools. ``threads`` None (auto): the cores this process may use divided by
+    ``processes``, the SDK worker processes the runner starts per machine (0: one per core);
+    inside a Dask worker, the threads that worker was given. Resolved on the worker, whose
+    cores may differ from the launcher's."""
+
+    threads: int | None = None
+    processes: int = 1
+
+    def resolve(self, cores: int | None = None) -> int:
+        if self.threads is not None:
+            return self.threads
+        dask = _dask_worker_threads()
+        if dask is not None:
+            return dask
+        if not self.processes:
+            return 1
+        return max(1, (cores or available_cores()) // self.processes)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. a container's cpuset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _dask_worker_threads() -> int | None:
+    """The thread count of the Dask worker running this code, if any (only looked for where
+    dask.distributed is already loaded, so other runners never import it)."""
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        from distributed import get_worker
+        return max(1, int(get_worker().state.nthreads))
+    except (ValueError, AttributeError):  # not inside a Dask worker
+        return None
+
+
+def apply_threads(threads: int) -> None:
+    """Size torch's pools for this worker process. The inter-op pool can only be sized before its
+    first use (in-process runners have used it already), so it is left as it is then."""
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != threads:
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:
+            pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +90,9 @@ class ExplainConfig:
     metric_steps: int | None = 16  # None: one image row per step (explainers.metrics.default_steps)
     metric_substrate: str = "zero"
     abele: AbeleProtocol | None = None  # ABELE's relevance/coherence/stability (--abele-metrics)
+    threads: ThreadBudget = ThreadBudget()
+    # Where the workers report images explained (transforms.progress); not part of the model's identity.
+    progress: progress.Sink | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class _Loaded:
@@ -111,13 +170,18 @@ class ExplainBatches(beam.DoFn):
 
     def setup(self):
         config = self.config
+        apply_threads(config.threads.resolve())
         self._state = self._shared.acquire(lambda: build_explainers(config), tag=repr(config))
 
     def process(self, batch: ImageBatch):
         with self._state.lock:
             outputs = list(self._explain_batch(batch))
+        progress.images_explained(self.config.progress, len(batch.image_ids))
         yield beam.pvalue.TaggedOutput(DEVICE, str(self._state.device))
         yield from outputs
+
+    def finish_bundle(self):
+        progress.flush(self.config.progress)  # the bundle's last counts, not only those of WRITE_S ago
 
     def _explain_batch(self, batch: ImageBatch):
         state, config = self._state, self.config

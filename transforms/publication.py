@@ -38,7 +38,7 @@ log = logging.getLogger("saliency_audit")
 
 POINTER = "manifest.json"
 RUNS = "_runs"
-OUTPUTS = ("saliency", "summary", "errors", "sanity")
+OUTPUTS = ("saliency", "summary", "errors", "sanity", "findings")
 HEARTBEAT_S = 60.0
 DEFAULT_STALE_S = 30 * 60.0  # a run whose heartbeat is older than this was killed
 MIN_STALE_S = 2 * HEARTBEAT_S  # shorter, and a live run could be taken for a killed one

@@ -22,6 +22,10 @@ from pipelines.reporting.plots import histogram, line_chart
 from transforms import storage
 from transforms.rows import ABELE_COLUMNS, RISE_COLUMNS
 
+VERDICT = "verdict.json"  # written by pipelines.gates next to the manifest
+FINDINGS_SHOWN = 2    # findings per method when none is flagged
+FINDINGS_MAX = 12     # findings on the page at most
+FINDING_IMAGES = 5    # prototype images per finding
 THUMB = 84            # CSS width of a gallery image
 LONGEST = 128         # stored images are shrunk to at most this many pixels a side
 RULE_EXTRAS = ("rule", "counterfactuals", "weights", "precision", "coverage", "fidelity", "r2")
@@ -122,11 +126,24 @@ class Report:
         self.first_row = {}
         for r in self.rows:
             self.first_row.setdefault(r["image_id"], r)
+        self.findings = self._findings()
         self.selection = self._select()
+        self.selection["findings"] = [i for f in self.findings for i in (f.get("prototypes") or [])[:FINDING_IMAGES]]
         wanted = {i for ids in self.selection.values() for i in ids}
         maps = audit.map_rows(wanted)
         sources = {image_id: row["source"] for (image_id, _), row in maps.items()}
         self.thumbs = Thumbnails(audit, maps, audit.images(sources))
+
+    def _findings(self) -> list[dict]:
+        """The Clever-Hans findings the page shows: every flagged one, else each method's top
+        FINDINGS_SHOWN (an auditor should see how close the run came to a flag)."""
+        if not self.audit.files("findings"):
+            return []
+        rows = [r for r in self.audit.rows("findings") if isinstance(r.get("score"), float) and math.isfinite(r["score"])]
+        rows.sort(key=lambda r: (-r["score"], str(r.get("method")), str(r.get("class"))))
+        flagged = [r for r in rows if r.get("flagged")]
+        shown = flagged or [r for m in self.methods for r in [x for x in rows if x.get("method") == m][:FINDINGS_SHOWN]]
+        return sorted(shown, key=lambda r: -r["score"])[:FINDINGS_MAX]
 
     # ---- which images the page shows ----
     def _select(self) -> dict[str, list[str]]:
@@ -147,6 +164,52 @@ class Report:
         return [r for r in self.rows if r["method"] == method]
 
     # ---- sections ----
+    def verdict_section(self) -> str:
+        """The gates' verdict.json next to the manifest (``check`` or a run with gates), if any.
+        Anything in it may be of the wrong type: shown as text, never trusted as markup."""
+        try:
+            verdict = json.loads(storage.read_bytes(storage.join(self.audit.path, VERDICT),
+                                                    self.audit.storage_options))
+        except FileNotFoundError:
+            return ""
+        except (OSError, ValueError) as e:
+            return markup('<p class="flag">{}</p>', f"verdict.json is unreadable: {' '.join(str(e).split())[:200]}")
+        if not isinstance(verdict, dict) or not isinstance(verdict.get("gates"), list):
+            return markup('<p class="flag">{}</p>', "verdict.json is not a verdict (no list of gates)")
+        status = str(verdict.get("status"))
+        audited = verdict.get("audit") if isinstance(verdict.get("audit"), dict) else {}
+        baseline = verdict.get("baseline") if isinstance(verdict.get("baseline"), dict) else None
+        stale = audited.get("run_id") != self.audit.manifest.get("run_id")
+        failed = verdict.get("failed") if isinstance(verdict.get("failed"), list) else []
+        lead = markup('<p class="{}">{}</p>', "flag" if status != "pass" else "ok",
+                      f"Gates: {status.upper()}" + (f" (failed: {', '.join(map(str, failed))})" if failed else ""))
+        against = (f"against baseline run {baseline.get('run_id')} ({baseline.get('path')})" if baseline
+                   else "without a baseline (the gates that compare were skipped)")
+        note = paragraph(f"Verdict of run {audited.get('run_id')} {against}. A gate is skipped, not passed, when it "
+                         f"cannot be evaluated; the reason says why. Worst images: the ones that weigh most against "
+                         f"the gate. (docs/gates.md)")
+        shown = self.audit.manifest.get("run_id")
+        warn = markup('<p class="flag">{}</p>', f"This verdict is of run {audited.get('run_id')}, not of the run "
+                                                 f"this report shows ({shown}).") if stale else ""
+        gates = sorted((g for g in verdict["gates"] if isinstance(g, dict)), key=lambda g: g.get("status") != "fail")
+        return lead + warn + note + table(["gate", "method", "status", "value", "bound", "threshold", "worst images",
+                                           "why"], [self._gate_row(g) for g in gates])
+
+    @staticmethod
+    def _gate_row(gate: dict) -> list:
+        status = str(gate.get("status"))
+        worst = gate.get("worst_images")
+        shown = ", ".join(map(str, worst[:5])) if isinstance(worst, list) else ""
+
+        def value(v):
+            return v if isinstance(v, (int, float)) and not isinstance(v, bool) else (None if v is None else str(v))
+
+        return [str(gate.get("name")), str(gate.get("method") or "all"),
+                markup('<span class="{}">{}</span>', "flag" if status == "fail" else "ok", status)
+                if status in ("fail", "pass") else status, value(gate.get("value")),
+                "at most" if gate.get("bound") == "max" else "at least" if gate.get("bound") == "min" else "",
+                value(gate.get("threshold")), shown, str(gate.get("reason") or "")]
+
     def run_section(self) -> str:
         m = self.audit.manifest
         model = m.get("model") or {}
@@ -198,6 +261,34 @@ class Report:
             return []
         items = "".join(markup("<li>{}</li>", line) for line in lines)
         return [markup('<div class="warnings"><strong>{}</strong><ul>', "Warnings"), Raw(items), Raw("</ul></div>")]
+
+    def findings_section(self) -> str:
+        """pipelines.findings: attribution a class concentrates where other classes put none."""
+        if not self.findings and not self.audit.files("findings"):
+            return ""
+        threshold = (self.audit.manifest.get("findings") or {}).get("threshold")
+        flagged = [f for f in self.findings if f.get("flagged")]
+        intro = paragraph(
+            (f"{len(flagged)} finding(s) above the threshold {number(threshold)}: a class whose maps put their mass "
+             "in one place that other classes' maps do not, consistently; look at the prototypes for a shortcut "
+             "(a watermark, a border, a background) rather than the object." if flagged else
+             f"No finding above the threshold {number(threshold)}; the strongest candidates per method follow.")
+            + " Score = excess mass share x share of the class's maps that carry it (docs/findings.md).")
+        rows = []
+        for f in self.findings:
+            grid = f.get("mean_map")
+            height, width = f.get("map_height"), f.get("map_width")
+            picture = ""
+            if isinstance(grid, list) and isinstance(height, int) and isinstance(width, int) \
+                    and height * width == len(grid) > 0:
+                rgb = render.colour_map(np.asarray(grid, dtype=np.float64).reshape(height, width), False)
+                picture = img(render.data_uri(render.resize(rgb, 8 * height, 8 * width)),
+                              f"mean map of {f.get('method')} class {f.get('class')}", THUMB)
+            prototypes = Raw("".join(self.thumbs.image(i) for i in (f.get("prototypes") or [])[:FINDING_IMAGES]))
+            rows.append([f.get("method"), f.get("class"), f.get("kind"), number(f.get("score")),
+                         "yes" if f.get("flagged") else "", f.get("region"), picture, prototypes, f.get("description")])
+        return intro + table(["method", "class", "kind", "score", "flagged", "region", "mean map", "prototypes",
+                              "what"], rows)
 
     def methods_section(self) -> str:
         counts = self.audit.manifest.get("counts") or {}
@@ -451,7 +542,9 @@ class Report:
 
     def html(self) -> str:
         m = self.audit.manifest
-        sections = [("methods", "Methods", self.methods_section()),
+        sections = [("verdict", "Verdict", self.verdict_section()),
+                    ("methods", "Methods", self.methods_section()),
+                    ("findings", "Clever-Hans findings", self.findings_section()),
                     ("classes", "Per class", self.classes_section()),
                     ("sanity", "Sanity check", self.sanity_section()),
                     ("galleries", "Galleries by class", self.galleries_section()),

@@ -1,0 +1,215 @@
+"""Clever-Hans discovery (pipelines.findings): a planted watermark is found, a clean model raises
+nothing, and the reader survives what a saliency table can hold."""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.findings import FINDINGS_SCHEMA, SCORE_THRESHOLD, find_clever_hans, regions, score_group
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import clever_hans  # noqa: E402
+
+METHOD = "grad"  # gradient x input: one backward pass, and it finds the watermark
+
+
+@pytest.fixture(scope="module")
+def experiment(mnist_dir, tmp_path_factory):
+    """The small CNN trained with and without a watermark on class 7 (3,000 digits, 1 epoch, one
+    torch thread: about 7 s), and 300 test digits (16 watermarked 7s) audited with both models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        workdir = tmp_path_factory.mktemp("clever-hans")
+        prepared = clever_hans.prepare(workdir, 3000, 300, 1, "small", data=mnist_dir)
+        assert prepared.control_accuracy > 0.8, "the control model did not learn the digits"
+        findings = clever_hans.audit_findings(prepared, prepared.weights, workdir / "audit", [METHOD])
+        control = clever_hans.audit_findings(prepared, prepared.control_weights, workdir / "control", [METHOD])
+    finally:
+        torch.set_num_threads(threads)
+    return prepared, findings, control, workdir
+
+
+def test_watermark_class_is_the_top_finding_with_its_images(experiment):
+    prepared, findings, _, _ = experiment
+    top = findings.to_pylist()[0]
+    assert (top["class"], top["flagged"]) == (clever_hans.WATERMARK_CLASS, True), top["description"]
+    assert top["score"] >= SCORE_THRESHOLD
+    assert top["kind"] == "spray_cluster" and top["clusters"] >= 2 and top["eigengap"] > 0
+    carried = set(top["images"])
+    assert len(carried & prepared.marked_ids) >= 0.9 * len(prepared.marked_ids)  # recall
+    assert len(carried & prepared.marked_ids) >= 0.9 * len(carried)               # precision
+    assert set(top["prototypes"]) <= prepared.marked_ids and len(top["prototypes"]) == 5
+    assert top["region"].startswith("top-left corner") or "rows 0-" in top["region"]
+    mean_map = np.array(top["mean_map"]).reshape(top["map_height"], top["map_width"])
+    assert mean_map[:2, :2].sum() > 0.5  # the watermark's cells hold most of the cluster's mass
+
+
+def test_benchmark_outcome_reads_the_same(experiment):
+    prepared, findings, control, _ = experiment
+    outcome = clever_hans.outcome(findings, control, METHOD, prepared.marked_ids)
+    assert (outcome.rank, outcome.kind) == (1, "spray_cluster")
+    assert outcome.recall >= 0.9 and outcome.precision >= 0.9
+    assert outcome.score >= SCORE_THRESHOLD > outcome.control_max
+
+
+def test_control_model_raises_no_finding(experiment):
+    _, _, control, _ = experiment
+    assert control.num_rows > 10 and set(control.column("method").to_pylist()) == {METHOD}
+    assert max(control.column("score").to_pylist()) < SCORE_THRESHOLD
+    assert not any(control.column("flagged").to_pylist())
+
+
+def test_random_maps_raise_no_finding(experiment, tmp_path):
+    """The watermarked model's rows with their maps replaced by noise: nothing stands out."""
+    _, _, _, workdir = experiment
+    table = pq.read_table(workdir / "audit" / "saliency")
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((table.num_rows, 28 * 28)).astype(np.float32)
+    index = table.schema.get_field_index("saliency")
+    table = table.set_column(index, "saliency", pa.array(list(noise), type=pa.list_(pa.float32())))
+    pq.write_table(table, tmp_path / "random.parquet")
+    findings = find_clever_hans([str(tmp_path / "random.parquet")])
+    assert max(findings.column("score").to_pylist()) < SCORE_THRESHOLD
+
+
+# Synthetic maps: no training, no MNIST.
+
+def synthetic_rows(n_per_class: int = 40, classes: int = 4, seed: int = 0, float16: bool = False,
+                   spotted: tuple[int, ...] = (0,)) -> pa.Table:
+    """A blob at a random place in the centre, the same for every class (the object); half of
+    the spotted classes' maps also carry a bright spot in the top-left corner (the shortcut)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label in range(classes):
+        for i in range(n_per_class):
+            m = rng.random((28, 28)).astype(np.float32) * 0.01
+            r, c = 8 + rng.integers(0, 8, size=2)
+            m[r:r + 6, c:c + 6] += 1.0
+            if label in spotted and i % 2 == 0:
+                m[1:4, 1:4] += 10.0
+            rows.append({"image_id": f"c{label}-{i:03d}", "method": "sal", "target": label, "predicted": label,
+                         "height": 28, "width": 28,
+                         "saliency": m.ravel().astype(np.float16 if float16 else np.float32)})
+    dtype = pa.float16() if float16 else pa.float32()
+    schema = pa.schema([("image_id", pa.string()), ("method", pa.string()), ("target", pa.int64()),
+                        ("predicted", pa.int64()), ("height", pa.int32()), ("width", pa.int32()),
+                        ("saliency", pa.list_(dtype))])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write(table: pa.Table, path: Path, parts: int = 1) -> list[str]:
+    files = []
+    for k, start in enumerate(range(0, table.num_rows, -(-table.num_rows // parts))):
+        files.append(str(path / f"part-{k}.parquet"))
+        pq.write_table(table.slice(start, -(-table.num_rows // parts)), files[-1], row_group_size=17)
+    return files
+
+
+def test_synthetic_corner_spot_found_in_float16_maps_over_several_files(tmp_path):
+    findings = find_clever_hans(write(synthetic_rows(float16=True), tmp_path, parts=3))
+    assert findings.schema == FINDINGS_SCHEMA
+    flagged = [r for r in findings.to_pylist() if r["flagged"]]
+    assert flagged and flagged == findings.to_pylist()[:len(flagged)]
+    kinds = {(r["class"], r["kind"], r["region"].split(" (")[0]) for r in flagged}
+    assert kinds == {(0, "spray_cluster", "top-left corner")}
+    # SpRAy may split the spotted maps further (by where their blob lies), never mix them with the others
+    assert set().union(*(r["images"] for r in flagged)) == {f"c0-{i:03d}" for i in range(0, 40, 2)}
+
+
+def test_a_spot_every_class_shares_is_no_finding(tmp_path):
+    findings = find_clever_hans(write(synthetic_rows(spotted=(0, 1, 2, 3)), tmp_path))
+    assert not any(findings.column("flagged").to_pylist())
+    corner = [r["score"] for r in findings.to_pylist() if (r["region"] or "").startswith("top-left")]
+    assert max(corner, default=0.0) < SCORE_THRESHOLD / 4
+
+
+def test_score_is_excess_times_consistency():
+    """Half the maps with all their mass in a corner scores half of every map with half of it there."""
+    masks = np.stack([r.mask.ravel() for r in regions(10, 2, 28, 28)]).astype(float)
+    corner, centre = np.zeros((10, 10)), np.zeros((10, 10))
+    corner[0, 0], centre[5, 5] = 1.0, 1.0
+    reference = np.full(len(masks), 0.1)
+    split = score_group(np.stack([corner, centre]), reference, masks)
+    shared = score_group(np.stack([(corner + centre) / 2] * 2), reference, masks)
+    assert (split.excess, split.consistency) == pytest.approx((0.4, 0.5))
+    assert split.score == pytest.approx(0.2) and shared.score == pytest.approx(0.4)
+
+
+def test_same_findings_whatever_the_row_order_and_a_bounded_sample(tmp_path):
+    """The sample is the smallest hashes of the ids, so shuffled rows give the same table, and
+    no class's sample exceeds the cap."""
+    table = synthetic_rows(n_per_class=60)
+    order = list(range(table.num_rows))
+    random.Random(1).shuffle(order)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = find_clever_hans(write(table, tmp_path / "a"), sample=25)
+    second = find_clever_hans(write(table.take(order), tmp_path / "b", parts=2), sample=25)
+    assert first.equals(second)
+    assert max(first.column("size").to_pylist()) <= 25
+    assert set(first.column("class_images").to_pylist()) == {60}
+
+
+def test_hostile_rows_cost_only_themselves(tmp_path):
+    table = synthetic_rows()
+    bad = [{"image_id": "null-map", "method": "sal", "target": 1, "predicted": 1, "height": 28, "width": 28,
+            "saliency": None},
+           {"image_id": "short", "method": "sal", "target": 1, "predicted": 1, "height": 28, "width": 28,
+            "saliency": [1.0] * 10},
+           {"image_id": "nan", "method": "sal", "target": 2, "predicted": 2, "height": 28, "width": 28,
+            "saliency": [float("nan")] * 784},
+           {"image_id": "empty", "method": "sal", "target": 3, "predicted": 3, "height": 28, "width": 28,
+            "saliency": [0.0] * 784},
+           {"image_id": "no-class", "method": "sal", "target": None, "predicted": None, "height": 28, "width": 28,
+            "saliency": [1.0] * 784},
+           {"image_id": "zero-size", "method": "sal", "target": 1, "predicted": 1, "height": 0, "width": 0,
+            "saliency": []}]
+    table = pa.concat_tables([table, pa.Table.from_pylist(bad, schema=table.schema)])
+    rows = find_clever_hans(write(table, tmp_path)).to_pylist()
+    assert rows[0]["class"] == 0 and rows[0]["flagged"]
+    assert {r["class_images"] for r in rows} == {40}  # every bad row skipped, every good one counted
+    assert not {b["image_id"] for b in bad} & {i for r in rows for i in r["images"]}
+
+
+def test_no_files_no_findings_and_bad_invocations_fail_in_one_line(tmp_path):
+    assert find_clever_hans([]) == FINDINGS_SCHEMA.empty_table()
+    with pytest.raises(ValueError, match="window"):
+        find_clever_hans(write(synthetic_rows(), tmp_path), window=10)
+    pq.write_table(pa.table({"image_id": ["a"]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match="lacks the columns"):
+        find_clever_hans([str(tmp_path / "other.parquet")])
+
+
+def test_the_run_publishes_its_findings_and_the_gate_and_report_use_them(experiment, tmp_path):
+    """audit.run writes findings/ itself; the findings gate fails on the watermarked model and
+    holds on the control; the report shows the flagged finding with its prototypes."""
+    import json
+
+    from pipelines import cli
+    from pipelines.reporting.report import write_report
+    prepared, findings, _, workdir = experiment
+    manifest = json.loads((workdir / "audit" / "manifest.json").read_text())
+    published = ds.dataset([str(workdir / "audit" / f) for f in manifest["files"]["findings"]]).to_table()
+    assert published.to_pylist() == findings.to_pylist()  # the same as on the committed maps
+    assert manifest["findings"]["flagged"] >= 1 and manifest["findings"]["top"]["class"] == clever_hans.WATERMARK_CLASS
+    for audit_dir, expected in ((workdir / "audit", 1), (workdir / "control", 0)):
+        verdict_path = tmp_path / f"{audit_dir.name}.json"
+        assert cli.main(["check", str(audit_dir), "--gate", "error_rate=off", "--verdict", str(verdict_path)]) == expected
+        gate = next(g for g in json.loads(verdict_path.read_text())["gates"] if g["name"] == "findings")
+        assert gate["status"] == ("fail" if expected else "pass")
+        if expected:  # the images it names are the watermarked ones
+            assert gate["worst_images"] and set(gate["worst_images"]) <= prepared.marked_ids
+    page = Path(write_report(str(workdir / "audit"), str(tmp_path / "report.html"))).read_text()
+    section = page[page.index('id="findings"'):]
+    section = section[:section.index("</section>")]
+    assert "yes" in section and "top-left corner" in section
+    assert section.count("<img") >= 1 + 5  # the mean map and the prototypes

@@ -1,0 +1,387 @@
+"""Gates against a baseline: each gate kind passes and fails on real audits of the bundled digits
+(the demo model, and the same model with perturbed weights), ``check`` exits 0/1/2, a spec with
+[gates] makes ``run`` exit 1 on a changed model and 0 on the same one, and the statistics match
+independent references (scipy's Spearman, sklearn's nDCG)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+from scipy.stats import spearmanr
+from sklearn.metrics import ndcg_score
+
+from audit_fixtures import sample_shard
+from conftest import DEMO_DATA
+from pipelines import audit, cli, gates, spec
+from pipelines.findings import SCORE_THRESHOLD
+from pipelines.options import UsageError
+from pipelines.reporting import diff
+from pipelines.reporting.audit_dir import AuditDir
+from pipelines.reporting.report import Report
+
+N_IMAGES = 12
+MODEL = ["--model", "pipelines.reference_model:mnist_cnn", "--device", "cpu", "--channels", "1"]
+JOB = ["--methods", "sal,grad", "--batch-size", "12", "--metric-steps", "4"]  # the spec adds the sanity check
+SPEC = """\
+[input]
+path = "shards/sample.tar"
+[model]
+path = "pipelines.reference_model:mnist_cnn"
+weights = "{weights}"
+device = "cpu"
+[preprocessing]
+channels = 1
+[explain]
+methods = ["sal", "grad"]
+batch_size = 12
+[metrics]
+steps = 4
+[sanity_check]
+enabled = true
+images = 3
+[gates]
+error_rate = 0.1          # the shard holds one corrupt record of 13
+[baseline]
+path = "baseline"
+"""
+
+
+def perturbed_weights(path: Path, scale: float = 1.0) -> Path:
+    """The demo model's weights with seeded noise of ``scale`` times each tensor's spread."""
+    state = torch.load(DEMO_DATA / "mnist_cnn.pt", weights_only=True)
+    generator = torch.Generator().manual_seed(1)
+    changed = {k: v + scale * v.float().std().nan_to_num(0) * torch.randn(v.shape, generator=generator)
+               if v.is_floating_point() and v.numel() > 1 else v for k, v in state.items()}
+    torch.save(changed, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def audits(tmp_path_factory):
+    """A baseline audit, then a spec with [gates] and [baseline] run on the same model and on a
+    changed one (four real audits of 12 digits and one corrupt record)."""
+    root = tmp_path_factory.mktemp("gates")
+    sample_shard(root / "shards", N_IMAGES)
+    changed = perturbed_weights(root / "changed.pt")
+    base = ["--input", str(root / "shards" / "sample.tar"), *MODEL, *JOB]
+    assert audit.main([*base, "--weights", str(DEMO_DATA / "mnist_cnn.pt"), "--output", str(root / "baseline")]) == 0
+    config = root / "audit.toml"
+    config.write_text(SPEC.format(weights=DEMO_DATA / "mnist_cnn.pt"))
+    same = audit.main(["--config", str(config), "--output", str(root / "same")])
+    changed_code = audit.main(["--config", str(config), "--weights", str(changed), "--output", str(root / "changed")])
+    return SimpleNamespace(root=root, config=config, changed_weights=changed, same_code=same,
+                           changed_code=changed_code, baseline=root / "baseline", same=root / "same",
+                           changed=root / "changed")
+
+
+@pytest.fixture(scope="module")
+def changed_verdict(audits) -> dict:
+    """The default gates on the changed model's audit against the baseline."""
+    return evaluate(audits.changed, audits.baseline)
+
+
+def verdict_of(folder: Path) -> dict:
+    return json.loads((folder / "verdict.json").read_text())
+
+
+def evaluate(audit_dir: Path, baseline: Path | None = None, **given) -> dict:
+    return gates.evaluate(AuditDir(str(audit_dir)), AuditDir(str(baseline)) if baseline else None,
+                          list(given.items()))
+
+
+def only(verdict: dict, name: str, method: str | None = None) -> dict:
+    found = [g for g in verdict["gates"] if g["name"] == name and g["method"] == method]
+    assert len(found) == 1, (name, method, verdict["gates"])
+    return found[0]
+
+
+# --- run with [gates] -----------------------------------------------------------------------
+
+def test_run_with_gates_passes_on_the_same_model_and_fails_on_a_changed_one(audits):
+    assert audits.same_code == 0
+    assert audits.changed_code == 1
+    same, changed = verdict_of(audits.same), verdict_of(audits.changed)
+    assert same["status"] == "pass" and not same["failed"]
+    assert same["audit"]["run_id"] == json.loads((audits.same / "manifest.json").read_text())["run_id"]
+    assert same["baseline"]["run_id"] == json.loads((audits.baseline / "manifest.json").read_text())["run_id"]
+    assert changed["status"] == "fail"
+    # the changed model loses a digit and moves its maps: named with the values, thresholds and worst images
+    assert {"accuracy_drop", "ndcg"} <= set(changed["failed"])
+    for g in changed["gates"]:
+        if g["name"] in changed["failed"] and g["status"] == "fail":
+            assert isinstance(g["value"], float) and isinstance(g["threshold"], float)
+            assert 1 <= len(g["worst_images"]) <= gates.WORST
+    rho = only(changed, "rank_correlation", "sal")
+    assert only(same, "rank_correlation", "sal")["value"] == pytest.approx(1.0)
+    assert rho["value"] < only(same, "rank_correlation", "sal")["value"]
+    # the spec's own threshold is used and recorded in the resolved spec of the manifest
+    assert only(same, "error_rate", "sal")["threshold"] == 0.1
+    manifest = json.loads((audits.same / "manifest.json").read_text())
+    assert manifest["spec"]["resolved"]["gates"] == {"error_rate": 0.1}
+    assert manifest["spec"]["resolved"]["baseline"]["path"] == str(audits.baseline)
+
+
+def test_a_run_without_gates_writes_no_verdict(audits):
+    assert not (audits.baseline / "verdict.json").exists()
+
+
+# --- each gate kind: its value from an independent computation, pass at it, fail beyond it ---
+
+def _flip(name: str, value: float) -> float:
+    return value - 1e-6 if gates.GATES[name].bound == "max" else value + 1e-6
+
+
+@pytest.mark.parametrize("name, method", [("accuracy_drop", None), ("error_rate", "sal"), ("deletion_rise", "grad"),
+                                          ("deletion_vs_random", "sal"), ("sanity", "sal"),
+                                          ("rank_correlation", "grad"), ("top_k_overlap", "sal"), ("ndcg", "sal")])
+def test_each_gate_passes_at_its_value_and_fails_beyond_it(audits, changed_verdict, name, method):
+    value = only(changed_verdict, name, method)["value"]
+    assert value is not None and math.isfinite(value)
+    held = only(evaluate(audits.changed, audits.baseline, **{name: value}), name, method)
+    broken = only(evaluate(audits.changed, audits.baseline, **{name: _flip(name, value)}), name, method)
+    assert (held["status"], broken["status"]) == ("pass", "fail")
+    assert broken["worst_images"] and len(broken["worst_images"]) <= gates.WORST
+
+
+def _scalars(folder: Path) -> list[dict]:
+    return AuditDir(str(folder)).rows("saliency", ["image_id", "method", "label", "predicted", "target",
+                                                   "deletion_auc", "deletion_auc_random"])
+
+
+def test_accuracy_error_and_faithfulness_values_match_the_tables(audits, changed_verdict):
+    verdict = changed_verdict
+
+    def accuracy(folder):
+        rows = {r["image_id"]: r for r in _scalars(folder) if r["method"] == "sal"}
+        return 100 * np.mean([r["label"] == r["predicted"] for r in rows.values()])
+
+    drop = accuracy(audits.baseline) - accuracy(audits.changed)
+    assert only(verdict, "accuracy_drop")["value"] == pytest.approx(drop)
+    assert drop > 1, "the perturbed model should lose accuracy"
+    assert only(verdict, "accuracy_drop")["status"] == "fail"
+    error = only(verdict, "error_rate", "grad")
+    assert error["value"] == pytest.approx(1 / (N_IMAGES + 1)) and error["worst_images"] == ["broken"]
+    rows = [r for r in _scalars(audits.changed) if r["method"] == "sal"]
+    ratio = sum(r["deletion_auc"] for r in rows) / sum(r["deletion_auc_random"] for r in rows)
+    assert only(verdict, "deletion_vs_random", "sal")["value"] == pytest.approx(ratio)
+    before = {r["image_id"]: r["deletion_auc"] for r in _scalars(audits.baseline) if r["method"] == "grad"}
+    after = {r["image_id"]: r["deletion_auc"] for r in _scalars(audits.changed) if r["method"] == "grad"}
+    rise = np.mean([after[i] - before[i] for i in after])
+    assert only(verdict, "deletion_rise", "grad")["value"] == pytest.approx(rise)
+    sanity = json.loads((audits.changed / "manifest.json").read_text())["sanity"]
+    assert only(verdict, "sanity", "sal")["value"] == pytest.approx(sanity["methods"]["sal"]["rank_correlation"])
+    assert only(verdict, "sanity", "sal")["threshold"] == sanity["threshold"]  # the run's own by default
+
+
+def _maps(folder: Path, method: str) -> dict[str, tuple[int, np.ndarray]]:
+    files = json.loads((folder / "manifest.json").read_text())["files"]["saliency"]
+    table = ds.dataset([str(folder / f) for f in files], format="parquet").to_table(filter=ds.field("method") == method)
+    return {r["image_id"]: (r["target"], np.asarray(r["saliency"], np.float64).reshape(r["height"], r["width"]))
+            for r in table.to_pylist()}
+
+
+@pytest.mark.parametrize("budget", [diff.MAP_BUDGET, 1])
+def test_drift_matches_scipy_and_sklearn(audits, monkeypatch, budget):
+    monkeypatch.setattr(diff, "MAP_BUDGET", budget)  # 1 byte: one image per chunk, streamed
+    verdict = evaluate(audits.changed, audits.baseline, drift_quantile=0.25)
+    for method in ("sal", "grad"):
+        a, b = _maps(audits.changed, method), _maps(audits.baseline, method)
+        rhos = [spearmanr(a[i][1].ravel(), b[i][1].ravel()).statistic for i in sorted(a)]
+        assert only(verdict, "rank_correlation", method)["value"] == pytest.approx(
+            np.quantile([r for r in rhos if np.isfinite(r)], 0.25), abs=1e-6)
+        per_class = []
+        for target in {t for t, _ in a.values()} & {t for t, _ in b.values()}:
+            mean_a = np.mean([np.abs(m) for t, m in a.values() if t == target], axis=0).ravel()
+            mean_b = np.mean([np.abs(m) for t, m in b.values() if t == target], axis=0).ravel()
+            per_class.append(ndcg_score([mean_b], [mean_a]))
+        assert only(verdict, "ndcg", method)["value"] == pytest.approx(min(per_class), abs=1e-9)
+
+
+def test_ndcg_is_sklearns_with_and_without_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        relevance = rng.random(50)
+        scores = rng.integers(0, 5, 50).astype(float) if rng.random() < 0.5 else rng.random(50)
+        assert gates.ndcg(relevance, scores) == pytest.approx(ndcg_score([relevance], [scores]), abs=1e-12)
+    assert gates.ndcg(np.arange(5.0), np.arange(5.0)) == pytest.approx(1.0)
+    assert gates.ndcg(np.arange(5.0), -np.arange(5.0)) < 0.7
+    assert math.isnan(gates.ndcg(np.zeros(5), np.arange(5.0)))  # no relevance: no verdict, not a pass
+
+
+def test_gates_that_cannot_be_evaluated_are_skipped_with_the_reason(audits):
+    verdict = evaluate(audits.changed)  # no baseline
+    for name in ("accuracy_drop", "rank_correlation", "top_k_overlap", "ndcg"):
+        g = only(verdict, name)
+        assert (g["status"], g["reason"], g["value"]) == ("skipped", "no baseline", None)
+    off = evaluate(audits.changed, audits.baseline, ndcg=False, sanity=False)
+    assert not [g for g in off["gates"] if g["name"] in ("ndcg", "sanity")]
+
+
+def _copy(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    (to / "verdict.json").unlink(missing_ok=True)
+    return to
+
+
+def test_nan_metrics_are_skipped_not_passed(audits, tmp_path):
+    broken = _copy(audits.changed, tmp_path / "nan")
+    for f in json.loads((broken / "manifest.json").read_text())["files"]["saliency"]:
+        table = pq.read_table(broken / f)
+        nan = pa.array(np.full(table.num_rows, np.nan, np.float32))
+        table = table.set_column(table.schema.get_field_index("deletion_auc"), "deletion_auc", nan)
+        pq.write_table(table, broken / f)
+    verdict = evaluate(broken, audits.baseline)
+    for name in ("deletion_vs_random", "deletion_rise"):
+        assert only(verdict, name, "sal")["status"] == "skipped"
+    json.dumps(verdict, allow_nan=False)  # the verdict is strict JSON
+
+
+def _replace_findings(audit: Path, table: pa.Table | None) -> None:
+    """The audit's findings/ as the given table, or gone (as in audits made before findings)."""
+    manifest = json.loads((audit / "manifest.json").read_text())
+    shutil.rmtree(audit / "findings")
+    del manifest["files"]["findings"], manifest["outputs"]["findings"]
+    if table is not None:
+        (audit / "findings").mkdir()
+        pq.write_table(table, audit / "findings" / "part-0.parquet")
+        manifest["files"]["findings"] = ["findings/part-0.parquet"]
+    (audit / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_findings_gate_on_the_runs_own_findings(audits, tmp_path):
+    verdict = evaluate(audits.changed)
+    for method in ("sal", "grad"):
+        assert only(verdict, "findings", method)["status"] in ("pass", "fail")
+        assert only(verdict, "findings", method)["threshold"] == SCORE_THRESHOLD
+    old = _copy(audits.changed, tmp_path / "old")
+    _replace_findings(old, None)
+    g = only(evaluate(old), "findings")
+    assert g["status"] == "skipped" and "not computed" in g["reason"]
+
+
+def test_findings_gate(audits, tmp_path):
+    copy = _copy(audits.changed, tmp_path / "findings")
+    _replace_findings(copy, pa.table({"method": ["sal", "sal", "grad"], "class": [3, 7, 1],
+                             "kind": ["concentration", "spray_cluster", "concentration"],
+                             "score": [0.05, 0.3, float("nan")],
+                             "images": [["a"], ["w1", "w2", "w3", "w4", "w5", "w6"], ["z"]]}))
+    g = only(evaluate(copy), "findings", "sal")
+    assert (g["status"], g["value"]) == ("pass", 0.3)  # under the default threshold
+    g = only(evaluate(copy, findings=0.1), "findings", "sal")
+    assert (g["status"], g["value"], g["threshold"]) == ("fail", 0.3, 0.1)
+    assert g["worst_images"] == ["w1", "w2", "w3", "w4", "w5"] and "class 7" in g["reason"]
+    assert only(evaluate(copy, findings=0.5), "findings", "sal")["status"] == "pass"
+    assert not [x for x in evaluate(copy)["gates"] if x["name"] == "findings" and x["method"] == "grad"]  # NaN only
+
+
+# --- check: exit codes, the spec, hostile input ------------------------------------------------
+
+def test_check_exit_codes(audits, tmp_path, capsys):
+    verdict = tmp_path / "v.json"
+    assert cli.main(["check", str(audits.same), "--baseline", str(audits.baseline), "--gate", "error_rate=0.1",
+                     "--verdict", str(verdict)]) == 0
+    assert json.loads(verdict.read_text())["status"] == "pass"
+    assert cli.main(["check", str(audits.changed), "--baseline", str(audits.baseline), "--gate", "error_rate=0.1",
+                     "--verdict", str(verdict)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "verdict: fail" in out
+    # the spec's [gates] and [baseline], overridden by the flags
+    assert cli.main(["check", str(audits.changed), "--config", str(audits.config), "--verdict", str(verdict)]) == 1
+    assert json.loads(verdict.read_text())["baseline"]["path"] == str(audits.baseline)
+    lenient = ["--gate", "accuracy_drop=100", "--gate", "rank_correlation=-1", "--gate", "top_k_overlap=0",
+               "--gate", "ndcg=0", "--gate", "deletion_rise=1", "--gate", "deletion_vs_random=10", "--gate", "sanity=1"]
+    assert cli.main(["check", str(audits.changed), "--config", str(audits.config), *lenient,
+                     "--verdict", str(verdict)]) == 0
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--gate", "accuracy_dorp=1"], "accuracy_dorp"),
+    (["--gate", "ndcg=nan"], "ndcg"),
+    (["--gate", "ndcg=2"], "ndcg"),
+    (["--gate", "error_rate=lots"], "error_rate"),
+    (["--gate", "ndcg"], "NAME=VALUE"),
+    (["--gate", "drift_quantile=off"], "drift_quantile"),
+    (["--gates", "ndcg=1"], "--gates"),
+])
+def test_bad_gates_fail_in_one_line(audits, capsys, argv, named):
+    assert cli.main(["check", str(audits.changed), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err
+
+
+def test_a_baseline_that_is_not_an_audit(audits, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "manifest.json").write_text("[1, 2]")
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / "manifest.json").write_text("{not json")
+    for folder in ("empty", "list", "garbled"):
+        assert cli.main(["check", str(audits.changed), "--baseline", str(tmp_path / folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "baseline" in err and folder in err
+    args = SimpleNamespace(gates=None, baseline=str(tmp_path / "empty"))
+    manifest = json.loads((audits.changed / "manifest.json").read_text())
+    assert gates.decide(manifest, args, None) == 2
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[gates]\naccuracy_drop = "x"\n', "gates.accuracy_drop"),
+    ("[gates]\nndcg = [0.9]\n", "gates.ndcg"),
+    ("[gates]\nndcg = nan\n", "gates.ndcg"),
+    ("[gates]\nndgc = 0.9\n", "gates.ndgc"),
+    ("[baseline]\npath = 3\n", "baseline.path"),
+    ("gates = 3\n", "gates"),
+])
+def test_bad_gates_in_a_spec_fail_naming_the_key(audits, tmp_path, capsys, text, key):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    with pytest.raises(UsageError, match=key.replace(".", r"\.")):
+        spec.parse_invocation(["--config", str(config), "--input", "x.tar", "--model", "m.pt", "--output", "o"])
+    assert cli.main(["check", str(audits.changed), "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err
+
+
+def test_gate_values_in_yaml_and_on_the_command_line(tmp_path):
+    config = tmp_path / "a.yaml"
+    config.write_text("gates: {ndcg: 0.8, sanity: true, findings: false}\nbaseline: {path: prev}\n")
+    args, _ = spec.parse_invocation(["--config", str(config), "--input", "x.tar", "--model", "m.pt", "--output", "o",
+                                     "--gate", "ndcg=0.7"])
+    assert gates.thresholds(args.gates)["ndcg"] == 0.7  # the command line wins
+    assert gates.thresholds(args.gates)["findings"] is False and gates.thresholds(args.gates)["sanity"] is None
+    assert args.baseline == str(tmp_path / "prev")  # relative to the spec's folder
+    assert spec.resolved(args, [])["gates"] == {"ndcg": 0.7, "sanity": True, "findings": False}
+
+
+# --- the report's verdict section ------------------------------------------------------------
+
+def test_report_leads_with_the_verdict(audits):
+    page = Report(AuditDir(str(audits.changed))).html()
+    verdict = verdict_of(audits.changed)
+    assert page.index('id="verdict"') < page.index('id="methods"')
+    assert "Gates: FAIL" in page
+    failed = next(g for g in verdict["gates"] if g["status"] == "fail")
+    assert failed["worst_images"][0] in page
+
+
+def test_report_shows_a_hostile_verdict_as_text(audits, tmp_path):
+    copy = _copy(audits.same, tmp_path / "hostile")
+    (copy / "verdict.json").write_text(json.dumps({
+        "status": "<script>alert(1)</script>", "failed": 7, "audit": {"run_id": "other"},
+        "gates": [{"name": "<b>ndcg</b>", "method": ["x"], "value": "NaN", "threshold": {"a": 1},
+                   "status": "fail", "worst_images": ["<img src=x onerror=alert(1)>"], "reason": 3}, "junk", 7]}))
+    page = Report(AuditDir(str(copy))).html()
+    assert "<script>alert" not in page and "<img src=x" not in page and "<b>ndcg" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "not of the run this report shows" in page
+    (copy / "verdict.json").write_text("[1]")
+    assert "not a verdict" in Report(AuditDir(str(copy))).html()

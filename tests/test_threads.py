@@ -1,0 +1,154 @@
+"""--torch-threads: the default from the runner's worker processes, the option's checks, and the
+budget applied on the worker (torch's pools and abele's tree-fitting pool)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from apache_beam.utils import shared
+
+from pipelines import audit
+from pipelines.options import UsageError, parse_run_args
+from pipelines.preflight import preflight, thread_budget, worker_processes
+from pipelines.spec import parse_invocation
+from transforms.explain import ExplainBatches, ExplainConfig, ThreadBudget, available_cores
+from transforms.models import ModelSpec
+from transforms.preprocess import Preprocessing
+
+BASE = ["--input", "x.tar", "--model", "m.pt", "--output", "out"]
+
+
+@pytest.fixture
+def restore_torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("beam_args, processes", [
+    ([], 1),
+    (["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"], 2),
+    (["--direct_running_mode", "multi_processing", "--direct_num_workers", "0"], 0),  # Beam: one per core
+    (["--direct_running_mode", "multi_threading", "--direct_num_workers", "4"], 1),  # one process
+    (["--runner", "PortableRunner", "--job_endpoint", "embed", "--sdk_worker_parallelism", "3"], 3),
+    (["--runner", "DataflowRunner"], 0),
+    (["--runner", "DataflowRunner", "--experiments", "no_use_multiple_sdk_containers"], 1),
+])
+def test_worker_processes_from_the_runner_options(beam_args, processes):
+    assert worker_processes(beam_args) == processes
+
+
+@pytest.mark.parametrize("budget, cores, threads", [
+    (ThreadBudget(None, 1), 8, 8), (ThreadBudget(None, 2), 8, 4), (ThreadBudget(None, 3), 8, 2),
+    (ThreadBudget(None, 4), 2, 1), (ThreadBudget(None, 0), 8, 1), (ThreadBudget(3, 2), 2, 3)])
+def test_auto_is_the_cores_shared_among_the_processes(budget, cores, threads):
+    assert budget.resolve(cores) == threads
+
+
+def test_auto_uses_the_cores_this_process_may_run_on():
+    assert thread_budget(None, []).resolve() == available_cores()
+
+
+@pytest.mark.parametrize("value, expected", [("auto", None), ("3", 3)])
+def test_option_values(value, expected):
+    args, _ = parse_run_args(BASE + ["--torch-threads", value])
+    assert args.torch_threads == expected
+    assert parse_run_args(BASE)[0].torch_threads is None  # default auto
+
+
+@pytest.mark.parametrize("value, message", [("0", "--torch-threads must be between 1 and 1024, got 0"),
+                                            ("many", "expected auto or a number of threads")])
+def test_option_refuses_bad_values(value, message):
+    with pytest.raises(UsageError, match=message):
+        parse_run_args(BASE + ["--torch-threads", value])
+
+
+@pytest.mark.parametrize("value, expected", [('"auto"', None), ("2", 2)])
+def test_spec_key(tmp_path, value, expected):
+    spec = tmp_path / "audit.toml"
+    spec.write_text(f"[explain]\ntorch_threads = {value}\n")
+    args, _ = parse_invocation(["--config", str(spec), *BASE])
+    assert args.torch_threads == expected
+
+
+@pytest.mark.parametrize("value, message", [('"two"', "explain.torch_threads"), ("0", "explain.torch_threads")])
+def test_spec_key_refuses_bad_values(tmp_path, value, message):
+    spec = tmp_path / "audit.toml"
+    spec.write_text(f"[explain]\ntorch_threads = {value}\n")
+    with pytest.raises(UsageError, match=message):
+        parse_invocation(["--config", str(spec), *BASE])
+
+
+def test_setup_applies_the_budget(demo_model_args, restore_torch_threads):
+    spec = ModelSpec(demo_model_args[1], demo_model_args[3])
+    torch.set_num_threads(2)
+    step = ExplainBatches(ExplainConfig(spec, {"sal": {}}, device="cpu", threads=ThreadBudget(1)), shared.Shared())
+    step.setup()
+    assert torch.get_num_threads() == 1
+
+
+def test_abele_pool_respects_the_budget(demo_images, demo_model, monkeypatch, restore_torch_threads):
+    import explainers.abele as abele
+    from explainers import get_explainer
+    from pipelines.cli import DEMO_AAE
+    sizes = []
+
+    class Recording(abele.ThreadPoolExecutor):
+        def __init__(self, max_workers=None, **kwargs):
+            sizes.append(max_workers)
+            super().__init__(max_workers, **kwargs)
+
+    monkeypatch.setattr(abele, "ThreadPoolExecutor", Recording)
+    explainer = get_explainer("abele", demo_model, aae=str(DEMO_AAE), neighbours=16, generations=1,
+                              exemplars=4, max_attempts=50)
+    images, _ = demo_images
+    torch.set_num_threads(1)
+    explainer.explain(images[:2], torch.tensor([0, 1]), torch.tensor([1, 2]))
+    assert sizes == [1]
+
+
+def test_preflight_records_the_threads(demo_shard, demo_model_args):
+    config = ExplainConfig(ModelSpec(demo_model_args[1], demo_model_args[3]), {"sal": {}}, device="cpu")
+    auto = preflight(config, [str(demo_shard)], Preprocessing(channels=1), {},
+                     ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
+    assert auto["torch_threads"] == {"requested": "auto", "worker_processes": 2,
+                                     "per_process": max(1, available_cores() // 2)}
+    given = preflight(dataclasses.replace(config, threads=ThreadBudget(3)), [str(demo_shard)],
+                      Preprocessing(channels=1), {}, [])
+    assert given["torch_threads"] == {"requested": 3, "worker_processes": 1, "per_process": 3}
+    remote = preflight(config, [str(demo_shard)], Preprocessing(channels=1), {}, ["--runner", "DataflowRunner"])
+    assert remote["torch_threads"] == {"requested": "auto", "worker_processes": 0, "per_process": None}
+    dask = preflight(config, [str(demo_shard)], Preprocessing(channels=1), {},
+                     ["--runner", "DaskRunner", "--dask_client_address", "127.0.0.1:8786"])
+    assert dask["torch_threads"] == {"requested": "auto", "worker_processes": 1, "per_process": None}
+
+
+def test_dask_worker_uses_its_own_threads():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=3, processes=False,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+        assert client.submit(ThreadBudget(None, 1).resolve, 64).result() == 3
+        assert ThreadBudget(None, 1).resolve(64) == 64  # the launcher, with dask loaded, is no worker
+
+
+# --- the dry run's calibration and the demo's dry run -----------------------------------------
+
+def test_calibration_measures_each_method_alone(demo_shard, demo_model_args, tmp_path, restore_torch_threads):
+    plan = audit.plan(["--input", str(demo_shard), *demo_model_args, "--methods", "sal,intg", "--channels", "1",
+                       "--device", "cpu", "--no-metrics", "--method-options", '{"intg": {"n_steps": 16}}',
+                       "--output", str(tmp_path / "out")])
+    seconds = audit.calibrate(plan, images=2)
+    # intg makes 16 forward and backward passes per image, sal one: measured together every time,
+    # the shared figure was the cost of both and the methods' own figures were noise around 0.
+    assert seconds["intg"] > 5 * seconds["sal"]
+    assert seconds[None] < seconds["intg"]
+
+
+def test_demo_dry_run_stops_after_the_plan(tmp_path, capsys, restore_torch_threads):
+    from pipelines import cli
+    code = cli.main(["demo", "--output", str(tmp_path / "out"), "--methods", "sal", "--no-sanity-check",
+                     "--dry-run"])
+    captured = capsys.readouterr()
+    assert code == 0 and "Nothing was run (--dry-run)" in captured.out and "error" not in captured.err
+    assert not (tmp_path / "out").exists()
