@@ -24,7 +24,7 @@ from apache_beam.utils import shared
 from explainers import list_methods
 from pipelines import gates
 from pipelines.options import UsageError, redact_argv
-from pipelines.findings import SCORE_THRESHOLD, find_clever_hans
+from pipelines.findings import FINDINGS_SCHEMA, SCORE_THRESHOLD, find_clever_hans
 from pipelines.preflight import check_shards, preflight, thread_budget, worker_device_entry
 from pipelines.sanity import SANITY_SCHEMA, run_sanity_check
 from pipelines.spec import manifest_entry, parse_invocation, redact_secrets
@@ -50,6 +50,7 @@ ABELE_CONVENTION = (
     "{n} salt-and-pepper copies (1/11 + 1/11) that keep the label; coherence_* = the same against up "
     "to {n} nearest images of the same batch with the same target and predicted class (null if none)")
 OUTPUTS = publication.OUTPUTS  # sanity: empty unless --sanity-check
+FAILED = 3  # main's exit code for a run that failed (0 done, 1 a gate failed, 2 a usage error)
 
 
 def parse_methods(text: str, method_options: dict[str, Any], aae: str | None,
@@ -137,6 +138,14 @@ def plan(argv: list[str]) -> Plan:
     the shards and run preflight (the model on a sample image with every method): a bad run fails
     here, in seconds, with UsageError."""
     args, beam_args = parse_invocation(argv)
+    if args.baseline:  # a bad baseline fails now, not after the run; never the run's own output
+        if gates.same_place(args.baseline, args.output):
+            raise UsageError(f"--baseline {args.baseline} is the run's own --output: the run would be compared "
+                             f"with itself once published; use a copy of the earlier audit, or an --output per run")
+        try:
+            gates.open_audit(args.baseline, args.storage_options, "--baseline")
+        except (ValueError, OSError) as e:
+            raise UsageError(" ".join(str(e).split())) from None
     methods = parse_methods(args.methods, args.method_options, args.aae, args.storage_options)
     try:
         prep = Preprocessing(resize=args.resize, channels=args.channels, mean=args.mean, std=args.std,
@@ -247,7 +256,14 @@ def write_findings(plan: Plan, run: Run) -> None:
     """Clever-Hans discovery on the committed maps (pipelines.findings): per method and class,
     attribution concentrated where other classes put none, and SpRAy's clusters."""
     urls = json.loads(storage.read_bytes(run.private("files-saliency.json"), plan.storage_options))
-    write_table(run.folder("findings"), find_clever_hans(urls, plan.storage_options), plan.storage_options)
+    try:
+        table = find_clever_hans(urls, plan.storage_options)
+    except Exception as e:  # an analysis of the maps must never cost the maps: report it, publish the run
+        log.warning("Clever-Hans discovery failed (findings/ left empty): %s: %s", type(e).__name__, e)
+        storage.write_json_atomic(run.private("findings-error.json"), {"error": f"{type(e).__name__}: {e}"},
+                                  plan.storage_options)
+        table = FINDINGS_SCHEMA.empty_table()
+    write_table(run.folder("findings"), table, plan.storage_options)
 
 
 def findings_entry(run: Run, storage_options: dict[str, Any], files: dict[str, dict[str, int]]) -> dict:
@@ -258,8 +274,13 @@ def findings_entry(run: Run, storage_options: dict[str, Any], files: dict[str, d
         with fs.open(f"{root}/{relative}", "rb") as f:
             rows += pq.read_table(f, columns=["method", "class", "kind", "score", "region", "flagged"]).to_pylist()
     top = max(rows, key=lambda r: r["score"], default=None)
-    return {"threshold": SCORE_THRESHOLD, "candidates": len(rows), "flagged": sum(bool(r["flagged"]) for r in rows),
-            "top": top}
+    entry = {"threshold": SCORE_THRESHOLD, "candidates": len(rows), "flagged": sum(bool(r["flagged"]) for r in rows),
+             "top": top}
+    try:
+        entry.update(json.loads(storage.read_bytes(run.private("findings-error.json"), storage_options)))
+    except FileNotFoundError:
+        pass
+    return entry
 
 
 def run_files(run: Run, storage_options: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -477,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"saliency-audit: error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # 3, not Python's 1: a scheduler must tell "nothing published" from "a gate failed"
+        log.exception("saliency-audit: the run failed; nothing was published and the previous result stands")
+        return FAILED
     out = manifest["options"]["output"]
     for method, c in manifest["counts"].items():
         print(f"{method:>10}: read {c['read']}, explained {c['explained']}, errors {c['errors']}")

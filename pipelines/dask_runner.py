@@ -158,5 +158,11 @@ class _Result(beam_dask.DaskRunnerResult):
     def wait_until_finish(self, duration=None) -> str:
         try:
             return super().wait_until_finish(duration)
+        except BaseException:
+            # Tasks not yet started must not start writing into a run the launcher is about to
+            # remove. A task already running finishes, and its files stay outside any result
+            # (readers follow the manifest); nothing removes them yet.
+            self.client.cancel(self.futures, force=True)
+            raise
         finally:
             self.client.close()

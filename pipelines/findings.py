@@ -49,6 +49,7 @@ DEFAULT_MAX_CLUSTERS = 6
 MAX_IMAGES = 100     # image ids listed per finding
 PROTOTYPES = 5
 OTHERS_QUANTILE = 0.9
+REFERENCE_POOL = 4000  # other classes' maps a class is compared with, at most (10 classes x 400: all of them)
 
 FINDINGS_SCHEMA = pa.schema([
     pa.field("method", pa.string()),
@@ -202,6 +203,8 @@ def collect(dataset: ds.Dataset, grid: int, sample: int,
     shapes: dict[str, tuple[int, int]] = {}
     for batch in dataset.to_batches(columns=[c for c in _COLUMNS if c in names], batch_size=batch_size):
         for method, label, image_ids, maps in _batch_maps(batch):
+            if min(maps.shape[1:]) < grid:  # a cell would hold no pixel: too small to locate anything
+                continue
             cells, keep = pooled(maps, grid)
             if keep.any():
                 shapes.setdefault(method, maps.shape[1:])
@@ -249,13 +252,21 @@ def spectral_clusters(x: np.ndarray, neighbours: int, max_clusters: int,
     return labels, k, float(gaps[k - 1])
 
 
-def references(samples: dict[int, np.ndarray], masks: np.ndarray) -> dict[int, np.ndarray]:
+def references(samples: dict[int, np.ndarray], masks: np.ndarray, pool: int = REFERENCE_POOL) -> dict[int, np.ndarray]:
     """Per class and region, the share of its mass that 90% of the other classes' sampled maps do
-    not exceed (with one class only: a uniform map's share)."""
+    not exceed (with one class only: a uniform map's share). The other classes' maps come from one
+    pool of at most ``pool`` maps, evenly spread over each class's sample, so a model with many
+    classes costs classes x pool, not classes squared x sample."""
     shares = {c: s.reshape(len(s), -1) @ masks.T for c, s in samples.items()}
     area = masks.sum(axis=1) / masks.shape[1]
-    return {c: np.quantile(np.concatenate([shares[o] for o in shares if o != c]), OTHERS_QUANTILE, axis=0)
-            if len(shares) > 1 else area for c in shares}
+    if len(shares) < 2:
+        return {c: area for c in shares}
+    per_class = max(1, pool // len(shares))
+    picked = {c: v[np.unique(np.linspace(0, len(v) - 1, min(per_class, len(v))).round().astype(int))]
+              for c, v in shares.items()}
+    owners = np.concatenate([np.full(len(v), c) for c, v in picked.items()])
+    pooled = np.concatenate(list(picked.values()))
+    return {c: np.quantile(pooled[owners != c], OTHERS_QUANTILE, axis=0) for c in shares}
 
 
 @dataclass

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import sys
 from collections import defaultdict
 from typing import Any, Callable, Iterable
@@ -65,7 +66,13 @@ GATES: dict[str, Gate] = {
                  "lowest per-class nDCG of the mean |map| against the baseline's (Clarify's attribution drift)"),
     "findings": Gate("findings", SCORE_THRESHOLD, 0, 1, "max",
                      "highest Clever-Hans score in the audit's findings/ table, per method (docs/findings.md)"),
+    "shared_images": Gate("coverage", 0.5, 0, 1, "min",
+                          "share of the audit's images the baseline also holds; under it the gates that "
+                          "compare are skipped"),
 }
+# The gates that compare with the baseline: skipped without one, or when the audits share too few images.
+COMPARING = ("accuracy_drop", "deletion_rise", "rank_correlation", "top_k_overlap", "ndcg")
+NO_BASELINE = "no baseline"
 # Settings of the drift gates, given like gates (NAME=VALUE) but never pass or fail.
 SETTINGS: dict[str, tuple[float, float, float]] = {"drift_quantile": (0.5, 0, 1), "top_k": (0.1, 0, math.inf)}
 
@@ -217,11 +224,12 @@ class Side:
 def accuracy_gate(audit: Side, baseline: Side | None, limits: dict) -> list[Result]:
     name, threshold = "accuracy_drop", limits["accuracy_drop"]
     if baseline is None:
-        return [skipped(name, None, threshold, "no baseline")]
+        return [skipped(name, None, threshold, NO_BASELINE)]
     mine, theirs = audit.predictions(), baseline.predictions()
-    if not mine or not theirs:
-        where = "the audit" if not mine else "the baseline"
-        return [skipped(name, None, threshold, f"no labelled images in {where}")]
+    # the same images on both sides, or the drop compares two different samples
+    mine, theirs = ({i: p[i] for i in mine.keys() & theirs.keys()} for p in (mine, theirs))
+    if not mine:
+        return [skipped(name, None, threshold, "no labelled image in both audits")]
 
     def accuracy(p: dict) -> float:
         return 100.0 * sum(label == predicted for label, predicted in p.values()) / len(p)
@@ -231,8 +239,8 @@ def accuracy_gate(audit: Side, baseline: Side | None, limits: dict) -> list[Resu
     newly = [i for i in wrong if i in theirs and theirs[i][0] == theirs[i][1]]
     worst = newly + [i for i in wrong if i not in newly]
     return [judge(name, None, accuracy(theirs) - accuracy(mine), threshold, worst,
-                  f"accuracy {accuracy(mine):.2f}% on {len(mine)} labelled image(s), baseline "
-                  f"{accuracy(theirs):.2f}% on {len(theirs)}")]
+                  f"accuracy {accuracy(mine):.2f}%, baseline {accuracy(theirs):.2f}%, on the {len(mine)} "
+                  f"labelled image(s) both hold")]
 
 
 def error_gate(audit: Side, limits: dict) -> list[Result]:
@@ -276,7 +284,7 @@ def faithfulness_gates(audit: Side, baseline: Side | None, limits: dict) -> list
 
 def _deletion_rise(method: str, deletion: dict[str, float], baseline: Side | None, threshold: float) -> Result:
     if baseline is None:
-        return skipped("deletion_rise", method, threshold, "no baseline")
+        return skipped("deletion_rise", method, threshold, NO_BASELINE)
     before = baseline.column(method, "deletion_auc", deletion)
     shared = sorted(before)
     if not shared:
@@ -336,6 +344,20 @@ def findings_gates(audit: Side, limits: dict) -> list[Result]:
     return out or [skipped("findings", None, threshold, "findings/ holds no finite score")]
 
 
+def shared_gate(audit: Side, baseline: Side | None, limits: dict) -> tuple[list[Result], str]:
+    """The share of the audit's images the baseline holds too, and why the gates that compare
+    are skipped ("" when they are not): no image in common, or a share under shared_images."""
+    threshold = limits["shared_images"]
+    if baseline is None:
+        return [skipped("shared_images", None, threshold, NO_BASELINE)], ""
+    ids, theirs = {i for i, _ in audit.rows}, {i for i, _ in baseline.rows}
+    shared = len(ids & theirs)
+    why = f"the audits share {shared} of {len(ids)} images"
+    result = judge("shared_images", None, shared / len(ids) if ids else None, threshold, sorted(ids - theirs), why)
+    too_few = not shared or (threshold is not False and result.status == FAIL)
+    return [result] if threshold is not False else [], why if too_few else ""
+
+
 # --- drift between the maps of the images both audits hold ------------------------------------
 
 def ndcg(relevance: np.ndarray, ranking_scores: np.ndarray) -> float:
@@ -369,6 +391,7 @@ class Drift:
     of each audit (class = the class each audit explained)."""
 
     rho: dict[str, dict[str, float]] = dataclasses.field(default_factory=lambda: defaultdict(dict))
+    both_constant: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
     overlap: dict[str, dict[str, float]] = dataclasses.field(default_factory=lambda: defaultdict(dict))
     sums: dict[tuple[str, int, str], list] = dataclasses.field(default_factory=dict)  # (method, class, side)
 
@@ -414,10 +437,17 @@ def measure_drift(audit: Side, baseline: Side, top_k: float) -> tuple[Drift, dic
         rows_a = [audit.rows[(i, chunk.method)] for i in chunk.ids]
         rows_b = [baseline.rows[(i, chunk.method)] for i in chunk.ids]
         compared = compare(chunk, maps_a, maps_b, rows_a, rows_b, top_k)
-        for image_id, rho, overlap in zip(chunk.ids, compared.column("rank_correlation").to_pylist(),
-                                          compared.column("top_k_overlap").to_pylist()):
-            if rho is not None and math.isfinite(rho):  # a constant map has no ranking
-                drift.rho[chunk.method][image_id] = rho
+        dead_a, dead_b = _constant(maps_a), _constant(maps_b)
+        for image_id, rho, overlap, a, b in zip(chunk.ids, compared.column("rank_correlation").to_pylist(),
+                                                compared.column("top_k_overlap").to_pylist(), dead_a, dead_b):
+            if rho is None or not math.isfinite(rho):
+                # a constant map has no ranking: a map gone dead on one side is no correlation
+                # (dropping it would let a method that dies on most images pass); both dead: no verdict
+                if a and b:
+                    drift.both_constant[chunk.method] += 1
+                    continue
+                rho = 0.0
+            drift.rho[chunk.method][image_id] = rho
             drift.overlap[chunk.method][image_id] = overlap
         drift.add_class_maps(chunk.method, "audit", [r.get("target") for r in rows_a], maps_a)
         drift.add_class_maps(chunk.method, "baseline", [r.get("target") for r in rows_b], maps_b)
@@ -425,12 +455,18 @@ def measure_drift(audit: Side, baseline: Side, top_k: float) -> tuple[Drift, dic
     return drift, pairs
 
 
+def _constant(maps: np.ndarray) -> np.ndarray:
+    """Per map: True when every pixel holds the same value (no ranking)."""
+    flat = maps.reshape(len(maps), -1)
+    return (flat == flat[:, :1]).all(axis=1)
+
+
 def drift_gates(audit: Side, baseline: Side | None, limits: dict) -> list[Result]:
     names = [n for n in ("rank_correlation", "top_k_overlap", "ndcg") if limits[n] is not False]
     if not names:
         return []
     if baseline is None:
-        return [skipped(n, None, limits[n], "no baseline") for n in names]
+        return [skipped(n, None, limits[n], NO_BASELINE) for n in names]
     drift, pairs = measure_drift(audit, baseline, limits["top_k"])
     q = limits["drift_quantile"]
     out = []
@@ -439,13 +475,16 @@ def drift_gates(audit: Side, baseline: Side | None, limits: dict) -> list[Result
             out += [skipped(n, method, limits[n], "no image with maps of one size in both audits") for n in names]
             continue
         rho = drift.rho[method]
+        dead = drift.both_constant[method]
+        excluded = f"; {dead} ({100 * dead / pairs[method]:.0f}%) left out: constant in both audits" if dead else ""
         by_rho = sorted(rho, key=lambda i: (rho[i], i))
         for name, values in (("rank_correlation", rho), ("top_k_overlap", drift.overlap[method])):
             if name in names:
                 value = float(np.quantile(list(values.values()), q)) if values else None
                 worst = sorted(values, key=lambda i: (values[i], i))
                 out.append(judge(name, method, value, limits[name], worst,
-                                 f"quantile {q:g} over {len(values)} of {pairs[method]} shared image(s)"))
+                                 f"quantile {q:g} over {len(values)} of {pairs[method]} shared image(s)"
+                                 + excluded))
         if "ndcg" in names:
             per_class = {c: v for c, v in drift.class_ndcg(method).items() if math.isfinite(v)}
             if not per_class:
@@ -464,9 +503,16 @@ def evaluate(audit, baseline=None, given: Iterable[tuple[str, float | bool]] | N
     """The verdict of the gates on ``audit`` (an AuditDir), against ``baseline`` (an AuditDir or
     None): a dict ready for verdict.json."""
     limits = thresholds(given)
+    if baseline is not None and baseline.manifest.get("run_id") == audit.manifest.get("run_id"):
+        raise GateError(f"the baseline is the audit itself (run {audit.manifest.get('run_id')}); "
+                        f"compare with a copy of an earlier audit, or give each run its own --output")
     mine = Side.read(audit)
     theirs = Side.read(baseline) if baseline is not None else None
+    coverage, too_few = shared_gate(mine, theirs, limits)
+    if too_few:
+        theirs = None  # the gates that compare are skipped, with too_few as the reason
     steps: list[tuple[str, Callable[[], list[Result]]]] = [
+        ("shared_images", lambda: coverage),
         ("accuracy_drop", lambda: accuracy_gate(mine, theirs, limits)),
         ("error_rate", lambda: error_gate(mine, limits)),
         ("deletion", lambda: faithfulness_gates(mine, theirs, limits)),
@@ -479,6 +525,9 @@ def evaluate(audit, baseline=None, given: Iterable[tuple[str, float | bool]] | N
         if name in GATES and limits[name] is False:
             continue  # turned off
         results += step()
+    for r in results:
+        if too_few and r.name in COMPARING and r.reason == NO_BASELINE:
+            r.reason = too_few
     gates = [r.as_dict() for r in results]
     failed = sorted({g["name"] for g in gates if g["status"] == FAIL})
     return {
@@ -503,6 +552,17 @@ def open_audit(path: str, storage_options: dict | None, what: str):
     if not isinstance(audit.manifest, dict) or not isinstance(audit.manifest.get("run_id"), str):
         raise ValueError(f"{what} {path}: manifest.json is not an audit's manifest (no run_id)")
     return audit
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two audit paths name one folder: local paths resolved (links, '..', a trailing
+    slash), URLs compared as text without the trailing slash."""
+    from transforms import storage
+
+    def normal(path: str) -> str:
+        path = storage.join(str(path)).removeprefix("file://")
+        return path if "://" in path else os.path.realpath(path)
+    return normal(a) == normal(b)
 
 
 def write_verdict(verdict: dict, url: str, storage_options: dict | None) -> None:

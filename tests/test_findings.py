@@ -172,8 +172,13 @@ def test_hostile_rows_cost_only_themselves(tmp_path):
            {"image_id": "no-class", "method": "sal", "target": None, "predicted": None, "height": 28, "width": 28,
             "saliency": [1.0] * 784},
            {"image_id": "zero-size", "method": "sal", "target": 1, "predicted": 1, "height": 0, "width": 0,
-            "saliency": []}]
-    table = pa.concat_tables([table, pa.Table.from_pylist(bad, schema=table.schema)])
+            "saliency": []},
+           # maps smaller than the 10x10 grid, read first: a cell would hold no pixel (this crashed the run)
+           {"image_id": "tiny", "method": "sal", "target": 1, "predicted": 1, "height": 5, "width": 5,
+            "saliency": [1.0] * 25},
+           {"image_id": "thin", "method": "sal", "target": 2, "predicted": 2, "height": 7, "width": 40,
+            "saliency": [1.0] * 280}]
+    table = pa.concat_tables([pa.Table.from_pylist(bad, schema=table.schema), table])
     rows = find_clever_hans(write(table, tmp_path)).to_pylist()
     assert rows[0]["class"] == 0 and rows[0]["flagged"]
     assert {r["class_images"] for r in rows} == {40}  # every bad row skipped, every good one counted
@@ -213,3 +218,35 @@ def test_the_run_publishes_its_findings_and_the_gate_and_report_use_them(experim
     section = section[:section.index("</section>")]
     assert "yes" in section and "top-left corner" in section
     assert section.count("<img") >= 1 + 5  # the mean map and the prototypes
+
+
+def test_a_failing_analysis_never_costs_the_run(tmp_path, monkeypatch, demo_shard, demo_model_args):
+    """findings/ is an analysis of the committed maps: if it fails, the run is still published,
+    with an empty findings/ and the error in the manifest."""
+    import json
+
+    from pipelines import audit
+
+    def broken(*args, **kwargs):
+        raise MemoryError("planted")
+
+    monkeypatch.setattr(audit, "find_clever_hans", broken)
+    manifest = audit.run(["--input", str(demo_shard), *demo_model_args, "--methods", "sal", "--channels", "1",
+                          "--limit-per-shard", "8", "--no-metrics", "--output", str(tmp_path / "out")])
+    assert manifest["counts"]["sal"] == {"read": 8, "explained": 8, "errors": 0}
+    assert manifest["findings"]["candidates"] == 0 and "MemoryError: planted" in manifest["findings"]["error"]
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert pq.read_table(tmp_path / "out" / on_disk["files"]["findings"][0]).num_rows == 0
+
+
+def test_the_reference_pool_is_exact_for_few_classes_and_bounded_for_many():
+    from pipelines.findings import references
+    rng = np.random.default_rng(0)
+    masks = np.eye(4)[:, :4].repeat(1, axis=1)  # 4 one-cell regions of a 2x2 grid
+    samples = {c: rng.random((30, 2, 2)) for c in range(5)}
+    exact = references(samples, masks, pool=10_000)
+    for c in samples:  # every other class's maps: the plain quantile
+        others = np.concatenate([samples[o].reshape(30, -1) @ masks.T for o in samples if o != c])
+        assert np.allclose(exact[c], np.quantile(others, 0.9, axis=0))
+    bounded = references({c: rng.random((400, 2, 2)) for c in range(300)}, masks, pool=600)
+    assert len(bounded) == 300 and all(np.isfinite(v).all() and v.shape == (4,) for v in bounded.values())

@@ -385,3 +385,100 @@ def test_report_shows_a_hostile_verdict_as_text(audits, tmp_path):
     assert "not of the run this report shows" in page
     (copy / "verdict.json").write_text("[1]")
     assert "not a verdict" in Report(AuditDir(str(copy))).html()
+
+
+# --- review fixes: self-comparison, dead maps, shared images, a deep verdict ----------------------
+
+def test_a_baseline_that_is_the_runs_own_output_is_refused_before_any_work(audits, tmp_path, capsys):
+    out = _copy(audits.same, tmp_path / "out")
+    before = (out / "manifest.json").read_text()
+    run = ["--config", str(audits.config), "--output", str(tmp_path / "x" / ".." / "out")]
+    assert audit.main([*run, "--baseline", str(out) + "/"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "own --output" in err
+    assert (out / "manifest.json").read_text() == before  # nothing ran, nothing published
+    assert audit.main(["--config", str(audits.config), "--output", str(tmp_path / "new"),
+                       "--baseline", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--baseline" in err and "missing" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_audit_compared_with_itself_is_a_usage_error(audits, capsys):
+    with pytest.raises(gates.GateError, match="the baseline is the audit itself"):
+        evaluate(audits.same, audits.same)
+    assert cli.main(["check", str(audits.same), "--baseline", str(audits.same)]) == 2
+    assert "the baseline is the audit itself" in capsys.readouterr().err
+
+
+def _rewrite_maps(folder: Path, method: str, ids: set[str] | None = None, keep_ids: set[str] | None = None) -> None:
+    """The audit's maps of ``method`` on ``ids`` made constant (a dead method), and/or its saliency
+    rows limited to ``keep_ids``."""
+    for f in json.loads((folder / "manifest.json").read_text())["files"]["saliency"]:
+        table = pq.read_table(folder / f)
+        if keep_ids is not None:
+            table = table.filter(pa.array([i in keep_ids for i in table.column("image_id").to_pylist()]))
+        if ids:
+            field = table.schema.field("saliency")
+            maps = [np.zeros_like(np.asarray(m)).tolist() if i in ids and m_ == method else m
+                    for i, m_, m in zip(table.column("image_id").to_pylist(), table.column("method").to_pylist(),
+                                        table.column("saliency").to_pylist())]
+            table = table.set_column(table.schema.get_field_index("saliency"), field, pa.array(maps, field.type))
+        pq.write_table(table, folder / f)
+
+
+def test_a_method_gone_dead_fails_the_rank_correlation(audits, tmp_path):
+    ids = sorted({r["image_id"] for r in _scalars(audits.same)})
+    dead = _copy(audits.same, tmp_path / "dead")
+    _rewrite_maps(dead, "sal", set(ids[:9]))  # 9 of 12 maps constant: the median image has no correlation
+    g = only(evaluate(dead, audits.baseline), "rank_correlation", "sal")
+    assert (g["status"], g["value"]) == ("fail", 0.0)
+    assert set(g["worst_images"]) <= set(ids[:9])
+    # constant in both audits: no verdict on those images, and the reason says how many were left out
+    base = _copy(audits.baseline, tmp_path / "base")
+    _rewrite_maps(base, "sal", set(ids[:9]))
+    g = only(evaluate(dead, base), "rank_correlation", "sal")
+    assert g["status"] == "pass" and "9 (75%) left out" in g["reason"] and "over 3 of 12" in g["reason"]
+
+
+def test_comparisons_need_shared_images(audits, tmp_path):
+    ids = sorted({r["image_id"] for r in _scalars(audits.changed)})
+    few = _copy(audits.baseline, tmp_path / "few")
+    _rewrite_maps(few, "sal", keep_ids=set(ids[:3]))  # the baseline holds 3 of the audit's 12 images
+    verdict = evaluate(audits.changed, few)
+    g = only(verdict, "shared_images")
+    assert (g["status"], g["value"], g["threshold"]) == ("fail", 0.25, 0.5)
+    assert g["worst_images"] == ids[3:3 + gates.WORST]
+    for name, method in (("accuracy_drop", None), ("rank_correlation", None), ("ndcg", None),
+                         ("deletion_rise", "sal")):
+        assert only(verdict, name, method)["status"] == "skipped"
+        assert only(verdict, name, method)["reason"] == "the audits share 3 of 12 images"
+    # allowed a smaller share: the accuracy drop is measured on the labelled images both hold
+    verdict = evaluate(audits.changed, few, shared_images=0.2)
+    assert only(verdict, "shared_images")["status"] == "pass"
+    rows = {r["image_id"]: r for r in _scalars(audits.changed) if r["method"] == "sal"}
+    base = {r["image_id"]: r for r in _scalars(audits.baseline) if r["method"] == "sal"}
+    drop = 100 * np.mean([base[i]["label"] == base[i]["predicted"] for i in ids[:3]]) - \
+        100 * np.mean([rows[i]["label"] == rows[i]["predicted"] for i in ids[:3]])
+    assert only(verdict, "accuracy_drop")["value"] == pytest.approx(drop)
+
+
+def test_accuracy_drop_compares_the_same_images(audits, tmp_path):
+    """A baseline that holds only the images the audit gets right must not hide the audit's mistakes
+    behind a different sample: both accuracies are on the images both hold."""
+    rows = {r["image_id"]: r for r in _scalars(audits.changed) if r["method"] == "sal"}
+    wrong = {i for i, r in rows.items() if r["label"] != r["predicted"]}
+    assert wrong, "the changed model should get some digit wrong"
+    kept = set(rows) - set(sorted(wrong)[:1])  # the baseline lacks one image the changed model gets wrong
+    partial = _copy(audits.baseline, tmp_path / "partial")
+    _rewrite_maps(partial, "sal", keep_ids=kept)
+    base = {r["image_id"]: r for r in _scalars(audits.baseline) if r["method"] == "sal"}
+    drop = 100 * np.mean([base[i]["label"] == base[i]["predicted"] for i in kept]) - \
+        100 * np.mean([rows[i]["label"] == rows[i]["predicted"] for i in kept])
+    assert only(evaluate(audits.changed, partial), "accuracy_drop")["value"] == pytest.approx(drop)
+
+
+def test_report_survives_a_deeply_nested_verdict(audits, tmp_path):
+    copy = _copy(audits.same, tmp_path / "deep")
+    (copy / "verdict.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "verdict.json is unreadable" in Report(AuditDir(str(copy))).html()

@@ -153,3 +153,19 @@ def test_fuzzed_command_lines_parse_or_fail_cleanly(items, base_at):
     names = [t.split("=", 1)[0] for t in beam_args if t.startswith("-")]
     assert all(name in beam._option_string_actions for name in names), beam_args
     assert args.batch_size >= 1 and args.max_pixels >= 1 and -1 <= args.sanity_threshold <= 1
+
+
+def test_a_run_that_fails_exits_3_not_a_gates_1(tmp_path, demo_shard, demo_model_args, monkeypatch, capfd):
+    """Exit codes a scheduler can act on: 1 means published with a failed gate, 3 that the run
+    itself failed and nothing was published."""
+    from pipelines import audit
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted storage outage")
+
+    monkeypatch.setattr(audit, "verify", broken)
+    code = audit.main(["--input", str(demo_shard), *demo_model_args, "--methods", "sal", "--channels", "1",
+                       "--limit-per-shard", "4", "--no-metrics", "--output", str(tmp_path / "out")])
+    assert code == 3
+    assert "planted storage outage" in capfd.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()

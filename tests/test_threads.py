@@ -152,3 +152,26 @@ def test_demo_dry_run_stops_after_the_plan(tmp_path, capsys, restore_torch_threa
     captured = capsys.readouterr()
     assert code == 0 and "Nothing was run (--dry-run)" in captured.out and "error" not in captured.err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("files, limit", [
+    ({"cpu.max": "400000 100000\n"}, 4),               # cgroup v2: a 4-CPU Kubernetes limit
+    ({"cpu.max": "150000 100000\n"}, 2),               # 1.5 CPUs: rounded up
+    ({"cpu.max": "max 100000\n"}, None),               # no limit
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "garbage"}, None),
+    ({}, None),
+])
+def test_a_container_cpu_quota_caps_the_cores(tmp_path, files, limit):
+    from transforms.explain import cgroup_cpu_limit
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(str(tmp_path)) == limit
+    assert available_cores(str(tmp_path)) == min(available_cores(str(tmp_path / "none")), limit or 10**6)
+
+
+def test_a_one_cpu_quota_gives_one_thread_per_worker(tmp_path):
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert available_cores(str(tmp_path)) == 1

@@ -48,12 +48,34 @@ class ThreadBudget:
         return max(1, (cores or available_cores()) // self.processes)
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its affinity, e.g. a container's cpuset), not the machine's."""
+def available_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may run on, not the machine's: its CPU affinity (a cpuset), capped
+    by the container's CPU quota (a Kubernetes CPU limit is a CFS quota, invisible to affinity)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit(cgroup)
+    return max(1, min(cores, quota)) if quota else cores
+
+
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> int | None:
+    """The CPU quota in whole cores (rounded up), from cgroup v2's cpu.max ("400000 100000") or
+    v1's cfs_quota_us / cfs_period_us; None when there is none ("max", -1) or no cgroup."""
+    def read(name: str) -> str | None:
+        try:
+            with open(os.path.join(root, name)) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    v2 = read("cpu.max")
+    fields = v2.split() if v2 else [read("cpu/cpu.cfs_quota_us") or "", read("cpu/cpu.cfs_period_us") or ""]
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except (IndexError, ValueError):  # "max", missing files
+        return None
+    return -(-quota // period) if quota > 0 and period > 0 else None
 
 
 def _dask_worker_threads() -> int | None:

@@ -114,6 +114,13 @@ def method_warnings(method: str, s: dict, signed: bool) -> list[str]:
     return lines
 
 
+def _examples(finding: dict) -> list[str]:
+    """The images a finding is shown with: a cluster's prototypes, else the images that carry it
+    most (a concentration has no prototypes); ids only if they are strings."""
+    ids = finding.get("prototypes") or finding.get("images") or []
+    return [i for i in ids if isinstance(i, str)][:FINDING_IMAGES] if isinstance(ids, list) else []
+
+
 class Report:
     def __init__(self, audit: AuditDir, *, per_class: int = 3, extremes: int = 4, misclassified: int = 8):
         self.audit, self.per_class, self.extremes, self.n_misclassified = audit, per_class, extremes, misclassified
@@ -128,7 +135,7 @@ class Report:
             self.first_row.setdefault(r["image_id"], r)
         self.findings = self._findings()
         self.selection = self._select()
-        self.selection["findings"] = [i for f in self.findings for i in (f.get("prototypes") or [])[:FINDING_IMAGES]]
+        self.selection["findings"] = [i for f in self.findings for i in _examples(f)]
         wanted = {i for ids in self.selection.values() for i in ids}
         maps = audit.map_rows(wanted)
         sources = {image_id: row["source"] for (image_id, _), row in maps.items()}
@@ -172,7 +179,7 @@ class Report:
                                                     self.audit.storage_options))
         except FileNotFoundError:
             return ""
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to parse
             return markup('<p class="flag">{}</p>', f"verdict.json is unreadable: {' '.join(str(e).split())[:200]}")
         if not isinstance(verdict, dict) or not isinstance(verdict.get("gates"), list):
             return markup('<p class="flag">{}</p>', "verdict.json is not a verdict (no list of gates)")
@@ -284,7 +291,7 @@ class Report:
                 rgb = render.colour_map(np.asarray(grid, dtype=np.float64).reshape(height, width), False)
                 picture = img(render.data_uri(render.resize(rgb, 8 * height, 8 * width)),
                               f"mean map of {f.get('method')} class {f.get('class')}", THUMB)
-            prototypes = Raw("".join(self.thumbs.image(i) for i in (f.get("prototypes") or [])[:FINDING_IMAGES]))
+            prototypes = Raw("".join(self.thumbs.image(i) for i in _examples(f)))
             rows.append([f.get("method"), f.get("class"), f.get("kind"), number(f.get("score")),
                          "yes" if f.get("flagged") else "", f.get("region"), picture, prototypes, f.get("description")])
         return intro + table(["method", "class", "kind", "score", "flagged", "region", "mean map", "prototypes",
