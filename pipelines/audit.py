@@ -219,7 +219,7 @@ def execute(plan: Plan, run: Run) -> dict | None:
     args = plan.args
     options, runner = beam_pipeline_options(plan.beam_args)
     log.info("run %s: %d shard(s), methods %s, runner %s", run.run_id, len(plan.shards), ",".join(plan.methods),
-             runner)
+             runner_name(plan.beam_args))
     display = progress.Display(progress.sink_for(run), len(plan.shards), args.limit_per_shard)
     with display, beam.Pipeline(runner=runner, options=options) as p:  # the job runs as this block ends
         build_pipeline(p, shards=plan.shards, run=run, config=plan.config, prep=plan.prep,

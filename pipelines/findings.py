@@ -49,6 +49,7 @@ DEFAULT_MAX_CLUSTERS = 6
 MAX_IMAGES = 100     # image ids listed per finding
 PROTOTYPES = 5
 OTHERS_QUANTILE = 0.9
+MIN_SUPPORT = 5      # maps a group needs before it is scored: 3 of 3 sparse maps in one place is chance, not a strategy
 REFERENCE_POOL = 4000  # other classes' maps a class is compared with, at most (10 classes x 400: all of them)
 
 FINDINGS_SCHEMA = pa.schema([
@@ -356,11 +357,15 @@ def find_clever_hans(source: ds.Dataset | str | Iterable[str], storage_options: 
 
 def concentration(context: Context, label: int, group: ClassMaps, ids: list[str], maps: np.ndarray,
                   reference: np.ndarray) -> dict:
-    """The class's region with the most class-specific mass."""
+    """The class's region with the most class-specific mass (unscored under MIN_SUPPORT maps)."""
     scored = score_group(maps, reference, context.masks)
+    if len(maps) < MIN_SUPPORT:
+        scored = Scored(scored.region, 0.0, scored.excess, scored.consistency, scored.shares, scored.mean_share)
     carrying = np.flatnonzero(scored.shares > reference[scored.region])
     carriers = [ids[i] for i in carrying[np.argsort(-scored.shares[carrying], kind="stable")]]
-    description = _describe(f"{context.method}, class {label}", context.regions[scored.region].name, scored)
+    description = (_describe(f"{context.method}, class {label}", context.regions[scored.region].name, scored)
+                   if len(maps) >= MIN_SUPPORT else
+                   f"{context.method}, class {label}: too few maps to call a strategy ({len(maps)} < {MIN_SUPPORT})")
     return context.row("concentration", label, scored, carriers, group.total / group.count, size=len(carriers),
                        sampled=len(ids), class_images=group.count, description=description)
 
@@ -378,14 +383,16 @@ def spray(context: Context, label: int, class_images: int, ids: list[str], maps:
         members = np.flatnonzero(labels == c)
         centre = flat[members].mean(axis=0)
         nearest = members[np.argsort(((flat[members] - centre) ** 2).sum(axis=1), kind="stable")]
-        if k > 1:
+        enough = len(members) >= MIN_SUPPORT
+        if k > 1 and enough:
             scored = score_group(maps[members], reference, context.masks)
         else:
             scored = Scored(0, 0.0, 0.0, 0.0, np.zeros(len(members)), 0.0)
         group = (f"{context.method}, class {label}, SpRAy cluster {index + 1} of {k} ({len(members)} of "
                  f"{len(ids)} sampled maps, eigengap {gap:.2f})")
-        description = (_describe(group, context.regions[scored.region].name, scored)
-                       if k > 1 else f"{group}: one strategy for the whole class")
+        description = (f"{group}: one strategy for the whole class" if k == 1 else
+                       _describe(group, context.regions[scored.region].name, scored) if enough else
+                       f"{group}: too few maps to call a strategy (fewer than {MIN_SUPPORT})")
         found.append(context.row("spray_cluster", label, scored, [ids[i] for i in nearest], centre,
                                  size=len(members), sampled=len(ids), class_images=class_images,
                                  description=description, prototypes=[ids[i] for i in nearest[:PROTOTYPES]],

@@ -250,3 +250,25 @@ def test_the_reference_pool_is_exact_for_few_classes_and_bounded_for_many():
         assert np.allclose(exact[c], np.quantile(others, 0.9, axis=0))
     bounded = references({c: rng.random((400, 2, 2)) for c in range(300)}, masks, pool=600)
     assert len(bounded) == 300 and all(np.isfinite(v).all() and v.shape == (4,) for v in bounded.values())
+
+
+def test_a_handful_of_sparse_maps_in_one_place_is_no_finding(tmp_path):
+    """The demo's false alarm: lore's maps are a few superpixels; a SpRAy cluster of 3 of a class's
+    8 maps on the same spot, where other classes' maps put nothing, scored 0.73 and was flagged.
+    A group under MIN_SUPPORT maps is not scored."""
+    from pipelines.findings import MIN_SUPPORT
+    rng = np.random.default_rng(1)
+    rows = []
+    for c in range(6):
+        for i in range(8 if c == 5 else 40):
+            m = np.zeros((28, 28), np.float32)
+            r, q = ((2, 18) if i < 3 else (12, 12)) if c == 5 else rng.integers(8, 20, 2)
+            m[r:r + 5, q:q + 5] = 1.0  # one superpixel kept
+            rows.append({"image_id": f"{c}-{i}", "method": "lore", "target": c, "predicted": c, "height": 28,
+                         "width": 28, "saliency": m.ravel().tolist()})
+    table = pa.Table.from_pylist(rows)
+    found = find_clever_hans(write(table, tmp_path)).to_pylist()
+    five = [r for r in found if r["class"] == 5]
+    assert five and not any(r["flagged"] for r in five)
+    small = [r for r in five if r["kind"] == "spray_cluster" and r["size"] < MIN_SUPPORT]
+    assert small and all(r["score"] == 0 and "too few maps" in r["description"] for r in small)

@@ -219,3 +219,18 @@ def test_a_poll_that_fails_is_logged_once_and_the_display_goes_on(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("could not read progress from nosuchstorage://")
     assert stream.getvalue().endswith("\rdone in 0:30\x1b[K\n")
+
+
+def test_batches_slower_than_the_window_keep_a_rate(tmp_path, monkeypatch):
+    """A batch every 64 s (the demo's abele): between two batches the rate must not read 0."""
+    from transforms import progress
+    clock, done = [0.0], [0]
+    monkeypatch.setattr(progress, "poll", lambda sink: progress.Totals(read=100, explained=done[0]))
+    display = progress.Display(progress.Sink(str(tmp_path / "p")), 1, 100, stream=io.StringIO(), tty=False,
+                               clock=lambda: clock[0])
+    for t in range(0, 200, 2):
+        clock[0] = float(t)
+        done[0] = 32 * (t // 64)
+        display.refresh()
+        if t >= 70:
+            assert display.rate() and display.rate() > 0.2, (t, list(display.samples))

@@ -250,7 +250,10 @@ class Display:
             self._warn(f"could not read progress from {self.sink.url}: {type(e).__name__}: {e}")
         now = self.clock()
         self.samples.append((now, self.totals.done))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= RATE_WINDOW_S:
+        # Keep the window long enough to hold a change: with batches slower than the window the
+        # rate would otherwise drop to 0 between two batches. A stall still lowers it, as time grows.
+        while (len(self.samples) > 2 and now - self.samples[1][0] >= RATE_WINDOW_S
+               and self.samples[1][1] < self.samples[-1][1]):
             self.samples.popleft()
         return now
 
