@@ -417,7 +417,7 @@ class Drift:
 
 def measure_drift(audit: Side, baseline: Side, top_k: float) -> tuple[Drift, dict[str, int]]:
     """Streams the maps of the shared (image, method) pairs a chunk at a time (diff's reader)."""
-    from pipelines.reporting.diff import MAP_BUDGET, MapReader, compare, plan_chunks
+    from pipelines.reporting.diff import MAP_BUDGET, compare, paired_maps
     def shape(row: dict) -> tuple:
         return row.get("height"), row.get("width")
 
@@ -425,15 +425,7 @@ def measure_drift(audit: Side, baseline: Side, top_k: float) -> tuple[Drift, dic
               if (i, m) in baseline.rows and all(isinstance(v, int) for v in shape(r))
               and shape(r) == shape(baseline.rows[(i, m)])]
     drift, pairs = Drift(), defaultdict(int)
-    reader_a, reader_b = MapReader(audit.audit, MAP_BUDGET), MapReader(baseline.audit, MAP_BUDGET)
-    for chunk in plan_chunks(shared, MAP_BUDGET):
-        maps_a, found_a = reader_a.read(chunk)
-        maps_b, found_b = reader_b.read(chunk)
-        keep = found_a & found_b
-        if not keep.any():
-            continue
-        chunk.ids = [i for i, k in zip(chunk.ids, keep) if k]
-        maps_a, maps_b = maps_a[keep], maps_b[keep]
+    for chunk, maps_a, maps_b in paired_maps(audit.audit, baseline.audit, shared, MAP_BUDGET):
         rows_a = [audit.rows[(i, chunk.method)] for i in chunk.ids]
         rows_b = [baseline.rows[(i, chunk.method)] for i in chunk.ids]
         compared = compare(chunk, maps_a, maps_b, rows_a, rows_b, top_k)

@@ -209,6 +209,24 @@ class PageSummary:
         return out
 
 
+def paired_maps(audit_a: AuditDir, audit_b: AuditDir, pairs: list[tuple], budget: int = MAP_BUDGET
+                ) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+    """(chunk, maps of A, maps of B) for the (image, method, height, width) pairs both audits
+    hold, a chunk of about ``budget`` bytes at a time; ``chunk.ids`` keeps only the images whose
+    map both audits could read (a map missing or of another size than its row says is left out)."""
+    reader_a, reader_b = MapReader(audit_a, budget), MapReader(audit_b, budget)
+    for chunk in plan_chunks(pairs, budget):
+        maps_a, found_a = reader_a.read(chunk)
+        maps_b, found_b = reader_b.read(chunk)
+        keep = found_a & found_b
+        if not keep.any():
+            continue
+        chunk.ids = [i for i, k in zip(chunk.ids, keep) if k]
+        if not keep.all():
+            maps_a, maps_b = maps_a[keep], maps_b[keep]
+        yield chunk, maps_a, maps_b
+
+
 def diff_tables(audit_a: AuditDir, audit_b: AuditDir, top_k: float, budget: int = MAP_BUDGET
                 ) -> tuple[Iterator[pa.Table], dict[str, Any]]:
     """The diff rows a chunk at a time, and what could not be compared (pairs only in A, only in B,
@@ -222,16 +240,7 @@ def diff_tables(audit_a: AuditDir, audit_b: AuditDir, top_k: float, budget: int 
             "different_shapes": len(common)}
 
     def tables() -> Iterator[pa.Table]:
-        reader_a, reader_b = MapReader(audit_a, budget), MapReader(audit_b, budget)
-        for chunk in plan_chunks(same, budget):
-            maps_a, found_a = reader_a.read(chunk)
-            maps_b, found_b = reader_b.read(chunk)
-            keep = found_a & found_b
-            if not keep.any():
-                continue
-            chunk.ids = [i for i, k in zip(chunk.ids, keep) if k]
-            if not keep.all():  # rows whose map is missing or of another size than the row says
-                maps_a, maps_b = maps_a[keep], maps_b[keep]
+        for chunk, maps_a, maps_b in paired_maps(audit_a, audit_b, same, budget):
             rows = compare(chunk, maps_a, maps_b, [scalars_a[(i, chunk.method)] for i in chunk.ids],
                            [scalars_b[(i, chunk.method)] for i in chunk.ids], top_k)
             del maps_a, maps_b
