@@ -71,7 +71,7 @@ def child(argv: list[str]) -> dict:
     budget = thread_budget(plan.args.torch_threads, plan.beam_args)
     plan.config = dataclasses.replace(plan.config, threads=budget)
     start = time.perf_counter()
-    manifest = audit.run_plan(plan)
+    manifest, _ = audit.run_plan(plan)
     return {"seconds": time.perf_counter() - start, "counts": manifest["counts"],
             "threads": threads_entry(budget, plan.beam_args, remote=False)}
 

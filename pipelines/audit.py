@@ -22,16 +22,16 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.utils import shared
 
 from explainers import list_methods
-from pipelines import gates
+from pipelines import gates, incremental
 from pipelines.options import UsageError, redact_argv
 from pipelines.findings import FINDINGS_SCHEMA, SCORE_THRESHOLD, find_clever_hans
 from pipelines.preflight import check_shards, preflight, thread_budget, worker_device_entry
 from pipelines.sanity import SANITY_SCHEMA, run_sanity_check
 from pipelines.spec import manifest_entry, parse_invocation, redact_secrets
-from transforms import map_storage, progress, publication, storage
+from transforms import history, map_storage, progress, publication, storage
 from transforms.abele_protocol import AbeleProtocol
 from transforms.batching import ERRORS, READ, ReadShardBatches
-from transforms.duplicates import DropRepeatedIds, FirstShardOfRepeatedIds
+from transforms.duplicates import DropRepeatedIds, FirstShardOfRepeatedIds, ListShardIds
 from transforms.explain import DEVICE, ExplainBatches, ExplainConfig, build_explainers
 from transforms.models import ModelSpec, model_hashes
 from transforms.parquet_sink import WriteParquet, write_table
@@ -40,6 +40,7 @@ from transforms.records import ImageBatch
 from transforms.preprocess import Preprocessing
 from transforms.publication import Heartbeat, Run
 from transforms.rows import ERROR_SCHEMA, SUMMARY_SCHEMA, saliency_schema
+from transforms.skip_explained import SKIPPED, ExplainedBefore, SkipExplained
 from transforms.summary import Summarize
 
 log = logging.getLogger("saliency_audit")
@@ -127,6 +128,7 @@ class Plan:
     config: ExplainConfig
     resolved: dict[str, Any]
     schema: Any
+    work: incremental.Work | None = None  # an incremental run: what the history lacks
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -138,6 +140,8 @@ def plan(argv: list[str]) -> Plan:
     the shards and run preflight (the model on a sample image with every method): a bad run fails
     here, in seconds, with UsageError."""
     args, beam_args = parse_invocation(argv)
+    if args.slot and not args.incremental:
+        raise UsageError("--slot names a slot of an audit history: it needs --incremental")
     if args.baseline:  # a bad baseline fails now, not after the run; never the run's own output
         if gates.same_place(args.baseline, args.output):
             raise UsageError(f"--baseline {args.baseline} is the run's own --output: the run would be compared "
@@ -162,32 +166,54 @@ def plan(argv: list[str]) -> Plan:
                            threads=thread_budget(args.torch_threads, beam_args))
     resolved = preflight(config, shards, prep, args.storage_options, beam_args)
     schema = map_storage.saliency_schema(saliency_schema(methods), args.map_dtype)
-    return Plan(argv, args, beam_args, methods, prep, shards, config, resolved, schema)
+    work = None
+    if args.incremental:
+        try:
+            work = incremental.plan_work(args.output, args.slot, spec, resolved["model_state_sha256"], args, resolved,
+                                         prep, shards, args.storage_options)
+        except OSError as e:
+            raise UsageError(f"--incremental: cannot read the history or the shards: {e}") from None
+    return Plan(argv, args, beam_args, methods, prep, shards, config, resolved, schema, work)
 
 
 def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: ExplainConfig, prep: Preprocessing,
                    batch_size: int, storage_options: dict[str, Any], schema=None, map_dtype: str = "float32",
-                   limit_per_shard: int | None = None) -> None:
+                   limit_per_shard: int | None = None, work: incremental.Work | None = None) -> None:
     """The Beam job: shards -> batches -> explanations -> Parquet files in the run's folders.
 
     Shards are the unit of parallelism (one reader per shard, batches explained where they are
     read), so nothing between the reader and the sink is held for the whole dataset. An image id
-    read from several shards is explained once, from the first of them in shard order."""
+    read from several shards is explained once, from the first of them in shard order. With
+    ``work`` (an incremental run) only the shards it needs are read, and only the (image, method)
+    pairs the history lacks are explained."""
     schema = schema or saliency_schema(config.methods)
     config = dataclasses.replace(config, progress=progress.sink_for(run))  # workers report to the launcher
     reader = ReadShardBatches(prep, batch_size, storage_options, limit_per_shard, progress=config.progress)
+    if work is not None:
+        shards = [url for url in shards if url in work.needed]
     shard_urls = p | "Shards" >> beam.Create(shards)
-    first_shard = (shard_urls | "FindRepeatedIds" >> FirstShardOfRepeatedIds(reader) if len(shards) > 1
+    history_files = work.history_files if work is not None else {}
+    listed = (shard_urls | "ListIds" >> ListShardIds(reader)) if len(shards) > 1 or history_files else None
+    first_shard = (listed | "FindRepeatedIds" >> FirstShardOfRepeatedIds() if len(shards) > 1
                    else p | "NoRepeatedIds" >> beam.Create([]))  # one shard: the reader keeps ids unique
+    done = (listed | "ExplainedBefore" >> ExplainedBefore(history_files, storage_options) if history_files
+            else p | "NothingExplainedBefore" >> beam.Create([]))
     batched = (shard_urls
                | "SpreadShards" >> beam.Reshuffle()
                | "ReadAndBatch" >> beam.ParDo(reader).with_outputs(ERRORS, READ, main="batches"))
     unique = (batched.batches
               | "DropRepeatedIds" >> beam.ParDo(DropRepeatedIds(), beam.pvalue.AsDict(first_shard))
               .with_outputs(ERRORS, main="batches"))
-    explained = (unique.batches
+    todo = (unique.batches
+            | "SkipExplained" >> beam.ParDo(SkipExplained(list(config.methods), work.needed if work else {}),
+                                            beam.pvalue.AsDict(done)).with_outputs(SKIPPED, main="batches"))
+    explained = (todo.batches
                  | "Explain" >> beam.ParDo(ExplainBatches(config, shared.Shared()))
-                 .with_outputs(ERRORS, DEVICE, main="rows"))
+                 .with_outputs(ERRORS, DEVICE, SKIPPED, main="rows"))
+    ((todo[SKIPPED], explained[SKIPPED]) | "AllSkipped" >> beam.Flatten()
+     | "CountSkipped" >> beam.CombinePerKey(sum) | "ListSkipped" >> beam.combiners.ToList()
+     | "WriteSkipped" >> beam.Map(lambda pairs: storage.write_json_atomic(
+         run.private("skipped.json"), sorted([method, shard, n] for (method, shard), n in pairs), storage_options)))
     (explained[DEVICE] | "WorkerDevices" >> beam.Distinct() | "ListDevices" >> beam.combiners.ToList()
      | "WriteDevices" >> beam.Map(_write_sorted_list, run.private("devices.json"), storage_options))
     rows = explained.rows
@@ -220,11 +246,15 @@ def execute(plan: Plan, run: Run) -> dict | None:
     options, runner = beam_pipeline_options(plan.beam_args)
     log.info("run %s: %d shard(s), methods %s, runner %s", run.run_id, len(plan.shards), ",".join(plan.methods),
              runner_name(plan.beam_args))
-    display = progress.Display(progress.sink_for(run), len(plan.shards), args.limit_per_shard)
+    shards = len(plan.work.needed) if plan.work is not None else len(plan.shards)
+    if plan.work is not None:
+        log.info("incremental: model %s, %d of %d shard(s) to read (%d run(s) of the history count), slot %s",
+                 plan.work.model[:12], shards, len(plan.shards), len(plan.work.runs), plan.work.slot or run.run_id)
+    display = progress.Display(progress.sink_for(run), shards, args.limit_per_shard)
     with display, beam.Pipeline(runner=runner, options=options) as p:  # the job runs as this block ends
         build_pipeline(p, shards=plan.shards, run=run, config=plan.config, prep=plan.prep,
                        batch_size=args.batch_size, storage_options=plan.storage_options, schema=plan.schema,
-                       map_dtype=args.map_dtype, limit_per_shard=args.limit_per_shard)
+                       map_dtype=args.map_dtype, limit_per_shard=args.limit_per_shard, work=plan.work)
     commit_files(plan, run)
     write_findings(plan, run)
     if not args.sanity_check:
@@ -291,17 +321,20 @@ def run_files(run: Run, storage_options: dict[str, Any]) -> dict[str, dict[str, 
         fs, folder = storage.filesystem(run.folder(name), storage_options)
         fs.invalidate_cache()
         found = fs.glob(f"{folder}/*.parquet", detail=True)
-        out[name] = {f"{name}/run={run.run_id}/{path.rsplit('/', 1)[-1]}": int(info["size"])
+        out[name] = {f"{run.relative(name)}/{path.rsplit('/', 1)[-1]}": int(info["size"])
                      for path, info in sorted(found.items())}
     return out
 
 
 def count_outcomes(run: Run, methods: list[str], storage_options: dict[str, Any],
-                   files: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+                   files: dict[str, dict[str, int]], incremental_run: bool = False) -> dict[str, dict[str, int]]:
     """Per method: records read (counted at the reader), rows explained and errors, from the
     files themselves; errors without a method (read, decode, preprocess, model) count
-    against every method."""
+    against every method. An incremental run adds the pairs it skipped (already explained)."""
     read = json.loads(storage.read_bytes(run.private("read.json"), storage_options))["read"]
+    skipped: dict[str, int] = {}
+    for method, _, n in read_skipped(run, storage_options):
+        skipped[method] = skipped.get(method, 0) + n
     fs, root = storage.filesystem(run.output, storage_options)
 
     def method_counts(name) -> dict[str | None, int]:
@@ -314,15 +347,24 @@ def count_outcomes(run: Run, methods: list[str], storage_options: dict[str, Any]
         return counts
 
     explained, errors = method_counts("saliency"), method_counts("errors")
-    return {m: {"read": read, "explained": explained.get(m, 0), "errors": errors.get(None, 0) + errors.get(m, 0)}
-            for m in methods}
+    counts = {m: {"read": read, "explained": explained.get(m, 0), "errors": errors.get(None, 0) + errors.get(m, 0)}
+              for m in methods}
+    for m in methods:
+        if incremental_run or skipped.get(m):
+            counts[m]["skipped"] = int(skipped.get(m, 0))
+    return counts
+
+
+def read_skipped(run: Run, storage_options: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(method, shard, pairs) an incremental run skipped there (already in the history)."""
+    return [tuple(entry) for entry in json.loads(storage.read_bytes(run.private("skipped.json"), storage_options))]
 
 
 def verify(plan: Plan, run: Run, files: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     """The counts from the files; a run whose counts do not reconcile is never published."""
-    counts = count_outcomes(run, list(plan.methods), plan.storage_options, files)
-    if not all(c["read"] == c["explained"] + c["errors"] for c in counts.values()):
-        raise RuntimeError(f"counts do not reconcile (read != explained + errors): {counts}; "
+    counts = count_outcomes(run, list(plan.methods), plan.storage_options, files, plan.work is not None)
+    if not all(c["read"] == c["explained"] + c["errors"] + c.get("skipped", 0) for c in counts.values()):
+        raise RuntimeError(f"counts do not reconcile (read != explained + errors + skipped): {counts}; "
                            "the previous results are left as they were")
     return counts
 
@@ -366,6 +408,7 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
         "versions": package_versions(),
         "counts": counts,
         "reconciled": True,
+        "incremental": plan.work.entry(run.run_id) if plan.work is not None else None,
         "sanity": sanity,
         "findings": findings_entry(run, plan.storage_options, files),
         "outputs": run.relative_outputs(OUTPUTS),
@@ -382,18 +425,20 @@ def _worker_devices(run: Run, storage_options: dict[str, Any]) -> list[str]:
 def run(argv: list[str] | None = None) -> dict:
     """Run the audit; returns the manifest. Raises UsageError for bad invocations.
 
-    Phases: plan (checks, preflight), execute (the job, into this run's own folders), verify (the
-    counts reconcile), publish (the manifest becomes the pointer, in one put), reclaim (folders of
-    runs that can no longer be the result). A failure before publishing leaves the previous
-    result as it was and removes this run's files."""
+    Phases: plan (checks, preflight, and for an incremental run what the history lacks), execute
+    (the job, into this run's own folders), verify (the counts reconcile), publish (the manifest
+    becomes the pointer, in one put), judge (the gates) and record (the history's row), reclaim
+    (folders of runs that can no longer be the result). A failure before publishing leaves the
+    previous result as it was and removes this run's files."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_plan(plan(argv))
+    return run_plan(plan(argv))[0]
 
 
-def run_plan(audit_plan: Plan) -> dict:
-    """The phases after ``plan`` (see ``run``)."""
+def run_plan(audit_plan: Plan) -> tuple[dict, int]:
+    """The phases after ``plan`` (see ``run``); returns the manifest and the gates' exit code."""
     started = now()
-    current = Run(audit_plan.args.output, publication.new_run_id(), audit_plan.storage_options)
+    current = Run(audit_plan.args.output, publication.new_run_id(), audit_plan.storage_options,
+                  audit_plan.work.model if audit_plan.work is not None else None)
     stale_after = 60.0 * audit_plan.args.reclaim_after
     publication.reclaim(current.output, current.storage_options, stale_after, keep=current.run_id)
     try:
@@ -408,14 +453,43 @@ def run_plan(audit_plan: Plan) -> dict:
         except Exception as e2:  # storage is failing too: reclaim removes the run once its heartbeat is stale
             log.warning("could not remove the files of failed run %s: %s", current.run_id, e2)
         raise
-    publication.publish(current, manifest, stale_after)
-    return manifest
+    decision = {"exit": 0}
+
+    def judge_and_record() -> None:  # after the pointer, before the marker says published
+        with Heartbeat(current):
+            decision["exit"] = FAILED  # until the gates have decided
+            decision["exit"], verdict = gates.judge_run(manifest, audit_plan.args, audit_plan.storage_options)
+            if audit_plan.work is not None:
+                gated = decision["exit"]
+                decision["exit"] = FAILED  # published, not recorded: a scheduler must hear of it
+                record(audit_plan, current, manifest, verdict)
+                decision["exit"] = gated
+
+    publication.publish(current, manifest, stale_after, after_pointer=judge_and_record)
+    return manifest, decision["exit"]
+
+
+def record(plan: Plan, run: Run, manifest: dict, verdict: dict | None) -> None:
+    """An incremental run's row in the audit history (transforms.history): it becomes the slot's run."""
+    files = manifest["files"]
+    summary = incremental.read_table_rows(run.output, files["summary"], plan.storage_options)
+    findings = incremental.read_table_rows(run.output, files["findings"], plan.storage_options, ["method", "score"])
+    errors = incremental.read_table_rows(run.output, files["errors"], plan.storage_options, ["source", "method"])
+    skipped = {(method, shard): n for method, shard, n in read_skipped(run, plan.storage_options)}
+    row = incremental.row(plan.work, manifest, verdict, summary, findings, errors, skipped)
+    url = history.record(run.output, row, plan.storage_options)
+    log.info("recorded run %s as slot %s of the history (%s)", run.run_id, row["slot"], url)
+
+
+def shards_to_read(plan: Plan) -> list[str]:
+    """The shards the job reads: all, or for an incremental run those the history lacks."""
+    return plan.shards if plan.work is None else [url for url in plan.shards if url in plan.work.needed]
 
 
 def count_records(plan: Plan) -> int:
     """Records the job would read (shards read, nothing decoded), with --limit-per-shard."""
     total = 0
-    for url in plan.shards:
+    for url in shards_to_read(plan):
         records = read_shard(url, plan.storage_options, max_pixels=plan.prep.max_pixels)
         total += sum(1 for _ in itertools.islice(records, plan.args.limit_per_shard))
     return total
@@ -459,7 +533,15 @@ def print_plan(plan: Plan) -> None:
     records = count_records(plan)
     seconds = calibrate(plan)
     print(f"input: {plan.args.input}: {len(plan.shards)} shard(s), {records} record(s)"
-          + (f" (at most {plan.args.limit_per_shard} per shard)" if plan.args.limit_per_shard else ""))
+          + (f" (at most {plan.args.limit_per_shard} per shard)" if plan.args.limit_per_shard else "")
+          + (f" in the {len(plan.work.needed)} shard(s) to read" if plan.work is not None else ""))
+    if plan.work is not None:
+        work = plan.work
+        print(f"incremental: model {work.model[:12]}, slot {work.slot or '(a new one)'}"
+              + (f" (replaces run {work.replaces})" if work.replaces else "") + f"; {len(work.runs)} recorded run(s) "
+              f"of this model count; {len(work.skipped_shards)} shard(s) skipped (every method explained them), "
+              f"{len(work.needed)} to read; images the history holds are skipped there too, so the estimate is "
+              f"an upper bound")
     print(f"model: {plan.args.model} on {plan.resolved['device']}, {plan.resolved['num_classes']} classes; "
           f"batch size {plan.args.batch_size}; metrics {'on' if plan.args.metrics else 'off'}")
     print(f"{'method':>12}  {'passes / image':>16}  {'s / image':>10}  {'estimate':>10}")
@@ -494,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         if audit_plan.args.dry_run:
             print_plan(audit_plan)
             return 0
-        manifest = run_plan(audit_plan)
+        manifest, code = run_plan(audit_plan)
     except UsageError as e:
         print(f"saliency-audit: error: {e}", file=sys.stderr)
         return 2
@@ -503,9 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         return FAILED
     out = manifest["options"]["output"]
     for method, c in manifest["counts"].items():
-        print(f"{method:>10}: read {c['read']}, explained {c['explained']}, errors {c['errors']}")
+        print(f"{method:>10}: read {c['read']}, explained {c['explained']}, errors {c['errors']}"
+              + (f", skipped {c['skipped']} (already in the history)" if "skipped" in c else ""))
     print(f"outputs in {out} ({', '.join(manifest['outputs'].values())}, manifest.json)")
-    return gates.decide(manifest, audit_plan.args, audit_plan.storage_options)  # 0 when no gates are set
+    return code  # the gates': 0 when no gates are set
 
 
 if __name__ == "__main__":

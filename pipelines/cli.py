@@ -270,6 +270,41 @@ def cmd_check(argv: list[str]) -> int:
     return 1 if verdict["status"] == gates.FAIL else 0
 
 
+def cmd_history(argv: list[str]) -> int:
+    parser = _OneLine("history", "List the runs of an audit history (--incremental), one line per slot.")
+    parser.add_argument("directory", help="the history's root (the runs' --output)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per slot instead of the table")
+    _storage_options(parser)
+    from pipelines.options import UsageError
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"saliency-audit history: error: {e}", file=sys.stderr)
+        return 2
+    import json
+    from transforms import history
+    try:
+        rows = history.read(args.directory, args.storage_options)
+    except Exception as e:  # noqa: BLE001 - storage errors come in many types (botocore's are not OSError)
+        print(f"saliency-audit history: error: cannot read {args.directory}: {type(e).__name__}: "
+              f"{' '.join(str(e).split())[:200]}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"saliency-audit history: error: {args.directory} holds no audit history "
+              f"(no readable {history.FOLDER}/*.parquet)", file=sys.stderr)
+        return 2
+    for row in rows:
+        if args.json:
+            print(json.dumps({k: v for k, v in row.items() if k not in ("shard_list", "files")}, default=str))
+            continue
+        methods = ", ".join(f"{m['method']} {m['explained']}+{m['skipped']} skipped" for m in row["methods"] or [])
+        accuracy = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
+        print(f"{row['slot']}  run {row['run_id']}  model {row['model'][:12]}  read {row['read']}  shards "
+              f"{row['shards_read']} read / {row['shards_skipped']} skipped  accuracy {accuracy}  verdict "
+              f"{row['verdict'] or '-'}  [{methods}]")
+    return 0
+
+
 def cmd_benchmark(argv: list[str]) -> int:
     from pipelines import benchmark
     return benchmark.main(argv)
@@ -286,6 +321,7 @@ COMMANDS = {
     "figure": (cmd_figure, "a PNG grid of maps: one row per image, one column per method"),
     "diff": (cmd_diff, "compare two audits of the same images (e.g. two model versions)"),
     "check": (cmd_check, "evaluate the gates on an audit against a baseline (exit 1 if one fails)"),
+    "history": (cmd_history, "list the runs of an audit history (run --incremental), one line per slot"),
 }
 
 

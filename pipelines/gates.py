@@ -251,12 +251,17 @@ def error_gate(audit: Side, limits: dict) -> list[Result]:
     errors = audit.audit.rows("errors", ["image_id", "method"])
     out = []
     for method, c in sorted(counts.items()):
-        read, failed = (c.get("read"), c.get("errors")) if isinstance(c, dict) else (None, None)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (read, failed)) or not read:
-            out.append(skipped(name, method, threshold, f"counts of {method} unreadable or nothing read: {c!r}"[:200]))
+        read, failed, skip = (c.get("read"), c.get("errors"), c.get("skipped", 0)) if isinstance(c, dict) \
+            else (None, None, None)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (read, failed, skip)) \
+                or read <= skip:
+            out.append(skipped(name, method, threshold, f"counts of {method} unreadable or nothing to explain: "
+                                                        f"{c!r}"[:200]))
             continue
+        tried = read - skip  # an incremental run's skipped pairs were explained by an earlier run
         worst = sorted({str(e["image_id"]) for e in errors if e.get("method") in (None, method)})
-        out.append(judge(name, method, failed / read, threshold, worst, f"{failed} error(s) of {read} read"))
+        out.append(judge(name, method, failed / tried, threshold, worst,
+                         f"{failed} error(s) of {tried} " + ("read" if not skip else f"to explain ({skip} skipped)")))
     return out
 
 
@@ -600,15 +605,20 @@ def decide(manifest: dict, args: argparse.Namespace, storage_options: dict | Non
     """The end of ``run``: when the invocation names a gate or a baseline, the gates on the
     published run; the verdict goes next to the manifest. 0 all hold (or no gates), 1 one
     fails, 2 the baseline is not an audit."""
+    return judge_run(manifest, args, storage_options)[0]
+
+
+def judge_run(manifest: dict, args: argparse.Namespace, storage_options: dict | None) -> tuple[int, dict | None]:
+    """``decide``'s exit code and the verdict (None without gates, or when it could not be made)."""
     given, baseline = getattr(args, "gates", None), getattr(args, "baseline", None)
     if not given and not baseline:
-        return 0
+        return 0, None
     try:
         verdict, url = check(manifest["options"]["output"], baseline, given, None, storage_options, manifest)
     except ValueError as e:
         print(f"saliency-audit: error: gates: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     for line in summary_lines(verdict):
         print(line)
     print(f"verdict: {url}")
-    return 1 if verdict["status"] == FAIL else 0
+    return (1 if verdict["status"] == FAIL else 0), verdict

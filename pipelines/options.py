@@ -74,6 +74,14 @@ def _threads(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected auto or a number of threads, got {text!r}") from None
 
 
+def _slot(text: str) -> str:
+    from transforms.history import check_slot
+    try:
+        return check_slot(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--config", metavar="SPEC", help="audit spec (.toml, .yaml or .yml) giving any of these options; flags given "
@@ -139,6 +147,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--reclaim-after", type=float, default=30.0, metavar="MINUTES",
         help="remove the folders of an earlier run of this --output whose heartbeat is older than this "
              "(a killed run; default 30)")
+    add("--incremental", action="store_true",
+        help="keep every run of --output as an audit history and explain only the (image, method) pairs it "
+             "lacks for this model and these method options (docs/history.md)")
+    _add_off_switch(parser, "incremental")
+    add("--slot", type=_slot, metavar="NAME",
+        help="the schedule slot this run fills in the history (e.g. 2026-11-30); a rerun of a slot replaces "
+             "its earlier run, so reruns are idempotent (default: the run's own id, a new slot)")
     from pipelines.gates import add_gate_arguments  # here, not at the top: gates reads audits (heavier imports)
     add_gate_arguments(parser)  # --baseline, --gate NAME=VALUE: decided after the run is published
 

@@ -18,7 +18,8 @@ import torch
 
 from pipelines.options import UsageError
 from transforms.explain import ExplainConfig, ThreadBudget, build_explainers
-from transforms.models import ModelLoadError, ModelSpec, check_device_name, device_available, resolve_device
+from transforms.models import (ModelLoadError, ModelSpec, check_device_name, device_available, resolve_device,
+                              state_sha256)
 from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
 from transforms.readers import SHARD_SUFFIXES, read_shard, shard_kind
 from transforms.records import RawImage, seed_for
@@ -237,7 +238,7 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
     except (ValueError, TypeError) as e:  # an explainer refused its options or the model
         raise UsageError(f"cannot set up the methods: {e}") from None
     report = {"device": devices.worker, "device_requested": devices.requested, "device_check": devices.check,
-              "num_classes": None, "sample_image": None,
+              "num_classes": None, "sample_image": None, "model_state_sha256": state_sha256(loaded.model),
               "torch_threads": threads_entry(thread_budget(config.threads.threads, beam_args), beam_args,
                                              devices.remote),
               "methods": {name: {"options": ex.options(), "signed": ex.signed, "passes": ex.passes(),

@@ -198,6 +198,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "storage": {"options": Key("--storage-options", _table, secret=True)},
     "gates": {name: Key(GATE_FLAG, _gate(name)) for name in [*gates.GATES, *gates.SETTINGS]},
     "baseline": {"path": Key("--baseline", _text, path=True)},
+    "history": {"incremental": Key("--incremental", _switch), "slot": Key("--slot", _text)},
 }
 METHOD_OPTIONS = ("explain", "options")
 

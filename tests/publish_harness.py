@@ -54,7 +54,8 @@ class Snapshot:
         for path in sorted(output.rglob("*")):
             relative = path.relative_to(output).as_posix()
             if path.is_file() and run_id in relative and not relative.endswith(".json") or \
-                    relative in (f"{publication.RUNS}/{run_id}/read.json", f"{publication.RUNS}/{run_id}/devices.json"):
+                    relative in (f"{publication.RUNS}/{run_id}/{name}" for name in ("read.json", "devices.json",
+                                                                                   "skipped.json")):
                 files[relative.replace(run_id, "{run}")] = path.read_bytes()
         rows = ds.dataset([str(output / f) for f in manifest["files"]["saliency"]]).to_table(
             columns=["image_id", "method"]).to_pylist()

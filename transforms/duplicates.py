@@ -48,16 +48,22 @@ class _FirstShard(beam.CombineFn):
         return acc
 
 
-class FirstShardOfRepeatedIds(beam.PTransform):
-    """Shard urls -> (image_id, first shard url) for the ids found in more than one shard."""
+class ListShardIds(beam.PTransform):
+    """Shard urls -> (image_id, shard url) for every id the reader would explain (read, not decoded)."""
 
     def __init__(self, reader: ReadShardBatches):
         super().__init__()
         self.reader = reader
 
     def expand(self, shards):
-        return (shards
-                | "ListIds" >> beam.FlatMap(shard_ids, self.reader)
+        return shards | "ShardIds" >> beam.FlatMap(shard_ids, self.reader)
+
+
+class FirstShardOfRepeatedIds(beam.PTransform):
+    """(image_id, shard url) -> (image_id, first shard url) for the ids found in more than one shard."""
+
+    def expand(self, listed):
+        return (listed
                 | "FirstShard" >> beam.CombinePerKey(_FirstShard())
                 | "Repeated" >> beam.Filter(lambda kv: kv[1][1] > 1)
                 | "KeepFirst" >> beam.MapTuple(lambda image_id, first: (image_id, first[0])))

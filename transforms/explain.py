@@ -22,6 +22,7 @@ from transforms.batching import ERRORS
 from transforms.models import ModelSpec, load_model, resolve_device
 from transforms.records import ErrorRecord, ImageBatch, seed_for
 from transforms.rows import extra_value, map_problems, map_statistics
+from transforms.skip_explained import SKIPPED
 
 DEVICE = "device"  # side output: the device each batch ran on, so the manifest records the workers'
 
@@ -235,8 +236,19 @@ class ExplainBatches(beam.DoFn):
         seeds = torch.tensor([seed_for(batch.image_ids[i], config.seed) for i in keep], dtype=torch.int64)
         reference = self._random_reference(images, targets, seeds) if config.metrics else None
         for name, explainer in state.explainers.items():
-            yield from self._explain_method(name, explainer, batch, keep, images, targets, seeds,
-                                            probabilities, predicted, reference)
+            if batch.skip is None:
+                yield from self._explain_method(name, explainer, batch, keep, images, targets, seeds,
+                                                probabilities, predicted, reference)
+                continue
+            # an incremental audit: only the images whose history lacks this method
+            chosen = [j for j, i in enumerate(keep) if name not in batch.skip[i]]
+            if len(chosen) < len(keep):
+                yield beam.pvalue.TaggedOutput(SKIPPED, ((name, batch.sources[0]), len(keep) - len(chosen)))
+            if chosen:
+                rows = torch.tensor(chosen, device=images.device)
+                yield from self._explain_method(
+                    name, explainer, batch, [keep[j] for j in chosen], images[rows], targets[rows], seeds[chosen],
+                    probabilities, predicted, None if reference is None else {k: v[chosen] for k, v in reference.items()})
 
     def _metric_kwargs(self, seeds):
         return {"steps": self.config.metric_steps, "substrate": self.config.metric_substrate, "seeds": seeds}

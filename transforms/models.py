@@ -86,6 +86,28 @@ def model_hashes(spec: ModelSpec) -> dict[str, str]:
     return {f: file_sha256(f, spec.storage_options) for f in spec.files()}
 
 
+def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 of the loaded model's parameters and buffers (names, dtypes, shapes, bytes): the
+    part of its identity that no file may hold (a module:Callable without --weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        try:
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        except (RuntimeError, TypeError):  # a tensor kind without a byte view (quantized, sparse)
+            digest.update(repr(t.tolist() if t.numel() < 1 << 20 else t.sum().item()).encode())
+    return digest.hexdigest()
+
+
+def model_identity(spec: ModelSpec, state: str) -> str:
+    """The model's sha256 for an audit history: its files' contents (not their names or places),
+    the callable's name, and ``state`` (state_sha256 of the loaded model)."""
+    body = {"callable": spec.model if spec.is_callable() else None,
+            "files": sorted(model_hashes(spec).values()), "state": state}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def check_model_files(spec: ModelSpec) -> None:
     """Fail fast, before any work, if a model file is missing."""
     for url in spec.files():

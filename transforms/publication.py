@@ -5,6 +5,8 @@ Layout under an audit's ``--output``::
     manifest.json                      the pointer: the published run's manifest, written last in one put
     saliency/run=<id>/part-*.parquet   every run writes its outputs into folders of its own (hive-style
     summary/run=<id>/  errors/run=<id>/  sanity/run=<id>/   names, so pyarrow.dataset on OUTPUT/saliency reads them)
+    saliency/model=<sha256>/run=<id>/  the same for a run of an audit history (--incremental), by model
+    history/<slot>.parquet             an audit history's runs, one row per slot (transforms.history)
     _runs/<id>.json                    the run's state: running (with a heartbeat) | published | failed
     _runs/<id>/                        the run's private files: the read count, committed file lists, its manifest
 
@@ -16,10 +18,11 @@ result at every moment: before the put the previous run, after it the new one.
 
 Folders of runs that lost (a failed run, a killed one, a run superseded by a later put) are
 removed by ``reclaim``, which every run calls after publishing. It deletes a run's folders only
-when the pointer does not name it and the run is finished (published or failed: those states are
-written after the run's last put) or its heartbeat is stale (killed). The markers are listed
-*before* the pointer is read: a run seen as published then had put its pointer before that read,
-so if the pointer names another run, it was superseded for good.
+when neither the pointer nor the history names it and the run is finished (published or failed:
+those states are written after the run's last put, its history row included) or its heartbeat is
+stale (killed). The markers are listed *before* the pointer and the history are read: a run seen
+as published then had put its pointer and row before those reads, so if neither names it, it was
+superseded for good.
 """
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ import posixpath
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
-from transforms import storage
+from transforms import history, storage
 
 log = logging.getLogger("saliency_audit")
 
@@ -59,13 +62,19 @@ def new_run_id() -> str:
 class Run:
     """One run's places under an audit's output: its output folders, its private folder, its marker."""
 
-    def __init__(self, output: str, run_id: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, output: str, run_id: str, storage_options: dict[str, Any] | None = None,
+                 model: str | None = None):
         self.output, self.run_id = output.rstrip("/"), run_id
         self.storage_options = storage_options or {}
+        self.model = model  # a history's run: its folders are partitioned by model too
+
+    def relative(self, name: str) -> str:
+        """The output ``name``'s folder of this run, relative to the output directory."""
+        return f"{name}/model={self.model}/run={self.run_id}" if self.model else f"{name}/run={self.run_id}"
 
     def folder(self, name: str) -> str:
         """Where the run writes the output ``name`` (saliency, summary, errors, sanity)."""
-        return storage.join(self.output, name, f"run={self.run_id}")
+        return storage.join(self.output, self.relative(name))
 
     def private(self, *parts: str) -> str:
         return storage.join(self.output, RUNS, self.run_id, *parts)
@@ -76,7 +85,7 @@ class Run:
 
     def relative_outputs(self, names=OUTPUTS) -> dict[str, str]:
         """The manifest's ``outputs``: folders relative to the output directory."""
-        return {name: f"{name}/run={self.run_id}/" for name in names}
+        return {name: f"{self.relative(name)}/" for name in names}
 
 
 def _json(obj: Any) -> bytes:
@@ -128,17 +137,25 @@ class Heartbeat:
 
 
 def write_marker(run: Run, state: str, **fields: Any) -> None:
-    body = {"run_id": run.run_id, "state": state, "heartbeat": now().isoformat(timespec="seconds"), **fields}
+    body = {"run_id": run.run_id, "state": state, "heartbeat": now().isoformat(timespec="seconds"),
+            "model": run.model, **fields}
     storage.write_bytes_atomic(run.marker, _json(body), run.storage_options)
 
 
-def commit(run: Run, manifest: dict) -> None:
-    """Make the run the audit's result: its manifest becomes the pointer (one put), then its
-    marker says published, which lets later runs reclaim it once superseded. Raises only if the
-    pointer was not written; once it is, the run is the result whatever happens next."""
+def commit(run: Run, manifest: dict, after_pointer: Callable[[], None] | None = None) -> None:
+    """Make the run the audit's result: its manifest becomes the pointer (one put), then
+    ``after_pointer`` runs (the gates, the history's row), then its marker says published, which
+    lets later runs reclaim it once superseded. Raises only if the pointer was not written; once
+    it is, the run is the result whatever happens next."""
     body = _json(manifest)
     storage.write_bytes_atomic(run.private(POINTER), body, run.storage_options)
     storage.write_bytes_atomic(storage.join(run.output, POINTER), body, run.storage_options)
+    if after_pointer is not None:
+        try:
+            after_pointer()
+        except Exception as e:  # the run is published; what came after is reported, not undone
+            log.error("run %s is published, but what follows its publication failed: %s: %s", run.run_id,
+                      type(e).__name__, e)
     try:
         write_marker(run, "published")
     except Exception as e:  # the marker stays "running": reclaimed once stale and superseded
@@ -153,12 +170,13 @@ def abandon(run: Run, reason: str, pointer_attempted: bool = False) -> None:
         _remove_run(run)
 
 
-def publish(run: Run, manifest: dict, stale_after_s: float = DEFAULT_STALE_S) -> bool:
+def publish(run: Run, manifest: dict, stale_after_s: float = DEFAULT_STALE_S,
+            after_pointer: Callable[[], None] | None = None) -> bool:
     """Commit the run, then reclaim the folders of runs that can no longer be the result. Returns
     True; raises if the run did not become the result. A failure after the pointer was written
     (a lost reply, the marker) still leaves the run published, and is only logged."""
     try:
-        commit(run, manifest)
+        commit(run, manifest, after_pointer)
     except BaseException as e:
         try:
             published = published_run(read_pointer(run.output, run.storage_options)) == run.run_id
@@ -221,14 +239,17 @@ def reclaim(output: str, storage_options: dict[str, Any] | None = None, stale_af
     try:
         markers = list_markers(output, storage_options)  # before the pointer: see the module's docstring
         current = published_run(read_pointer(output, storage_options))
+        recorded = history.recorded_runs(output, storage_options) if markers else set()
         for run_id, marker in sorted(markers.items()):
-            if run_id in (current, keep):
+            if run_id in (current, keep) or run_id in recorded:
                 continue
             age = _age_s(marker.get("heartbeat"))
             finished = marker.get("state") == "published" or (
                 marker.get("state") == "failed" and (not marker.get("pointer_attempted") or age > LATE_PUT_GRACE_S))
             if finished or age > stale_after_s:
-                _remove_run(Run(output, run_id, storage_options))
+                model = marker.get("model")
+                _remove_run(Run(output, run_id, storage_options, model if history.MODEL.fullmatch(str(model))
+                                else None))
                 removed.append(run_id)
         _remove_legacy(output, storage_options, current)
         _remove_temporaries(output, storage_options, stale_after_s)
@@ -259,7 +280,9 @@ def _remove_temporaries(output: str, storage_options: dict[str, Any] | None, sta
     fs, path = storage.filesystem(output, storage_options)
     if not storage.is_local(fs):
         return
-    for file in fs.glob(f"{path}/{POINTER}.tmp-*") + fs.glob(f"{path}/{RUNS}/*.tmp-*"):
+    patterns = [f"{path}/{POINTER}.tmp-*", f"{path}/{RUNS}/*.tmp-*",  # (older releases' names)
+                f"{path}/.{POINTER}.tmp-*", f"{path}/{RUNS}/.*.tmp-*", f"{path}/{history.FOLDER}/.*.tmp-*"]
+    for file in [f for pattern in patterns for f in fs.glob(pattern)]:
         try:
             if time.time() - fs.info(file)["mtime"] > stale_after_s:
                 fs.rm_file(file)

@@ -48,6 +48,8 @@ class ImageBatch:
     labels: list[int | None]
     sizes: list[tuple[int, int]]  # original (height, width)
     pixels: np.ndarray  # float32 [B, C, H, W], model-input space
+    # Per image, the methods an incremental audit skips for it (already in the history); None: none.
+    skip: list[frozenset[str]] | None = None
 
 
 def seed_for(image_id: str, base_seed: int = 0) -> int:

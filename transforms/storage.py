@@ -53,7 +53,8 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
     fs, path = filesystem(url, storage_options)
     if is_local(fs):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        # hidden ('.'), so a directory read (pyarrow.dataset skips '.' and '_' names) never sees it half-written
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

@@ -1,10 +1,11 @@
 """``saliency-audit report DIR --output report.html``: one self-contained page for a person
 who did not run the job.
 
-It shows the run (manifest), a table of methods with their metrics, per-class numbers,
-the sanity check, per-class galleries (image, map, overlay), misclassified images, the
-worst and best images by faithfulness, metric distributions, ABELE's relevance curves,
-rules and exemplars of the superpixel methods and abele, and the errors. Galleries hold a
+It shows the run (manifest), the gates' verdict, for an incremental audit the history's slots
+and the trend of the gated statistics across them, a table of methods with their metrics,
+per-class numbers, the sanity check, per-class galleries (image, map, overlay), misclassified
+images, the worst and best images by faithfulness, metric distributions, ABELE's relevance
+curves, rules and exemplars of the superpixel methods and abele, and the errors. Galleries hold a
 bounded number of images, so the page stays a few MB whatever the size of the audit.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pipelines.reporting import render
 from pipelines.reporting.audit_dir import AuditDir, saliency_map
 from pipelines.reporting.html import Raw, details, img, markup, number, page, paragraph, table
 from pipelines.reporting.plots import histogram, line_chart
-from transforms import storage
+from transforms import history, storage
 from transforms.rows import ABELE_COLUMNS, RISE_COLUMNS
 
 VERDICT = "verdict.json"  # written by pipelines.gates next to the manifest
@@ -41,6 +42,17 @@ METRIC_NOTES = {
                       "images of the batch; lower is better.",
     "stability_mean": "ABELE stability: the same ratio against salt-and-pepper copies; lower is better.",
 }
+
+# The statistics the gates judge, as the history records them per method and slot, with the
+# chart's y axis: from its natural floor to at least a level where the gates' defaults sit, so a
+# flat line at 0 reads as 0 and a small wobble is not blown up to the chart's height.
+HISTORY_STATISTICS = (("error_rate", "error rate", (0.0, 0.02)), ("deletion_auc", "mean deletion AUC", (0.0, 1.0)),
+                      ("deletion_vs_random", "deletion AUC / random order's (1 = random)", (0.0, 1.0)),
+                      ("findings_top", "top Clever-Hans finding score", (0.0, 0.5)),
+                      ("sanity_rank_correlation", "sanity rank correlation, all layers random", (-1.0, 1.0)),
+                      ("constant_share", "share of constant maps", (0.0, 0.1)))
+HISTORY_SLOTS = 60     # newest slots on the page at most, so it stays small however long the schedule runs
+SLOT_LABEL = 12        # longer slot names are charted as their number in the table
 
 
 def faithfulness_gain(row: dict) -> float | None:
@@ -216,6 +228,89 @@ class Report:
                 if status in ("fail", "pass") else status, value(gate.get("value")),
                 "at most" if gate.get("bound") == "max" else "at least" if gate.get("bound") == "min" else "",
                 value(gate.get("threshold")), shown, str(gate.get("reason") or "")]
+
+    # ---- the audit history (run --incremental) ----
+    def _history_rows(self) -> tuple[list[dict], int]:
+        """The history's rows, and how many of its files were left out (history.read logs why)."""
+        rows = history.read(self.audit.path, self.audit.storage_options)
+        fs, folder = storage.filesystem(storage.join(self.audit.path, history.FOLDER), self.audit.storage_options)
+        try:
+            listed = len(fs.glob(f"{folder}/*.parquet"))
+        except FileNotFoundError:
+            listed = 0
+        return rows, max(listed - len(rows), 0)
+
+    def history_section(self) -> str:
+        """An incremental audit's slots and, per method, the trend of the statistics the gates judge.
+        The rows are other runs' writing, read back from storage: shown as text, never as markup."""
+        try:
+            every, left_out = self._history_rows()
+        except Exception as e:  # noqa: BLE001 - whatever storage raises costs this section, never the page
+            return markup('<p class="flag">{}</p>', f"The audit history is unreadable: {type(e).__name__}: "
+                                                    f"{' '.join(str(e).split())[:200]}")
+        note = markup('<p class="flag">{}</p>', f"{left_out} file(s) in {history.FOLDER}/ are left out: not a valid "
+                                                 f"record of their slot, or their maps are gone (the job's log says "
+                                                 f"why).") if left_out else ""
+        if not every:
+            return note
+        first = max(len(every) - HISTORY_SLOTS, 0)
+        rows = every[first:]
+        numbers = range(first + 1, len(every) + 1)
+        changed = [i > first and r["model"] != every[i - 1]["model"] for i, r in enumerate(every)][first:]
+        current = self.audit.manifest.get("run_id")
+        slots = [self._slot_cell(r, current) for r in rows]
+        lead = paragraph(f"An incremental audit: its history ({history.FOLDER}/) holds {len(every)} slot(s), each a "
+                         f"scheduled run that explained only what earlier slots had not explained with the same model "
+                         f"and method options" + (f"; the newest {len(rows)} are shown." if first else "."))
+        missing = "" if any(r["run_id"] == current for r in rows) else markup(
+            '<p class="flag">{}</p>', f"The run this report shows ({current}) is not among these slots.")
+        table_of_slots = table(
+            ["#", "slot", "run id", "model", "records read", "shards read / skipped", "accuracy", "verdict"],
+            [[k, slot, r["run_id"], markup('{} <span class="flag">model changed</span>', r["model"][:12])
+              if change else r["model"][:12], r["read"], f"{number(r['shards_read'])} / {number(r['shards_skipped'])}",
+              r["accuracy"], self._slot_verdict(r)] for k, slot, r, change in zip(numbers, slots, rows, changed)])
+        return lead + note + missing + table_of_slots + self._history_trend(rows, list(numbers), slots)
+
+    @staticmethod
+    def _slot_cell(row: dict, current) -> Raw | str:
+        return markup('<strong>{}</strong> <span class="ok">(this report)</span>', row["slot"]) \
+            if row["run_id"] == current else row["slot"]
+
+    @staticmethod
+    def _slot_verdict(row: dict) -> Raw | str:
+        verdict, failed = row.get("verdict"), [str(g) for g in row.get("gates_failed") or []]
+        if verdict is None:
+            return "none"
+        shown = markup('<span class="{}">{}</span>', "ok" if verdict == "pass" else "flag", verdict)
+        return markup("{}: {}", shown, ", ".join(failed)) if failed else shown
+
+    def _history_trend(self, rows: list[dict], numbers: list[int], slots: list) -> str:
+        """One chart per gated statistic (one line per method, x = slot) and the numbers; each point
+        is a mean over the maps that slot's run made, not over the history."""
+        per_slot = [{str(m["method"]): m for m in reversed(r["methods"] or []) if m} for r in rows]
+        named = dict.fromkeys(name for stats in per_slot for name in stats)
+        methods = [m for m in self.methods if m in named] + [m for m in named if m not in self.methods]
+        values = {key: {m: [stats.get(m, {}).get(key) for stats in per_slot] for m in methods}
+                  for key, _, _ in HISTORY_STATISTICS}
+        finite = {key: [v for line in series.values() for v in line if isinstance(v, float) and math.isfinite(v)]
+                  for key, series in values.items()}
+        shown = [(key, title, axis) for key, title, axis in HISTORY_STATISTICS if finite[key]]
+        if not shown:
+            return ""
+        numbers_table = table(["#", "slot", "method", *(key.replace("_", " ") for key, _, _ in shown)],
+                              [[k, slot, m, *(stats.get(m, {}).get(key) for key, _, _ in shown)]
+                               for k, slot, stats in zip(numbers, slots, per_slot) for m in methods if m in stats])
+        if len(rows) < 2:
+            return paragraph("One slot so far: the trend starts with the next.") + numbers_table
+        short = all(len(r["slot"]) <= SLOT_LABEL for r in rows)
+        labels = [r["slot"] if short else f"#{k}" for k, r in zip(numbers, rows)]
+        charts = "".join(line_chart(labels, values[key], title=title, y_label=key.replace("_", " "),
+                                    y_range=(min(low, *finite[key]), max(least_high, *finite[key])))
+                         for key, title, (low, least_high) in shown)
+        return (paragraph("The statistics the gates judge, per method and slot: each point is the mean over the "
+                          "images that slot's run explained (a slot that explained nothing new has none). x: the "
+                          + ("slots in order." if short else "slot's number (# in the tables)."))
+                + f'<div class="plots">{charts}</div>' + numbers_table)
 
     def run_section(self) -> str:
         m = self.audit.manifest
@@ -550,6 +645,7 @@ class Report:
     def html(self) -> str:
         m = self.audit.manifest
         sections = [("verdict", "Verdict", self.verdict_section()),
+                    ("history", "History", self.history_section()),
                     ("methods", "Methods", self.methods_section()),
                     ("findings", "Clever-Hans findings", self.findings_section()),
                     ("classes", "Per class", self.classes_section()),
