@@ -128,7 +128,8 @@ class Explainer:
     Subclasses set ``name`` (the registered short name), ``signed`` (whether the map
     carries a sign), ``passes`` (forward/backward passes per image, for cost and the
     compute floor), ``extras`` (name -> column type: "float32", "int64", "string",
-    "float32[]", "int32[]") and implement ``explain``.  Keyword arguments of
+    "float32[]", "int32[]"), ``needs_gradients`` (False when forward passes are all it
+    takes) and implement ``explain``.  Keyword arguments of
     ``__init__`` are the method's options; ``options()`` reports their resolved values
     so a run can record them.
     """
@@ -136,6 +137,8 @@ class Explainer:
     name: ClassVar[str] = ""
     signed: ClassVar[bool] = True
     extras: ClassVar[dict[str, str]] = {}
+    # False for a method that needs only the model's answers (a black box: an ONNX file, an endpoint).
+    needs_gradients: ClassVar[bool] = True
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model

@@ -188,6 +188,7 @@ class SuperpixelExplainer(Explainer):
     """
 
     signed = True
+    needs_gradients = False  # the model's answers to perturbed images are all it takes
 
     def __init__(self, model, segmentation: str = "quickshift",
                  segmentation_options: dict | None = None, min_segments: int = 4,

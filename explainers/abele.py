@@ -246,6 +246,7 @@ class Abele(Explainer):
     """
 
     name = "abele"
+    needs_gradients = False
     extras = {"rule": "string", "rule_features": "int32[]", "rule_lower": "float32[]", "rule_upper": "float32[]",
               "counterfactuals": "string", "counterfactual_classes": "int32[]", "fidelity": "float32",
               "neighbours": "int64", "latent": "float32[]", "exemplars": "float32[]", "exemplar_count": "int64",

@@ -72,6 +72,7 @@ class Occlusion(Explainer):
     """
 
     name = "occlusion"
+    needs_gradients = False
 
     def __init__(self, model, window: int = 4, stride: int = 2, fill: float = 0.0,
                  score: str = "log_odds", max_forward_batch: int | None = None):

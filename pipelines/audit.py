@@ -25,14 +25,15 @@ from explainers import list_methods
 from pipelines import gates, incremental
 from pipelines.options import UsageError, redact_argv
 from pipelines.findings import FINDINGS_SCHEMA, SCORE_THRESHOLD, find_clever_hans
-from pipelines.preflight import check_shards, preflight, thread_budget, worker_device_entry
+from pipelines.preflight import check_forward_only, check_shards, preflight, thread_budget, worker_device_entry
 from pipelines.sanity import SANITY_SCHEMA, run_sanity_check
 from pipelines.spec import manifest_entry, parse_invocation, redact_secrets
 from transforms import history, map_storage, progress, publication, storage
 from transforms.abele_protocol import AbeleProtocol
 from transforms.batching import ERRORS, READ, ReadShardBatches
 from transforms.duplicates import DropRepeatedIds, FirstShardOfRepeatedIds, ListShardIds
-from transforms.explain import DEVICE, ExplainBatches, ExplainConfig, build_explainers
+from transforms.explain import (ALL, DEVICE, HTTP, MODEL_CALLS, NOT_COUNTED, ExplainBatches, ExplainConfig,
+                                build_explainers)
 from transforms.models import ModelSpec, model_hashes
 from transforms.parquet_sink import WriteParquet, write_table
 from transforms.readers import read_shard
@@ -157,7 +158,9 @@ def plan(argv: list[str]) -> Plan:
         shards = check_shards(storage.expand_glob(args.input, args.storage_options), args.input)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
-    spec = ModelSpec(args.model, args.weights, args.trust_model, args.storage_options or None)
+    spec = ModelSpec(args.model, args.weights, args.trust_model, args.storage_options or None,
+                     args.endpoint_options or None)
+    check_forward_only(spec, list(methods), args.sanity_check)
     config = ExplainConfig(model=spec, methods=methods, device=args.device, target=args.target, seed=args.seed,
                            metrics=args.metrics, metric_steps=args.metric_steps,
                            metric_substrate=args.metric_substrate,
@@ -209,7 +212,12 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
                                             beam.pvalue.AsDict(done)).with_outputs(SKIPPED, main="batches"))
     explained = (todo.batches
                  | "Explain" >> beam.ParDo(ExplainBatches(config, shared.Shared()))
-                 .with_outputs(ERRORS, DEVICE, SKIPPED, main="rows"))
+                 .with_outputs(ERRORS, DEVICE, SKIPPED, MODEL_CALLS, main="rows"))
+    (explained[MODEL_CALLS] | "KeyCalls" >> beam.Map(lambda c: (c[0], (c[1], c[2])))
+     | "SumCalls" >> beam.CombinePerKey(lambda pairs: tuple(map(sum, zip(*pairs))))
+     | "ListCalls" >> beam.combiners.ToList()
+     | "WriteCalls" >> beam.Map(lambda calls: storage.write_json_atomic(
+         run.private("model-calls.json"), sorted([key, *value] for key, value in calls), storage_options)))
     ((todo[SKIPPED], explained[SKIPPED]) | "AllSkipped" >> beam.Flatten()
      | "CountSkipped" >> beam.CombinePerKey(sum) | "ListSkipped" >> beam.combiners.ToList()
      | "WriteSkipped" >> beam.Map(lambda pairs: storage.write_json_atomic(
@@ -384,7 +392,8 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
                   "num_classes": plan.resolved["num_classes"]},
         "torch_threads": plan.resolved["torch_threads"],  # per worker process; per_process None: decided there
         "methods": plan.resolved["methods"],
-        "options": {k: redact_secrets(v) for k, v in vars(args).items() if k not in ("storage_options",)},
+        "options": {k: redact_secrets(v) for k, v in vars(args).items()
+                    if k not in ("storage_options", "endpoint_options")},
         "preprocessing": dataclasses.asdict(plan.prep),
         "conventions": {
             "explained_output": "logit of the target class (pre-softmax)",
@@ -411,10 +420,38 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
         "incremental": plan.work.entry(run.run_id) if plan.work is not None else None,
         "sanity": sanity,
         "findings": findings_entry(run, plan.storage_options, files),
+        "model_calls": model_calls_entry(run, plan.storage_options, counts),
         "outputs": run.relative_outputs(OUTPUTS),
         "files": {name: list(sizes) for name, sizes in files.items()},
         "map_bytes_per_row": round(sum(files["saliency"].values()) / saliency_rows, 1) if saliency_rows else None,
     }
+
+
+def model_calls_entry(run: Run, storage_options: dict[str, Any], counts: dict) -> dict:
+    """What the model was asked (forward calls through its root module, and the images they
+    carried): per method for its explanations alone, and in all (predictions and metrics too);
+    for an endpoint, its HTTP requests and retries. The cost of a black box, per image explained."""
+    try:
+        rows = json.loads(storage.read_bytes(run.private("model-calls.json"), storage_options))
+    except FileNotFoundError:
+        return {"counted": False}
+    found = {key: (calls, images) for key, calls, images in rows}
+    explained = sum(c["explained"] for c in counts.values()) // max(1, len(counts))
+    entry: dict[str, Any] = {"counted": NOT_COUNTED not in found}
+    if HTTP in found:
+        entry["http"] = {"requests": found[HTTP][0], "retries": found[HTTP][1]}
+    if not entry["counted"]:  # TorchScript modules take no hook
+        return entry
+    entry["methods"] = {}
+    for method, c in counts.items():
+        calls, images = found.get(method, (0, 0))
+        entry["methods"][method] = {"calls": calls, "images": images,
+                                    "images_per_image": round(images / c["explained"], 1) if c["explained"] else None}
+    if ALL in found:
+        calls, images = found[ALL]
+        entry["all"] = {"calls": calls, "images": images,
+                        "images_per_image": round(images / explained, 1) if explained else None}
+    return entry
 
 
 def _worker_devices(run: Run, storage_options: dict[str, Any]) -> list[str]:

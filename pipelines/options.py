@@ -16,6 +16,7 @@ REDACTED = "<redacted>"
 # like a secret, e.g. Beam's --s3_access_key_id, --s3_secret_access_key, --s3_session_token.
 _SECRET_NAME = re.compile(r"key|secret|token|passw|credential", re.IGNORECASE)
 _STORAGE_OPTIONS = "storage-options"
+_ENDPOINT_OPTIONS = "endpoint-options"  # may hold headers with credentials: never in the manifest
 
 
 class UsageError(Exception):
@@ -128,6 +129,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help='per-method options, e.g. \'{"intg": {"n_steps": 32}}\'')
     add("--aae", help="adversarial autoencoder for abele")
     add("--seed", type=int, default=0, help="base seed; each image's seed derives from it and the image id")
+    add("--endpoint-options", type=_json_object, default={},
+        help="for a --model http(s):// endpoint: max_batch, max_in_flight, rate, timeout, retries, backoff, "
+             "output (logits|probabilities), headers, token_env (docs in README; never in the manifest)")
     add("--storage-options", type=_json_object, default={},
         help='fsspec storage options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     add("--resize", type=_size, help="resize images to H,W (bilinear, antialiased)")
@@ -268,7 +272,8 @@ def _takes_value(flag: str) -> bool:
 def _is_secret_flag(flag: str) -> bool:
     name = flag.lstrip("-").replace("_", "-").lower()
     # a prefix spelling is refused by the parsers, but hide its value all the same
-    return (len(name) >= 2 and _STORAGE_OPTIONS.startswith(name)) or bool(_SECRET_NAME.search(name))
+    return (len(name) >= 2 and (_STORAGE_OPTIONS.startswith(name) or _ENDPOINT_OPTIONS.startswith(name))) \
+        or bool(_SECRET_NAME.search(name))
 
 
 def redact_argv(argv: list[str]) -> list[str]:

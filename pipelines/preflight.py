@@ -223,6 +223,23 @@ def first_sample(shards: list[str], prep: Preprocessing, storage_options: dict) 
     return None
 
 
+def check_forward_only(spec: ModelSpec, methods: list[str], sanity_check: bool) -> None:
+    """A black box (an ONNX file, an endpoint) answers forward passes only: the methods that need
+    its gradients, and the sanity check (which randomises its layers), fail here in one line."""
+    if not spec.is_black_box():
+        return
+    from explainers import list_methods
+    from explainers._registry import explainer_class
+    needing = [m for m in methods if explainer_class(m).needs_gradients]
+    if needing:
+        able = [m for m in list_methods() if not explainer_class(m).needs_gradients]
+        raise UsageError(f"method(s) {', '.join(needing)} need gradients of the model, and {spec.model} (a black box: "
+                         f"an ONNX file or an endpoint) answers forward passes only; the methods that need only its answers: {', '.join(able)}")
+    if sanity_check:
+        raise UsageError(f"--sanity-check randomises the model's layers one by one, which a black box "
+                         f"({spec.model}) does not expose; audit its torch source for the sanity check")
+
+
 def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
               storage_options: dict[str, Any], beam_args: list[str] | None = None) -> dict[str, Any]:
     """Checks the run on this launcher; ``beam_args`` (the runner's options) decide whether the
@@ -248,14 +265,25 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
         return report  # nothing decodable up front: every record will reach errors/ with its reason
     image_id, image = sample
     image = image.to(loaded.device)
+    graph_input = getattr(loaded.model, "input", None)  # an ONNX graph's own input spec
+    problem = graph_input.problem(tuple(image.shape)) if graph_input is not None else None
+    if problem:
+        raise UsageError(f"{config.model.model} does not fit the images: {problem}")
     try:
         with torch.inference_mode():
             logits = loaded.model(image)
     except Exception as e:
+        if getattr(e, "stage", None) == "model":  # an endpoint that does not answer: down now, so fail now
+            raise UsageError(f"the model endpoint fails on sample image {image_id}: {e}") from None
         raise UsageError(f"the model rejects input of shape {list(image.shape)} (image {image_id}): "
                          f"{type(e).__name__}: {str(e).splitlines()[0]}; check --channels/--resize") from None
     if logits.dim() != 2:
         raise UsageError(f"the model must return logits [B,K], returned shape {list(logits.shape)}")
+    if bool((logits >= 0).all()) and float((logits.float().sum(dim=1) - 1).abs().max()) < 1e-3:
+        logging.getLogger("saliency_audit").warning(
+            "the model's outputs on sample image %s look like probabilities (non-negative, summing to 1); the job "
+            "takes logits, and the softmax of probabilities flattens every score: export the logits (for an "
+            "endpoint, --endpoint-options '{\"output\": \"probabilities\"}')", image_id)
     report["num_classes"], report["sample_image"] = int(logits.shape[1]), image_id
     check_target(config.target, report["num_classes"])
     target = logits.argmax(dim=1)

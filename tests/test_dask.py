@@ -12,7 +12,7 @@ distributed = pytest.importorskip("distributed")
 
 from conftest import read_output  # noqa: E402
 from pipelines import audit  # noqa: E402
-from test_runners import assert_same_values, audit_with, direct_reference, two_shards  # noqa: E402,F401
+from test_runners import PER_SHARD, assert_same_values, audit_with, direct_reference, two_shards  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def test_two_worker_cluster_gives_the_direct_runners_values(cluster, two_shards,
     assert len(worked) == 2, "both worker processes ran tasks"
     manifest = json.loads((tmp_path / "dask" / "manifest.json").read_text())
     assert manifest["runner"] == "DaskRunner"
-    assert all(c == {"read": 48, "explained": 48, "errors": 0} for c in manifest["counts"].values())
+    n = 2 * PER_SHARD
+    assert all(c == {"read": n, "explained": n, "errors": 0} for c in manifest["counts"].values())
     assert manifest["model"]["device"] == "cpu"  # as the workers reported it
 
 
@@ -77,18 +78,20 @@ def test_a_worker_killed_mid_run_costs_nothing(cluster, tmp_path, mnist_dir, dem
 
     from pipelines.mnist import load_mnist_split, write_tar_shards
     images, labels = load_mnist_split(mnist_dir / "t10k-images-idx3-ubyte.gz", mnist_dir / "t10k-labels-idx1-ubyte.gz")
-    n, shard_size = 2400, 150
+    n, shard_size = 600, 75  # 8 shards: the first files land with most shards still to run
     write_tar_shards(images[:n], labels[:n], tmp_path / "shards", shard_size, "digit")
     address, client = cluster
     output = tmp_path / "out"
     pids = client.run(os.getpid)
     killed: list[int] = []
+    written_at_kill: list[str] = []
 
     def kill_when_files_appear():  # mid-run: some shards are written, most are not
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not killed:
             if any(output.glob("saliency/run=*/*.parquet")) and not (output / "manifest.json").exists():
                 pid = max(pids.values())
+                written_at_kill.extend(p.name for p in output.glob("saliency/run=*/*.parquet"))
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             time.sleep(0.05)
@@ -108,3 +111,4 @@ def test_a_worker_killed_mid_run_costs_nothing(cluster, tmp_path, mnist_dir, dem
     assert len(keys) == len(set(keys)) == 2 * n  # no duplicates, none missing
     on_disk = sorted(f"saliency/{p.parent.name}/{p.name}" for p in output.glob("saliency/run=*/*.parquet"))
     assert on_disk == sorted(manifest["files"]["saliency"])  # the killed attempt's files are gone
+    assert len(written_at_kill) < len(on_disk) / 2, written_at_kill  # the kill landed mid-run

@@ -82,3 +82,18 @@ def test_hash_of_model_files(tmp_path, reference):
     import hashlib
     assert model_hashes(spec) == {str(tmp_path / "w.pt"): hashlib.sha256((tmp_path / "w.pt").read_bytes()).hexdigest()}
     assert file_sha256(str(tmp_path / "w.pt")) == model_hashes(spec)[str(tmp_path / "w.pt")]
+
+
+def test_a_model_that_takes_no_hook_is_reported_uncounted(tmp_path, reference):
+    """A scripted module refuses forward hooks: the manifest says its calls were not counted,
+    rather than that the methods asked it nothing."""
+    from conftest import DEMO_DATA
+    from pipelines import audit
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()
+    torch.jit.script(small).save(str(tmp_path / "scripted.pt"))
+    manifest = audit.run(["--input", str(DEMO_DATA / "mnist-test-sample.tar"), "--model", str(tmp_path / "scripted.pt"),
+                          "--methods", "occlusion", "--channels", "1", "--limit-per-shard", "2", "--torch-threads", "1",
+                          "--output", str(tmp_path / "out")])
+    assert manifest["counts"]["occlusion"]["explained"] == 2
+    assert manifest["model_calls"] == {"counted": False}

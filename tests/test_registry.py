@@ -30,3 +30,5 @@ def test_every_method_declares_a_usable_interface():
         assert isinstance(explainer, Explainer) and explainer.name == name
         assert set(explainer.passes()) <= {"forward", "backward"}
         assert set(explainer.options()) == set(params)
+        # a method that says it needs only the model's answers (so ONNX models may use it) runs no backward pass
+        assert explainer.needs_gradients or not explainer.passes().get("backward"), name

@@ -15,16 +15,23 @@ from conftest import add_member, read_output
 from pipelines import audit
 
 
+PER_SHARD = 16  # digits: batches of 5 leave a partial last batch in each shard
+# The shards and the DirectRunner's values, made once per session: test_dask compares with them too.
+_SHARED: dict = {}
+
+
 @pytest.fixture(scope="module")
 def two_shards(tmp_path_factory, demo_shard):
-    root = tmp_path_factory.mktemp("runner-shards")
-    with tarfile.open(demo_shard) as src:
-        members = src.getmembers()[:96]  # .png + .cls per image
-        for k in range(2):
-            with tarfile.open(root / f"part-{k}.tar", "w") as dst:
-                for member in members[k * 48:(k + 1) * 48]:
-                    add_member(dst, member.name, src.extractfile(member).read())
-    return root
+    if "shards" not in _SHARED:
+        root = tmp_path_factory.mktemp("runner-shards")
+        with tarfile.open(demo_shard) as src:
+            members = src.getmembers()[:4 * PER_SHARD]  # .png + .cls per image
+            for k in range(2):
+                with tarfile.open(root / f"part-{k}.tar", "w") as dst:
+                    for member in members[k * 2 * PER_SHARD:(k + 1) * 2 * PER_SHARD]:
+                        add_member(dst, member.name, src.extractfile(member).read())
+        _SHARED["shards"] = root
+    return _SHARED["shards"]
 
 
 def audit_with(runner_args, shards, output, demo_model_args):
@@ -39,7 +46,7 @@ def audit_with(runner_args, shards, output, demo_model_args):
 
 def test_in_process_multiprocessing_and_portable_runners_agree(two_shards, tmp_path, demo_model_args,
                                                                direct_reference):
-    assert len(direct_reference) == 48 * 3
+    assert len(direct_reference) == 2 * PER_SHARD * 3
     for name, args in {
         "multi_processing": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
         "portable": ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
@@ -73,7 +80,9 @@ def assert_same_values(reference: dict, other: dict, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def direct_reference(two_shards, tmp_path_factory, demo_model_args):
-    return audit_with([], two_shards, tmp_path_factory.mktemp("direct"), demo_model_args)
+    if "direct" not in _SHARED:
+        _SHARED["direct"] = audit_with([], two_shards, tmp_path_factory.mktemp("direct"), demo_model_args)
+    return _SHARED["direct"]
 
 
 def test_external_sdk_worker_pool_gives_the_direct_runners_values(two_shards, tmp_path, demo_model_args,

@@ -25,6 +25,10 @@ from transforms.rows import extra_value, map_problems, map_statistics
 from transforms.skip_explained import SKIPPED
 
 DEVICE = "device"  # side output: the device each batch ran on, so the manifest records the workers'
+# side output: (what, calls, images) the model was asked: what = a method (its explain calls), ALL
+# (everything: predictions, methods, metrics) or HTTP (an endpoint's requests, retries)
+MODEL_CALLS = "model_calls"
+ALL, HTTP, NOT_COUNTED = "*", "*http", "*not counted"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,38 @@ class ExplainConfig:
     progress: progress.Sink | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
+class CallCounter:
+    """Forward calls of the model and the images they carried, counted by a pre-hook on its root
+    module: what a black box is billed for. (A TorchScript module takes no hook: not counted.)"""
+
+    def __init__(self):
+        self.calls = self.images = 0
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module) -> "CallCounter | None":
+        counter = cls()
+
+        def count(module, args):
+            first = args[0] if args else None
+            counter.calls += 1
+            counter.images += int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+        try:
+            model.register_forward_pre_hook(count)
+        except Exception:  # noqa: BLE001 - ScriptModules refuse hooks
+            return None
+        return counter
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.calls, self.images
+
+
+def _http(model) -> tuple[int, int]:
+    """An endpoint's requests and retries so far ((0, 0) for other models)."""
+    calls = getattr(model, "calls", None)
+    return calls.snapshot()[::2] if calls is not None else (0, 0)
+
+
 class _Loaded:
     """What a worker keeps between bundles: the model and one explainer per method.
     (A plain class, because Beam's Shared holds objects by weak reference.)
@@ -131,6 +167,7 @@ class _Loaded:
         self.device = resolve_device(config.device)
         self.model = load_model(config.model, self.device)
         self.explainers = {name: get_explainer(name, self.model, **opts) for name, opts in config.methods.items()}
+        self.counter = CallCounter.attach(self.model)
 
 
 def build_explainers(config: ExplainConfig) -> _Loaded:
@@ -171,6 +208,12 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
     return logits, probabilities, predicted
 
 
+def _subset(batch: ImageBatch, rows: list[int]) -> ImageBatch:
+    return ImageBatch(image_ids=[batch.image_ids[i] for i in rows], sources=[batch.sources[i] for i in rows],
+                      labels=[batch.labels[i] for i in rows], sizes=[batch.sizes[i] for i in rows],
+                      pixels=batch.pixels[rows], skip=None if batch.skip is None else [batch.skip[i] for i in rows])
+
+
 def metric_value(value: torch.Tensor) -> float | list[float] | None:
     """One image's metric as a Parquet value: NaN or infinite (no usable neighbour, constant
     map, a model that overflows on perturbed images) -> null."""
@@ -197,8 +240,17 @@ class ExplainBatches(beam.DoFn):
         self._state = self._shared.acquire(lambda: build_explainers(config), tag=repr(config))
 
     def process(self, batch: ImageBatch):
-        with self._state.lock:
+        state = self._state
+        with state.lock:
+            before, http = self._calls(), _http(state.model)
             outputs = list(self._explain_batch(batch))
+            after, http_after = self._calls(), _http(state.model)
+        if after is not None:
+            yield beam.pvalue.TaggedOutput(MODEL_CALLS, (ALL, after[0] - before[0], after[1] - before[1]))
+        else:  # a model that takes no hook (TorchScript): say so, rather than count nothing
+            yield beam.pvalue.TaggedOutput(MODEL_CALLS, (NOT_COUNTED, 1, 0))
+        if http_after != http:
+            yield beam.pvalue.TaggedOutput(MODEL_CALLS, (HTTP, http_after[0] - http[0], http_after[1] - http[1]))
         progress.images_explained(self.config.progress, len(batch.image_ids))
         yield beam.pvalue.TaggedOutput(DEVICE, str(self._state.device))
         yield from outputs
@@ -206,16 +258,31 @@ class ExplainBatches(beam.DoFn):
     def finish_bundle(self):
         progress.flush(self.config.progress)  # the bundle's last counts, not only those of WRITE_S ago
 
+    def _calls(self) -> tuple[int, int] | None:
+        counter = getattr(self._state, "counter", None)  # (a state built by hand, in tests, has none)
+        return counter.snapshot() if counter is not None else None
+
     def _explain_batch(self, batch: ImageBatch):
         state, config = self._state, self.config
         images = torch.from_numpy(batch.pixels).to(state.device)
         try:
             logits, probabilities, predicted = predict(state.model, images)
-        except Exception as e:
-            for image_id, source in zip(batch.image_ids, batch.sources):
-                yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
-                    image_id, source, "model", f"model forward failed: {type(e).__name__}: {e}"))
-            return
+        except Exception:
+            # Alone, one at a time: a record the model fails on (an endpoint that keeps refusing
+            # it) costs that record, not its batch.
+            answered = []
+            for i, (image_id, source) in enumerate(zip(batch.image_ids, batch.sources)):
+                try:
+                    answered.append((i, predict(state.model, images[i:i + 1])))
+                except Exception as e:
+                    yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
+                        image_id, source, "model", f"model forward failed: {type(e).__name__}: {e}"))
+            if not answered:
+                return
+            keep = [i for i, _ in answered]
+            batch = _subset(batch, keep)
+            images = images[keep]
+            logits, probabilities, predicted = (torch.cat(parts) for parts in zip(*(p for _, p in answered)))
         # A non-finite output costs that image only: its maps and scores would be NaN too.
         finite = (torch.isfinite(logits).all(dim=1) & torch.isfinite(probabilities).all(dim=1)).tolist()
         targets, reasons = choose_targets(config.target, predicted, batch.labels, probabilities.shape[1])
@@ -269,6 +336,7 @@ class ExplainBatches(beam.DoFn):
     def _explain_method(self, name, explainer, batch, keep, images, targets, seeds, probabilities, predicted,
                         reference):
         outcomes = []  # (position in keep, Explanation, index in it, ms per image)
+        before = self._calls()
         try:
             start = time.perf_counter()
             result = explainer.explain(images, targets, seeds)
@@ -282,9 +350,13 @@ class ExplainBatches(beam.DoFn):
                     start = time.perf_counter()
                     single = explainer.explain(images[j:j + 1], targets[j:j + 1], seeds[j:j + 1])
                     outcomes.append((j, single, 0, 1000 * (time.perf_counter() - start)))
-                except Exception as e:
+                except Exception as e:  # stage model: the model could not be asked (an endpoint down)
                     yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(
-                        batch.image_ids[i], batch.sources[i], "explain", f"{type(e).__name__}: {e}", name))
+                        batch.image_ids[i], batch.sources[i], getattr(e, "stage", "explain"),
+                        f"{type(e).__name__}: {e}", name))
+        after = self._calls()
+        if after is not None:
+            yield beam.pvalue.TaggedOutput(MODEL_CALLS, (name, after[0] - before[0], after[1] - before[1]))
         if not outcomes:
             return
         # One array and one set of statistics for the batch's maps, not per row. A map with NaN or

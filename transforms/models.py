@@ -37,12 +37,24 @@ class ModelSpec:
     weights: str | None = None
     trust_model: bool = False
     storage_options: dict[str, Any] | None = None
+    endpoint: dict[str, Any] | None = None  # --endpoint-options, for an http(s):// model
 
     def is_callable(self) -> bool:
         return bool(_CALLABLE.match(self.model))
 
+    def is_onnx(self) -> bool:
+        return not self.is_callable() and self.model.lower().endswith(".onnx")
+
+    def is_endpoint(self) -> bool:
+        return self.model.lower().startswith(("http://", "https://"))
+
+    def is_black_box(self) -> bool:
+        """Answers forward passes only: no gradients, no layers."""
+        return self.is_onnx() or self.is_endpoint()
+
     def files(self) -> list[str]:
-        return [f for f in ([] if self.is_callable() else [self.model]) + [self.weights] if f]
+        own = [] if self.is_callable() or self.is_endpoint() else [self.model]
+        return [f for f in own + [self.weights] if f]
 
 
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
@@ -90,6 +102,8 @@ def state_sha256(model: torch.nn.Module) -> str:
     """sha256 of the loaded model's parameters and buffers (names, dtypes, shapes, bytes): the
     part of its identity that no file may hold (a module:Callable without --weights)."""
     digest = hashlib.sha256()
+    if callable(getattr(model, "identity", None)):  # an endpoint: its URL and the version it reports
+        digest.update(f"endpoint:{model.identity()};".encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
@@ -116,17 +130,26 @@ def check_model_files(spec: ModelSpec) -> None:
             raise ModelLoadError(f"model file not found: {url}")
     if spec.weights and not spec.is_callable():
         raise ModelLoadError("--weights needs --model in the module:Callable form")
+    if spec.endpoint and not spec.is_endpoint():
+        raise ModelLoadError("--endpoint-options needs --model http(s)://... (a prediction endpoint)")
 
 
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The model in eval mode on ``device``, parameters frozen (explainers need input
     gradients only)."""
     check_model_files(spec)
-    if spec.is_callable():
+    if spec.is_endpoint():
+        from transforms.endpoint_model import EndpointModel, EndpointOptions
+        try:
+            model = EndpointModel(spec.model, EndpointOptions.parse(spec.endpoint))
+        except Exception as e:  # noqa: BLE001 - bad options, a bad URL, the endpoint down (ModelCallError)
+            from transforms.endpoint_model import _shown
+            raise ModelLoadError(f"model endpoint {_shown(spec.model)}: {' '.join(str(e).split())[:300]}") from None
+    elif spec.is_callable():
         model = _from_callable(spec)
     else:
         with _local_copy(spec.model, spec.storage_options) as path:
-            model = _from_file(path, spec)
+            model = _from_onnx(path, spec, device) if spec.is_onnx() else _from_file(path, spec)
     model = model.to(device)
     try:
         model.eval()
@@ -163,6 +186,23 @@ def _from_callable(spec: ModelSpec) -> torch.nn.Module:
             raise ModelLoadError(f"weights {spec.weights} do not fit {spec.model}: "
                                  f"{' '.join(line.strip() for line in first[:3])}") from None
     return model
+
+
+def _from_onnx(path: str, spec: ModelSpec, device) -> torch.nn.Module:
+    """An ONNX graph, interpreted by onnxruntime (nothing in it runs as Python, so no --trust-model)."""
+    try:
+        from transforms.onnx_model import OnnxModel
+    except ImportError:
+        raise ModelLoadError(f"{spec.model}: ONNX models need onnxruntime (pip install 'saliency-audit[onnx]')") from None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return OnnxModel(data, str(device), torch.get_num_threads())
+    except ImportError:
+        raise ModelLoadError(f"{spec.model}: ONNX models need onnxruntime (pip install 'saliency-audit[onnx]')") from None
+    except Exception as e:  # onnxruntime's errors: a file that is not a graph, an operator it lacks
+        raise ModelLoadError(f"cannot load ONNX model {spec.model}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}") from None
 
 
 def _from_file(path: str, spec: ModelSpec) -> torch.nn.Module:

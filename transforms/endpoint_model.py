@@ -1,0 +1,277 @@
+"""Prediction endpoints as models (``--model http(s)://HOST/v2/models/NAME`` or any other URL):
+the classifier in production, audited through its HTTP API as a forward-only black box.
+
+Two protocols, chosen by the URL:
+
+* KServe v2 / Open Inference Protocol (a path ``.../v2/models/NAME[/versions/V]``): POST
+  ``URL/infer`` with ``{"inputs": [{"name", "shape": [B,C,H,W], "datatype": "FP32", "data"}]}``,
+  the first output ``[B,K]`` back; the input's name and the model's version come from ``GET URL``.
+* plain JSON (any other URL): POST ``{"instances": [image, ...]}`` (each ``[C,H,W]`` nested lists),
+  ``{"predictions": [[K floats], ...]}`` back (TensorFlow Serving's and TorchServe's form).
+
+Per worker process: batches of at most ``max_batch`` images per request, at most ``max_in_flight``
+requests at once, at most ``rate`` requests a second, a ``timeout`` per request, and ``retries``
+with exponential backoff (and Retry-After) on 429, 5xx, timeouts and dropped connections. A
+request that still fails raises ``ModelCallError``: the images it carried cost one error row each
+(stage ``model``), never the run. Credentials: ``headers`` in the endpoint options, or a bearer
+token from the environment variable named by ``token_env`` (default
+``SALIENCY_AUDIT_ENDPOINT_TOKEN``); neither reaches the manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+TOKEN_ENV = "SALIENCY_AUDIT_ENDPOINT_TOKEN"
+RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+ANSWER_BYTES = 1 << 20, 64 << 10  # an answer is at most 1 MiB + 64 KiB per image: logits, not a dump
+BREAKER = 3, 30.0  # after 3 requests in a row that exhausted their retries, fail fast for 30 s
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the credentials to another place (urllib copies the headers) and
+    turn the POST into a GET: refused."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise ModelCallError(f"{req.get_method()} {_shown(req.full_url)}: the endpoint redirects (HTTP {code}); "
+                             f"give the final URL")
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _shown(url: str) -> str:
+    """The URL without what may be a credential (user info, query)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", "")) if parts.port is None \
+        else urllib.parse.urlunsplit((parts.scheme, f"{parts.hostname}:{parts.port}", parts.path, "", ""))
+
+
+class ModelCallError(RuntimeError):
+    """The model could not be asked (an endpoint that keeps failing): costs the images, stage model."""
+
+    stage = "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointOptions:
+    max_batch: int = 32
+    max_in_flight: int = 4
+    rate: float | None = None  # requests per second per worker process; None: unlimited
+    timeout: float = 30.0
+    retries: int = 4
+    backoff: float = 0.5  # seconds before the first retry, doubled each time (at most 30 s)
+    output: str = "logits"  # or "probabilities": turned into log-probabilities, whose softmax they are
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    token_env: str = TOKEN_ENV
+
+    @classmethod
+    def parse(cls, given: dict[str, Any] | None) -> "EndpointOptions":
+        """Checked options, or ValueError naming the bad key in one line."""
+        given = dict(given or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(f"--endpoint-options: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        options = cls(**given)
+        for name in ("max_batch", "max_in_flight", "retries"):
+            value = getattr(options, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "retries" else 1):
+                raise ValueError(f"--endpoint-options: {name} must be an integer >= {0 if name == 'retries' else 1}")
+        for name in ("timeout", "backoff", "rate"):
+            value = getattr(options, name)
+            if value is None and name == "rate":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1e6:
+                raise ValueError(f"--endpoint-options: {name} must be a positive number of seconds"
+                                 + (" (requests per second)" if name == "rate" else ""))
+        if options.output not in ("logits", "probabilities"):
+            raise ValueError("--endpoint-options: output must be logits or probabilities")
+        if not isinstance(options.headers, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                            for k, v in options.headers.items()):
+            raise ValueError("--endpoint-options: headers must be a table of strings")
+        return options
+
+
+def is_endpoint(model: str) -> bool:
+    return model.lower().startswith(("http://", "https://"))
+
+
+class _RateLimit:
+    """At most ``rate`` starts a second, spaced evenly, across the worker's threads."""
+
+    def __init__(self, rate: float | None):
+        self.interval = 1.0 / rate if rate else 0.0
+        self.next = 0.0
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next)
+            self.next = start + self.interval
+        time.sleep(max(0.0, start - now))
+
+
+class Calls:
+    """What the model was asked, for the manifest's cost figures (thread-safe)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = self.images = self.retries = 0
+
+    def add(self, requests: int = 0, images: int = 0, retries: int = 0) -> None:
+        with self.lock:
+            self.requests += requests
+            self.images += images
+            self.retries += retries
+
+    def snapshot(self) -> tuple[int, int, int]:
+        with self.lock:
+            return self.requests, self.images, self.retries
+
+
+class EndpointModel(torch.nn.Module):
+    """A forward-only module that asks an HTTP endpoint for logits."""
+
+    differentiable = False
+
+    def __init__(self, url: str, options: EndpointOptions):
+        super().__init__()
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{_shown(url)}: an endpoint is an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query:
+            raise ValueError(f"{_shown(url)}: no credentials or query in the URL (they would reach the manifest "
+                             f"and the logs); give them as --endpoint-options headers or token_env")
+        self.url, self.options = url.rstrip("/"), options
+        self.classes: int | None = None  # K, from the first answer: every later answer must match
+        self._failures, self._failed_at = 0, 0.0
+        self.kserve = "/v2/models/" in self.url
+        self.calls = Calls()
+        self._limit = _RateLimit(options.rate)
+        self._pool = ThreadPoolExecutor(max_workers=options.max_in_flight, thread_name_prefix="endpoint")
+        self.input_name, self.version = "input-0", None
+        if self.kserve:  # the input's name and the model's version, from the model's metadata
+            metadata = self._call("GET", self.url, None, 0)
+            inputs = metadata.get("inputs") if isinstance(metadata, dict) else None
+            if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict) and isinstance(inputs[0].get("name"), str):
+                self.input_name = inputs[0]["name"]
+            versions = metadata.get("versions") if isinstance(metadata, dict) else None
+            self.version = str(metadata.get("version") or (versions[-1] if isinstance(versions, list) and versions else "")) \
+                or None
+
+    def identity(self) -> str:
+        """What names the model behind the endpoint (the manifest's and the history's model)."""
+        return f"{self.url} version {self.version}" if self.version else self.url
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().to("cpu", torch.float32).numpy()
+        step = self.options.max_batch
+        chunks = [array[i:i + step] for i in range(0, len(array), step)]
+        try:
+            answers = list(self._pool.map(self._ask, chunks))
+        except ModelCallError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the answer did, it costs these images, stage model
+            raise ModelCallError(f"{_shown(self.url)}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+        out = np.concatenate(answers) if answers else np.zeros((0, self.classes or 0), np.float32)
+        if self.options.output == "probabilities":
+            out = np.log(np.clip(out, 1e-38, None))
+        return torch.from_numpy(out.astype(np.float32)).to(images.device)
+
+    def _ask(self, chunk: np.ndarray) -> np.ndarray:
+        if self.kserve:
+            body = {"inputs": [{"name": self.input_name, "shape": list(chunk.shape), "datatype": "FP32",
+                                "data": chunk.reshape(-1).tolist()}]}
+            answer = self._call("POST", f"{self.url}/infer", body, len(chunk))
+            outputs = answer.get("outputs") if isinstance(answer, dict) else None
+            if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], dict):
+                raise ModelCallError(f"{_shown(self.url)}: the answer has no outputs")
+            data, shape = outputs[0].get("data"), outputs[0].get("shape")
+        else:
+            answer = self._call("POST", self.url, {"instances": chunk.tolist()}, len(chunk))
+            data = answer.get("predictions") if isinstance(answer, dict) else None
+            shape = None
+        try:
+            values = np.asarray(data, dtype=np.float64)
+            values = values.reshape(shape) if shape is not None else values
+        except (TypeError, ValueError):
+            raise ModelCallError(f"{_shown(self.url)}: the answer's outputs are not numbers of one shape") from None
+        if values.ndim != 2 or values.shape[0] != len(chunk) or (self.classes or values.shape[1]) != values.shape[1]:
+            raise ModelCallError(f"{_shown(self.url)}: expected outputs [{len(chunk)}, {self.classes or 'K'}] for "
+                                 f"{len(chunk)} image(s), got shape {list(values.shape)}")
+        self.classes = values.shape[1]
+        return values.astype(np.float32)
+
+    def _call(self, method: str, url: str, body: dict | None, images: int) -> Any:
+        """One request with retries; the decoded JSON answer, or ModelCallError. Each attempt has
+        ``timeout`` seconds in all (not per read: a server that trickles is cut off)."""
+        options = self.options
+        headers = {"Content-Type": "application/json", "Accept": "application/json", **options.headers}
+        token = os.environ.get(options.token_env)
+        if token and not any(k.lower() == "authorization" for k in headers):
+            headers["Authorization"] = f"Bearer {token}"
+        secrets = [v for v in [token, *options.headers.values()] if v]
+        if self._failures >= BREAKER[0] and time.monotonic() - self._failed_at < BREAKER[1]:
+            raise ModelCallError(f"{method} {_shown(url)}: {self._failures} requests in a row failed; not asking "
+                                 f"again for {BREAKER[1]:.0f} s")
+        data = json.dumps(body).encode() if body is not None else None
+        limit = ANSWER_BYTES[0] + ANSWER_BYTES[1] * images
+        last = ""
+        for attempt in range(options.retries + 1):
+            self._limit.wait()
+            self.calls.add(requests=1, images=images, retries=1 if attempt else 0)
+            delay = min(30.0, options.backoff * 2 ** attempt)
+            try:
+                raw = self._attempt(method, url, data, headers, limit)
+                self._failures = 0
+                try:
+                    return json.loads(raw)
+                except (ValueError, RecursionError):
+                    raise ModelCallError(f"{_shown(url)}: the answer is not JSON") from None
+            except urllib.error.HTTPError as e:
+                text = e.read(300).decode("utf-8", "replace")
+                for secret in secrets:  # a gateway may echo the request's headers
+                    text = text.replace(secret, "<redacted>")
+                last = f"HTTP {e.code} {' '.join(text.split())[:120]}"
+                if e.code not in RETRY_STATUS:
+                    raise ModelCallError(f"{method} {_shown(url)}: {last}") from None
+                after = e.headers.get("Retry-After") if e.headers else None
+                if after and after.strip().isdigit():
+                    delay = min(30.0, float(after))
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                last = f"{type(reason).__name__}: {' '.join(str(reason).split())[:120]}"
+            if attempt < options.retries:
+                time.sleep(delay)
+        self._failures, self._failed_at = self._failures + 1, time.monotonic()
+        raise ModelCallError(f"{method} {_shown(url)}: {options.retries + 1} attempt(s) failed; last: {last}")
+
+    def _attempt(self, method: str, url: str, data: bytes | None, headers: dict, limit: int) -> bytes:
+        deadline = time.monotonic() + self.options.timeout
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        with _OPENER.open(request, timeout=self.options.timeout) as response:
+            parts, size = [], 0
+            while chunk := response.read1(1 << 16):  # what has arrived: read() would wait for it all
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise ModelCallError(f"{_shown(url)}: the answer is larger than {limit >> 10} KiB")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no whole answer within {self.options.timeout:g} s")
+        return b"".join(parts)
