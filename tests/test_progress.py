@@ -168,9 +168,13 @@ def test_two_worker_processes_report_what_they_read_and_explained(shards, tmp_pa
     files = list((tmp_path / "progress").glob("*.json"))
     assert files and all(f"-{os.getpid()}-" not in f.name for f in files)  # written by the workers
     read = SHARDS * PER_SHARD + 1
-    assert progress.poll(sink) == progress.Totals(read=read, failed=1, explained=SHARDS * PER_SHARD,
-                                                  shards_read=SHARDS, records_in_read_shards=read)
+    totals = progress.poll(sink)
+    assert dataclasses.replace(totals, asked={}) == progress.Totals(
+        read=read, failed=1, explained=SHARDS * PER_SHARD, shards_read=SHARDS, records_in_read_shards=read)
+    # the model's cost: sal asks it each image once; in all, the predictions too
+    assert totals.asked["sal"] == SHARDS * PER_SHARD and totals.asked["*"] >= 2 * SHARDS * PER_SHARD
     assert stream.getvalue().endswith("\x1b[K\n") and f"done: {read} images in " in stream.getvalue()
+    assert "model asked per image: sal 1.0, in all " in stream.getvalue()
 
 
 def test_progress_storage_that_fails_does_not_fail_the_run(shards, tmp_path, caplog):

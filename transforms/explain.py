@@ -247,6 +247,7 @@ class ExplainBatches(beam.DoFn):
             after, http_after = self._calls(), _http(state.model)
         if after is not None:
             yield beam.pvalue.TaggedOutput(MODEL_CALLS, (ALL, after[0] - before[0], after[1] - before[1]))
+            progress.model_asked(self.config.progress, "*", after[1] - before[1])
         else:  # a model that takes no hook (TorchScript): say so, rather than count nothing
             yield beam.pvalue.TaggedOutput(MODEL_CALLS, (NOT_COUNTED, 1, 0))
         if http_after != http:
@@ -357,6 +358,7 @@ class ExplainBatches(beam.DoFn):
         after = self._calls()
         if after is not None:
             yield beam.pvalue.TaggedOutput(MODEL_CALLS, (name, after[0] - before[0], after[1] - before[1]))
+            progress.model_asked(self.config.progress, name, after[1] - before[1])
         if not outcomes:
             return
         # One array and one set of statistics for the batch's maps, not per row. A map with NaN or

@@ -61,13 +61,16 @@ class _Worker:
         self.lock, self.write_lock = threading.Lock(), threading.Lock()
         self.shards: dict[str, list] = {}  # shard url -> [records read, of them failed, shard complete]
         self.explained = 0
+        self.asked: dict[str, int] = {}  # images the model was asked, per method and in all ("*")
         self.version = self.written_version = 0
         self.written_at = float("-inf")
         self.warned = False
 
     def add(self, shard: str | None = None, read: int = 0, failed: int = 0, complete: bool = False,
-            restart: bool = False, explained: int = 0) -> None:
+            restart: bool = False, explained: int = 0, asked: dict[str, int] | None = None) -> None:
         with self.lock:
+            for key, n in (asked or {}).items():
+                self.asked[key] = self.asked.get(key, 0) + n
             if shard is not None:
                 entry = [0, 0, False] if restart else self.shards.get(shard, [0, 0, False])
                 self.shards[shard] = [entry[0] + read, entry[1] + failed, entry[2] or complete]
@@ -87,7 +90,7 @@ class _Worker:
                     return
                 version = self.version
                 body = {"shards": {url: list(entry) for url, entry in self.shards.items()},
-                        "explained": self.explained,
+                        "explained": self.explained, "asked": dict(self.asked),
                         "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             self.written_at = time.monotonic()
             storage.write_json_atomic(self.url, body, self.sink.storage_options)
@@ -134,6 +137,12 @@ def images_explained(sink: Sink | None, n: int) -> None:
         _worker(sink).add(explained=n)
 
 
+def model_asked(sink: Sink | None, what: str, images: int) -> None:
+    """The model was asked ``images`` images by method ``what`` ("*": all the step asked)."""
+    if sink is not None and images:
+        _worker(sink).add(asked={what: images})
+
+
 def flush(sink: Sink | None) -> None:
     """At the end of a bundle: put the counts if they changed since the last put."""
     if sink is not None:
@@ -149,6 +158,7 @@ class Totals:
     explained: int = 0  # images through the explain step
     shards_read: int = 0  # shards read to the end
     records_in_read_shards: int = 0
+    asked: dict[str, int] = dataclasses.field(default_factory=dict)  # images the model was asked ("*": all)
 
     @property
     def done(self) -> int:
@@ -166,11 +176,13 @@ def poll(sink: Sink) -> Totals:
     except FileNotFoundError:
         files = []
     shards: dict[str, tuple[bool, int, int]] = {}
-    explained = 0
+    explained, asked = 0, {}
     for data in fs.cat(files, on_error="omit").values() if files else ():  # concurrent on object stores
         try:
             body = json.loads(data)
             count = int(body["explained"])
+            for key, n in (body.get("asked") or {}).items():
+                asked[str(key)] = asked.get(str(key), 0) + int(n)
             attempts = {url: (bool(complete), int(read), int(failed))
                         for url, (read, failed, complete) in body["shards"].items()}
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -180,7 +192,8 @@ def poll(sink: Sink) -> Totals:
             shards[url] = max(shards.get(url, attempt), attempt)
     complete = [a for a in shards.values() if a[0]]
     return Totals(read=sum(a[1] for a in shards.values()), failed=sum(a[2] for a in shards.values()),
-                  explained=explained, shards_read=len(complete), records_in_read_shards=sum(a[1] for a in complete))
+                  explained=explained, shards_read=len(complete), records_in_read_shards=sum(a[1] for a in complete),
+                  asked=asked)
 
 
 def duration(seconds: float) -> str:
@@ -211,7 +224,17 @@ def describe(totals: Totals, shards: int, rate: float | None, limit_per_shard: i
         parts.append("ETA -")
     else:
         parts.append(f"ETA {'' if known else '~'}{duration(max(0.0, expected - done) / rate)}")
+    if totals.asked.get("*"):
+        parts.append(f"model asked {totals.asked['*']:,} images")
     return " | ".join(parts)
+
+
+def asked_per_image(totals: Totals) -> str:
+    """Per method, the images the model was asked per image explained (the cost of a black box)."""
+    if not totals.explained or not totals.asked:
+        return ""
+    shown = [f"{key if key != '*' else 'in all'} {n / totals.explained:,.1f}" for key, n in totals.asked.items()]
+    return "; model asked per image: " + ", ".join(shown[1:] + shown[:1] if shown[0].startswith("in all") else shown)
 
 
 class Display:
@@ -280,7 +303,8 @@ class Display:
         elapsed = self.refresh() - self.started
         if succeeded and self.totals.read:
             read = self.totals.read
-            line = f"done: {read:,} images in {duration(elapsed)} ({read / elapsed if elapsed > 0 else 0:.1f} images/s)"
+            line = (f"done: {read:,} images in {duration(elapsed)} ({read / elapsed if elapsed > 0 else 0:.1f} images/s)"
+                    + asked_per_image(self.totals))
         elif succeeded:  # no worker's counts arrived
             line = f"done in {duration(elapsed)}"
         else:
