@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterable
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -304,13 +304,20 @@ def write_findings(plan: Plan, run: Run) -> None:
     write_table(run.folder("findings"), table, plan.storage_options)
 
 
-def findings_entry(run: Run, storage_options: dict[str, Any], files: dict[str, dict[str, int]]) -> dict:
-    """The manifest's summary of findings/: the threshold, how many are flagged, the top one."""
+def read_rows(run: Run, relative: Iterable[str], storage_options: dict[str, Any],
+              columns: list[str] | None = None) -> list[dict]:
+    """The rows of some of the run's files (paths relative to the output directory)."""
     fs, root = storage.filesystem(run.output, storage_options)
     rows = []
-    for relative in files["findings"]:
-        with fs.open(f"{root}/{relative}", "rb") as f:
-            rows += pq.read_table(f, columns=["method", "class", "kind", "score", "region", "flagged"]).to_pylist()
+    for path in relative:
+        with fs.open(f"{root}/{path}", "rb") as f:
+            rows += pq.read_table(f, columns=columns).to_pylist()
+    return rows
+
+
+def findings_entry(run: Run, storage_options: dict[str, Any], files: dict[str, dict[str, int]]) -> dict:
+    """The manifest's summary of findings/: the threshold, how many are flagged, the top one."""
+    rows = read_rows(run, files["findings"], storage_options, ["method", "class", "kind", "score", "region", "flagged"])
     top = max(rows, key=lambda r: r["score"], default=None)
     entry = {"threshold": SCORE_THRESHOLD, "candidates": len(rows), "flagged": sum(bool(r["flagged"]) for r in rows),
              "top": top}
@@ -509,9 +516,9 @@ def run_plan(audit_plan: Plan) -> tuple[dict, int]:
 def record(plan: Plan, run: Run, manifest: dict, verdict: dict | None) -> None:
     """An incremental run's row in the audit history (transforms.history): it becomes the slot's run."""
     files = manifest["files"]
-    summary = incremental.read_table_rows(run.output, files["summary"], plan.storage_options)
-    findings = incremental.read_table_rows(run.output, files["findings"], plan.storage_options, ["method", "score"])
-    errors = incremental.read_table_rows(run.output, files["errors"], plan.storage_options, ["source", "method"])
+    summary = read_rows(run, files["summary"], plan.storage_options)
+    findings = read_rows(run, files["findings"], plan.storage_options, ["method", "score"])
+    errors = read_rows(run, files["errors"], plan.storage_options, ["source", "method"])
     skipped = {(method, shard): n for method, shard, n in read_skipped(run, plan.storage_options)}
     row = incremental.row(plan.work, manifest, verdict, summary, findings, errors, skipped)
     url = history.record(run.output, row, plan.storage_options)

@@ -24,7 +24,6 @@ import logging
 import math
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from transforms import history, storage
 from transforms.models import file_sha256, model_identity
@@ -211,14 +210,3 @@ def row(work: Work, manifest: dict[str, Any], verdict: dict | None, summary: lis
         "files": list(manifest["files"]["saliency"]),
         "manifest": f"_runs/{manifest['run_id']}/manifest.json",
     }
-
-
-def read_table_rows(root: str, relative: list[str], storage_options: dict[str, Any] | None,
-                    columns: list[str] | None = None) -> list[dict]:
-    fs, base = storage.filesystem(root, storage_options)
-    out = []
-    for path in relative:
-        with fs.open(f"{base}/{path}", "rb") as f:
-            table = pq.read_table(f)
-        out += table.select([c for c in columns or table.column_names if c in table.column_names]).to_pylist()
-    return out

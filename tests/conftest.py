@@ -1,6 +1,7 @@
 """Shared fixtures: the bundled demo data, the real MNIST files, and small helpers."""
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 from pathlib import Path
@@ -95,3 +96,24 @@ def scene(seed=0):
 def region_superpixels(segments):
     labels = segments.reshape(28, 28)[REGION[0], REGION[1]]
     return set(np.unique(labels.numpy()).tolist())
+
+
+@contextlib.contextmanager
+def moto_s3(monkeypatch, bucket: str):
+    """A real S3-compatible server (moto) on 127.0.0.1 holding one empty bucket, with test
+    credentials in the environment: yields (an s3fs filesystem on it, its endpoint URL)."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
+        fs.mkdir(bucket)
+        yield fs, endpoint
+    finally:
+        server.stop()

@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO_DATA, REPO, add_member
+from conftest import DEMO_DATA, REPO, add_member, moto_s3
 from pipelines import audit
 from transforms import history, publication
 from transforms.skip_explained import SkipExplained
@@ -274,18 +274,8 @@ def test_reclaim_removes_nothing_when_the_history_cannot_be_read(root, seeded, m
 
 @pytest.fixture
 def s3(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    fs = s3fs.S3FileSystem(endpoint_url=f"http://{host}:{port}", key="testing", secret="testing")
-    fs.mkdir("history-bucket")
-    yield fs, f"http://{host}:{port}"
-    server.stop()
+    with moto_s3(monkeypatch, "history-bucket") as server:
+        yield server
 
 
 def test_history_on_object_storage(s3, shards):

@@ -13,7 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.utils import shared
 
-from conftest import DEMO_DATA, add_member, read_output
+from conftest import DEMO_DATA, add_member, moto_s3, read_output
 from transforms import progress
 from transforms.batching import ERRORS, READ, ReadShardBatches
 from transforms.explain import DEVICE, ExplainBatches, ExplainConfig
@@ -192,24 +192,14 @@ def test_progress_storage_that_fails_does_not_fail_the_run(shards, tmp_path, cap
 
 
 def test_workers_and_poller_on_object_storage(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(key, "testing")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}"}
-        s3fs.S3FileSystem(**options).mkdir("progress-bucket")
+    with moto_s3(monkeypatch, "progress-bucket") as (_, endpoint):
+        options = {"endpoint_url": endpoint}
         sink = progress.Sink("s3://progress-bucket/out/_runs/r1/progress", options)
         worker(sink, {"s0": (10, 1, True)}, explained=9)
         assert progress.poll(sink) == progress.Totals(read=10, failed=1, explained=9, shards_read=1,
                                                       records_in_read_shards=10)
         worker(sink, {"s1": (4, 0, False)}, explained=2)  # a second worker, seen by the next poll
         assert progress.poll(sink).read == 14 and progress.poll(sink).done == 12
-    finally:
-        server.stop()
 
 
 def test_a_poll_that_fails_is_logged_once_and_the_display_goes_on(caplog):

@@ -4,7 +4,7 @@ import tarfile
 
 import pytest
 
-from conftest import DEMO_DATA, add_member
+from conftest import DEMO_DATA, add_member, moto_s3
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -14,17 +14,8 @@ from pipelines import audit  # noqa: E402
 
 @pytest.fixture(scope="module")
 def s3(monkeypatch_module):
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch_module.setenv(key, value)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
-    fs.mkdir("audit-bucket")
-    yield fs, endpoint
-    server.stop()
+    with moto_s3(monkeypatch_module, "audit-bucket") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

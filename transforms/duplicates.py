@@ -83,6 +83,4 @@ class DropRepeatedIds(beam.DoFn):
                 batch.image_ids[i], batch.sources[i], "read",
                 f"duplicate image id: already read from {first_shard[batch.image_ids[i]]}"))
         if keep:
-            yield ImageBatch(image_ids=[batch.image_ids[i] for i in keep], sources=[batch.sources[i] for i in keep],
-                             labels=[batch.labels[i] for i in keep], sizes=[batch.sizes[i] for i in keep],
-                             pixels=batch.pixels[keep])
+            yield batch.take(keep)

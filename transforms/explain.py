@@ -208,12 +208,6 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
     return logits, probabilities, predicted
 
 
-def _subset(batch: ImageBatch, rows: list[int]) -> ImageBatch:
-    return ImageBatch(image_ids=[batch.image_ids[i] for i in rows], sources=[batch.sources[i] for i in rows],
-                      labels=[batch.labels[i] for i in rows], sizes=[batch.sizes[i] for i in rows],
-                      pixels=batch.pixels[rows], skip=None if batch.skip is None else [batch.skip[i] for i in rows])
-
-
 def metric_value(value: torch.Tensor) -> float | list[float] | None:
     """One image's metric as a Parquet value: NaN or infinite (no usable neighbour, constant
     map, a model that overflows on perturbed images) -> null."""
@@ -281,7 +275,7 @@ class ExplainBatches(beam.DoFn):
             if not answered:
                 return
             keep = [i for i, _ in answered]
-            batch = _subset(batch, keep)
+            batch = batch.take(keep)
             images = images[keep]
             logits, probabilities, predicted = (torch.cat(parts) for parts in zip(*(p for _, p in answered)))
         # A non-finite output costs that image only: its maps and scores would be NaN too.

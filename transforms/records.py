@@ -51,6 +51,12 @@ class ImageBatch:
     # Per image, the methods an incremental audit skips for it (already in the history); None: none.
     skip: list[frozenset[str]] | None = None
 
+    def take(self, rows: list[int]) -> "ImageBatch":
+        """The batch of these rows only, in this order."""
+        return ImageBatch(image_ids=[self.image_ids[i] for i in rows], sources=[self.sources[i] for i in rows],
+                          labels=[self.labels[i] for i in rows], sizes=[self.sizes[i] for i in rows],
+                          pixels=self.pixels[rows], skip=None if self.skip is None else [self.skip[i] for i in rows])
+
 
 def seed_for(image_id: str, base_seed: int = 0) -> int:
     """A 32-bit seed derived from the image id (and the run's --seed), the same on every

@@ -12,6 +12,7 @@ skipped, and the history knows which shards a run explained whole by itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -103,7 +104,4 @@ class SkipExplained(beam.DoFn):
         if not keep:
             return
         marks = [skip[i] for i in keep]
-        yield ImageBatch(image_ids=[batch.image_ids[i] for i in keep], sources=[batch.sources[i] for i in keep],
-                         labels=[batch.labels[i] for i in keep], sizes=[batch.sizes[i] for i in keep],
-                         pixels=batch.pixels[keep] if dropped else batch.pixels,
-                         skip=marks if any(marks) else None)
+        yield dataclasses.replace(batch.take(keep) if dropped else batch, skip=marks if any(marks) else None)
