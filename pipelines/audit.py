@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.utils import shared
 
-from explainers import list_methods
+from explainers import list_methods, method_parameters
 from pipelines import gates, incremental
 from pipelines.options import UsageError, redact_argv
 from pipelines.findings import FINDINGS_SCHEMA, SCORE_THRESHOLD, find_clever_hans
@@ -80,6 +80,20 @@ def parse_methods(text: str, method_options: dict[str, Any], aae: str | None,
                 options["storage_options"] = storage_options
         methods[name] = options
     return methods
+
+
+def set_input_bounds(methods: dict[str, dict[str, Any]], prep: Preprocessing) -> None:
+    """Give methods that take ``input_bounds`` (lrp's z-box rule) the model input's range, pixels in
+    [0, 1] after --mean and --std, unless --method-options set it."""
+    if prep.mean is None and prep.std is None:
+        return  # the explainers' default, [0, 1]
+    n = max(len(prep.mean or ()), len(prep.std or ()))
+    mean = list(prep.mean or [0.0]) * (n if not prep.mean or len(prep.mean) == 1 else 1)
+    std = list(prep.std or [1.0]) * (n if not prep.std or len(prep.std) == 1 else 1)
+    bounds = [[(0.0 - m) / s for m, s in zip(mean, std)], [(1.0 - m) / s for m, s in zip(mean, std)]]
+    for name, options in methods.items():
+        if "input_bounds" in method_parameters(name) and "input_bounds" not in options:
+            options["input_bounds"] = bounds
 
 
 def beam_pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, Any]:
@@ -158,6 +172,7 @@ def plan(argv: list[str]) -> Plan:
         shards = check_shards(storage.expand_glob(args.input, args.storage_options), args.input)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
+    set_input_bounds(methods, prep)
     spec = ModelSpec(args.model, args.weights, args.trust_model, args.storage_options or None,
                      args.endpoint_options or None)
     check_forward_only(spec, list(methods), args.sanity_check)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+import sys
 import tarfile
+import types
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 torch.set_num_threads(2)
 
@@ -117,3 +121,40 @@ def moto_s3(monkeypatch, bucket: str):
         yield fs, endpoint
     finally:
         server.stop()
+
+
+ZENNIT_INSTALL = "pip install --no-deps zennit==0.5.1"
+
+
+@pytest.fixture(scope="session")
+def zennit():
+    """Zennit's modules.  Its package __init__ imports zennit.torchvision, which imports
+    torchvision.models.resnet for its ResNet canonizer; torchvision has no usable CPU wheel
+    here, so where it is missing a stand-in with the two class names is in sys.modules
+    while zennit is imported, and removed again so no other code sees it."""
+    if importlib.util.find_spec("zennit") is None:
+        pytest.skip(f"zennit is not installed ({ZENNIT_INSTALL})")
+    stand_in = {}
+    if importlib.util.find_spec("torchvision") is None:
+        resnet_module = types.ModuleType("torchvision.models.resnet")
+        resnet_module.BasicBlock = type("BasicBlock", (nn.Module,), {})
+        resnet_module.Bottleneck = type("Bottleneck", (nn.Module,), {})
+        models = types.ModuleType("torchvision.models")
+        models.resnet = resnet_module
+        torchvision = types.ModuleType("torchvision")
+        torchvision.models = models
+        stand_in = {"torchvision": torchvision, "torchvision.models": models,
+                    "torchvision.models.resnet": resnet_module}
+    sys.modules.update(stand_in)
+    try:
+        import zennit.attribution
+        import zennit.canonizers
+        import zennit.composites
+        import zennit.layer
+        import zennit.rules
+        import zennit.torchvision
+        import zennit.types
+    finally:
+        for name in stand_in:
+            sys.modules.pop(name, None)
+    return zennit

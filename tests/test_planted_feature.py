@@ -10,7 +10,7 @@ from pipelines.reference_model import MnistCNN
 
 PATCH = 4
 MARGIN = 2  # pixels of slack around the patch
-METHODS = ["sal", "grad", "intg", "deeplift", "elrp", "occlusion", "mask", "smoothgrad", "gradcam"]
+METHODS = ["sal", "grad", "intg", "deeplift", "elrp", "lrp", "occlusion", "mask", "smoothgrad", "gradcam"]
 
 
 def planted(n, seed):

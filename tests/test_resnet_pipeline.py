@@ -12,7 +12,8 @@ from conftest import add_member, png_bytes, read_output
 from pipelines import audit, cli
 from pipelines.reference_model import resnet18
 
-METHODS = ["sal", "grad", "intg", "deeplift", "elrp", "occlusion", "mask", "smoothgrad", "gradcam", "lime", "abele"]
+METHODS = ["sal", "grad", "intg", "deeplift", "elrp", "lrp", "occlusion", "mask", "smoothgrad", "gradcam", "lime",
+           "abele"]
 PREPROCESSING = ["--resize", "32,32", "--channels", "3", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
 PHOTOS = {"astronaut": photos.astronaut, "coffee": photos.coffee, "chelsea": photos.chelsea,
           "rocket": photos.rocket}
@@ -39,7 +40,8 @@ def audited(tmp_path_factory):
                      "--epochs", "2", "--batch-size", "2", "--hidden", "8,16", "--holdout", "0",
                      "--no-progress", "--device", "cpu", *PREPROCESSING]) == 0
     options = {"intg": {"n_steps": 16}, "smoothgrad": {"n_samples": 8}, "mask": {"n_iter": 20},
-               "lime": {"n_samples": 200}, "abele": {"neighbours": 100, "generations": 3, "exemplars": 10}}
+               "lime": {"n_samples": 200}, "abele": {"neighbours": 100, "generations": 3, "exemplars": 10},
+               "lrp": {"composite": "epsilon_gamma_box"}}
     manifest = audit.run([
         "--input", str(root / "*.tar"), "--model", "pipelines.reference_model:resnet18",
         "--weights", str(root / "resnet18.pt"), "--methods", ",".join(METHODS), *PREPROCESSING,
@@ -82,6 +84,15 @@ def test_reference_based_methods_keep_their_sums(audited):
         if row["method"] in ("intg", "deeplift"):
             # the map sums to f(x) - f(baseline): the gap is small next to the map's own size
             assert abs(row["convergence_delta"]) < 0.05 * np.abs(row["saliency"]).sum() + 1e-4, row["method"]
+
+
+def test_lrp_gets_the_z_box_bounds_from_mean_and_std(audited):
+    """The z-box rule bounds the first layer's input: pixels in [0, 1] after --mean and --std."""
+    manifest, _, _ = audited
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    low, high = manifest["methods"]["lrp"]["options"]["input_bounds"]
+    np.testing.assert_allclose(low, -mean / std, rtol=1e-6)
+    np.testing.assert_allclose(high, (1 - mean) / std, rtol=1e-6)
 
 
 def test_elrp_equals_gradient_times_input_on_the_relu_resnet(audited):
