@@ -139,6 +139,8 @@ class Explainer:
     extras: ClassVar[dict[str, str]] = {}
     # False for a method that needs only the model's answers (a black box: an ONNX file, an endpoint).
     needs_gradients: ClassVar[bool] = True
+    # True for a control map (random, sobel): not an explanation, the level an explanation must beat.
+    control: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model

@@ -1,4 +1,5 @@
-"""Grad-CAM (Selvaraju et al. 2017) and HiResCAM (Draelos & Carin 2020)."""
+"""Grad-CAM (Selvaraju et al. 2017) and HiResCAM (Draelos & Carin 2020), and the layer machinery
+every CAM shares (CAMBase, GradientCAM; the other CAMs are in explainers/cams.py)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -41,7 +42,7 @@ def hookable(model: nn.Module) -> dict[str, nn.Module]:
 Call = tuple[str, nn.Module, object]  # (module name, module, output) in the order forwards finish
 
 
-def activated_block_output(calls: list[Call]) -> Call:
+def activated_block_output(calls: list[Call], method: str = "gradcam") -> Call:
     """The default layer: the last conv block's activated output, before it is pooled or flattened.
 
     From the last Conv2d to finish, follow the modules that finish after it while their output
@@ -56,7 +57,7 @@ def activated_block_output(calls: list[Call]) -> Call:
     """
     convs = [i for i, (_, module, _) in enumerate(calls) if isinstance(module, nn.Conv2d)]
     if not convs:
-        raise ValueError("gradcam needs a Conv2d layer; the model ran none (pass layer= a module name)")
+        raise ValueError(f"{method} needs a Conv2d layer; the model ran none (pass layer= a module name)")
     counts = Counter(name for name, _, _ in calls)
     wide = [i for i in convs if min(calls[i][2].shape[2:]) >= MIN_SIDE]
     chosen = (wide or convs)[-1]
@@ -71,8 +72,89 @@ def activated_block_output(calls: list[Call]) -> Call:
     return calls[chosen]
 
 
+class CAMBase(Explainer):
+    """What every CAM shares: the ``layer`` option, one hooked forward that finds the layer and
+    keeps its output A [B,K,h,w], forwards with that output replaced (the perturbation CAMs), and
+    the bilinear upsampling of a [B,h,w] map to the input. Subclasses compute the map. Unsigned.
+
+    Every CAM hooks a module, so all of them need an nn.Module with hooks, never a black box:
+    the forward-only ones (scorecam, ablationcam, eigencam) still declare ``needs_gradients``,
+    which is what keeps ONNX files and endpoints from being admitted to them in preflight."""
+
+    signed = False
+
+    def __init__(self, model, layer: str | None = None):
+        require_module_hooks(model, self.name)
+        super().__init__(model)
+        if layer is not None and (not isinstance(layer, str) or layer not in dict(model.named_modules())):
+            raise ValueError(f"{self.name}: the model has no module named {layer!r}")
+        if layer is None and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            raise ValueError(f"{self.name} needs a Conv2d layer; the model has none (pass layer= a module name)")
+        self.layer = layer
+        self.layer_used: str | None = layer
+
+    def _hooked(self, hooked: dict[str, nn.Module], hook, images: torch.Tensor, grad: bool) -> torch.Tensor:
+        """The model's logits with ``hook`` on the ``hooked`` modules for one forward, removed after."""
+        handles = [m.register_forward_hook(lambda m, i, o, name=name: hook(name, m, o)) for name, m in hooked.items()]
+        try:
+            with torch.set_grad_enabled(grad):
+                return self.model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _forward(self, images: torch.Tensor, grad: bool = True) -> tuple[torch.Tensor, str, torch.Tensor]:
+        """Logits, and the chosen layer's name and output, from one hooked forward."""
+        modules = dict(self.model.named_modules())
+        hooked = {self.layer: modules[self.layer]} if self.layer is not None else hookable(self.model)
+        calls: list[Call] = []
+        logits = self._hooked(hooked, lambda *call: calls.append(call), images, grad)
+        if self.layer is None:
+            name, _, a = activated_block_output(calls, self.name)
+        else:
+            name, a = self.layer, calls[0][2] if calls else None
+        runs = sum(1 for call in calls if call[0] == name)
+        if runs != 1:
+            raise ValueError(f"{self.name}: layer {name!r} ran {runs} times in one forward; it must run exactly once")
+        if not isinstance(a, torch.Tensor) or a.dim() != 4:
+            raise ValueError(f"{self.name}: layer {name!r} must output [B,K,h,w], got "
+                             f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
+        return logits, name, a
+
+    def _forward_replacing(self, images: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+        """Logits [N,classes] of ``images`` [N,C,H,W] with the layer found by the last _forward
+        outputting ``replacement`` [N,K,h,w] instead of its own output. No gradients."""
+        return self._hooked({self.layer_used: dict(self.model.named_modules())[self.layer_used]},
+                            lambda name, m, o: replacement, images, grad=False)
+
+    @staticmethod
+    def _upsample(cam: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """[B,h,w] -> [B,H,W], bilinearly (pixel centres aligned, as cv2.resize in pytorch-grad-cam)."""
+        return F.interpolate(cam[:, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+class GradientCAM(CAMBase):
+    """A CAM from the layer's output A and the target logit's gradient dA at it:
+    ReLU(_cam(A, dA)) upsampled. Cost: 1 forward + 1 backward (down to the layer only)."""
+
+    def _cam(self, a: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """The map [B,h,w] before its ReLU."""
+        raise NotImplementedError
+
+    def passes(self):
+        return {"forward": 1, "backward": 1}
+
+    def explain(self, images, targets, seeds=None):
+        images = check_batch(images, targets)  # requires grad, so A does even with frozen weights
+        logits, self.layer_used, a = self._forward(images)
+        score = logits.gather(1, targets.to(logits.device).long().unsqueeze(1)).sum()
+        grads, = torch.autograd.grad(score, a)
+        cam = torch.relu(self._cam(a.detach(), grads))
+        return Explanation(self._upsample(cam, images.shape[2:]))
+
+
 @register
-class GradCAM(Explainer):
+class GradCAM(GradientCAM):
     """ReLU(sum_k w_k A^k) at one layer's output A [B,K,h,w], upsampled to the input. Unsigned.
 
     layer: name of the module whose output is A (as in ``model.named_modules()``). Default
@@ -98,55 +180,13 @@ class GradCAM(Explainer):
     """
 
     name = "gradcam"
-    signed = False
 
     def __init__(self, model, layer: str | None = None, weighting: str = "elementwise"):
-        require_module_hooks(model, "gradcam")
-        super().__init__(model)
-        if layer is not None and (not isinstance(layer, str) or layer not in dict(model.named_modules())):
-            raise ValueError(f"gradcam: the model has no module named {layer!r}")
+        super().__init__(model, layer)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"gradcam: weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-        if layer is None and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
-            raise ValueError("gradcam needs a Conv2d layer; the model has none (pass layer= a module name)")
-        self.layer = layer
         self.weighting = weighting
-        self.layer_used: str | None = layer
 
-    def passes(self):
-        return {"forward": 1, "backward": 1}
-
-    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, str, torch.Tensor]:
-        """Logits, and the chosen layer's name and output, from one hooked forward."""
-        modules = dict(self.model.named_modules())
-        hooked = {self.layer: modules[self.layer]} if self.layer is not None else hookable(self.model)
-        calls: list[Call] = []
-        handles = [m.register_forward_hook(lambda m, i, o, name=name: calls.append((name, m, o)))
-                   for name, m in hooked.items()]
-        try:
-            with torch.enable_grad():
-                logits = self.model(images)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if self.layer is None:
-            name, _, a = activated_block_output(calls)
-        else:
-            name, a = self.layer, calls[0][2] if calls else None
-        runs = sum(1 for call in calls if call[0] == name)
-        if runs != 1:
-            raise ValueError(f"gradcam: layer {name!r} ran {runs} times in one forward; it must run exactly once")
-        if not isinstance(a, torch.Tensor) or a.dim() != 4:
-            raise ValueError(f"gradcam: layer {name!r} must output [B,K,h,w], got "
-                             f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
-        return logits, name, a
-
-    def explain(self, images, targets, seeds=None):
-        images = check_batch(images, targets)  # requires grad, so A does even with frozen weights
-        logits, self.layer_used, a = self._forward(images)
-        score = logits.gather(1, targets.to(logits.device).long().unsqueeze(1)).sum()
-        grads, = torch.autograd.grad(score, a)
+    def _cam(self, a, grads):
         weights = grads.mean(dim=(2, 3), keepdim=True) if self.weighting == "mean" else grads
-        cam = torch.relu((weights * a).sum(dim=1, keepdim=True)).detach()
-        cam = F.interpolate(cam.float(), size=images.shape[2:], mode="bilinear", align_corners=False)
-        return Explanation(cam.squeeze(1))
+        return (weights * a).sum(dim=1)

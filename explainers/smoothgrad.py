@@ -23,6 +23,9 @@ def image_generators(seeds: torch.Tensor | None, batch: int) -> list[torch.Gener
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds.tolist()]
 
 
+STATISTICS = ("mean", "mean_square", "variance")
+
+
 @register
 class SmoothGrad(Explainer):
     """Mean gradient of the target logit over noisy copies of the image.
@@ -38,6 +41,10 @@ class SmoothGrad(Explainer):
         ``python benchmarks/signed_vs_unsigned.py``): demo CNN 0.30 with True, 0.16 with False;
         a Keras-style CNN 0.29 and 0.18. 11% of the top 20% pixels of the |gradient| map are
         evidence against the class (gradient x input < 0), 2% of the signed map's.
+    statistic: what is taken over the noisy copies, per input element, before channels are
+        summed: "mean" (default: SmoothGrad), "mean_square" (SmoothGrad-squared, Hooker et al.
+        2019) or "variance" (VarGrad, Adebayo et al. 2018): the two last are unsigned; Captum's
+        NoiseTunnel calls them smoothgrad, smoothgrad_sq and vargrad. ``absolute`` applies to "mean".
     max_expanded_batch: at most this many noisy copies go through the model at once (fewer
         for large images: see CHUNK_BUDGET_BYTES).
 
@@ -49,7 +56,7 @@ class SmoothGrad(Explainer):
     signed = True
 
     def __init__(self, model, n_samples: int = 50, noise_level: float = 0.15, absolute: bool = False,
-                 max_expanded_batch: int = 256):
+                 statistic: str = "mean", max_expanded_batch: int = 256):
         super().__init__(model)
         if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
             raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
@@ -59,11 +66,14 @@ class SmoothGrad(Explainer):
             raise ValueError(f"absolute must be True or False, got {absolute!r}")
         if not isinstance(max_expanded_batch, int) or isinstance(max_expanded_batch, bool) or max_expanded_batch < 1:
             raise ValueError(f"max_expanded_batch must be an integer >= 1, got {max_expanded_batch!r}")
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
         self.n_samples = n_samples
         self.noise_level = float(noise_level)
         self.absolute = absolute
+        self.statistic = statistic
         self.max_expanded_batch = max_expanded_batch
-        self.signed = not absolute  # per instance: the option decides
+        self.signed = statistic == "mean" and not absolute  # per instance: the options decide
 
     def passes(self):
         return {"forward": self.n_samples, "backward": self.n_samples}
@@ -78,7 +88,9 @@ class SmoothGrad(Explainer):
         flat = images.reshape(batch, -1)
         std = self.noise_level * (flat.max(1).values - flat.min(1).values)
         total, chunk = batch * self.n_samples, chunk_within_budget(self.max_expanded_batch, images.shape[1:])
-        maps = torch.zeros(batch, height, width, device=device)
+        # per input element: the sum of gradients, and of their squares for the other statistics
+        sums = torch.zeros(batch, channels, height, width, device=device)
+        squares = torch.zeros_like(sums) if self.statistic != "mean" else None
         for start in range(0, total, chunk):
             index = torch.arange(start, min(start + chunk, total), device=device)
             b = index // self.n_samples
@@ -93,6 +105,13 @@ class SmoothGrad(Explainer):
             with torch.enable_grad():
                 score = self.model(noisy).gather(1, targets[b].unsqueeze(1)).sum()
                 grads, = torch.autograd.grad(score, noisy)
-            grads = grads.abs_() if self.absolute else grads
-            maps.index_add_(0, b, grads.sum(1).float())
-        return Explanation(maps / self.n_samples)
+            grads = grads.float()
+            if squares is not None:
+                squares.index_add_(0, b, grads * grads)
+            sums.index_add_(0, b, grads.abs_() if self.absolute and squares is None else grads)
+        mean = sums / self.n_samples
+        if self.statistic == "mean":
+            return Explanation(mean.sum(1))
+        mean_square = squares / self.n_samples
+        per_element = mean_square if self.statistic == "mean_square" else (mean_square - mean * mean).clamp_(min=0)
+        return Explanation(per_element.sum(1))

@@ -180,7 +180,7 @@ def plan(argv: list[str]) -> Plan:
                            metrics=args.metrics, metric_steps=args.metric_steps,
                            metric_substrate=args.metric_substrate,
                            abele=AbeleProtocol(args.abele_neighbours, prep.mean, prep.std)
-                           if args.abele_metrics else None,
+                           if args.abele_metrics else None, road=args.road,
                            threads=thread_budget(args.torch_threads, beam_args))
     resolved = preflight(config, shards, prep, args.storage_options, beam_args)
     schema = map_storage.saliency_schema(saliency_schema(methods), args.map_dtype)
@@ -430,6 +430,15 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
                         f"{args.metric_substrate!r}, {args.metric_steps} equal steps; "
                         "*_random: the same for a random order; gini: Gini index of |map|"
                         if args.metrics else "off (--no-metrics)"),
+            "road": ("ROAD (Rong et al. 2022): target softmax probability after removing 1, 3, ..., 99% of the "
+                     "pixels, most relevant first (road_morf_auc) and least relevant first (road_lerf_auc), "
+                     "ties broken by the image's seed; removed pixels filled by noisy linear imputation "
+                     "(8-neighbour weights 1/6 and 1/12, noise std 0.01 in model-input space); AUC = the "
+                     "curve's mean height; road_gap = LeRF - MoRF" if args.road else "off (--road to compute it)"),
+            "localisation": ("against the ground truth the shards carry (a KEY.mask.png or KEY.json member, a "
+                             "mask or boxes column; see docs/ground_truth.md), at the model input's size: "
+                             "pointing_game, relevance_mass (positive relevance only), relevance_rank; ties count "
+                             "as a random pick among the tied pixels; null without ground truth"),
             "abele_metrics": (ABELE_CONVENTION.format(n=args.abele_neighbours) if args.abele_metrics
                               else "off (--abele-metrics to compute them)"),
             "seed": "first 32 bits of sha256('{--seed}:{image_id}')",

@@ -114,6 +114,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="also ABELE's relevance, coherence and stability per image (costly: about --abele-neighbours "
              "times each method's own cost)")
     _add_off_switch(parser, "abele-metrics")
+    add("--road", action="store_true",
+        help="also ROAD per image (Rong et al. 2022): the target's probability as 1-99%% of the pixels are "
+             "removed most and least relevant first and filled by noisy linear imputation (costly: 100 forward "
+             "passes and 100 sparse solves per image and method)")
+    _add_off_switch(parser, "road")
     add("--abele-neighbours", type=int, default=20,
         help="salt-and-pepper copies for stability, and at most this many same-class batch images for "
              "coherence (default 20, as ABELE)")

@@ -259,7 +259,8 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
               "torch_threads": threads_entry(thread_budget(config.threads.threads, beam_args), beam_args,
                                              devices.remote),
               "methods": {name: {"options": ex.options(), "signed": ex.signed, "passes": ex.passes(),
-                                 "extras": dict(ex.extras)} for name, ex in loaded.explainers.items()}}
+                                 "extras": dict(ex.extras), "control": ex.control}
+                          for name, ex in loaded.explainers.items()}}
     sample = first_sample(shards, prep, storage_options)
     if sample is None:
         return report  # nothing decodable up front: every record will reach errors/ with its reason
@@ -296,4 +297,5 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         if getattr(explainer, "layer_used", None):  # a default layer found by running the model (gradcam)
             report["methods"][name]["layer_used"] = explainer.layer_used
+        report["methods"][name]["passes"] = explainer.passes()  # scorecam's: the channels of the layer it found
     return report

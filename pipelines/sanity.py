@@ -1,4 +1,5 @@
-"""The model-randomisation sanity check (Adebayo et al., NeurIPS 2018), ``run --sanity-check``.
+"""The sanity checks, ``run --sanity-check``: model randomisation (Adebayo et al., NeurIPS 2018) and
+the random logit test (Sixt et al., ICML 2020).
 
 A driver-side step after the Beam job, before publishing: on a small deterministic sample
 (the first ``--sanity-images`` decodable images in shard order) every method explains the
@@ -12,6 +13,11 @@ The flag uses the signed rank correlation: on MNIST-like images with black backg
 gradient x input is exactly 0 on the background for any model, so the |map| correlation
 stays near 1 for grad, intg and deeplift although their maps do change (the signed
 correlation falls to about 0).
+
+The random logit test explains the same images for another class, drawn at random per image
+(seeded); a method whose maps for that class still correlate with the target's maps above the
+threshold does not explain the decision (LRP's z+ rules on all layers are the known case): it is
+flagged too. Its rows have check "random_logit" and step 0.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from explainers import get_explainer
-from explainers.metrics import cascading_randomization, spearman_rank_correlation, ssim
+from explainers.metrics import cascading_randomization, random_other_classes, spearman_rank_correlation, ssim
 from transforms import storage
 from transforms.explain import ExplainConfig, build_explainers, choose_targets, predict
 from transforms.parquet_sink import write_table
@@ -39,8 +45,9 @@ log = logging.getLogger("saliency_audit")
 
 SANITY_SCHEMA = pa.schema([
     pa.field("method", pa.string()),
-    pa.field("step", pa.int32()),          # 1 = only the top layer random, last = every layer random
-    pa.field("layer", pa.string()),        # the layer randomised at this step
+    pa.field("check", pa.string()),        # "cascading" (model randomisation) or "random_logit"
+    pa.field("step", pa.int32()),          # 1 = only the top layer random, last = every layer random; 0: random logit
+    pa.field("layer", pa.string()),        # the layer randomised at this step (null: random logit)
     pa.field("image_id", pa.string()),
     pa.field("rank_correlation", pa.float32()),      # Spearman, signed maps (null: a constant map)
     pa.field("rank_correlation_abs", pa.float32()),  # Spearman of |map|
@@ -94,12 +101,12 @@ def randomisation_rows(config: ExplainConfig, ids: list[str], images: torch.Tens
     seeds = torch.tensor([seed_for(image_id, config.seed) for image_id in ids], dtype=torch.int64)
     errors: dict[str, str] = {}
 
-    def explain(name, model, explainer=None, stage="trained model"):
+    def explain(name, model, explainer=None, stage="trained model", classes=targets):
         if name in errors:
             return None
         try:
             explainer = explainer or get_explainer(name, model, **config.methods[name])
-            return explainer.explain(images, targets, seeds).maps.detach().float().cpu()
+            return explainer.explain(images, classes, seeds).maps.detach().float().cpu()
         except Exception as e:  # noqa: BLE001 - any failure of a method is reported, not raised
             errors[name] = f"{stage}: {type(e).__name__}: {e}"
             log.warning("sanity check: %s failed on the %s: %s", name, stage, e)
@@ -107,39 +114,54 @@ def randomisation_rows(config: ExplainConfig, ids: list[str], images: torch.Tens
 
     trained = {name: explain(name, loaded.model, explainer) for name, explainer in loaded.explainers.items()}
     rows, layers = [], []
+
+    def compare(name, maps, check, step, layer):
+        columns = {"rank_correlation": _values(spearman_rank_correlation(trained[name], maps)),
+                   "rank_correlation_abs": _values(spearman_rank_correlation(trained[name], maps, True)),
+                   "ssim": _values(ssim(trained[name], maps))}
+        return [{"method": name, "check": check, "step": step, "layer": layer, "image_id": image_id,
+                 **{key: values[i] for key, values in columns.items()}} for i, image_id in enumerate(ids)]
+
+    if logits.shape[1] >= 2 and len(ids):
+        others = random_other_classes(targets, logits.shape[1], seeds).to(targets.device)
+        for name, explainer in loaded.explainers.items():
+            maps = explain(name, loaded.model, explainer, stage="random logit", classes=others)
+            if maps is not None:
+                rows += compare(name, maps, "random_logit", 0, None)
     steps = cascading_randomization(loaded.model, config.seed, example_input=images[:1])
     for step, (layer, randomised) in enumerate(steps, start=1):
         layers.append(layer)
         for name in config.methods:
             maps = explain(name, randomised, stage=f"model randomised down to {layer}")
-            if maps is None:
-                continue
-            columns = {"rank_correlation": _values(spearman_rank_correlation(trained[name], maps)),
-                       "rank_correlation_abs": _values(spearman_rank_correlation(trained[name], maps, True)),
-                       "ssim": _values(ssim(trained[name], maps))}
-            rows += [{"method": name, "step": step, "layer": layer, "image_id": image_id,
-                      **{key: values[i] for key, values in columns.items()}}
-                     for i, image_id in enumerate(ids)]
+            if maps is not None:
+                rows += compare(name, maps, "cascading", step, layer)
     rows = [r for r in rows if r["method"] not in errors]  # a method that failed midway has no verdict
     return rows, layers, errors
 
 
 def verdicts(rows: list[dict], methods: list[str], threshold: float,
              errors: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """Per method: mean similarities at full randomisation (the last step) and the flag."""
-    last = max((r["step"] for r in rows), default=0)
+    """Per method: mean similarities at full randomisation (the last step) and its flag, and the
+    same for the random logit test (random_logit_*)."""
+    last = max((r["step"] for r in rows if r["check"] == "cascading"), default=0)
     out = {}
     for method in methods:
         if method in (errors or {}):
             out[method] = {"rank_correlation": None, "rank_correlation_abs": None, "ssim": None, "flagged": None,
-                           "error": errors[method]}
+                           "random_logit_rank_correlation": None, "random_logit_ssim": None,
+                           "random_logit_flagged": None, "error": errors[method]}
             continue
-        final = [r for r in rows if r["method"] == method and r["step"] == last]
+        final = [r for r in rows if r["method"] == method and r["check"] == "cascading" and r["step"] == last]
         rho = _mean([r["rank_correlation"] for r in final])
+        other = [r for r in rows if r["method"] == method and r["check"] == "random_logit"]
+        rho_other = _mean([r["rank_correlation"] for r in other])
         out[method] = {"rank_correlation": rho,
                        "rank_correlation_abs": _mean([r["rank_correlation_abs"] for r in final]),
                        "ssim": _mean([r["ssim"] for r in final]),
-                       "flagged": None if rho is None else rho > threshold}
+                       "flagged": None if rho is None else rho > threshold,
+                       "random_logit_rank_correlation": rho_other,
+                       "random_logit_ssim": _mean([r["ssim"] for r in other]),
+                       "random_logit_flagged": None if rho_other is None else rho_other > threshold}
     return out
 
 
@@ -153,6 +175,8 @@ def annotate_summary(summary_dir: str, results: dict[str, dict[str, Any]], stora
             verdict = results.get(row["method"], {})
             row["sanity_rank_correlation"] = verdict.get("rank_correlation")
             row["sanity_flagged"] = verdict.get("flagged")
+            row["random_logit_rank_correlation"] = verdict.get("random_logit_rank_correlation")
+            row["random_logit_flagged"] = verdict.get("random_logit_flagged")
         with fs.open(file, "wb") as f:
             pq.write_table(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA), f, compression="zstd")
 
@@ -166,7 +190,7 @@ def run_sanity_check(config: ExplainConfig, shards: list[str], prep: Preprocessi
     results = verdicts(rows, list(config.methods), threshold, errors)
     write_table(sanity_dir, pa.Table.from_pylist(rows, schema=SANITY_SCHEMA), storage_options)
     annotate_summary(summary_dir, results, storage_options)
-    flagged = [m for m, v in results.items() if v["flagged"]]
+    flagged = [m for m, v in results.items() if v["flagged"] or v["random_logit_flagged"]]
     log.info("sanity check on %d image(s), %d layer(s): %s", len({r["image_id"] for r in rows}), len(layers),
              f"flagged {', '.join(flagged)}" if flagged else "no method flagged")
     return {"images": sorted({r["image_id"] for r in rows}), "layers_top_first": layers, "threshold": threshold,
@@ -174,4 +198,7 @@ def run_sanity_check(config: ExplainConfig, shards: list[str], prep: Preprocessi
             "convention": ("cascading randomisation from the logits down (explainers.metrics.cascading_randomization, "
                            "seeded by --seed); per image Spearman rank correlation (signed and |map|) and SSIM "
                            "between trained and randomised maps; a method is flagged when the mean signed rank "
-                           "correlation at full randomisation exceeds the threshold")}
+                           "correlation at full randomisation exceeds the threshold. Random logit test: the same "
+                           "similarities between the maps of the target and of another class drawn per image "
+                           "(explainers.metrics.random_other_classes); flagged (random_logit_flagged) above the "
+                           "same threshold")}

@@ -191,6 +191,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                 "torch_threads": Key("--torch-threads", _threads)},
     "metrics": {"enabled": Key("--metrics", _switch), "steps": Key("--metric-steps", _integer),
                 "substrate": Key("--metric-substrate", _text), "abele": Key("--abele-metrics", _switch),
+                "road": Key("--road", _switch),
                 "abele_neighbours": Key("--abele-neighbours", _integer)},
     "sanity_check": {"enabled": Key("--sanity-check", _switch), "images": Key("--sanity-images", _integer),
                      "threshold": Key("--sanity-threshold", _number)},

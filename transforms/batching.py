@@ -9,7 +9,7 @@ import apache_beam as beam
 import numpy as np
 
 from transforms import progress
-from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
+from transforms.preprocess import BadImage, Preprocessing, decode, ground_truth, preprocess, resize_mask
 from transforms.readers import read_shard
 from transforms.records import ErrorRecord, ImageBatch, RawImage
 
@@ -25,7 +25,9 @@ class ReadShardBatches(beam.DoFn):
     rerun. Tagged outputs: ``errors`` (ErrorRecord) and ``read`` (1 per record read,
     good or bad, for the manifest's counts). ``limit_per_shard`` stops after that many
     records of each shard (a deterministic sample: the first ones). ``progress``: where the
-    worker reports the records read (transforms.progress), or None.
+    worker reports the records read (transforms.progress), or None. Ground truth
+    (docs/ground_truth.md) rides along as ``ImageBatch.masks``/``has_mask``; a record whose
+    ground truth cannot be read is an error like one whose image cannot.
     """
 
     def __init__(self, prep: Preprocessing, batch_size: int, storage_options: dict[str, Any] | None = None,
@@ -47,9 +49,9 @@ class ReadShardBatches(beam.DoFn):
             if isinstance(prepared, ErrorRecord):
                 yield beam.pvalue.TaggedOutput(ERRORS, prepared)
                 continue
-            array, pixels = prepared
+            array, pixels, mask = prepared
             group = pending.setdefault(pixels.shape, [])
-            group.append((record, array.shape[:2], pixels))
+            group.append((record, array.shape[:2], pixels, mask))
             if len(group) == self.batch_size:
                 yield _to_batch(pending.pop(pixels.shape))
         progress.shard_finished(self.progress, shard_url)
@@ -60,13 +62,15 @@ class ReadShardBatches(beam.DoFn):
         progress.flush(self.progress)
 
 
-def _prepare(record: RawImage, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray] | ErrorRecord:
-    """(decoded [H,W,C], model input [C,H,W]), or the ErrorRecord that costs this record."""
+def _prepare(record: RawImage, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | ErrorRecord:
+    """(decoded [H,W,C], model input [C,H,W], ground truth bool [H',W'] at the model input
+    size or None), or the ErrorRecord that costs this record."""
     stage = "decode"
     try:
         array = decode(record, prep.max_pixels)
+        mask = ground_truth(record, array.shape[:2], prep.max_pixels)
         stage = "preprocess"
-        return array, preprocess(array, prep)
+        return array, preprocess(array, prep), None if mask is None else resize_mask(mask, prep)
     except BadImage as e:
         return ErrorRecord(record.image_id, record.source, e.stage, str(e))
     except Exception as e:  # a failure nobody foresaw still costs only this record
@@ -74,10 +78,18 @@ def _prepare(record: RawImage, prep: Preprocessing) -> tuple[np.ndarray, np.ndar
 
 
 def _to_batch(group) -> ImageBatch:
+    pixels = np.stack([p for _, _, p, _ in group])
+    has_mask = [m is not None for _, _, _, m in group]
+    masks = None
+    if any(has_mask):  # images without ground truth get an all-False row, flagged in has_mask
+        empty = np.zeros(pixels.shape[2:], dtype=bool)
+        masks = np.stack([empty if m is None else m for _, _, _, m in group])
     return ImageBatch(
-        image_ids=[r.image_id for r, _, _ in group],
-        sources=[r.source for r, _, _ in group],
-        labels=[r.label for r, _, _ in group],
-        sizes=[tuple(int(v) for v in size) for _, size, _ in group],
-        pixels=np.stack([p for _, _, p in group]),
+        image_ids=[r.image_id for r, _, _, _ in group],
+        sources=[r.source for r, _, _, _ in group],
+        labels=[r.label for r, _, _, _ in group],
+        sizes=[tuple(int(v) for v in size) for _, size, _, _ in group],
+        pixels=pixels,
+        masks=masks,
+        has_mask=has_mask if masks is not None else None,
     )

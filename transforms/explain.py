@@ -117,6 +117,7 @@ class ExplainConfig:
     metric_steps: int | None = 16  # None: one image row per step (explainers.metrics.default_steps)
     metric_substrate: str = "zero"
     abele: AbeleProtocol | None = None  # ABELE's relevance/coherence/stability (--abele-metrics)
+    road: bool = False  # ROAD MoRF/LeRF per image (--road)
     threads: ThreadBudget = ThreadBudget()
     # Where the workers report images explained (transforms.progress); not part of the model's identity.
     progress: progress.Sink | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -206,6 +207,25 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
         predicted, _ = stable_argmax(logits, lambda rows: alone(model, images[rows]).float(),
                                      decision_tolerance(raw.dtype))
     return logits, probabilities, predicted
+
+
+def ground_truth(batch: ImageBatch, keep: list[int], device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The kept images' ground-truth masks [N,H,W] bool and whether each has one [N], or None
+    when no image of the batch has ground truth."""
+    if batch.masks is None or not any(batch.has_mask[i] for i in keep):
+        return None
+    return (torch.from_numpy(np.asarray(batch.masks)[keep]).to(device).bool(),
+            torch.tensor([batch.has_mask[i] for i in keep], device=device))
+
+
+def localisation(maps: torch.Tensor, masks: torch.Tensor, present: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pointing game, relevance mass and rank accuracy of each map; NaN (a null) for an image without
+    ground truth."""
+    nan = torch.tensor(float("nan"), device=maps.device)
+    scores = {"pointing_game": quality.pointing_game(maps, masks),
+              "relevance_mass": quality.relevance_mass_accuracy(maps, masks),
+              "relevance_rank": quality.relevance_rank_accuracy(maps, masks)}
+    return {key: torch.where(present, score.values.to(maps.device).float(), nan) for key, score in scores.items()}
 
 
 def metric_value(value: torch.Tensor) -> float | list[float] | None:
@@ -368,34 +388,41 @@ class ExplainBatches(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(ERRORS, ErrorRecord(batch.image_ids[i], batch.sources[i], "explain",
                                                                    problem, name))
         scores = {}
-        if stored and (reference is not None or self.config.abele is not None):
+        truth = ground_truth(batch, keep, images.device)
+        if stored and (reference is not None or self.config.abele is not None or self.config.road
+                       or truth is not None):
             done = [outcome[0] for _, outcome in stored]
             maps = torch.from_numpy(arrays[[n for n, _ in stored]]).to(images.device)
-            scores = self._scores(explainer, done, maps, keep, images, targets, seeds, predicted, reference)
+            scores = self._scores(explainer, done, maps, keep, images, targets, seeds, predicted, reference, truth)
         for n, (j, result, k, ms) in stored:
             row = self._row(name, batch, keep[j], result, k, targets[j], seeds[j], probabilities, predicted, ms,
                             arrays[n], {key: float(values[n]) for key, values in statistics.items()})
             row.update(scores.get(j, {}))
             yield row
 
-    def _scores(self, explainer, done, maps, keep, images, targets, seeds, predicted, reference):
+    def _scores(self, explainer, done, maps, keep, images, targets, seeds, predicted, reference, truth):
         """{position in keep: {metric: value}} for the explained images. A metric that fails
         on the batch is retried per image, and an image it still fails on gets nulls: a
         metric costs a value, never the row or the run."""
         try:
-            return self._batch_scores(explainer, done, maps, keep, images, targets, seeds, predicted, reference)
+            return self._batch_scores(explainer, done, maps, keep, images, targets, seeds, predicted, reference, truth)
         except Exception:
             scores = {}
             for n, j in enumerate(done):
                 try:
                     scores.update(self._batch_scores(explainer, [j], maps[n:n + 1], keep, images, targets, seeds,
-                                                     predicted, reference))
+                                                     predicted, reference, truth))
                 except Exception:
                     scores[j] = {}
             return scores
 
-    def _batch_scores(self, explainer, done, maps, keep, images, targets, seeds, predicted, reference):
+    def _batch_scores(self, explainer, done, maps, keep, images, targets, seeds, predicted, reference, truth):
         metrics = {}
+        if self.config.road:
+            curves = quality.road(self._state.model, images[done], maps, targets[done], seeds=seeds[done])
+            metrics.update(road_morf_auc=curves.morf_auc, road_lerf_auc=curves.lerf_auc, road_gap=curves.gap)
+        if truth is not None:
+            metrics.update(localisation(maps, *(part[done] for part in truth)))
         if reference is not None:
             metrics.update(self._metrics(images[done], maps, targets[done], seeds[done]))
             metrics.update({key: values[done] for key, values in reference.items()})

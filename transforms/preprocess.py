@@ -59,20 +59,29 @@ def decode(raw: RawImage, max_pixels: int) -> np.ndarray:
         return _decode_npy(raw.data, max_pixels)
     if raw.fmt not in ("png", "jpg", "jpeg"):
         raise BadImage("decode", f"unsupported image format {raw.fmt!r}")
+    return _pil_to_array(_open(raw.data, "image", f"{raw.fmt} image", max_pixels))
+
+
+def _open(data: bytes, name: str, kind: str, max_pixels: int, formats: list[str] | None = None,
+          size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode with Pillow, refusing from the header alone, before any pixel is decoded, an
+    image over ``max_pixels`` (a decompression bomb) or, given ``size``, of another (height, width)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw.data))
+            image = Image.open(io.BytesIO(data), formats=formats)
             width, height = image.size  # read from the header: nothing decoded yet
             if width * height > max_pixels:
-                raise BadImage("decode", f"image is {height}x{width} = {height * width} pixels, "
+                raise BadImage("decode", f"{name} is {height}x{width} = {height * width} pixels, "
                                          f"over the limit of {max_pixels} (--max-pixels)")
+            if size is not None and (height, width) != tuple(size):
+                raise BadImage("decode", f"{name} is {height}x{width} but its image is {size[0]}x{size[1]}")
             image.load()
     except BadImage:
         raise
     except Exception as e:  # Pillow raises several types for corrupt or truncated data
-        raise BadImage("decode", f"cannot decode {raw.fmt} image: {type(e).__name__}: {e}") from None
-    return _pil_to_array(image)
+        raise BadImage("decode", f"cannot decode {kind}: {type(e).__name__}: {e}") from None
+    return image
 
 
 def _pil_to_array(image: Image.Image) -> np.ndarray:
@@ -114,6 +123,59 @@ def _decode_npy(data: bytes, max_pixels: int) -> np.ndarray:
     raise BadImage("decode", f"unsupported npy dtype {array.dtype}")
 
 
+def ground_truth(raw: RawImage, size: tuple[int, int], max_pixels: int) -> np.ndarray | None:
+    """The record's ground truth as bool [H, W] at its image's original ``size`` (True =
+    object): its mask and its boxes together; None when it has neither."""
+    found = []
+    if raw.mask is not None:
+        found.append(decode_mask(raw.mask, size, max_pixels))
+    if raw.boxes is not None:
+        found.append(boxes_to_mask(raw.boxes, size))
+    return np.logical_or.reduce(found) if found else None
+
+
+# Single-channel PNG modes: grey, 1-bit, palette (its indices are the values) and 16-bit grey.
+MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")
+
+
+def decode_mask(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """A PNG mask -> bool [H, W], nonzero = object. It must be single-channel and exactly the
+    image's (height, width): a mask of another size cannot be aligned without guessing."""
+    image = _open(data, "ground truth mask", "ground truth mask PNG", max_pixels, formats=["PNG"], size=size)
+    if image.mode not in MASK_MODES:
+        raise BadImage("decode", f"ground truth mask must be a single-channel PNG (grey, 1-bit, palette or "
+                                 f"16-bit), got mode {image.mode}")
+    return np.asarray(image) != 0
+
+
+def boxes_to_mask(boxes: list[list[float]], size: tuple[int, int]) -> np.ndarray:
+    """Boxes [x0, y0, x1, y1] (validated, x1 and y1 exclusive like a slice) -> bool [H, W]:
+    every pixel a box touches, clipped to the image. Summed-area (2-D difference) counts, so
+    the cost is one pass over the image whatever the number and size of the boxes."""
+    height, width = size
+    corners = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x0, x1 = (np.clip(f(corners[:, i]), 0, width).astype(np.int64) for f, i in ((np.floor, 0), (np.ceil, 2)))
+    y0, y1 = (np.clip(f(corners[:, i]), 0, height).astype(np.int64) for f, i in ((np.floor, 1), (np.ceil, 3)))
+    counts = np.zeros((height + 1, width + 1), dtype=np.int32)
+    for rows, cols, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        np.add.at(counts, (rows, cols), sign)
+    return counts.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)[:height, :width] > 0
+
+
+def resize_mask(mask: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """bool [H, W] at the original size -> bool [H', W'] at the model input size, resized as
+    preprocess resizes the image (same condition, same pixel-centre geometry as its
+    align_corners=False), nearest-neighbour so the mask stays binary."""
+    if not _resizes(prep, mask.shape):
+        return mask
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.interpolate(tensor, size=prep.resize, mode="nearest-exact")[0, 0].numpy() > 0.5
+
+
+def _resizes(prep: Preprocessing, size: tuple[int, ...]) -> bool:
+    return prep.resize is not None and tuple(size) != tuple(prep.resize)
+
+
 def preprocess(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """[H, W, C] float in [0,1] -> float32 [C, H', W'] model input."""
     channels = array.shape[2]
@@ -127,7 +189,7 @@ def preprocess(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
                                          "pass --to-grayscale to convert")
         array = array @ np.array([0.299, 0.587, 0.114], dtype=np.float32)[:, None]  # ITU-R 601 luma
     tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    if prep.resize is not None and tuple(tensor.shape[1:]) != tuple(prep.resize):
+    if _resizes(prep, tensor.shape[1:]):
         tensor = F.interpolate(tensor[None], size=prep.resize, mode="bilinear", antialias=True,
                                align_corners=False)[0]
     if prep.mean is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import json
 import math
 import numbers
 import posixpath
@@ -27,6 +28,12 @@ INT64 = range(-2 ** 63, 2 ** 63)
 # Bytes read ahead of an npy array to check its header (numpy refuses headers over 10000).
 NPY_HEADER_PEEK = 16 * 1024
 LABEL_MAX_BYTES = 1024
+# Ground truth (docs/ground_truth.md): a KEY.mask.png member or `mask` column (PNG bytes), and
+# boxes in a KEY.json member or a `boxes` column. A box JSON is small: 1 MiB holds ~40,000 boxes.
+MASK_EXTENSION = "mask.png"
+JSON_EXTENSION = "json"
+JSON_MAX_BYTES = 1 << 20
+MAX_BOXES = 65536
 MEMBER_TYPES = {tarfile.LNKTYPE: "hard link", tarfile.SYMTYPE: "symbolic link", tarfile.CHRTYPE: "character device",
                 tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}
 
@@ -76,9 +83,7 @@ def parse_label(value: Any) -> int | None:
         number = int(number)
     if isinstance(number, numbers.Integral) and not isinstance(number, bool) and int(number) in INT64:
         return int(number)
-    shown = repr(value)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    raise ValueError(f"label is not an integer in the int64 range: {shown}")
+    raise ValueError(f"label is not an integer in the int64 range: {_shown(value, 40)}")
 
 
 def _parse_number(text: str) -> int | float | str:
@@ -120,6 +125,60 @@ def npy_problem(prefix: bytes, size: int, max_pixels: int) -> str | None:
     if needed > size:
         return f"npy array is truncated: shape {shape} of {dtype} needs {needed} bytes, the data has {size}"
     return None
+
+
+def parse_boxes(value: Any, *, xywh: bool = False) -> list[list[float]]:
+    """Boxes [[x0, y0, x1, y1], ...] (``xywh``: one COCO box [x, y, w, h]) as finite floats
+    with x0 <= x1 and y0 <= y1. Anything else raises ValueError saying which box is wrong
+    and why. Coordinates outside the image are left to be clipped."""
+    if xywh:
+        x, y, w, h = _box(value, "bbox")
+        if w < 0 or h < 0:
+            raise ValueError(f"ground truth bbox has a negative width or height: {_shown(value)}")
+        return [[x, y, x + w, y + h]]
+    if not isinstance(value, list):
+        raise ValueError(f"ground truth boxes must be a list of [x0, y0, x1, y1], got {_shown(value)}")
+    if len(value) > MAX_BOXES:
+        raise ValueError(f"ground truth has {len(value)} boxes, over the limit of {MAX_BOXES}")
+    boxes = [_box(box, f"box {i}") for i, box in enumerate(value)]
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        if x1 < x0 or y1 < y0:
+            raise ValueError(f"ground truth box {i} is inverted (x1 < x0 or y1 < y0): {_shown(value[i])}")
+    return boxes
+
+
+def _box(value: Any, name: str) -> list[float]:
+    """Four finite numbers as floats, or ValueError naming the box."""
+    if isinstance(value, (list, tuple)) and len(value) == 4 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+        try:
+            box = [float(v) for v in value]
+        except OverflowError:  # an int beyond float's range
+            box = [math.inf]
+        if all(math.isfinite(v) for v in box):
+            return box
+        raise ValueError(f"ground truth {name} has a NaN or infinite coordinate: {_shown(value)}")
+    raise ValueError(f"ground truth {name} is not 4 numbers: {_shown(value)}")
+
+
+def boxes_from_json(data: bytes) -> list[list[float]] | None:
+    """The boxes of a KEY.json member: its "boxes" ([[x0, y0, x1, y1], ...]) and "bbox" (one
+    COCO [x, y, w, h]) together; None when it has neither (a JSON of other metadata). Other
+    keys are ignored. Malformed JSON, or JSON that is not an object, raises ValueError."""
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"ground truth JSON is malformed: {type(e).__name__}: {_shown(str(e))}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"ground truth JSON must be an object, got {type(document).__name__}")
+    found = [parse_boxes(document[key], xywh=key == "bbox") for key in ("boxes", "bbox")
+             if document.get(key) is not None]
+    return [box for boxes in found for box in boxes] if found else None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
 
 
 def _split_key(member_name: str) -> tuple[str, str]:
@@ -201,13 +260,16 @@ def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample:
         target = f" to {member.linkname!r}" if member.issym() or member.islnk() else ""
         sample.problems.append(f"member {member.name!r} is a {kind}{target}, not a regular file")
         return
-    if ext not in IMAGE_EXTENSIONS and ext != "cls":
+    if ext.startswith("mask.") and ext != MASK_EXTENSION:  # a lossy mask would blur its edge: refuse, not ignore
+        sample.problems.append(f"ground truth mask member {member.name!r} must be a PNG (KEY.{MASK_EXTENSION})")
+        return
+    limit = _member_limit(ext, max_pixels)
+    if limit is None:
         sample.parts[ext] = b""  # not used: listed, not read
         return
-    limit = LABEL_MAX_BYTES if ext == "cls" else max_image_bytes(max_pixels)
-    if member.size > limit:
-        sample.problems.append(f"member {member.name!r} is {member.size} bytes, over the limit of {limit} bytes"
-                               + ("" if ext == "cls" else f" for {max_pixels} pixels (--max-pixels)"))
+    if member.size > limit[0]:
+        sample.problems.append(f"member {member.name!r} is {member.size} bytes, over the limit of {limit[0]} bytes"
+                               + limit[1])
         return
     stream = tar.extractfile(member)
     data = stream.read(NPY_HEADER_PEEK) if ext == "npy" else b""
@@ -220,6 +282,14 @@ def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample:
         raise EOFError(f"{len(data)} of {member.size} bytes")
     sample.parts[ext] = data
     sample.names[member.name] = ext
+
+
+def _member_limit(ext: str, max_pixels: int) -> tuple[int, str] | None:
+    """The most bytes a member of this kind may have, with the words that say why; None for a
+    member that is not read. A mask has no more pixels than its image."""
+    if ext in IMAGE_EXTENSIONS or ext == MASK_EXTENSION:
+        return max_image_bytes(max_pixels), f" for {max_pixels} pixels (--max-pixels)"
+    return {"cls": (LABEL_MAX_BYTES, ""), JSON_EXTENSION: (JSON_MAX_BYTES, "")}.get(ext)
 
 
 def _unread_tail(tar: tarfile.TarFile) -> int:
@@ -241,10 +311,11 @@ def _tar_sample(sample: _Sample, url: str) -> RawImage | ErrorRecord:
         return ErrorRecord(key, url, "read", f"sample has no image member (found: {', '.join(sorted(parts))})")
     try:
         label = parse_label(_cls_text(parts["cls"])) if "cls" in parts else None
+        boxes = boxes_from_json(parts[JSON_EXTENSION]) if JSON_EXTENSION in parts else None
     except ValueError as e:
         return ErrorRecord(key, url, "read", str(e))
     ext = image_exts[0]
-    return RawImage(key, url, parts[ext], ext, label)
+    return RawImage(key, url, parts[ext], ext, label, mask=parts.get(MASK_EXTENSION), boxes=boxes)
 
 
 def _cls_text(data: bytes) -> str | bytes:
@@ -263,7 +334,7 @@ def _read_parquet(url: str, storage_options: dict, max_pixels: int) -> Iterator[
             if missing:
                 yield ErrorRecord(url, url, "read", f"parquet shard lacks column(s) {', '.join(sorted(missing))}")
                 return
-            columns = ["image_id", "image"] + [c for c in ("label", "format") if c in names]
+            columns = ["image_id", "image"] + [c for c in ("label", "format", "mask", "boxes") if c in names]
             seen: set[str] = set()
             for batch in pf.iter_batches(columns=columns, batch_size=64):
                 for row in batch.to_pylist():
@@ -283,13 +354,27 @@ def _parquet_record(row: dict, url: str, seen: set[str], max_pixels: int) -> Raw
         return ErrorRecord(image_id, url, "read", f"image column holds {type(data).__name__}, not bytes")
     fmt = row.get("format")
     fmt = fmt.lower() if isinstance(fmt, str) and fmt else sniff_format(data)
-    problem = image_problem(fmt, len(data), data[:NPY_HEADER_PEEK], max_pixels)
+    problem = image_problem(fmt, len(data), data[:NPY_HEADER_PEEK], max_pixels) \
+        or _mask_column_problem(row.get("mask"), max_pixels)
     if problem:
         return ErrorRecord(image_id, url, "read", problem)
     try:
-        return RawImage(image_id, url, data, fmt, parse_label(row.get("label")))
+        boxes = None if row.get("boxes") is None else parse_boxes(row["boxes"])
+        return RawImage(image_id, url, data, fmt, parse_label(row.get("label")), mask=row.get("mask"), boxes=boxes)
     except ValueError as e:
         return ErrorRecord(image_id, url, "read", str(e))
+
+
+def _mask_column_problem(mask: Any, max_pixels: int) -> str | None:
+    """Why a Parquet `mask` value cannot be a mask (null is no mask), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, bytes):
+        return f"ground truth mask column holds {type(mask).__name__}, not PNG bytes"
+    limit = max_image_bytes(max_pixels)
+    if len(mask) > limit:
+        return f"ground truth mask of {len(mask)} bytes is over the limit of {limit} bytes for {max_pixels} pixels"
+    return None
 
 
 def _read_image_file(url: str, storage_options: dict, max_pixels: int) -> Iterator[RawImage | ErrorRecord]:

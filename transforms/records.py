@@ -22,6 +22,10 @@ class RawImage:
     data: bytes
     fmt: str  # file extension without the dot: png, jpg, jpeg, npy
     label: int | None = None
+    # Optional ground truth (docs/ground_truth.md): an encoded PNG mask of the image's size,
+    # and/or boxes [x0, y0, x1, y1] in original pixel coordinates (validated by the reader).
+    mask: bytes | None = None
+    boxes: list[list[float]] | None = None
 
 
 @dataclasses.dataclass
@@ -50,12 +54,22 @@ class ImageBatch:
     pixels: np.ndarray  # float32 [B, C, H, W], model-input space
     # Per image, the methods an incremental audit skips for it (already in the history); None: none.
     skip: list[frozenset[str]] | None = None
+    # Ground truth at the model input size: bool [B, H, W] (True = object), or None when no
+    # image of the batch has any. has_mask[i] is False for an image without ground truth (its
+    # row of masks is all False and its localisation metrics are null); None with masks None.
+    masks: np.ndarray | None = None
+    has_mask: list[bool] | None = None
 
     def take(self, rows: list[int]) -> "ImageBatch":
         """The batch of these rows only, in this order."""
+        has_mask = None if self.has_mask is None else [self.has_mask[i] for i in rows]
+        if not any(has_mask or ()):  # keep "masks is None" meaning "no ground truth here"
+            has_mask = None
         return ImageBatch(image_ids=[self.image_ids[i] for i in rows], sources=[self.sources[i] for i in rows],
                           labels=[self.labels[i] for i in rows], sizes=[self.sizes[i] for i in rows],
-                          pixels=self.pixels[rows], skip=None if self.skip is None else [self.skip[i] for i in rows])
+                          pixels=self.pixels[rows], skip=None if self.skip is None else [self.skip[i] for i in rows],
+                          masks=None if has_mask is None or self.masks is None else self.masks[rows],
+                          has_mask=has_mask)
 
 
 def seed_for(image_id: str, base_seed: int = 0) -> int:

@@ -53,11 +53,25 @@ SALIENCY_FIELDS = [
     pa.field("coherence_max", pa.float32()),
     pa.field("stability_mean", pa.float32()),
     pa.field("stability_max", pa.float32()),
+    # ROAD (null unless --road): mean of the target's probability as 1%, 3%, ..., 99% of the pixels
+    # are removed most relevant first (MoRF, lower is better) or least relevant first (LeRF, higher
+    # is better), removed pixels filled by noisy linear imputation; road_gap = LeRF - MoRF.
+    pa.field("road_morf_auc", pa.float32()),
+    pa.field("road_lerf_auc", pa.float32()),
+    pa.field("road_gap", pa.float32()),
+    # Localisation (null where the image has no ground-truth mask or boxes): the map's maximum in
+    # the mask (pointing game; ties: the share of tied maxima inside), the share of positive
+    # relevance inside (relevance mass), the share of the |mask| top pixels inside (relevance rank).
+    pa.field("pointing_game", pa.float32()),
+    pa.field("relevance_mass", pa.float32()),
+    pa.field("relevance_rank", pa.float32()),
 ]
 RISE_COLUMNS = ("deletion_auc", "insertion_auc", "deletion_auc_random", "insertion_auc_random", "gini")
 ABELE_COLUMNS = ("relevance_0", "relevance_127", "relevance_255", "coherence_mean", "coherence_max",
                  "stability_mean", "stability_max")
-METRIC_COLUMNS = RISE_COLUMNS + ABELE_COLUMNS  # per-image scalars the summary aggregates
+ROAD_COLUMNS = ("road_morf_auc", "road_lerf_auc", "road_gap")
+LOCALISATION_COLUMNS = ("pointing_game", "relevance_mass", "relevance_rank")
+METRIC_COLUMNS = RISE_COLUMNS + ABELE_COLUMNS + ROAD_COLUMNS + LOCALISATION_COLUMNS  # per-image scalars the summary aggregates
 SUMMARY_STATISTICS = ("mean", "median", "p10", "p90")
 
 ERROR_SCHEMA = pa.schema([
@@ -89,6 +103,11 @@ SUMMARY_SCHEMA = pa.schema([
     # stays above the threshold (the method's maps do not depend on the model).
     pa.field("sanity_rank_correlation", pa.float64()),
     pa.field("sanity_flagged", pa.bool_()),
+    # The random logit test (Sixt et al. 2020), in the same step: the mean rank correlation between
+    # the maps of the target and of another class, and whether it stays above the threshold (the
+    # method's maps do not depend on the class explained).
+    pa.field("random_logit_rank_correlation", pa.float64()),
+    pa.field("random_logit_flagged", pa.bool_()),
 ])
 
 

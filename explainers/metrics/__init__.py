@@ -13,7 +13,10 @@ random depends only on each image's seed, never on the rest of the batch.
 - causal: RISE deletion / insertion curves and AUCs, the random-order reference.
 - complexity: Gini sparsity.
 - abele: ABELE's relevance flip rate, Lipschitz coherence / stability, salt-and-pepper copies.
-- sanity: Adebayo et al.'s cascading randomisation, Spearman rank correlation, SSIM.
+- road: ROAD (Rong et al. 2022), MoRF and LeRF curves with noisy linear imputation.
+- localisation: pointing game, relevance mass and rank accuracy against ground-truth masks.
+- sanity: Adebayo et al.'s cascading randomisation, the random logit test's classes, Spearman rank
+  correlation, SSIM.
 """
 from explainers.metrics.abele import (
     ABELE_PERCENTILES, lipschitz_ratios, prediction_unchanged, relevance_flip_rate, salt_and_pepper,
@@ -23,14 +26,20 @@ from explainers.metrics.causal import (
     insertion_curve, make_substrate, pixel_ranks, random_maps,
 )
 from explainers.metrics.complexity import gini
+from explainers.metrics.localisation import (
+    LocalisationScores, pointing_game, relevance_mass_accuracy, relevance_rank_accuracy,
+)
+from explainers.metrics.road import DEFAULT_PERCENTAGES, RoadCurves, linear_imputation, noisy_linear_imputation, road
 from explainers.metrics.sanity import (
-    average_ranks, cascading_randomization, parameterised_layers, reinitialise_, spearman_rank_correlation, ssim,
+    average_ranks, cascading_randomization, parameterised_layers, random_other_classes, reinitialise_,
+    spearman_rank_correlation, ssim,
 )
 
 __all__ = [
-    "ABELE_PERCENTILES", "SUBSTRATES", "auc", "average_ranks", "blur_substrate", "cascading_randomization",
+    "ABELE_PERCENTILES", "DEFAULT_PERCENTAGES", "LocalisationScores", "RoadCurves", "linear_imputation",
+    "noisy_linear_imputation", "pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy", "road", "SUBSTRATES", "auc", "average_ranks", "blur_substrate", "cascading_randomization",
     "default_steps", "deletion_auc", "deletion_curve", "gini", "insertion_auc", "insertion_curve",
     "lipschitz_ratios", "make_substrate", "parameterised_layers", "pixel_ranks", "prediction_unchanged",
-    "random_maps", "reinitialise_", "relevance_flip_rate", "salt_and_pepper", "spearman_rank_correlation",
+    "random_maps", "random_other_classes", "reinitialise_", "relevance_flip_rate", "salt_and_pepper", "spearman_rank_correlation",
     "ssim",
 ]

@@ -1,9 +1,11 @@
-"""Sanity checks for saliency maps (Adebayo et al., NeurIPS 2018), pure PyTorch.
+"""Sanity checks for saliency maps, pure PyTorch.
 
-Cascading model-parameter randomisation re-initialises a trained model's layers from the
-logits downwards, cumulatively; the maps of a method that explains the *model* must drift
-away from the trained model's maps as more layers are randomised. Similarity is measured
-per image with Spearman rank correlation (with and without absolute values) and SSIM.
+Cascading model-parameter randomisation (Adebayo et al., NeurIPS 2018) re-initialises a trained
+model's layers from the logits downwards, cumulatively; the maps of a method that explains the
+*model* must drift away from the trained model's maps as more layers are randomised. The random
+logit test (Sixt et al., ICML 2020) explains another class, drawn at random per image: a method
+that explains the *decision* must give another map. Similarity is measured per image with
+Spearman rank correlation (with and without absolute values) and SSIM.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Iterator
 import torch
 
 from explainers.metrics._utils import (
-    STREAM_RANDOMIZATION, check_maps, gaussian_kernel1d, generator, minmax_scale,
+    STREAM_RANDOM_LOGIT, STREAM_RANDOMIZATION, as_seed_list, check_maps, gaussian_kernel1d, generator, minmax_scale,
     separable_filter, stream_seed,
 )
 
@@ -120,6 +122,17 @@ def cascading_randomization(model: torch.nn.Module, seed: int = 0, *,
         module = current if name == ROOT_NAME else dict(current.named_modules())[name]
         reinitialise_(module, stream_seed(seed, STREAM_RANDOMIZATION, zlib.crc32(name.encode())))
         yield name, current
+
+
+def random_other_classes(targets: torch.Tensor, num_classes: int, seeds=None) -> torch.Tensor:
+    """Per image a class other than its target, uniform among the other num_classes - 1 and drawn
+    from the image's seed (the random logit test's class). Needs num_classes >= 2."""
+    if num_classes < 2:
+        raise ValueError(f"the random logit test needs at least 2 classes, got {num_classes}")
+    seeds = as_seed_list(seeds, len(targets))
+    offsets = [1 + int(torch.randint(0, num_classes - 1, (1,), generator=generator(seed, STREAM_RANDOM_LOGIT)))
+               for seed in seeds]
+    return (targets.cpu().long() + torch.tensor(offsets, dtype=torch.long)) % num_classes
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:

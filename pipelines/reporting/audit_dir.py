@@ -77,6 +77,10 @@ class AuditDir:
     def signed(self, method: str) -> bool:
         return bool((self.manifest.get("methods") or {}).get(method, {}).get("signed", True))
 
+    def control(self, method: str) -> bool:
+        """A control map (random, sobel): the level to beat, not an explanation."""
+        return bool((self.manifest.get("methods") or {}).get(method, {}).get("control", False))
+
     def scalar_rows(self) -> list[dict]:
         """Every saliency row without its list columns (maps, superpixels, curves)."""
         schema = self.columns("saliency")

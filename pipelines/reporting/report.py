@@ -21,7 +21,7 @@ from pipelines.reporting.audit_dir import AuditDir, saliency_map
 from pipelines.reporting.html import Raw, details, img, markup, number, page, paragraph, table
 from pipelines.reporting.plots import histogram, line_chart
 from transforms import history, storage
-from transforms.rows import ABELE_COLUMNS, RISE_COLUMNS
+from transforms.rows import ABELE_COLUMNS, LOCALISATION_COLUMNS, RISE_COLUMNS, ROAD_COLUMNS
 
 VERDICT = "verdict.json"  # written by pipelines.gates next to the manifest
 FINDINGS_SHOWN = 2    # findings per method when none is flagged
@@ -41,6 +41,13 @@ METRIC_NOTES = {
     "coherence_mean": "ABELE coherence: Lipschitz ratio of map change to image change against same-class "
                       "images of the batch; lower is better.",
     "stability_mean": "ABELE stability: the same ratio against salt-and-pepper copies; lower is better.",
+    "road_morf_auc": "ROAD (Rong et al. 2022): the target's probability as 1-99% of the pixels are removed, most "
+                     "relevant first (MoRF, lower is better) or least relevant first (LeRF, higher is better), "
+                     "filled by noisy linear imputation so that the removal's shape tells the model nothing; "
+                     "gap = LeRF - MoRF, higher is better. The random control's gap is the level to beat.",
+    "pointing_game": "Localisation against the shards' ground truth: pointing game (the map's maximum in the "
+                     "mask), relevance mass (share of positive relevance inside), relevance rank (share of the "
+                     "mask-sized top pixels inside); higher is better; a random map scores the mask's area share.",
 }
 
 # The statistics the gates judge, as the history records them per method and slot, with the
@@ -343,6 +350,13 @@ class Report:
     def _present(self, metric: str) -> bool:
         return any(s.get(f"mean_{metric}") is not None for s in self.overall.values())
 
+    @staticmethod
+    def _random_logit_verdict(flagged: bool | None) -> Raw | str:
+        if flagged is None:
+            return "\u2013"
+        return (Raw('<span class="flag">FLAGGED: maps do not depend on the class</span>') if flagged
+                else Raw('<span class="ok">passed</span>'))
+
     def _verdict(self, method: str) -> Raw | str:
         flagged = self.overall.get(method, {}).get("sanity_flagged")
         if flagged is None:
@@ -404,7 +418,8 @@ class Report:
         rows = []
         for method in self.methods:
             s, c = self.overall.get(method, {}), counts.get(method, {})
-            rows.append([method, "signed" if self.audit.signed(method) else "unsigned", c.get("explained"),
+            kind = "signed" if self.audit.signed(method) else "unsigned"
+            rows.append([method, f"{kind}, control" if self.audit.control(method) else kind, c.get("explained"),
                          c.get("errors"), self._say_nothing(s), s.get("mean_time_ms"), s.get("accuracy")]
                         + [markup("{} ({})", number(s.get(f"mean_{a}")), number(s.get(f"mean_{b}")))
                            for a, b, _ in pairs]
@@ -412,18 +427,27 @@ class Report:
                         + ([self._verdict(method)] if sanity else []))
         parts = [*self._warnings(), table(headers, rows), paragraph(
             "Means over all explained images. Empty maps are all zero, constant maps one value everywhere "
-            "(empty included): they point nowhere.")]
+            "(empty included): they point nowhere. Control maps (random: noise; sobel: the image's edges) "
+            "explain nothing: they are the levels an explanation must beat.")]
         abele = [m for m in ABELE_COLUMNS if self._present(m)]
         if abele:
             parts += ["<h3>ABELE's evaluation protocol</h3>",
                       table(["method", *(m.replace("_", " ") for m in abele)],
                             [[method, *(self.overall.get(method, {}).get(f"mean_{m}") for m in abele)]
                              for method in self.methods])]
+        for title, group in (("ROAD", ROAD_COLUMNS), ("Localisation (images with ground truth)", LOCALISATION_COLUMNS)):
+            present = [m for m in group if self._present(m)]
+            if present:
+                parts += [markup("<h3>{}</h3>", title),
+                          table(["method", *(m.replace("_", " ") for m in present)],
+                                [[method, *(self.overall.get(method, {}).get(f"mean_{m}") for m in present)]
+                                 for method in self.methods])]
         parts += [markup('<p class="note">{}</p>', text) for metric, text in METRIC_NOTES.items()
                   if self._present(metric)]
         stats = [(method, metric, s.get(f"mean_{metric}"), s.get(f"p10_{metric}"), s.get(f"median_{metric}"),
                   s.get(f"p90_{metric}")) for method, s in self.overall.items()
-                 for metric in (*RISE_COLUMNS, *ABELE_COLUMNS) if s.get(f"mean_{metric}") is not None]
+                 for metric in (*RISE_COLUMNS, *ABELE_COLUMNS, *ROAD_COLUMNS, *LOCALISATION_COLUMNS)
+                 if s.get(f"mean_{metric}") is not None]
         parts.append(details("Mean and quantiles of every metric",
                              table(["method", "metric", "mean", "p10", "median", "p90"], stats)))
         return "".join(parts)
@@ -465,15 +489,21 @@ class Report:
                                             ("ssim", "SSIM with the trained maps")))
         verdicts = [(m, v.get("rank_correlation"), v.get("rank_correlation_abs"), v.get("ssim"),
                      markup('<span class="flag">not checked: {}</span>', v["error"]) if v.get("error")
-                     else self._verdict(m))
+                     else self._verdict(m), v.get("random_logit_rank_correlation"), v.get("random_logit_ssim"),
+                     "\u2013" if v.get("error") else self._random_logit_verdict(v.get("random_logit_flagged")))
                     for m, v in ((m, (sanity.get("methods") or {}).get(m)) for m in self.methods) if v]
         return (paragraph(f"Cascading randomisation (Adebayo et al. 2018): the model's layers are re-initialised "
                           f"from the top, cumulatively, and every method explains {len(sanity.get('images') or [])} "
                           f"sample images again. A method that explains the model must produce different maps; one "
                           f"whose mean rank correlation with the trained maps stays above "
                           f"{sanity.get('threshold')} once every layer is random is flagged.")
-                + table(["method", "rank correlation, all layers random", "|rank| correlation", "SSIM", "verdict"],
+                + table(["method", "rank correlation, all layers random", "|rank| correlation", "SSIM", "verdict",
+                         "rank correlation, another class", "SSIM, another class", "verdict, another class"],
                         verdicts)
+                + paragraph("Random logit test (Sixt et al. 2020): the same images explained for another class, "
+                            "drawn at random per image. A method that explains the decision gives another map; one "
+                            "whose maps correlate above the same threshold with the target's is flagged. The "
+                            "control maps (random, sobel) ignore the class and are flagged by design.")
                 + f'<div class="plots">{charts}</div>'
                 + paragraph("On digits with black backgrounds, |map| rank correlations of gradient x input style "
                             "methods stay high for any model (their maps are 0 wherever the image is 0): read the "
@@ -528,7 +558,8 @@ class Report:
         return "".join(parts)
 
     def distributions_section(self) -> str:
-        metrics = [m for m in ("deletion_auc", "insertion_auc", "gini", *ABELE_COLUMNS, "time_ms")
+        metrics = [m for m in ("deletion_auc", "insertion_auc", "gini", *ABELE_COLUMNS, *ROAD_COLUMNS,
+                               *LOCALISATION_COLUMNS, "time_ms")
                    if any(r.get(m) is not None for r in self.rows)]
         parts = [paragraph("Histograms per method; for deletion and insertion the grey outline is the random order.")]
         for metric in metrics:
