@@ -47,22 +47,31 @@ def stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.copysign(torch.tensor(eps, dtype=z.dtype, device=z.device), z).add_(z)
 
 
-def _shares(f: LayerFn, terms, relevance_over_z: list[torch.Tensor], times_input: bool = True) -> torch.Tensor:
-    """The sum over terms (x', W', k) of x' * (W'^T applied to relevance_over_z[k]) (without the
-    factor x' when not times_input): each term's input share, by autograd through f."""
+def _redistribute(f: LayerFn, terms, relevance: torch.Tensor, biases, epsilon: float = STABILISER,
+                  gate=None, times_input: bool = True) -> torch.Tensor:
+    """The input relevance of one rule: terms (x', W', group, coefficient) are the modified
+    contributions; z_g = the sum of group g's f(x'; W') plus biases[g]; each term's share is
+    coefficient * x' * (W'^T applied to R * gate_g / z_g) (without x' when not times_input). One
+    forward per term and one backward pass for all of them; terms whose x' is all zero (the
+    negative part of a ReLU's output) contribute nothing and are skipped."""
+    terms = [t for t in terms if t[0].any()]
+    if not terms:
+        return None
+    leaves = [x.detach().requires_grad_(True) for x, *_ in terms]
+    with torch.enable_grad():
+        outputs = [f(leaf, w, None) for leaf, (_, w, _, _) in zip(leaves, terms)]
+    z: dict[int, torch.Tensor] = {}
+    for out, (_, _, group, _) in zip(outputs, terms):
+        z[group] = z[group] + out.detach() if group in z else out.detach().clone()
+    for group, bias in enumerate(biases):
+        if bias is not None and group in z:
+            z[group] += bias.view(1, -1, *([1] * (z[group].dim() - 2)))
+    scaled = {g: relevance * (gate[g] if gate is not None else 1) / stabilise(zg, epsilon) for g, zg in z.items()}
+    grads = torch.autograd.grad(outputs, leaves, [scaled[t[2]] for t in terms])
     out = 0
-    for x, w, k in terms:
-        leaf = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            z = f(leaf, w, None)  # the bias does not change a vector-Jacobian product in x
-        grad, = torch.autograd.grad(z, leaf, relevance_over_z[k])
-        out = out + (x * grad if times_input else grad)
+    for (x, _, _, coefficient), grad in zip(terms, grads):
+        out = out + coefficient * (x * grad if times_input else grad)
     return out
-
-
-def _z(f: LayerFn, terms) -> torch.Tensor:
-    with torch.no_grad():
-        return sum(f(x, w, b) for x, w, b in terms)
 
 
 def layer_relevance(rule: str, f: LayerFn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -76,35 +85,29 @@ def layer_relevance(rule: str, f: LayerFn, x: torch.Tensor, weight: torch.Tensor
     if bias is not None:
         bp, bn = bias.clamp(min=0), bias.clamp(max=0)
     if rule == "epsilon":
-        z = _z(f, [(x, weight, bias)])
-        return _shares(f, [(x, weight, 0)], [relevance / stabilise(z, epsilon)])
-    if rule == "zplus":
-        s = relevance / stabilise(_z(f, [(pos, wp, bp), (neg, wn, None)]), STABILISER)
-        return _shares(f, [(pos, wp, 0), (neg, wn, 0)], [s])
-    if rule == "alpha_beta":
-        sp = relevance / stabilise(_z(f, [(pos, wp, bp), (neg, wn, None)]), STABILISER)
-        sn = relevance / stabilise(_z(f, [(pos, wn, bn), (neg, wp, None)]), STABILISER)
-        return (alpha * _shares(f, [(pos, wp, 0), (neg, wn, 0)], [sp])
-                - beta * _shares(f, [(pos, wn, 0), (neg, wp, 0)], [sn]))
-    if rule == "gamma":
+        out = _redistribute(f, [(x, weight, 0, 1)], relevance, [bias], epsilon)
+    elif rule == "zplus":
+        out = _redistribute(f, [(pos, wp, 0, 1), (neg, wn, 0, 1)], relevance, [bp])
+    elif rule == "alpha_beta":
+        out = _redistribute(f, [(pos, wp, 0, alpha), (neg, wn, 0, alpha), (pos, wn, 1, -beta), (neg, wp, 1, -beta)],
+                            relevance, [bp, bn])
+    elif rule == "gamma":
         wa, wb = weight + gamma * wp, weight + gamma * wn
         ba = bb = None
         if bias is not None:
             ba, bb = bias + gamma * bp, bias + gamma * bn
-        z = _z(f, [(x, weight, bias)])
-        up = relevance * (z > 0) / stabilise(_z(f, [(pos, wa, ba), (neg, wb, None)]), STABILISER)
-        down = relevance * (z < 0) / stabilise(_z(f, [(pos, wb, bb), (neg, wa, None)]), STABILISER)
-        return _shares(f, [(pos, wa, 0), (neg, wb, 0), (pos, wb, 1), (neg, wa, 1)],
-                       [up, down])
-    if rule == "zbox":
-        low, high = (bound.to(x).expand_as(x) for bound in bounds)
         with torch.no_grad():
-            z = f(x, weight, bias) - f(low, wp, bp) - f(high, wn, bn)
-        s = relevance / stabilise(z, STABILISER)
-        return (_shares(f, [(x, weight, 0)], [s]) - _shares(f, [(low, wp, 0)], [s])
-                - _shares(f, [(high, wn, 0)], [s]))
-    if rule == "flat":
-        ones, wones = torch.ones_like(x), torch.ones_like(weight)
-        s = relevance / stabilise(_z(f, [(ones, wones, None)]), STABILISER)
-        return _shares(f, [(ones, wones, 0)], [s], times_input=False)
-    raise ValueError(f"unknown LRP rule {rule!r}")
+            z = f(x, weight, bias)
+        out = _redistribute(f, [(pos, wa, 0, 1), (neg, wb, 0, 1), (pos, wb, 1, 1), (neg, wa, 1, 1)],
+                            relevance, [ba, bb], gate=[z > 0, z < 0])
+    elif rule == "zbox":
+        low, high = (bound.to(x).expand_as(x) for bound in bounds)
+        # z = f(x; W) - f(l; W+) - f(h; W-), the biases cancelling (b - b+ - b- = 0); f is linear in
+        # the weights too, so the subtracted terms are f(l; -W+) and f(h; -W-)
+        out = _redistribute(f, [(x, weight, 0, 1), (low, -wp, 0, 1), (high, -wn, 0, 1)], relevance, [None])
+    elif rule == "flat":
+        out = _redistribute(f, [(torch.ones_like(x), torch.ones_like(weight), 0, 1)], relevance, [None],
+                            times_input=False)
+    else:
+        raise ValueError(f"unknown LRP rule {rule!r}")
+    return torch.zeros_like(x) if out is None else out

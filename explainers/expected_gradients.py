@@ -69,8 +69,8 @@ class ExpectedGradients(Explainer):
         self._images = None if background in BACKGROUNDS else read_background(background)
 
     def passes(self):
-        # the baselines' forward passes give the completeness gap (convergence_delta)
-        return {"forward": 2 * self.n_samples + 1, "backward": self.n_samples}
+        # the baselines' (and with noise the noisy inputs') forward passes give convergence_delta
+        return {"forward": (3 if self.noise else 2) * self.n_samples + 1, "backward": self.n_samples}
 
     def _draw(self, image: torch.Tensor, seed: int, k: int) -> tuple[torch.Tensor, float, torch.Tensor]:
         """Draw k of one image: baseline, alpha and input noise, from a generator of its own, so
@@ -115,11 +115,15 @@ class ExpectedGradients(Explainer):
                 score = self.model(point).gather(1, targets[b].unsqueeze(1)).sum()
                 grads, = torch.autograd.grad(score, point)
             attributions.index_add_(0, b, ((x - base) * grads).float())
-            with torch.no_grad():
-                baseline_scores.index_add_(0, b, self.model(base).gather(1, targets[b].unsqueeze(1)).squeeze(1).float())
+            with torch.no_grad():  # completeness compares f(x) - f(x') at the draw's own x (noisy with noise > 0)
+                gap = self.model(base).gather(1, targets[b].unsqueeze(1)).squeeze(1).float()
+                if self.noise:
+                    gap = gap - self.model(x).gather(1, targets[b].unsqueeze(1)).squeeze(1).float()
+                baseline_scores.index_add_(0, b, gap)
         attributions /= self.n_samples
-        with torch.no_grad():  # completeness in expectation: sum = f(x) - mean f(x'); the gap shows sampling error
-            expected = self.model(images).gather(1, targets.unsqueeze(1)).squeeze(1).float() \
-                - baseline_scores / self.n_samples
+        with torch.no_grad():  # completeness in expectation: sum = mean (f(x) - f(x')); the gap shows sampling error
+            clean = torch.zeros_like(baseline_scores) if self.noise else \
+                self.model(images).gather(1, targets.unsqueeze(1)).squeeze(1).float()
+            expected = clean - baseline_scores / self.n_samples
         maps = sum_channels(attributions)
         return Explanation(maps, {"convergence_delta": maps.sum((1, 2)) - expected})

@@ -196,7 +196,10 @@ class Side:
 
     @property
     def methods(self) -> list[str]:
-        return list(dict.fromkeys([*self.audit.methods, *sorted({m for _, m in self.rows})]))
+        """The methods to judge: not the control maps (random, sobel), which ignore the model by
+        design and would fail every quality gate; they are the levels the others must beat."""
+        return [m for m in dict.fromkeys([*self.audit.methods, *sorted({m for _, m in self.rows})])
+                if not self.audit.control(m)]
 
     def column(self, method: str, name: str, ids: Iterable[str] | None = None) -> dict[str, float]:
         """image_id -> the column's finite values for one method (NaN, null, non-numbers left out)."""
@@ -308,10 +311,13 @@ def sanity_gates(audit: Side, limits: dict) -> list[Result]:
         threshold = _number_or_none(sanity.get("threshold"))
     if threshold is None:
         return [skipped("sanity", None, None, "no threshold: the manifest's sanity threshold is not a number")]
-    rows = audit.audit.rows("sanity", ["method", "step", "image_id", "rank_correlation"])
-    last = max((r["step"] for r in rows if isinstance(r.get("step"), int)), default=None)
+    rows = [r for r in audit.audit.rows("sanity", ["method", "step", "image_id", "rank_correlation"])
+            if isinstance(r.get("step"), int) and r["step"] >= 1]  # step 0: the random logit test's rows
+    last = max((r["step"] for r in rows), default=None)
     out = []
     for method, verdict in sorted(sanity["methods"].items()):
+        if audit.audit.control(method):
+            continue  # a control map ignores the model by design: the level to beat, not a method to judge
         value = _number_or_none(verdict.get("rank_correlation")) if isinstance(verdict, dict) else None
         final = [r for r in rows if r.get("method") == method and r.get("step") == last
                  and _number_or_none(r.get("rank_correlation")) is not None]
@@ -339,7 +345,7 @@ def findings_gates(audit: Side, limits: dict) -> list[Result]:
         if _number_or_none(row.get("score")) is not None:
             per_method[str(row["method"])].append(row)
     out = []
-    for method in sorted(per_method):
+    for method in sorted(m for m in per_method if not audit.audit.control(m)):
         top = sorted(per_method[method], key=lambda r: -r["score"])
         images = [str(i) for r in top if r["score"] > threshold for i in (r.get("images") or [])
                   if isinstance(r.get("images"), list)]

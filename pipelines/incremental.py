@@ -64,7 +64,8 @@ def method_fingerprints(args, resolved: dict[str, Any], prep,
     storage credentials do not count."""
     common = {"target": str(args.target), "seed": args.seed, "preprocessing": dataclasses.asdict(prep),
               "metrics": [args.metrics, args.metric_steps, args.metric_substrate],
-              "abele_metrics": [args.abele_metrics, args.abele_neighbours], "map_dtype": args.map_dtype}
+              "abele_metrics": [args.abele_metrics, args.abele_neighbours], "map_dtype": args.map_dtype,
+              "road": getattr(args, "road", False)}
     out = {}
     for name, info in resolved["methods"].items():
         options = {key: _content(value, storage_options) for key, value in (info["options"] or {}).items()

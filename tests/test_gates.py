@@ -482,3 +482,17 @@ def test_report_survives_a_deeply_nested_verdict(audits, tmp_path):
     copy = _copy(audits.same, tmp_path / "deep")
     (copy / "verdict.json").write_text("[" * 100_000 + "]" * 100_000)
     assert "verdict.json is unreadable" in Report(AuditDir(str(copy))).html()
+
+
+def test_control_maps_are_not_judged():
+    """random and sobel ignore the model by design: judged, they would fail every quality gate."""
+    from pipelines.gates import Side
+
+    class Audit:
+        methods = ["grad", "random", "sobel"]
+
+        @staticmethod
+        def control(method):
+            return method in ("random", "sobel")
+
+    assert Side(Audit(), {("a", "grad"): {}, ("a", "random"): {}}).methods == ["grad"]

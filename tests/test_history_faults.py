@@ -372,6 +372,22 @@ def test_a_file_option_counts_by_its_contents(tmp_path):
     assert fingerprint(aae) != before
 
 
+def test_road_counts_in_the_fingerprint():
+    """A run with --road must not skip images that a run without it explained: their ROAD columns
+    would stay null (the reverse too)."""
+    import argparse
+    from pipelines.incremental import method_fingerprints
+    from transforms.preprocess import Preprocessing
+    resolved = {"methods": {"grad": {"options": {}}}}
+
+    def fingerprint(road):
+        args = argparse.Namespace(target="predicted", seed=0, metrics=True, metric_steps=16, metric_substrate="zero",
+                                  abele_metrics=False, abele_neighbours=20, map_dtype="float32", road=road)
+        return method_fingerprints(args, resolved, Preprocessing(channels=1))["grad"]
+
+    assert fingerprint(True) != fingerprint(False)
+
+
 def test_history_command_reports_a_storage_failure_in_one_line(monkeypatch, capsys, tmp_path):
     from pipelines import cli
 

@@ -277,3 +277,16 @@ def test_localisation_batch_independent():
         batch = metric(maps, masks).values
         alone = torch.cat([metric(maps[i:i + 1], masks[i:i + 1]).values for i in range(5)])
         torch.testing.assert_close(batch, alone)
+
+
+def test_imputation_in_groups_equals_the_whole_batch(monkeypatch):
+    """The solver takes the batch in groups of SOLVE_PIXELS pixels (memory per group, not per
+    batch): each image's system is its own, so the values agree."""
+    import importlib
+    road_module = importlib.import_module("explainers.metrics.road")  # the package exports the function road
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(5, 2, 12, 12, generator=g)
+    removed = torch.rand(5, 12, 12, generator=g) > 0.6
+    whole = road_module.linear_imputation(images, removed)
+    monkeypatch.setattr(road_module, "SOLVE_PIXELS", 2 * 12 * 12)
+    torch.testing.assert_close(road_module.linear_imputation(images, removed), whole, rtol=1e-6, atol=1e-9)

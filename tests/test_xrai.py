@@ -183,3 +183,17 @@ def test_defaults_and_passes():
     assert explainer.resolved(224, 224) == (5, 50)  # PAIR's pixel settings at its size
     assert explainer.resolved(28, 28) == (1, 1)
     assert get_explainer("xrai", digit_model(), dilation_radius=0, min_pixel_diff=7).resolved(28, 28) == (0, 7)
+
+
+def test_segment_dilation_on_its_bounding_box_equals_the_whole_image_dilation():
+    from scipy import ndimage
+    from skimage.morphology import disk
+    from explainers.xrai import _dilate
+    rng = np.random.default_rng(0)
+    for radius in (1, 3, 6):
+        footprint = disk(radius).astype(bool)
+        for _ in range(20):
+            mask = np.zeros((40, 50), dtype=bool)
+            r, c = rng.integers(0, 40), rng.integers(0, 50)
+            mask[r:r + rng.integers(1, 12), c:c + rng.integers(1, 12)] = rng.random() > 0.1
+            np.testing.assert_array_equal(_dilate(mask, footprint, radius), ndimage.binary_dilation(mask, footprint))

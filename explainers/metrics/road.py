@@ -68,7 +68,22 @@ def check_percentages(percentages: Sequence[float]) -> tuple[float, ...]:
     return values
 
 
+# Unknowns per sparse solve at most (the images of a batch are solved in groups this size): the
+# solver's memory follows the group, never the batch (~0.14 GB per 224 x 224 image).
+SOLVE_PIXELS = 2 ** 18
+
+
 def linear_imputation(images: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """See _linear_imputation; the batch is solved in groups of at most SOLVE_PIXELS pixels (each
+    image's system is its own, so the grouping changes a value by float rounding at most)."""
+    group = max(1, SOLVE_PIXELS // max(1, images.shape[2] * images.shape[3]))
+    if len(images) <= group:
+        return _linear_imputation(images, removed)
+    return torch.cat([_linear_imputation(images[i:i + group], removed[i:i + group])
+                      for i in range(0, len(images), group)])
+
+
+def _linear_imputation(images: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
     """Each removed pixel (all channels) replaced by the weighted mean of its 8 neighbours.
 
     images: [B,C,H,W] float; removed: [B,H,W] bool. Solves, for every removed pixel i,
