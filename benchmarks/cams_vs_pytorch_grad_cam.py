@@ -56,10 +56,19 @@ def load(n: int):
     from transforms.preprocess import Preprocessing, decode, preprocess
     from transforms.readers import read_shard
     demo = ROOT / "pipelines" / "demo_data"
-    model = load_model(ModelSpec("pipelines.reference_model:mnist_cnn", str(demo / "mnist_cnn.pt")))
+    # the loader freezes the weights; pytorch-grad-cam backpropagates to them (ours to the input)
+    model = load_model(ModelSpec("pipelines.reference_model:mnist_cnn", str(demo / "mnist_cnn.pt"))).requires_grad_(True)
     prep = Preprocessing(channels=1)
     records = [r for _, r in zip(range(n), read_shard(str(demo / "mnist-test-sample.tar")))]
     return model, torch.from_numpy(np.stack([preprocess(decode(r, prep.max_pixels), prep) for r in records]))
+
+
+class LogProbability:
+    def __init__(self, category: int):
+        self.category = category
+
+    def __call__(self, output):
+        return torch.log_softmax(output, dim=-1)[..., self.category]
 
 
 def min_max(maps: np.ndarray) -> np.ndarray:
@@ -86,7 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     print("| method | ours ms / image | pytorch-grad-cam ms / image | theirs / ours | max difference (min-max scaled) |")
     print("|---|---:|---:|---:|---:|")
     for name, cls in CLASSES.items():
-        ours_explainer = get_explainer(name, model, layer="relu2")
+        # gradcam's default weighting is HiResCAM's (elementwise); pytorch-grad-cam's GradCAM is "mean"
+        ours_explainer = get_explainer(name, model, layer="relu2", **({"weighting": "mean"} if name == "gradcam" else {}))
+        # its ScoreCAM weighs channels by a softmax over channels of the target: of log p that is
+        # p / sum(p), our weights up to a factor per image
+        target = LogProbability if name == "scorecam" else Target
         theirs_cam = getattr(lib, cls)(model, [layer])
         if hasattr(theirs_cam, "batch_size"):
             theirs_cam.batch_size = args.batch_size  # ScoreCAM/AblationCAM: masked images per forward
@@ -96,9 +109,11 @@ def main(argv: list[str] | None = None) -> None:
             ours = np.concatenate([ours_explainer.explain(x, t).maps.detach().numpy() for x, t in batches])
             best["ours"] = min(best["ours"], time.perf_counter() - start)
             start = time.perf_counter()
-            theirs = np.concatenate([theirs_cam(input_tensor=x, targets=[Target(int(c)) for c in t])
+            theirs = np.concatenate([theirs_cam(input_tensor=x, targets=[target(int(c)) for c in t])
                                      for x, t in batches])
             best["theirs"] = min(best["theirs"], time.perf_counter() - start)
+        # eigencam: its sign is whatever its SVD returned (ours: the larger extreme positive), so
+        # its maps can be the other half of the projection; tests/test_cam_family.py compares both
         difference = float(np.abs(min_max(ours) - theirs).max())
         ms = {k: 1000 * v / len(images) for k, v in best.items()}
         print(f"| `{name}` | {ms['ours']:.2f} | {ms['theirs']:.2f} | {ms['theirs'] / ms['ours']:.1f}x "
