@@ -16,17 +16,22 @@ from explainers._registry import register
 from explainers.smoothgrad import image_generators
 
 
-@register
-class RandomMap(Explainer):
-    """Uniform noise in [0, 1) per pixel, drawn from the image's seed. Unsigned; no model passes."""
+class Control(Explainer):
+    """A map made without the model: unsigned, no passes, marked control."""
 
-    name = "random"
     signed = False
     needs_gradients = False
     control = True
 
     def passes(self):
         return {"forward": 0, "backward": 0}
+
+
+@register
+class RandomMap(Control):
+    """Uniform noise in [0, 1) per pixel, drawn from the image's seed."""
+
+    name = "random"
 
     def explain(self, images, targets, seeds=None):
         check_batch(images, targets)
@@ -39,17 +44,11 @@ _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
 @register
-class SobelMap(Explainer):
+class SobelMap(Control):
     """Sobel gradient magnitude sqrt(Gx^2 + Gy^2) of each channel (replicated borders), summed over
-    channels. Unsigned; no model passes."""
+    channels."""
 
     name = "sobel"
-    signed = False
-    needs_gradients = False
-    control = True
-
-    def passes(self):
-        return {"forward": 0, "backward": 0}
 
     def explain(self, images, targets, seeds=None):
         check_batch(images, targets)

@@ -126,27 +126,45 @@ def moto_s3(monkeypatch, bucket: str):
 ZENNIT_INSTALL = "pip install --no-deps zennit==0.5.1"
 
 
-@pytest.fixture(scope="session")
-def zennit():
-    """Zennit's modules.  Its package __init__ imports zennit.torchvision, which imports
-    torchvision.models.resnet for its ResNet canonizer; torchvision has no usable CPU wheel
-    here, so where it is missing a stand-in with the two class names is in sys.modules
-    while zennit is imported, and removed again so no other code sees it."""
-    if importlib.util.find_spec("zennit") is None:
-        pytest.skip(f"zennit is not installed ({ZENNIT_INSTALL})")
-    stand_in = {}
-    if importlib.util.find_spec("torchvision") is None:
-        resnet_module = types.ModuleType("torchvision.models.resnet")
-        resnet_module.BasicBlock = type("BasicBlock", (nn.Module,), {})
-        resnet_module.Bottleneck = type("Bottleneck", (nn.Module,), {})
-        models = types.ModuleType("torchvision.models")
-        models.resnet = resnet_module
-        torchvision = types.ModuleType("torchvision")
-        torchvision.models = models
-        stand_in = {"torchvision": torchvision, "torchvision.models": models,
-                    "torchvision.models.resnet": resnet_module}
+TORCHVISION_NAMES = ("torchvision", "torchvision.models", "torchvision.models.resnet", "torchvision.transforms",
+                     "torchvision.transforms.functional")
+
+
+def _stand_in_module(name: str) -> types.ModuleType:
+    """A module whose every public attribute is an empty nn.Module subclass: the references import
+    names from torchvision (ResNet blocks, transforms) that the comparisons here never call."""
+    module = types.ModuleType(name)
+
+    def attribute(attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return type(attr, (nn.Module,), {})
+    module.__getattr__ = attribute
+    return module
+
+
+@contextlib.contextmanager
+def torchvision_stand_in():
+    """Stand-in torchvision modules in sys.modules while a reference imports (torchvision has no
+    usable CPU wheel here: it would pull a CUDA build of torch), removed again after so no other
+    code sees them; nothing where torchvision is installed."""
+    stand_in = {} if importlib.util.find_spec("torchvision") else {n: _stand_in_module(n) for n in TORCHVISION_NAMES}
     sys.modules.update(stand_in)
     try:
+        yield
+    finally:
+        for name, module in stand_in.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def zennit():
+    """Zennit's modules (its package __init__ imports torchvision.models.resnet for its ResNet
+    canonizer)."""
+    if importlib.util.find_spec("zennit") is None:
+        pytest.skip(f"zennit is not installed ({ZENNIT_INSTALL})")
+    with torchvision_stand_in():
         import zennit.attribution
         import zennit.canonizers
         import zennit.composites
@@ -154,7 +172,4 @@ def zennit():
         import zennit.rules
         import zennit.torchvision
         import zennit.types
-    finally:
-        for name in stand_in:
-            sys.modules.pop(name, None)
     return zennit

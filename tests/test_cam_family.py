@@ -4,14 +4,13 @@ ours after its min-max scaling; batch independence, raw values, options."""
 from __future__ import annotations
 
 import importlib.util
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from conftest import torchvision_stand_in
 from explainers import get_explainer
 from explainers.gradcam import CAMBase
 from pipelines.reference_model import MnistCNN, ResNet18
@@ -19,19 +18,6 @@ from pipelines.reference_model import MnistCNN, ResNet18
 GRAD_CAM_INSTALL = "pip install --no-deps grad-cam==1.5.7 ttach opencv-python-headless"
 METHODS = ["hirescam", "gradcampp", "xgradcam", "layercam", "scorecam", "ablationcam", "eigencam"]
 FORWARD_ONLY = ["scorecam", "ablationcam", "eigencam"]
-
-
-def _stand_in(name: str) -> types.ModuleType:
-    """A module whose every public attribute is an empty class: pytorch-grad-cam imports names from
-    torchvision (transforms, resize) that the CAMs compared here never call."""
-    module = types.ModuleType(name)
-
-    def attribute(attr: str):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return type(attr, (), {})
-    module.__getattr__ = attribute
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -46,19 +32,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def grad_cam_lib():
-    """pytorch_grad_cam, imported with torchvision stand-ins in sys.modules (removed again after:
-    torchvision has no usable CPU wheel here; see the zennit fixture in conftest.py)."""
+    """pytorch_grad_cam, imported with torchvision stand-ins (see conftest.torchvision_stand_in)."""
     if importlib.util.find_spec("pytorch_grad_cam") is None:
         pytest.skip(f"pytorch-grad-cam is not installed ({GRAD_CAM_INSTALL})")
-    names = ["torchvision", "torchvision.transforms", "torchvision.transforms.functional"]
-    stand_in = {} if importlib.util.find_spec("torchvision") else {n: _stand_in(n) for n in names}
-    sys.modules.update(stand_in)
-    try:
+    with torchvision_stand_in():
         import pytorch_grad_cam
         import pytorch_grad_cam.utils.model_targets
-    finally:
-        for name in stand_in:
-            sys.modules.pop(name, None)
     return pytorch_grad_cam
 
 

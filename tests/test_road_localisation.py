@@ -3,8 +3,6 @@ independence and hostile input."""
 from __future__ import annotations
 
 import importlib.util
-import sys
-import types
 import warnings
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import torchvision_stand_in
 from explainers.metrics.localisation import (
     BAD_MAP, EMPTY_MASK, NO_RELEVANCE, pointing_game, relevance_mass_accuracy, relevance_rank_accuracy,
 )
@@ -24,29 +23,16 @@ LOCALISATION = (pointing_game, relevance_mass_accuracy, relevance_rank_accuracy)
 
 @pytest.fixture(scope="module")
 def quantus():
-    """Quantus, imported with a torchvision stand-in while it loads (it imports zennit, whose
-    __init__ needs torchvision.models.resnet; see the zennit fixture in conftest.py)."""
+    """Quantus, imported with torchvision stand-ins while it loads (it imports zennit, whose
+    __init__ needs torchvision.models.resnet)."""
     if importlib.util.find_spec("quantus") is None:
         pytest.skip(f"quantus is not installed ({QUANTUS_INSTALL})")
-    stand_in = {}
-    if importlib.util.find_spec("torchvision") is None:
-        resnet = types.ModuleType("torchvision.models.resnet")
-        resnet.BasicBlock = type("BasicBlock", (nn.Module,), {})
-        resnet.Bottleneck = type("Bottleneck", (nn.Module,), {})
-        models = types.ModuleType("torchvision.models")
-        models.resnet = resnet
-        torchvision = types.ModuleType("torchvision")
-        torchvision.models = models
-        stand_in = {"torchvision": torchvision, "torchvision.models": models, "torchvision.models.resnet": resnet}
-    sys.modules.update(stand_in)
     try:
-        import quantus
-        import quantus.functions.perturb_func
+        with torchvision_stand_in():
+            import quantus
+            import quantus.functions.perturb_func
     except ImportError as error:
         pytest.skip(f"quantus does not import ({error}); {QUANTUS_INSTALL}")
-    finally:
-        for name in stand_in:
-            sys.modules.pop(name, None)
     return quantus
 
 
