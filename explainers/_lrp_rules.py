@@ -62,11 +62,13 @@ def _redistribute(f: LayerFn, terms, relevance: torch.Tensor, biases, epsilon: f
         outputs = [f(leaf, w, None) for leaf, (_, w, _, _) in zip(leaves, terms)]
     z: dict[int, torch.Tensor] = {}
     for out, (_, _, group, _) in zip(outputs, terms):
-        z[group] = z[group] + out.detach() if group in z else out.detach().clone()
+        z[group] = z[group] + out.detach() if group in z else out.detach()
     for group, bias in enumerate(biases):
         if bias is not None and group in z:
-            z[group] += bias.view(1, -1, *([1] * (z[group].dim() - 2)))
-    scaled = {g: relevance * (gate[g] if gate is not None else 1) / stabilise(zg, epsilon) for g, zg in z.items()}
+            z[group] = z[group] + bias.view(1, -1, *([1] * (z[group].dim() - 2)))
+    scaled = {g: relevance / stabilise(zg, epsilon) for g, zg in z.items()}  # stabilise leaves zg as it is
+    if gate is not None:
+        scaled = {g: value * gate[g] for g, value in scaled.items()}
     grads = torch.autograd.grad(outputs, leaves, [scaled[t[2]] for t in terms])
     out = 0
     for (x, _, _, coefficient), grad in zip(terms, grads):
