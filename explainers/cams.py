@@ -39,9 +39,6 @@ class GradCAMPlusPlus(GradientCAM):
 
     name = "gradcampp"
 
-    def __init__(self, model, layer: str | None = None):
-        super().__init__(model, layer)
-
     def _cam(self, a, grads):
         g2 = grads ** 2
         alpha = g2 / (2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * grads + PLUSPLUS_EPS)
@@ -56,9 +53,6 @@ class XGradCAM(GradientCAM):
 
     name = "xgradcam"
 
-    def __init__(self, model, layer: str | None = None):
-        super().__init__(model, layer)
-
     def _cam(self, a, grads):
         weights = (grads * a).sum(dim=(2, 3), keepdim=True) / (a.sum(dim=(2, 3), keepdim=True) + XGRAD_EPS)
         return (weights * a).sum(dim=1)
@@ -69,9 +63,6 @@ class LayerCAM(GradientCAM):
     """LayerCAM (Jiang et al. 2021): ReLU(sum_k ReLU(g^k) * A^k), positive gradients only, per position."""
 
     name = "layercam"
-
-    def __init__(self, model, layer: str | None = None):
-        super().__init__(model, layer)
 
     def _cam(self, a, grads):
         return (torch.relu(grads) * a).sum(dim=1)
@@ -175,9 +166,6 @@ class AblationCAM(ChannelCAM):
 
     name = "ablationcam"
 
-    def __init__(self, model, layer: str | None = None, max_forward_batch: int | None = None):
-        super().__init__(model, layer, max_forward_batch)
-
     def _row_scores(self, images, targets, a, logits, rows):
         b, k = rows // a.shape[1], rows % a.shape[1]
         ablated = a[b].clone()
@@ -201,9 +189,6 @@ class EigenCAM(CAMBase):
     Cost: 1 forward, no backward; the module hook still rules out black boxes (needs_gradients)."""
 
     name = "eigencam"
-
-    def __init__(self, model, layer: str | None = None):
-        super().__init__(model, layer)
 
     def passes(self):
         return {"forward": 1, "backward": 0}

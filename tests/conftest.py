@@ -173,3 +173,13 @@ def zennit():
         import zennit.torchvision
         import zennit.types
     return zennit
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test: small models and batches gain nothing from a second, and on two
+    shared cores a busy second thread made them tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,14 +20,8 @@ METHODS = ["hirescam", "gradcampp", "xgradcam", "layercam", "scorecam", "ablatio
 FORWARD_ONLY = ["scorecam", "ablationcam", "eigencam"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the many small forwards here (K per image) gain nothing from two, and lose
-    much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# small models and many small forwards: one torch thread (see conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -228,10 +228,15 @@ def zennit_epsilon(zennit, model, x, t, epsilon, canonizers=()):
     composite = z.composites.LayerMapComposite(
         [(z.types.Activation, z.rules.Pass()), (z.types.Convolution, rule), (z.types.Linear, rule),
          (z.types.AvgPool, rule), (z.layer.Sum, rule)], canonizers=list(canonizers))
+    return zennit_relevance(zennit, model, x, t, composite)
+
+
+def zennit_relevance(zennit, model, x, t, composite):
+    """Zennit's relevance map under ``composite``, starting from the target logit as elrp does."""
     with torch.no_grad():
         logits = model(x)
     start = torch.zeros_like(logits).scatter_(1, t[:, None], logits.gather(1, t[:, None]))
-    with z.attribution.Gradient(model, composite) as attributor:
+    with zennit.attribution.Gradient(model, composite) as attributor:
         _, relevance = attributor(x.clone().requires_grad_(True), start)
     return relevance.sum(1)
 

@@ -9,7 +9,7 @@ from torch import nn
 from explainers import get_explainer, list_methods
 from explainers._lrp_rules import COMPOSITES
 from pipelines.reference_model import BasicBlock
-from test_lrp import VGG, logits_of, randomise_batchnorm, resnet
+from test_lrp import VGG, logits_of, randomise_batchnorm, resnet, zennit_relevance
 
 # ours -> Zennit's class name
 ZENNIT_COMPOSITES = {
@@ -26,13 +26,7 @@ def zennit_map(zennit, model, x, t, composite, canonizers, low=None, high=None, 
     cls = getattr(zennit.composites, ZENNIT_COMPOSITES[composite])
     if composite == "epsilon_gamma_box":
         kwargs.update(low=low, high=high)
-    comp = cls(canonizers=canonizers, **kwargs)
-    with torch.no_grad():
-        logits = model(x)
-    start = torch.zeros_like(logits).scatter_(1, t[:, None], logits.gather(1, t[:, None]))
-    with zennit.attribution.Gradient(model, comp) as attributor:
-        _, relevance = attributor(x.clone().requires_grad_(True), start)
-    return relevance.sum(1)
+    return zennit_relevance(zennit, model, x, t, cls(canonizers=canonizers, **kwargs))
 
 
 def assert_same_map(ours, theirs, label):

@@ -18,14 +18,8 @@ from pipelines.reference_model import MnistCNN
 SALIENCY_INSTALL = "pip install --no-deps saliency==0.2.1"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models here gain nothing from a second thread, and on two shared cores a busy
-    second thread made IG ~50x slower (8 s instead of 0.1 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# small models and many small forwards: one torch thread (see conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
