@@ -25,9 +25,10 @@ from explainers import list_methods, method_parameters
 from pipelines import gates, incremental
 from pipelines.options import UsageError, redact_argv
 from pipelines.findings import FINDINGS_SCHEMA, SCORE_THRESHOLD, find_clever_hans
-from pipelines.preflight import check_forward_only, check_shards, preflight, thread_budget, worker_device_entry
+from pipelines.preflight import (check_forward_only, check_shards, first_sample, preflight, thread_budget,
+                                 worker_device_entry)
 from pipelines.sanity import SANITY_SCHEMA, run_sanity_check
-from pipelines.spec import manifest_entry, parse_invocation, redact_secrets
+from pipelines.spec import manifest_entry, parse_invocation, recorded_method_options, recorded_options
 from transforms import history, map_storage, progress, publication, storage
 from transforms.abele_protocol import AbeleProtocol
 from transforms.batching import ERRORS, READ, ReadShardBatches
@@ -161,7 +162,7 @@ def plan(argv: list[str]) -> Plan:
         if gates.same_place(args.baseline, args.output):
             raise UsageError(f"--baseline {args.baseline} is the run's own --output: the run would be compared "
                              f"with itself once published; use a copy of the earlier audit, or an --output per run")
-        try:
+        try:  # its manifest, and the footers of the files it names: cheap, and flat in its size
             gates.open_audit(args.baseline, args.storage_options, "--baseline")
         except (ValueError, OSError) as e:
             raise UsageError(" ".join(str(e).split())) from None
@@ -172,6 +173,7 @@ def plan(argv: list[str]) -> Plan:
         shards = check_shards(storage.expand_glob(args.input, args.storage_options), args.input)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
+    check_top_k(args.gates, shards, prep, args.storage_options)
     set_input_bounds(methods, prep)
     spec = ModelSpec(args.model, args.weights, args.trust_model, args.storage_options or None,
                      args.endpoint_options or None)
@@ -183,6 +185,8 @@ def plan(argv: list[str]) -> Plan:
                            if args.abele_metrics else None, road=args.road,
                            threads=thread_budget(args.torch_threads, beam_args))
     resolved = preflight(config, shards, prep, args.storage_options, beam_args)
+    # the workers' model must answer as many classes as preflight's did (an endpoint redeployed meanwhile)
+    config = dataclasses.replace(config, model=dataclasses.replace(spec, num_classes=resolved["num_classes"]))
     schema = map_storage.saliency_schema(saliency_schema(methods), args.map_dtype)
     work = None
     if args.incremental:
@@ -192,6 +196,18 @@ def plan(argv: list[str]) -> Plan:
         except OSError as e:
             raise UsageError(f"--incremental: cannot read the history or the shards: {e}") from None
     return Plan(argv, args, beam_args, methods, prep, shards, config, resolved, schema, work)
+
+
+def check_top_k(given, shards: list[str], prep: Preprocessing, storage_options: dict[str, Any]) -> None:
+    """--gate top_k=N as a pixel count must be under the pixels of a map (the model input's, from
+    the first decodable image), or the top-k overlap gate could never fail."""
+    top_k = gates.thresholds(given)["top_k"]
+    sample = first_sample(shards, prep, storage_options) if top_k >= 1 else None
+    if sample is not None:
+        try:
+            gates.check_top_k(top_k, sample[1].shape[-2] * sample[1].shape[-1])
+        except gates.GateError as e:
+            raise UsageError(str(e)) from None
 
 
 def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: ExplainConfig, prep: Preprocessing,
@@ -205,7 +221,8 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
     ``work`` (an incremental run) only the shards it needs are read, and only the (image, method)
     pairs the history lacks are explained."""
     schema = schema or saliency_schema(config.methods)
-    config = dataclasses.replace(config, progress=progress.sink_for(run))  # workers report to the launcher
+    config = dataclasses.replace(config, progress=progress.sink_for(run),  # workers report to the launcher
+                                 fingerprints=work.fingerprints if work is not None else {})
     reader = ReadShardBatches(prep, batch_size, storage_options, limit_per_shard, progress=config.progress)
     if work is not None:
         shards = [url for url in shards if url in work.needed]
@@ -413,9 +430,9 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
                   **worker_device_entry(plan.resolved, _worker_devices(run, plan.storage_options)),
                   "num_classes": plan.resolved["num_classes"]},
         "torch_threads": plan.resolved["torch_threads"],  # per worker process; per_process None: decided there
-        "methods": plan.resolved["methods"],
-        "options": {k: redact_secrets(v) for k, v in vars(args).items()
-                    if k not in ("storage_options", "endpoint_options")},
+        "methods": {name: {**info, "options": recorded_method_options(info["options"])}
+                    for name, info in plan.resolved["methods"].items()},
+        "options": recorded_options(args),  # our own flags; Beam's are in spec.resolved.beam and beam_args
         "preprocessing": dataclasses.asdict(plan.prep),
         "conventions": {
             "explained_output": "logit of the target class (pre-softmax)",
@@ -515,6 +532,7 @@ def run_plan(audit_plan: Plan) -> tuple[dict, int]:
             files = run_files(current, audit_plan.storage_options)
             counts = verify(audit_plan, current, files)
             manifest = build_manifest(audit_plan, current, started, counts, sanity, files)
+            manifest["verdict"] = gates.VERDICT if gates.gated(audit_plan.args) else None  # see gates.judge_run
     except BaseException as e:
         try:
             publication.abandon(current, f"{type(e).__name__}: {e}")
@@ -525,7 +543,7 @@ def run_plan(audit_plan: Plan) -> tuple[dict, int]:
 
     def judge_and_record() -> None:  # after the pointer, before the marker says published
         with Heartbeat(current):
-            decision["exit"] = FAILED  # until the gates have decided
+            decision["exit"] = gates.FAILED_CHECK  # published: until the gates have decided, the check failed
             decision["exit"], verdict = gates.judge_run(manifest, audit_plan.args, audit_plan.storage_options)
             if audit_plan.work is not None:
                 gated = decision["exit"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class _OneLine(_Parser):
     def error(self, message: str):
         from pipelines.options import UsageError
         raise UsageError(message)
+
+
+def _location(text: str) -> str:
+    from pipelines.options import location  # here: the options module imports storage (heavier)
+    return location(text)
 
 
 def _storage_options(parser: argparse.ArgumentParser) -> None:
@@ -196,22 +202,41 @@ def _comma_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+# Storage clients whose errors are not OSError (botocore's EndpointConnectionError, aiohttp's...).
+STORAGE_CLIENTS = ("botocore", "aiobotocore", "s3fs", "aiohttp", "gcsfs", "google", "adlfs", "azure", "requests",
+                   "urllib3")
+
+
+@contextlib.contextmanager
+def _reading(*places: str):
+    """A store that cannot be read fails in one line naming what (main prints an OSError, exit 2),
+    not in a traceback per chained cause."""
+    try:
+        yield
+    except Exception as e:
+        if type(e).__module__.split(".")[0] not in STORAGE_CLIENTS:
+            raise
+        raise OSError(f"cannot read {' or '.join(places)}: {type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]}") from None
+
+
 def cmd_report(argv: list[str]) -> int:
     parser = _Parser("report", "Write one self-contained HTML page about a finished audit.")
-    parser.add_argument("directory", help="the audit's --output directory")
+    parser.add_argument("directory", type=_location, help="the audit's --output directory")
     parser.add_argument("--output", required=True, help="where to write the HTML file")
     parser.add_argument("--per-class", type=int, default=3, help="gallery images per class (default 3)")
     _storage_options(parser)
     args = parser.parse_args(argv)
     from pipelines.reporting.report import write_report
-    path = write_report(args.directory, args.output, args.storage_options, per_class=args.per_class)
+    with _reading(args.directory):
+        path = write_report(args.directory, args.output, args.storage_options, per_class=args.per_class)
     print(f"report: {path}")
     return 0
 
 
 def cmd_figure(argv: list[str]) -> int:
     parser = _Parser("figure", "A PNG grid: one row per image, one column per method.")
-    parser.add_argument("directory", help="the audit's --output directory")
+    parser.add_argument("directory", type=_location, help="the audit's --output directory")
     parser.add_argument("--ids", required=True, help="comma list of image ids, one row each")
     parser.add_argument("--output", required=True, help="where to write the PNG")
     parser.add_argument("--methods", help="comma list of methods, in column order (default: the run's)")
@@ -221,17 +246,18 @@ def cmd_figure(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from pipelines.reporting.audit_dir import AuditDir
     from pipelines.reporting.figure import save_figure
-    audit = AuditDir(args.directory, args.storage_options)
-    path = save_figure(audit, _comma_list(args.ids), args.output, _comma_list(args.methods) if args.methods else None,
-                       cell=args.cell, overlay=args.overlay)
+    with _reading(args.directory):
+        audit = AuditDir(args.directory, args.storage_options)
+        path = save_figure(audit, _comma_list(args.ids), args.output,
+                           _comma_list(args.methods) if args.methods else None, cell=args.cell, overlay=args.overlay)
     print(f"figure: {path}")
     return 0
 
 
 def cmd_diff(argv: list[str]) -> int:
     parser = _Parser("diff", "Compare two audits of the same images, map by map.")
-    parser.add_argument("directory_a", help="the first audit (e.g. the current model)")
-    parser.add_argument("directory_b", help="the second audit (e.g. the candidate model)")
+    parser.add_argument("directory_a", type=_location, help="the first audit (e.g. the current model)")
+    parser.add_argument("directory_b", type=_location, help="the second audit (e.g. the candidate model)")
     parser.add_argument("--output", required=True, help="output directory: diff/ Parquet and diff.html")
     parser.add_argument("--top-k", type=float, default=0.1,
                         help="top-k overlap: a fraction of the pixels (< 1) or a pixel count (default 0.1)")
@@ -239,16 +265,19 @@ def cmd_diff(argv: list[str]) -> int:
     _storage_options(parser)
     args = parser.parse_args(argv)
     from pipelines.reporting.diff import diff_audits
-    result = diff_audits(args.directory_a, args.directory_b, args.output, top_k=args.top_k, show=args.show,
-                         storage_options=args.storage_options)
+    with _reading(args.directory_a, args.directory_b):
+        result = diff_audits(args.directory_a, args.directory_b, args.output, top_k=args.top_k, show=args.show,
+                             storage_options=args.storage_options)
     print(f"diff: {result['pairs']} (image, method) pairs; tables in {result['table']}, page {result['page']}")
     return 0
 
 
 def cmd_check(argv: list[str]) -> int:
+    from pipelines.options import OneSpec
     parser = _OneLine("check", "Evaluate the gates on a finished audit, against a baseline audit; exit 1 if one fails.")
-    parser.add_argument("directory", help="the audit's --output directory")
-    parser.add_argument("--config", metavar="SPEC", help="an audit spec: its [gates] and [baseline] tables")
+    parser.add_argument("directory", type=_location, help="the audit's --output directory")
+    parser.add_argument("--config", action=OneSpec, metavar="SPEC",
+                        help="an audit spec: its [gates] and [baseline] tables")
     parser.add_argument("--verdict", help="where to write verdict.json (default DIRECTORY/verdict.json)")
     _storage_options(parser)
     from pipelines import gates, spec
@@ -263,7 +292,8 @@ def cmd_check(argv: list[str]) -> int:
     except UsageError as e:
         print(f"saliency-audit check: error: {e}", file=sys.stderr)
         return 2
-    verdict, url = gates.check(args.directory, args.baseline, args.gates, args.verdict, args.storage_options)
+    with _reading(args.directory, *([args.baseline] if args.baseline else [])):
+        verdict, url = gates.check(args.directory, args.baseline, args.gates, args.verdict, args.storage_options)
     for line in gates.summary_lines(verdict):
         print(line)
     print(f"verdict: {url}")
@@ -272,7 +302,7 @@ def cmd_check(argv: list[str]) -> int:
 
 def cmd_history(argv: list[str]) -> int:
     parser = _OneLine("history", "List the runs of an audit history (--incremental), one line per slot.")
-    parser.add_argument("directory", help="the history's root (the runs' --output)")
+    parser.add_argument("directory", type=_location, help="the history's root (the runs' --output)")
     parser.add_argument("--json", action="store_true", help="one JSON object per slot instead of the table")
     _storage_options(parser)
     from pipelines.options import UsageError
@@ -283,12 +313,15 @@ def cmd_history(argv: list[str]) -> int:
         return 2
     import json
     from transforms import history
+    left_out: dict[str, str] = {}
     try:
-        rows = history.read(args.directory, args.storage_options)
+        rows = history.read(args.directory, args.storage_options, left_out)
     except Exception as e:  # noqa: BLE001 - storage errors come in many types (botocore's are not OSError)
         print(f"saliency-audit history: error: cannot read {args.directory}: {type(e).__name__}: "
               f"{' '.join(str(e).split())[:200]}", file=sys.stderr)
         return 2
+    for name, why in left_out.items():
+        print(f"saliency-audit history: warning: {history.FOLDER}/{name} is left out: {why}", file=sys.stderr)
     if not rows:
         print(f"saliency-audit history: error: {args.directory} holds no audit history "
               f"(no readable {history.FOLDER}/*.parquet)", file=sys.stderr)

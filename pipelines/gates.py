@@ -5,32 +5,39 @@ a gate or a baseline (``[gates]`` / ``[baseline]`` in its spec), the end of ``ru
 gate of GATES at its threshold (its default unless given; ``NAME=off`` turns one off) and write a
 verdict (``verdict.json``): per gate and method the value, the threshold, ``pass``, ``fail`` or
 ``skipped`` (with the reason: no baseline, no labels, metrics off, not computed), and the images
-that weigh most against it. Exit code 0 when no gate fails, 1 when one does, 2 for usage errors.
+that weigh most against it. A gate asked for by name that cannot be judged fails instead of being
+skipped. Exit code 0 when no gate fails, 1 when one does, 2 for usage errors.
 
-Drift gates compare the maps of the (image, method) pairs both audits hold, streamed a chunk at
-a time with the diff's reader (``pipelines.reporting.diff``): memory holds one chunk of maps, the
-per-image scalars and one mean map per (method, class), whatever the size of the audits.
-docs/gates.md describes each gate.
+An audit's rows are scanned a batch of a few scalar columns at a time (``Side``): memory holds
+sums and the worst images, whatever the size of the audit. Against a baseline the two audits'
+scalar columns are joined once as Arrow tables (``Pairs``), images under one id with other
+content (``content_sha256``) left out, and the drift gates stream the maps of the pairs a chunk
+at a time with the diff's reader (``pipelines.reporting.diff``). docs/gates.md describes each gate.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
 import os
-import sys
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipelines.findings import SCORE_THRESHOLD
+from transforms import publication, storage
 
 OFF, ON = "off", "on"
+FAILED_CHECK = 1  # the exit code of a check that failed: a gate fails, or cannot be judged though asked for
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
 WORST = 5  # images named per gate
-VERDICT = "verdict.json"
+VERDICT = publication.VERDICT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +132,9 @@ def gate_argument(text: str) -> tuple[str, float | bool]:
 
 def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
     """--baseline and --gate, for run (read from [baseline] and [gates] in a spec) and check."""
-    parser.add_argument("--baseline", metavar="PREVIOUS", help="a published audit to compare with (its directory)")
+    from pipelines.options import location
+    parser.add_argument("--baseline", type=location, metavar="PREVIOUS",
+                        help="a published audit to compare with (its directory)")
     parser.add_argument("--gate", dest="gates", action="append", type=gate_argument, metavar="NAME=VALUE",
                         help="a gate's threshold, or NAME=off; repeatable (docs/gates.md)")
 
@@ -179,70 +188,171 @@ def skipped(name: str, method: str | None, threshold: float | None, reason: str)
 
 # --- what the gates read ------------------------------------------------------------------------
 
-_SCALARS = ["image_id", "method", "label", "target", "predicted", "height", "width", "score",
-            "deletion_auc", "deletion_auc_random"]
+CONTENT = "content_sha256"  # per image: sha256 of its encoded bytes in the shard (older audits lack it)
+
+
+def scan(audit, name: str, columns: list[str]) -> Iterator[pa.Table]:
+    """One output's rows a batch at a time (``AuditDir.scan``: memory holds a few batches, never
+    the audit), as tables of ``columns`` exactly: null where the output lacks one."""
+    for batch in audit.scan(name, columns):
+        table = pa.Table.from_batches([batch])
+        for column in columns:
+            if column not in table.column_names:
+                table = table.append_column(column, pa.nulls(table.num_rows))
+        yield table.select(columns)
+
+
+def by_method(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    """A batch's rows, one method at a time (rows without a method left out)."""
+    for method in sorted(m for m in pc.unique(table["method"]).to_pylist() if m is not None):
+        yield str(method), table.filter(pc.equal(table["method"], method))
+
+
+def floats(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A numeric column as float64, null (and a column a file lacks) as NaN."""
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def smallest(ids: pa.ChunkedArray | pa.Array, n: int = WORST) -> list[str]:
+    """The n smallest distinct ids, read out of Arrow without a Python object per row."""
+    unique = pc.unique(pc.drop_null(pc.cast(ids, pa.string())))
+    return unique.take(pc.sort_indices(unique)[:n]).to_pylist()
+
+
+class Lowest:
+    """The ``n`` images of lowest key in a stream of batches, ties going to the smaller id: a
+    gate's worst images without holding every image's value."""
+
+    def __init__(self, n: int = WORST):
+        self.n, self.kept = n, []
+
+    def add(self, keys: np.ndarray, ids: pa.ChunkedArray | pa.Array) -> None:
+        keys = np.asarray(keys, dtype=np.float64)
+        picked = np.flatnonzero(~np.isnan(keys))
+        if len(picked) > self.n:  # at or under the n-th lowest, so ties at the bound compete on their ids
+            bound = np.partition(keys[picked], self.n - 1)[self.n - 1]
+            picked = picked[keys[picked] <= bound]
+        chosen = ids.take(pa.array(picked, pa.int64())).to_pylist()
+        self.kept = sorted([*self.kept, *zip(keys[picked].tolist(), map(str, chosen))])[: self.n]
+
+    @property
+    def ids(self) -> list[str]:
+        return [image_id for _, image_id in self.kept]
 
 
 @dataclasses.dataclass
 class Side:
-    """One audit and its per-(image, method) scalar rows (no maps)."""
+    """One audit's saliency rows, scanned a record batch of a few scalar columns at a time: the
+    gates keep sums and a few worst images, never the rows, so ``check`` of an audit stays flat in
+    memory whatever its size."""
 
     audit: Any  # AuditDir
-    rows: dict[tuple[str, str], dict]
 
     @classmethod
     def read(cls, audit) -> "Side":
-        return cls(audit, {(r["image_id"], r["method"]): r for r in audit.rows("saliency", _SCALARS)})
+        return cls(audit)
 
-    @property
+    def batches(self, columns: list[str]) -> Iterator[pa.Table]:
+        return scan(self.audit, "saliency", columns)
+
+    @functools.cached_property
     def methods(self) -> list[str]:
         """The methods to judge: not the control maps (random, sobel), which ignore the model by
         design and would fail every quality gate; they are the levels the others must beat."""
-        return [m for m in dict.fromkeys([*self.audit.methods, *sorted({m for _, m in self.rows})])
-                if not self.audit.control(m)]
+        found: set[str] = set()
+        for batch in self.batches(["method"]):
+            found.update(str(m) for m in pc.unique(batch["method"]).to_pylist() if m is not None)
+        return [m for m in dict.fromkeys([*self.audit.methods, *sorted(found)]) if not self.audit.control(m)]
 
-    def column(self, method: str, name: str, ids: Iterable[str] | None = None) -> dict[str, float]:
-        """image_id -> the column's finite values for one method (NaN, null, non-numbers left out)."""
-        keys = ((i, method) for i in ids) if ids is not None else (k for k in self.rows if k[1] == method)
-        out = {}
-        for key in keys:
-            value = self.rows.get(key, {}).get(name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                out[key[0]] = float(value)
-        return out
 
-    def predictions(self) -> dict[str, tuple[int, int]]:
-        """image_id -> (label, predicted) for labelled images (one row per image: every method's
-        row carries the same prediction)."""
-        out = {}
-        for (image_id, _), row in self.rows.items():
-            label, predicted = row.get("label"), row.get("predicted")
-            if isinstance(label, int) and label >= 0 and isinstance(predicted, int):
-                out.setdefault(image_id, (label, predicted))
-        return out
+# --- comparing with the baseline: the rows both audits hold, joined once -----------------------
+
+# A row's columns for the comparisons, typed alike whatever each file holds. The content hash
+# keeps 16 hex digits (64 bits): plenty to tell two images under one id apart, a quarter the memory.
+_PAIR_SCHEMA = pa.schema([("image_id", pa.string()), ("method", pa.string()), ("label", pa.int32()),
+                          ("predicted", pa.int32()), ("target", pa.int32()), ("height", pa.int32()),
+                          ("width", pa.int32()), ("deletion_auc", pa.float64()), (CONTENT, pa.string())])
+_PAIRED = ["image_id", "method", "target", "height", "width", "deletion_auc"]  # per (image, method), both sides
+
+
+def keyed_rows(side: Side) -> pa.Table:
+    """The audit's rows as one Arrow table of the columns a comparison needs: no maps and no Python
+    object per row (some 50 bytes a row)."""
+    parts = []
+    for batch in side.batches(_PAIR_SCHEMA.names):
+        columns = [pc.cast(batch[f.name], f.type) for f in _PAIR_SCHEMA]
+        columns[-1] = pc.utf8_slice_codeunits(columns[-1], 0, 16)
+        parts.append(pa.Table.from_arrays(columns, schema=_PAIR_SCHEMA))
+    return pa.concat_tables(parts).combine_chunks() if parts else _PAIR_SCHEMA.empty_table()
+
+
+def _per_image(rows: pa.Table, columns: list[str]) -> pa.Table:
+    """One row per image: the first non-null value of each column (every method's row of an image
+    carries the same label, prediction and content)."""
+    grouped = rows.select(["image_id", *columns]).group_by("image_id", use_threads=False)
+    table = grouped.aggregate([(c, "first") for c in columns])
+    return table.rename_columns([n.removesuffix("_first") for n in table.column_names])
+
+
+def _predictions(rows: pa.Table) -> pa.Table:
+    """One row per labelled image: its label and prediction."""
+    labelled = rows.filter(pc.and_(pc.greater_equal(rows["label"], 0), pc.is_valid(rows["predicted"])))
+    return _per_image(labelled, ["label", "predicted"])
+
+
+@dataclasses.dataclass
+class Pairs:
+    """What the comparisons need, joined once: ``rows``, the (image, method) rows both audits hold
+    of the same images (the baseline's columns suffixed ``_b``), ``predictions``, their labelled
+    images, and the audit's images that are not shared: missing from the baseline, or held there
+    with other content under the same id (both audits hash the image and the hashes differ). An
+    audit without content hashes (older audits) is compared by id."""
+
+    rows: pa.Table
+    predictions: pa.Table
+    images: int  # the audit's images
+    shared: int
+    not_shared: list[str]  # the smallest ids of the audit's images the baseline lacks or holds otherwise
+    by_content: bool  # both audits hash their images
+    unshared_content: int
+    unshared_examples: list[str]
+
+
+def pair_up(audit: Side, baseline: Side) -> Pairs:
+    mine, theirs = keyed_rows(audit), keyed_rows(baseline)
+    images = _per_image(mine, [CONTENT])
+    held = images.join(_per_image(theirs, [CONTENT]), "image_id", join_type="inner", right_suffix="_b",
+                       use_threads=False)
+    other = pc.fill_null(pc.not_equal(held[CONTENT], held[f"{CONTENT}_b"]), False)  # null: not hashed
+    shared, unshared = held.filter(pc.invert(other))["image_id"], held.filter(other)["image_id"]
+    rows = mine.select(_PAIRED).join(theirs.select(_PAIRED), ["image_id", "method"], join_type="inner",
+                                     right_suffix="_b", use_threads=False)
+    predictions = _predictions(mine).join(_predictions(theirs), "image_id", join_type="inner", right_suffix="_b",
+                                          use_threads=False)
+    not_shared = images.filter(pc.invert(pc.is_in(images["image_id"], shared)))["image_id"]
+    by_content = all(pc.any(pc.is_valid(t[CONTENT])).as_py() or False for t in (mine, theirs))
+    return Pairs(rows.filter(pc.is_in(rows["image_id"], shared)),
+                 predictions.filter(pc.is_in(predictions["image_id"], shared)), images.num_rows, len(shared),
+                 smallest(not_shared), by_content, len(unshared), smallest(unshared))
 
 
 # --- the gates ------------------------------------------------------------------------------------
 
-def accuracy_gate(audit: Side, baseline: Side | None, limits: dict) -> list[Result]:
+def accuracy_gate(pairs: Pairs | None, limits: dict) -> list[Result]:
     name, threshold = "accuracy_drop", limits["accuracy_drop"]
-    if baseline is None:
+    if pairs is None:
         return [skipped(name, None, threshold, NO_BASELINE)]
-    mine, theirs = audit.predictions(), baseline.predictions()
-    # the same images on both sides, or the drop compares two different samples
-    mine, theirs = ({i: p[i] for i in mine.keys() & theirs.keys()} for p in (mine, theirs))
-    if not mine:
+    images = pairs.predictions  # the same images on both sides, or the drop compares two different samples
+    if not images.num_rows:
         return [skipped(name, None, threshold, "no labelled image in both audits")]
-
-    def accuracy(p: dict) -> float:
-        return 100.0 * sum(label == predicted for label, predicted in p.values()) / len(p)
-
+    right = pc.equal(images["label"], images["predicted"])
+    right_before = pc.equal(images["label_b"], images["predicted_b"])
+    mine, theirs = (100.0 * pc.sum(pc.cast(r, pa.int64())).as_py() / images.num_rows for r in (right, right_before))
     # worst: images the baseline got right and the audit gets wrong, then the audit's other mistakes
-    wrong = sorted(i for i, (label, predicted) in mine.items() if label != predicted)
-    newly = [i for i in wrong if i in theirs and theirs[i][0] == theirs[i][1]]
-    worst = newly + [i for i in wrong if i not in newly]
-    return [judge(name, None, accuracy(theirs) - accuracy(mine), threshold, worst,
-                  f"accuracy {accuracy(mine):.2f}%, baseline {accuracy(theirs):.2f}%, on the {len(mine)} "
+    newly = smallest(images.filter(pc.and_(pc.invert(right), right_before))["image_id"])
+    others = smallest(images.filter(pc.and_(pc.invert(right), pc.invert(right_before)))["image_id"])
+    return [judge(name, None, theirs - mine, threshold, newly + others,
+                  f"accuracy {mine:.2f}%, baseline {theirs:.2f}%, on the {images.num_rows} "
                   f"labelled image(s) both hold")]
 
 
@@ -251,7 +361,7 @@ def error_gate(audit: Side, limits: dict) -> list[Result]:
     counts = audit.audit.manifest.get("counts")
     if not isinstance(counts, dict) or not counts:
         return [skipped(name, None, threshold, "the manifest has no counts")]
-    errors = audit.audit.rows("errors", ["image_id", "method"])
+    errors = error_images(audit.audit)
     out = []
     for method, c in sorted(counts.items()):
         read, failed, skip = (c.get("read"), c.get("errors"), c.get("skipped", 0)) if isinstance(c, dict) \
@@ -262,44 +372,80 @@ def error_gate(audit: Side, limits: dict) -> list[Result]:
                                                         f"{c!r}"[:200]))
             continue
         tried = read - skip  # an incremental run's skipped pairs were explained by an earlier run
-        worst = sorted({str(e["image_id"]) for e in errors if e.get("method") in (None, method)})
+        worst = sorted({*errors.get(None, []), *errors.get(method, [])})
         out.append(judge(name, method, failed / tried, threshold, worst,
                          f"{failed} error(s) of {tried} " + ("read" if not skip else f"to explain ({skip} skipped)")))
     return out
 
 
-def faithfulness_gates(audit: Side, baseline: Side | None, limits: dict) -> list[Result]:
+def error_images(audit) -> dict[str | None, list[str]]:
+    """Per method (None: the errors of every method, read or decode), the smallest ids in errors/."""
+    kept: dict[str | None, list[str]] = defaultdict(list)
+    for batch in scan(audit, "errors", ["image_id", "method"]):
+        for method in pc.unique(batch["method"]).to_pylist():
+            mine = pc.is_null(batch["method"]) if method is None else pc.equal(batch["method"], method)
+            kept[method] = sorted({*kept[method], *smallest(batch["image_id"].filter(mine))})[:WORST]
+    return kept
+
+
+@dataclasses.dataclass
+class DeletionSums:
+    """One method's deletion AUCs over a scan: how many are finite, the sums of the deletion and the
+    random-order AUC over the images with both, and the images furthest above the random order."""
+
+    finite: int = 0
+    both: int = 0
+    deletion: float = 0.0
+    random: float = 0.0
+    worst: Lowest = dataclasses.field(default_factory=Lowest)
+
+
+def deletion_sums(audit: Side) -> dict[str, DeletionSums]:
+    out: dict[str, DeletionSums] = defaultdict(DeletionSums)
+    for batch in audit.batches(["image_id", "method", "deletion_auc", "deletion_auc_random"]):
+        for method, rows in by_method(batch):
+            deletion, random = floats(rows["deletion_auc"]), floats(rows["deletion_auc_random"])
+            both = np.isfinite(deletion) & np.isfinite(random)
+            sums = out[method]
+            sums.finite += int(np.isfinite(deletion).sum())
+            sums.both += int(both.sum())
+            sums.deletion += float(deletion[both].sum())
+            sums.random += float(random[both].sum())
+            sums.worst.add(-(deletion - random)[both], rows["image_id"].filter(pa.array(both)))
+    return out
+
+
+def faithfulness_gates(audit: Side, pairs: Pairs | None, limits: dict) -> list[Result]:
     out = []
+    sums = deletion_sums(audit)
     for method in audit.methods:
-        deletion = audit.column(method, "deletion_auc")
-        random = audit.column(method, "deletion_auc_random")
-        if not deletion:
+        mine = sums.get(method, DeletionSums())
+        if not mine.finite:
             why = "no deletion AUC (metrics off)"
             out += [skipped(n, method, limits[n], why) for n in ("deletion_vs_random", "deletion_rise")
                     if limits[n] is not False]
             continue
         if limits["deletion_vs_random"] is not False:
-            both = sorted(deletion.keys() & random.keys())
-            denominator = sum(random[i] for i in both)
-            ratio = sum(deletion[i] for i in both) / denominator if both and denominator > 0 else None
-            worst = sorted(both, key=lambda i: (-(deletion[i] - random[i]), i))
-            out.append(judge("deletion_vs_random", method, ratio, limits["deletion_vs_random"], worst,
-                             f"mean deletion AUC over the random order's, {len(both)} image(s)"))
+            ratio = mine.deletion / mine.random if mine.both and mine.random > 0 else None
+            out.append(judge("deletion_vs_random", method, ratio, limits["deletion_vs_random"], mine.worst.ids,
+                             f"mean deletion AUC over the random order's, {mine.both} image(s)"))
         if limits["deletion_rise"] is not False:
-            out.append(_deletion_rise(method, deletion, baseline, limits["deletion_rise"]))
+            out.append(_deletion_rise(method, pairs, limits["deletion_rise"]))
     return out
 
 
-def _deletion_rise(method: str, deletion: dict[str, float], baseline: Side | None, threshold: float) -> Result:
-    if baseline is None:
+def _deletion_rise(method: str, pairs: Pairs | None, threshold: float) -> Result:
+    if pairs is None:
         return skipped("deletion_rise", method, threshold, NO_BASELINE)
-    before = baseline.column(method, "deletion_auc", deletion)
-    shared = sorted(before)
-    if not shared:
+    rows = pairs.rows.filter(pc.equal(pairs.rows["method"], method))
+    rise = floats(rows["deletion_auc"]) - floats(rows["deletion_auc_b"])
+    both = np.isfinite(rise)
+    if not both.any():
         return skipped("deletion_rise", method, threshold, "no image with a deletion AUC in both audits")
-    rise = float(np.mean([deletion[i] - before[i] for i in shared]))
-    worst = sorted(shared, key=lambda i: (-(deletion[i] - before[i]), i))
-    return judge("deletion_rise", method, rise, threshold, worst, f"on {len(shared)} shared image(s)")
+    worst = Lowest()
+    worst.add(-rise[both], rows["image_id"].filter(pa.array(both)))
+    return judge("deletion_rise", method, float(np.mean(rise[both])), threshold, worst.ids,
+                 f"on {int(both.sum())} shared image(s)")
 
 
 def sanity_gates(audit: Side, limits: dict) -> list[Result]:
@@ -355,17 +501,18 @@ def findings_gates(audit: Side, limits: dict) -> list[Result]:
     return out or [skipped("findings", None, threshold, "findings/ holds no finite score")]
 
 
-def shared_gate(audit: Side, baseline: Side | None, limits: dict) -> tuple[list[Result], str]:
-    """The share of the audit's images the baseline holds too, and why the gates that compare
-    are skipped ("" when they are not): no image in common, or a share under shared_images."""
+def shared_gate(pairs: Pairs | None, limits: dict) -> tuple[list[Result], str]:
+    """The share of the audit's images the baseline holds too (the same content, where both audits
+    hash it), and why the gates that compare are skipped ("" when they are not): no image in
+    common, or a share under shared_images."""
     threshold = limits["shared_images"]
-    if baseline is None:
+    if pairs is None:
         return [skipped("shared_images", None, threshold, NO_BASELINE)], ""
-    ids, theirs = {i for i, _ in audit.rows}, {i for i, _ in baseline.rows}
-    shared = len(ids & theirs)
-    why = f"the audits share {shared} of {len(ids)} images"
-    result = judge("shared_images", None, shared / len(ids) if ids else None, threshold, sorted(ids - theirs), why)
-    too_few = not shared or (threshold is not False and result.status == FAIL)
+    why = f"the audits share {pairs.shared} of {pairs.images} images" + (
+        f" ({pairs.unshared_content} more hold other content under the same id)" if pairs.unshared_content else "")
+    result = judge("shared_images", None, pairs.shared / pairs.images if pairs.images else None, threshold,
+                   pairs.not_shared, why)
+    too_few = not pairs.shared or (threshold is not False and result.status == FAIL)
     return [result] if threshold is not False else [], why if too_few else ""
 
 
@@ -398,13 +545,28 @@ def ndcg(relevance: np.ndarray, ranking_scores: np.ndarray) -> float:
 
 @dataclasses.dataclass
 class Drift:
-    """Per method: per-image rank correlation and top-k overlap, and per class the sums of |map|
+    """Per method: the per-image rank correlations and top-k overlaps (arrays, a chunk's at a time),
+    their worst images (for nDCG, per class by rank correlation), and per class the sums of |map|
     of each audit (class = the class each audit explained)."""
 
-    rho: dict[str, dict[str, float]] = dataclasses.field(default_factory=lambda: defaultdict(dict))
+    values: dict[tuple[str, str], list[np.ndarray]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    worst: dict[tuple[str, str], Lowest] = dataclasses.field(default_factory=lambda: defaultdict(Lowest))
+    worst_in_class: dict[tuple[str, int], Lowest] = dataclasses.field(default_factory=lambda: defaultdict(Lowest))
     both_constant: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
-    overlap: dict[str, dict[str, float]] = dataclasses.field(default_factory=lambda: defaultdict(dict))
+    pairs: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
     sums: dict[tuple[str, int, str], list] = dataclasses.field(default_factory=dict)  # (method, class, side)
+
+    def add(self, method: str, ids: pa.Array, targets: list, rho: np.ndarray, overlap: np.ndarray) -> None:
+        for name, values in (("rank_correlation", rho), ("top_k_overlap", overlap)):
+            self.values[(method, name)].append(values)
+            self.worst[(method, name)].add(values, ids)
+        targets = np.asarray([t if isinstance(t, int) else -1 for t in targets])
+        for target in set(targets.tolist()) - {-1}:
+            mine = targets == target
+            self.worst_in_class[(method, target)].add(rho[mine], ids.filter(pa.array(mine)))
+
+    def statistic(self, method: str, name: str) -> np.ndarray:
+        return np.concatenate(self.values[(method, name)]) if self.values[(method, name)] else np.zeros(0)
 
     def add_class_maps(self, method: str, side: str, targets: list, maps: np.ndarray) -> None:
         for target in set(targets):
@@ -426,36 +588,74 @@ class Drift:
         return out
 
 
-def measure_drift(audit: Side, baseline: Side, top_k: float) -> tuple[Drift, dict[str, int]]:
-    """Streams the maps of the shared (image, method) pairs a chunk at a time (diff's reader)."""
-    from pipelines.reporting.diff import MAP_BUDGET, compare, paired_maps
-    def shape(row: dict) -> tuple:
-        return row.get("height"), row.get("width")
+def drift_chunks(rows: pa.Table, budget: int) -> Iterator[tuple[Any, dict[str, tuple]]]:
+    """The joined rows whose maps have one size on both sides, as diff's chunks (one method and
+    shape, image ids in order, about ``budget`` bytes of maps), each with its images' targets
+    (audit's, baseline's). Only a chunk's ids become Python objects."""
+    from pipelines.reporting.diff import Chunk
+    same = rows.filter(pc.and_(pc.and_(pc.equal(rows["height"], rows["height_b"]),
+                                       pc.equal(rows["width"], rows["width_b"])),
+                               pc.and_(pc.greater(rows["height"], 0), pc.greater(rows["width"], 0))))
+    shapes = same.group_by(["method", "height", "width"], use_threads=False).aggregate([]).to_pylist()
+    for shape in sorted(shapes, key=lambda s: (s["method"], s["height"], s["width"])):
+        method, height, width = shape["method"], shape["height"], shape["width"]
+        group = same.filter(pc.and_(pc.equal(same["method"], method), pc.and_(
+            pc.equal(same["height"], height), pc.equal(same["width"], width)))).sort_by("image_id")
+        per_chunk = max(1, budget // (4 * height * width))
+        for start in range(0, group.num_rows, per_chunk):
+            part = group.slice(start, per_chunk)
+            ids = part["image_id"].to_pylist()
+            yield (Chunk(method, height, width, ids),
+                   dict(zip(ids, zip(part["target"].to_pylist(), part["target_b"].to_pylist()))))
 
-    shared = [(i, m, r["height"], r["width"]) for (i, m), r in audit.rows.items()
-              if (i, m) in baseline.rows and all(isinstance(v, int) for v in shape(r))
-              and shape(r) == shape(baseline.rows[(i, m)])]
-    drift, pairs = Drift(), defaultdict(int)
-    for chunk, maps_a, maps_b in paired_maps(audit.audit, baseline.audit, shared, MAP_BUDGET):
-        rows_a = [audit.rows[(i, chunk.method)] for i in chunk.ids]
-        rows_b = [baseline.rows[(i, chunk.method)] for i in chunk.ids]
-        compared = compare(chunk, maps_a, maps_b, rows_a, rows_b, top_k)
-        dead_a, dead_b = _constant(maps_a), _constant(maps_b)
-        for image_id, rho, overlap, a, b in zip(chunk.ids, compared.column("rank_correlation").to_pylist(),
-                                                compared.column("top_k_overlap").to_pylist(), dead_a, dead_b):
-            if rho is None or not math.isfinite(rho):
-                # a constant map has no ranking: a map gone dead on one side is no correlation
-                # (dropping it would let a method that dies on most images pass); both dead: no verdict
-                if a and b:
-                    drift.both_constant[chunk.method] += 1
-                    continue
-                rho = 0.0
-            drift.rho[chunk.method][image_id] = rho
-            drift.overlap[chunk.method][image_id] = overlap
-        drift.add_class_maps(chunk.method, "audit", [r.get("target") for r in rows_a], maps_a)
-        drift.add_class_maps(chunk.method, "baseline", [r.get("target") for r in rows_b], maps_b)
-        pairs[chunk.method] += len(chunk.ids)
-    return drift, pairs
+
+STATS_MAPS = 256  # maps ranked at once by the drift statistics
+
+
+def drift_statistics(maps_a: np.ndarray, maps_b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, Spearman's rho and the top-k overlap of the two audits' maps (the diff's code),
+    STATS_MAPS maps at a time: the work arrays (ranks, sort indices, float64 copies) are tens of
+    times the maps they rank."""
+    import torch
+    from explainers.metrics import spearman_rank_correlation
+    from pipelines.reporting.diff import top_k_overlap
+    rho, overlap = [], []
+    for start in range(0, len(maps_a), STATS_MAPS):
+        a, b = (torch.from_numpy(maps[start:start + STATS_MAPS]) for maps in (maps_a, maps_b))
+        rho.append(spearman_rank_correlation(a, b).numpy().astype(np.float64))
+        overlap.append(top_k_overlap(a, b, k).numpy().astype(np.float64))
+    return np.concatenate(rho), np.concatenate(overlap)
+
+
+def measure_drift(pairs: Pairs, audit: Side, baseline: Side, top_k: float) -> Drift:
+    """Streams the maps of the shared (image, method) pairs a chunk at a time with the diff's
+    reader and statistics (pipelines.reporting.diff)."""
+    from pipelines.reporting.diff import MAP_BUDGET, MapReader, pixels_for, read_paired
+    targets: dict[str, tuple] = {}
+
+    def chunks():  # read_paired asks for the next chunk once the last one is used: its targets stay until then
+        for chunk, chunk_targets in drift_chunks(pairs.rows, MAP_BUDGET):
+            targets.clear()
+            targets.update(chunk_targets)
+            yield chunk
+
+    drift = Drift()
+    readers = MapReader(audit.audit, MAP_BUDGET), MapReader(baseline.audit, MAP_BUDGET)
+    for chunk, maps_a, maps_b in read_paired(*readers, chunks()):
+        rho, overlap = drift_statistics(maps_a, maps_b, pixels_for(top_k, chunk.height * chunk.width))
+        # a constant map has no ranking: a map gone dead on one side is no correlation (dropping it
+        # would let a method that dies on most images pass); dead on both sides: no verdict
+        no_rank = ~np.isfinite(rho)
+        both_dead = no_rank & _constant(maps_a) & _constant(maps_b)
+        kept = ~both_dead
+        ids = pa.array(chunk.ids, pa.string()).filter(pa.array(kept))
+        drift.both_constant[chunk.method] += int(both_dead.sum())
+        drift.add(chunk.method, ids, [targets[i][0] for i, k in zip(chunk.ids, kept) if k],
+                  np.where(no_rank, 0.0, rho)[kept], overlap[kept])
+        drift.add_class_maps(chunk.method, "audit", [targets[i][0] for i in chunk.ids], maps_a)
+        drift.add_class_maps(chunk.method, "baseline", [targets[i][1] for i in chunk.ids], maps_b)
+        drift.pairs[chunk.method] += len(chunk.ids)
+    return drift
 
 
 def _constant(maps: np.ndarray) -> np.ndarray:
@@ -464,29 +664,28 @@ def _constant(maps: np.ndarray) -> np.ndarray:
     return (flat == flat[:, :1]).all(axis=1)
 
 
-def drift_gates(audit: Side, baseline: Side | None, limits: dict) -> list[Result]:
+def drift_gates(audit: Side, baseline: Side | None, pairs: Pairs | None, limits: dict) -> list[Result]:
     names = [n for n in ("rank_correlation", "top_k_overlap", "ndcg") if limits[n] is not False]
     if not names:
         return []
-    if baseline is None:
+    if pairs is None:
         return [skipped(n, None, limits[n], NO_BASELINE) for n in names]
-    drift, pairs = measure_drift(audit, baseline, limits["top_k"])
+    drift = measure_drift(pairs, audit, baseline, limits["top_k"])
     q = limits["drift_quantile"]
     out = []
     for method in audit.methods:
-        if not pairs.get(method):
+        if not drift.pairs.get(method):
             out += [skipped(n, method, limits[n], "no image with maps of one size in both audits") for n in names]
             continue
-        rho = drift.rho[method]
         dead = drift.both_constant[method]
-        excluded = f"; {dead} ({100 * dead / pairs[method]:.0f}%) left out: constant in both audits" if dead else ""
-        by_rho = sorted(rho, key=lambda i: (rho[i], i))
-        for name, values in (("rank_correlation", rho), ("top_k_overlap", drift.overlap[method])):
+        excluded = (f"; {dead} ({100 * dead / drift.pairs[method]:.0f}%) left out: constant in both audits"
+                    if dead else "")
+        for name in ("rank_correlation", "top_k_overlap"):
             if name in names:
-                value = float(np.quantile(list(values.values()), q)) if values else None
-                worst = sorted(values, key=lambda i: (values[i], i))
-                out.append(judge(name, method, value, limits[name], worst,
-                                 f"quantile {q:g} over {len(values)} of {pairs[method]} shared image(s)"
+                values = drift.statistic(method, name)
+                value = float(np.quantile(values, q)) if len(values) else None
+                out.append(judge(name, method, value, limits[name], drift.worst[(method, name)].ids,
+                                 f"quantile {q:g} over {len(values)} of {drift.pairs[method]} shared image(s)"
                                  + excluded))
         if "ndcg" in names:
             per_class = {c: v for c, v in drift.class_ndcg(method).items() if math.isfinite(v)}
@@ -494,13 +693,39 @@ def drift_gates(audit: Side, baseline: Side | None, limits: dict) -> list[Result
                 out.append(skipped("ndcg", method, limits["ndcg"], "no class with a non-zero mean map in both audits"))
                 continue
             cls = min(per_class, key=lambda c: (per_class[c], c))
-            worst = [i for i in by_rho if audit.rows[(i, method)].get("target") == cls]
-            out.append(judge("ndcg", method, per_class[cls], limits["ndcg"], worst,
+            out.append(judge("ndcg", method, per_class[cls], limits["ndcg"], drift.worst_in_class[(method, cls)].ids,
                              f"lowest of {len(per_class)} class(es): class {cls}"))
     return out
 
 
 # --- the verdict ------------------------------------------------------------------------------
+
+CANNOT_JUDGE = "asked for, but cannot be judged:"
+
+
+def asked_for(given: Iterable[tuple[str, float | bool]] | None) -> set[str]:
+    """The gates the operator named (``--gate NAME=VALUE`` or ``[gates] NAME = ...``, on or with a
+    threshold, the last value given winning). One that cannot be judged fails; a gate that is on
+    only by default is skipped then."""
+    return {name for name, value in dict(given or ()).items() if name in GATES and value is not False}
+
+
+def smallest_map(side: Side) -> int | None:
+    """The fewest pixels (height x width) of any map in the audit; None without rows."""
+    least = None
+    for batch in side.batches(["height", "width"]):
+        pixels = pc.min(pc.multiply(pc.cast(batch["height"], pa.int64()), pc.cast(batch["width"], pa.int64()))).as_py()
+        least = pixels if least is None or (pixels is not None and pixels < least) else least
+    return least
+
+
+def check_top_k(top_k: float, pixels: int | None) -> None:
+    """top_k as a pixel count must leave some pixels out: at or above a map's pixels every overlap
+    is 1 and the gate could never fail. A fraction (below 1) always does."""
+    if top_k >= 1 and pixels is not None and top_k >= pixels:
+        raise GateError(f"top_k: {top_k:g} pixels is every pixel of a {pixels}-pixel map or more, so top_k_overlap "
+                        f"could never fail; give fewer than {pixels} pixels, or a fraction below 1")
+
 
 def evaluate(audit, baseline=None, given: Iterable[tuple[str, float | bool]] | None = None) -> dict[str, Any]:
     """The verdict of the gates on ``audit`` (an AuditDir), against ``baseline`` (an AuditDir or
@@ -510,17 +735,19 @@ def evaluate(audit, baseline=None, given: Iterable[tuple[str, float | bool]] | N
         raise GateError(f"the baseline is the audit itself (run {audit.manifest.get('run_id')}); "
                         f"compare with a copy of an earlier audit, or give each run its own --output")
     mine = Side.read(audit)
+    if limits["top_k"] >= 1:
+        check_top_k(limits["top_k"], smallest_map(mine))
     theirs = Side.read(baseline) if baseline is not None else None
-    coverage, too_few = shared_gate(mine, theirs, limits)
-    if too_few:
-        theirs = None  # the gates that compare are skipped, with too_few as the reason
+    pairs = pair_up(mine, theirs) if theirs is not None else None
+    coverage, too_few = shared_gate(pairs, limits)
+    compared = None if too_few else pairs  # the gates that compare are skipped, with too_few as the reason
     steps: list[tuple[str, Callable[[], list[Result]]]] = [
         ("shared_images", lambda: coverage),
-        ("accuracy_drop", lambda: accuracy_gate(mine, theirs, limits)),
+        ("accuracy_drop", lambda: accuracy_gate(compared, limits)),
         ("error_rate", lambda: error_gate(mine, limits)),
-        ("deletion", lambda: faithfulness_gates(mine, theirs, limits)),
+        ("deletion", lambda: faithfulness_gates(mine, compared, limits)),
         ("sanity", lambda: sanity_gates(mine, limits)),
-        ("drift", lambda: drift_gates(mine, theirs, limits)),
+        ("drift", lambda: drift_gates(mine, theirs, compared, limits)),
         ("findings", lambda: findings_gates(mine, limits)),
     ]
     results: list[Result] = []
@@ -528,23 +755,38 @@ def evaluate(audit, baseline=None, given: Iterable[tuple[str, float | bool]] | N
         if name in GATES and limits[name] is False:
             continue  # turned off
         results += step()
+    asked = asked_for(given)
     for r in results:
         if too_few and r.name in COMPARING and r.reason == NO_BASELINE:
             r.reason = too_few
+        if r.status == SKIPPED and r.name in asked:
+            r.status, r.reason = FAIL, f"{CANNOT_JUDGE} {r.reason}"
     gates = [r.as_dict() for r in results]
     failed = sorted({g["name"] for g in gates if g["status"] == FAIL})
     return {
         "status": FAIL if failed else PASS,
         "failed": failed,
+        "asked": sorted(asked),
         "audit": {"path": audit.path, "run_id": audit.manifest.get("run_id")},
         "baseline": None if baseline is None else {"path": baseline.path, "run_id": baseline.manifest.get("run_id")},
         "settings": {name: limits[name] for name in SETTINGS},
+        "unshared_content": None if pairs is None or not pairs.by_content else
+        {"images": pairs.unshared_content, "examples": pairs.unshared_examples},
         "gates": gates,
     }
 
 
+def unjudged(audit: dict, baseline: str | None, given, error: BaseException) -> dict[str, Any]:
+    """The verdict of a run whose gates could not be evaluated: a failed check, with the reason."""
+    return {"status": FAIL, "failed": [], "asked": sorted(asked_for(given)),
+            "error": " ".join(f"{type(error).__name__}: {error}".split())[:300],
+            "audit": audit, "baseline": None if baseline is None else {"path": baseline, "run_id": None},
+            "settings": None, "unshared_content": None, "gates": []}
+
+
 def open_audit(path: str, storage_options: dict | None, what: str):
-    """An AuditDir, or ValueError in one line naming ``what`` when the path is not a published audit."""
+    """An AuditDir whose files the gates can read, or ValueError in one line naming ``what`` when
+    the path is not a published audit or its files are damaged (``check_files``)."""
     from pipelines.reporting.audit_dir import AuditDir
     try:
         audit = AuditDir(path, storage_options)
@@ -554,14 +796,38 @@ def open_audit(path: str, storage_options: dict | None, what: str):
         raise ValueError(f"{what} {path}: unreadable manifest.json ({' '.join(str(e).split())[:120]})") from None
     if not isinstance(audit.manifest, dict) or not isinstance(audit.manifest.get("run_id"), str):
         raise ValueError(f"{what} {path}: manifest.json is not an audit's manifest (no run_id)")
+    check_files(audit, what)
     return audit
+
+
+# The columns the gates cannot do without, per output (the others they read are optional).
+NEEDED_COLUMNS = {"saliency": ("image_id", "method", "height", "width", "saliency")}
+
+
+def check_files(audit, what: str) -> None:
+    """Every file the manifest names (or, for older manifests, each output folder holds) exists and
+    is Parquet with the columns the gates need: one footer read per file, no rows, so a damaged
+    audit or baseline fails in seconds, before a run starts, not after it is published."""
+    for name in publication.OUTPUTS:
+        for url in audit.files(name):
+            relative = url.removeprefix(audit.path.rstrip("/") + "/")
+            try:
+                fs, path = storage.filesystem(url, audit.storage_options)
+                with fs.open(path, "rb") as f:
+                    columns = pq.ParquetFile(f).schema_arrow.names
+            except FileNotFoundError:
+                raise ValueError(f"{what} {audit.path}: {relative} is missing (its manifest.json names it)") from None
+            except (OSError, pa.ArrowException) as e:
+                raise ValueError(f"{what} {audit.path}: {relative} is not readable Parquet "
+                                 f"({' '.join(str(e).split())[:120]})") from None
+            missing = [c for c in NEEDED_COLUMNS.get(name, ()) if c not in columns]
+            if missing:
+                raise ValueError(f"{what} {audit.path}: {relative} lacks column(s) {', '.join(missing)}")
 
 
 def same_place(a: str, b: str) -> bool:
     """Whether two audit paths name one folder: local paths resolved (links, '..', a trailing
     slash), URLs compared as text without the trailing slash."""
-    from transforms import storage
-
     def normal(path: str) -> str:
         path = storage.join(str(path)).removeprefix("file://")
         return path if "://" in path else os.path.realpath(path)
@@ -569,18 +835,23 @@ def same_place(a: str, b: str) -> bool:
 
 
 def write_verdict(verdict: dict, url: str, storage_options: dict | None) -> None:
-    from transforms import storage
     storage.write_json_atomic(url, verdict, storage_options)
 
 
 def summary_lines(verdict: dict) -> list[str]:
     """One line per gate that failed or was skipped, and the overall status, for the terminal."""
-    lines = []
+    lines = [f"gates could not be evaluated: {verdict['error']}"] if verdict.get("error") else []
+    unshared = verdict.get("unshared_content")
+    if unshared and unshared["images"]:
+        lines.append(f"unshared content: {unshared['images']} image(s) of the audit are other images in the baseline "
+                     f"under the same id, not compared (e.g. {', '.join(unshared['examples'])})")
     for g in verdict["gates"]:
         if g["status"] == PASS:
             continue
         where = f"{g['name']}" + (f"[{g['method']}]" if g["method"] else "")
-        if g["status"] == FAIL:
+        if g["status"] == FAIL and g["value"] is None:
+            lines.append(f"gate {where} FAILED: {g['reason']}")
+        elif g["status"] == FAIL:
             relation = "above the maximum" if g["bound"] == "max" else "below the minimum"
             lines.append(f"gate {where} FAILED: {g['value']:.4g} {relation} {g['threshold']:g}; worst: "
                          f"{', '.join(g['worst_images']) or '-'}")
@@ -588,7 +859,8 @@ def summary_lines(verdict: dict) -> list[str]:
             lines.append(f"gate {where} skipped: {g['reason']}")
     held = sum(g["status"] == PASS for g in verdict["gates"])
     lines.append(f"verdict: {verdict['status']} ({held} held, {len(verdict['failed'])} gate(s) failed: "
-                 f"{', '.join(verdict['failed']) or 'none'})")
+                 f"{', '.join(verdict['failed']) or 'none'})" if not verdict.get("error") else
+                 f"verdict: {verdict['status']} (the gates could not be evaluated)")
     return lines
 
 
@@ -596,7 +868,6 @@ def check(audit_path: str, baseline_path: str | None, given, verdict_url: str | 
           storage_options: dict | None, manifest: dict | None = None) -> tuple[dict, str]:
     """Evaluate and write the verdict; returns it and where it went. ``manifest``: the run's own,
     so a run judges itself even if another run of the same output publishes meanwhile."""
-    from transforms import storage
     audit = open_audit(audit_path, storage_options, "audit")
     if manifest is not None:
         audit.manifest = manifest
@@ -607,24 +878,38 @@ def check(audit_path: str, baseline_path: str | None, given, verdict_url: str | 
     return verdict, url
 
 
+def gated(args: argparse.Namespace) -> bool:
+    """Whether a run names a gate or a baseline: it then writes a verdict next to its manifest."""
+    return bool(getattr(args, "gates", None) or getattr(args, "baseline", None))
+
+
 def decide(manifest: dict, args: argparse.Namespace, storage_options: dict | None) -> int:
     """The end of ``run``: when the invocation names a gate or a baseline, the gates on the
-    published run; the verdict goes next to the manifest. 0 all hold (or no gates), 1 one
-    fails, 2 the baseline is not an audit."""
+    published run; the verdict goes next to the manifest. 0 all hold (or no gates), 1 one fails
+    or the gates could not be evaluated (the run is published all the same)."""
     return judge_run(manifest, args, storage_options)[0]
 
 
 def judge_run(manifest: dict, args: argparse.Namespace, storage_options: dict | None) -> tuple[int, dict | None]:
-    """``decide``'s exit code and the verdict (None without gates, or when it could not be made)."""
-    given, baseline = getattr(args, "gates", None), getattr(args, "baseline", None)
-    if not given and not baseline:
+    """``decide``'s exit code and the verdict (None without gates).
+
+    Which verdict belongs to which run: the manifest says whether its run writes one (``verdict``:
+    "verdict.json" or null), publishing removes the previous run's verdict.json before it puts the
+    pointer (transforms.publication.commit), and every verdict names its run (``audit.run_id``).
+    Object stores have no atomic pair of puts, so between the pointer and this verdict, or when
+    runs of one --output race, verdict.json may be missing or of another run: readers (report,
+    schedulers) take it only when its audit.run_id is the manifest's run_id."""
+    if not gated(args):
         return 0, None
+    given, baseline = getattr(args, "gates", None), getattr(args, "baseline", None)
+    output = manifest["options"]["output"]
     try:
-        verdict, url = check(manifest["options"]["output"], baseline, given, None, storage_options, manifest)
-    except ValueError as e:
-        print(f"saliency-audit: error: gates: {e}", file=sys.stderr)
-        return 2, None
+        verdict, url = check(output, baseline, given, None, storage_options, manifest)
+    except Exception as e:  # published all the same: a check that cannot be made fails, it is no usage error
+        verdict, url = unjudged({"path": output, "run_id": manifest["run_id"]}, baseline, given, e), \
+            storage.join(output, VERDICT)
+        write_verdict(verdict, url, storage_options)
     for line in summary_lines(verdict):
         print(line)
     print(f"verdict: {url}")
-    return (1 if verdict["status"] == FAIL else 0), verdict
+    return (FAILED_CHECK if verdict["status"] == FAIL else 0), verdict

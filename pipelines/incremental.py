@@ -7,10 +7,11 @@ method's resolved options, the target, the seed, the preprocessing, the metrics'
 map dtype, everything that makes its row. Two levels, both exact:
 
 * shards: a shard whose storage fingerprint (size and etag / checksum / mtime) and sample limit
-  match a recorded run's is not read for the methods that run explained it with; a shard no
-  method needs is not read at all;
-* images: in the shards that are read, the ids the history already explained (an image moved to
-  a new shard, a shard rewritten) skip those methods (transforms.skip_explained).
+  match a recorded run's is not read for the methods that run explained it with, provided the
+  newest run to read the shard saw that fingerprint too; a shard no method needs is not read at all;
+* images: in the shards that are read, an image whose newest map in the history is of the same
+  content (id and sha256 of its bytes: an image moved to a new shard, a shard rewritten) skips
+  those methods (transforms.skip_explained).
 
 The run of a slot that the history already holds does not count its own earlier run: a rerun of a
 slot explains the same images again and replaces the slot's row, so it is idempotent.
@@ -42,7 +43,8 @@ class Work:
     shards: dict[str, str | None]  # every shard --input matched -> its storage fingerprint
     limit: int | None
     needed: dict[str, tuple[str, ...]]  # the shards to read -> the methods still to explain there
-    history_files: dict[str, tuple[str, ...]]  # recorded saliency file URL -> methods whose rows count
+    # recorded saliency file URL -> (its run's id, the methods whose rows count)
+    history_files: dict[str, tuple[str, tuple[str, ...]]]
     runs: tuple[str, ...]  # recorded runs of this model (other slots) that the plan counts
     replaces: str | None  # the run that holds this slot now, if any
 
@@ -114,6 +116,19 @@ def _covers(recorded: int | None, wanted: int | None) -> bool:
     return recorded is None or (wanted is not None and recorded >= wanted)
 
 
+def _last_seen(runs: list[dict[str, Any]]) -> dict[str, str | None]:
+    """shard url -> its fingerprint as the newest of these runs to read it saw it. An older run's
+    claim on a shard holds only while the shard is as that run saw it: a run in between may have
+    read other content there (a tag that repeats when content does, as an MD5 ETag, cannot tell
+    an image changed and changed back), and its maps are the newest now."""
+    newest: dict[str, tuple[str, str | None]] = {}
+    for r in runs:
+        for s in r["shard_list"] or []:
+            newest[s["url"]] = max(newest.get(s["url"], ("", None)), (r["run_id"], s["fingerprint"]),
+                                   key=lambda seen: seen[0])
+    return {url: fingerprint for url, (_, fingerprint) in newest.items()}
+
+
 def plan_work(root: str, slot: str | None, model_spec, state_sha: str, args, resolved: dict[str, Any], prep,
               shards: list[str], storage_options: dict[str, Any] | None) -> Work:
     model = model_identity(model_spec, state_sha)
@@ -125,7 +140,7 @@ def plan_work(root: str, slot: str | None, model_spec, state_sha: str, args, res
     counted = [r for r in rows if r["model"] == model and r["slot"] != slot]
     standing = {r["run_id"] for r in counted}
     covered: dict[str, list[tuple[str, int | None, set[str]]]] = {}
-    history_files: dict[str, tuple[str, ...]] = {}
+    history_files: dict[str, tuple[str, tuple[str, ...]]] = {}
     for r in counted:
         same = {m["method"] for m in r["methods"] or [] if fingerprints.get(m["method"]) == m["fingerprint"]}
         if not same:
@@ -134,10 +149,12 @@ def plan_work(root: str, slot: str | None, model_spec, state_sha: str, args, res
             if set(s["relies_on"] or []) <= standing:  # else a run it skipped through is gone
                 covered.setdefault(s["url"], []).append((s["fingerprint"], s["limit"], same & set(s["methods"] or [])))
         for relative in r["files"] or []:
-            history_files[storage.join(root, relative)] = tuple(sorted(same))
+            history_files[storage.join(root, relative)] = (r["run_id"], tuple(sorted(same)))
+    last_seen = _last_seen(counted)
     needed = {}
     for url in shards:
-        done = set().union(*[m for fp, limit, m in covered.get(url, []) if found[url] is not None
+        unchanged = found[url] is not None and found[url] == last_seen.get(url)
+        done = set().union(*[m for fp, limit, m in covered.get(url, []) if unchanged
                              and fp == found[url] and _covers(limit, args.limit_per_shard)])
         todo = tuple(m for m in methods if m not in done)
         if todo:

@@ -12,11 +12,29 @@ from transforms.publication import MIN_STALE_S
 
 DEFAULT_METHODS = "sal,grad,intg,deeplift"
 REDACTED = "<redacted>"
-# Flags whose values are credentials: --storage-options (fsspec keys and tokens) and any flag named
-# like a secret, e.g. Beam's --s3_access_key_id, --s3_secret_access_key, --s3_session_token.
-_SECRET_NAME = re.compile(r"key|secret|token|passw|credential", re.IGNORECASE)
-_STORAGE_OPTIONS = "storage-options"
-_ENDPOINT_OPTIONS = "endpoint-options"  # may hold headers with credentials: never in the manifest
+# Our flags whose values are free-form JSON that may hold credentials (fsspec keys, an endpoint's
+# headers, abele's storage_options): the recorded command line hides them; the manifest's resolved
+# spec keeps what is safe of them (pipelines.spec).
+_FREE_FORM = ("--storage-options", "--endpoint-options", "--method-options")
+# The Beam options whose values the manifest (and so the report) records, by any of their flag
+# names: where and how the job ran. Every other Beam option's value is recorded as <redacted>:
+# Beam has options that hold credentials under plain names (--azure_connection_string,
+# --hdfs_user, --s3_endpoint_url with a key in it), so no pattern of names can find them all.
+# Free-form options (experiments, labels, environment_config, resource_hints) are left out: any
+# text can go there.
+BEAM_RECORDED = frozenset({
+    "runner", "project", "region", "zone", "worker_region", "worker_zone", "job_name", "machine_type",
+    "network", "subnetwork", "disk_type", "min_cpu_platform", "flexrs_goal", "autoscaling_algorithm",
+    "environment_type", "direct_running_mode", "pickle_library", "type_check_strictness", "flink_version",
+    "spark_version", "sdk_container_image", "worker_harness_container_image",  # image references hold no password
+    # counts Beam itself parses as numbers
+    "num_workers", "max_num_workers", "disk_size_gb", "number_of_worker_harness_threads", "direct_num_workers",
+    "parallelism", "max_parallelism", "dask_npartitions", "dask_partition_size",
+})
+# Addresses and storage locations: recorded unless they carry credentials (user:password@host, a
+# ?query such as an Azure SAS token or a presigned signature, a #fragment), then <redacted>.
+BEAM_LOCATIONS = frozenset({"temp_location", "staging_location", "job_endpoint", "flink_master", "spark_master_url",
+                            "dask_client_address"})
 
 
 class UsageError(Exception):
@@ -75,6 +93,20 @@ def _threads(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected auto or a number of threads, got {text!r}") from None
 
 
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+
+
+def location(text: str) -> str:
+    """A path or URL of ours (--input, --output, --model, --weights, --aae, --baseline, an audit's
+    directory): refused with credentials in it (``s3://key:secret@bucket/``, ``https://token@host``),
+    which would reach the manifest, the verdict and the report. They belong in --storage-options
+    or the environment, which are never recorded."""
+    if _USERINFO.match(text):
+        raise argparse.ArgumentTypeError("a URL with credentials in it (user:password@host) is refused: "
+                                         "give them in --storage-options or the environment")
+    return text
+
+
 def _slot(text: str) -> str:
     from transforms.history import check_slot
     try:
@@ -83,17 +115,27 @@ def _slot(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class OneSpec(argparse.Action):
+    """--config, given at most once: a second spec would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice; give one spec")
+        setattr(namespace, self.dest, values)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--config", metavar="SPEC", help="audit spec (.toml, .yaml or .yml) giving any of these options; flags given "
-                                         "on the command line override it (docs/spec.md)")
-    add("--input", required=True, help="glob of shards on any fsspec URL (.tar, .parquet, .png/.jpg/.npy)")
-    add("--model", required=True, help="TorchScript file, torch.export .pt2 archive, or module:Callable")
-    add("--weights", help="state dict for --model module:Callable (loaded with weights_only=True)")
+    add("--config", action=OneSpec, metavar="SPEC",
+        help="audit spec (.toml, .yaml or .yml) giving any of these options; flags given on the command line "
+             "override it (docs/spec.md)")
+    add("--input", type=location, required=True, help="glob of shards on any fsspec URL (.tar, .parquet, .png/.jpg/.npy)")
+    add("--model", type=location, required=True, help="TorchScript file, torch.export .pt2 archive, or module:Callable")
+    add("--weights", type=location, help="state dict for --model module:Callable (loaded with weights_only=True)")
     add("--trust-model", action="store_true", help="allow model files that need arbitrary unpickling")
     _add_off_switch(parser, "trust-model")
     add("--methods", default=DEFAULT_METHODS, help=f"comma list of methods (default {DEFAULT_METHODS})")
-    add("--output", required=True, help="output directory (any fsspec URL)")
+    add("--output", type=location, required=True, help="output directory (any fsspec URL)")
     add("--target", type=_target, default="predicted", help="predicted | label | INT (default predicted)")
     add("--batch-size", type=int, default=32, help="images per batch (default 32)")
     add("--limit-per-shard", type=int, metavar="N",
@@ -132,7 +174,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
              "above this (default 0.5)")
     add("--method-options", type=_json_object, default={},
         help='per-method options, e.g. \'{"intg": {"n_steps": 32}}\'')
-    add("--aae", help="adversarial autoencoder for abele")
+    add("--aae", type=location, help="adversarial autoencoder for abele")
     add("--seed", type=int, default=0, help="base seed; each image's seed derives from it and the image id")
     add("--endpoint-options", type=_json_object, default={},
         help="for a --model http(s):// endpoint: max_batch, max_in_flight, rate, timeout, retries, backoff, "
@@ -264,40 +306,55 @@ def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, beam_args
 
 
+@functools.lru_cache(maxsize=1)
+def _own_actions() -> dict[str, argparse.Action]:
+    return run_parser()._option_string_actions
+
+
 def _takes_value(flag: str) -> bool:
     """Whether a known flag reads the next argument (booleans do not); unknown flags are
     assumed to, so that a secret after one is still hidden."""
-    for parser in (run_parser(), beam_option_parser()):
-        action = parser._option_string_actions.get(flag)
+    for actions in (_own_actions(), beam_option_parser()._option_string_actions):
+        action = actions.get(flag)
         if action is not None:
             return action.nargs != 0
     return True
 
 
-def _is_secret_flag(flag: str) -> bool:
-    name = flag.lstrip("-").replace("_", "-").lower()
-    # a prefix spelling is refused by the parsers, but hide its value all the same
-    return (len(name) >= 2 and (_STORAGE_OPTIONS.startswith(name) or _ENDPOINT_OPTIONS.startswith(name))) \
-        or bool(_SECRET_NAME.search(name))
+def carries_credentials(text: str) -> bool:
+    """Whether a URL or address may hold credentials: user:password@host, a ?query (an Azure SAS
+    token, a presigned signature) or a #fragment."""
+    return any(mark in text for mark in "@?#")
+
+
+def recorded_value(flag: str, value: str) -> str:
+    """``value`` as the manifest records it for ``flag``: as given for our own flags (but the
+    free-form JSON ones) and for the Beam options on the allow-list; <redacted> for any other
+    flag, a prefix spelling or a flag of no parser included."""
+    if flag in _own_actions():
+        return REDACTED if flag in _FREE_FORM else value
+    action = beam_option_parser()._option_string_actions.get(flag)
+    names = {f[2:] for f in action.option_strings} if action is not None else set()
+    if names & BEAM_RECORDED or (names & BEAM_LOCATIONS and not carries_credentials(value)):
+        return value
+    return REDACTED
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """The command line with the value of --storage-options and of every flag named like a
-    secret (key, secret, token, password, credential) replaced by <redacted>, in both the
-    ``--flag VALUE`` and ``--flag=VALUE`` forms (for the manifest)."""
+    """The command line as the manifest records it: every flag's value through recorded_value,
+    in both the ``--flag VALUE`` and ``--flag=VALUE`` forms."""
     out: list[str] = []
-    hide_next = False
+    pending = None  # a flag whose value is the next argument
     for token in argv:
-        if hide_next and not token.startswith("--"):
-            out.append(REDACTED)
-            hide_next = False
+        if pending is not None and not token.startswith("--"):
+            out.append(recorded_value(pending, token))
+            pending = None
             continue
-        hide_next = False
-        flag, eq, _ = token.partition("=")
-        if token.startswith("-") and _is_secret_flag(flag):
-            if eq:
-                token = f"{flag}={REDACTED}"
-            else:
-                hide_next = _takes_value(flag)
+        pending = None
+        flag, eq, value = token.partition("=")
+        if token.startswith("-") and eq:
+            token = f"{flag}={recorded_value(flag, value)}"
+        elif token.startswith("-") and _takes_value(flag):
+            pending = flag
         out.append(token)
     return out

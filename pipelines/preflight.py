@@ -223,6 +223,16 @@ def first_sample(shards: list[str], prep: Preprocessing, storage_options: dict) 
     return None
 
 
+def check_metric_steps(config: ExplainConfig, size: tuple[int, int], image_id: str) -> None:
+    """Deletion and insertion change at least one pixel of the model input per step: more steps
+    than it has pixels would fail on every image, after the job started."""
+    pixels = size[0] * size[1]
+    if config.metrics and config.metric_steps is not None and config.metric_steps > pixels:
+        raise UsageError(f"--metric-steps {config.metric_steps} is more than the {pixels} pixels of the model input "
+                         f"({size[0]}x{size[1]}, sample image {image_id}); deletion and insertion change at least "
+                         f"one pixel per step: use at most {pixels}")
+
+
 def check_forward_only(spec: ModelSpec, methods: list[str], sanity_check: bool) -> None:
     """A black box (an ONNX file, an endpoint) answers forward passes only: the methods that need
     its gradients, and the sanity check (which randomises its layers), fail here in one line."""
@@ -265,6 +275,7 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
     if sample is None:
         return report  # nothing decodable up front: every record will reach errors/ with its reason
     image_id, image = sample
+    check_metric_steps(config, tuple(image.shape[-2:]), image_id)
     image = image.to(loaded.device)
     graph_input = getattr(loaded.model, "input", None)  # an ONNX graph's own input spec
     problem = graph_input.problem(tuple(image.shape)) if graph_input is not None else None

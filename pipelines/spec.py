@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 from pipelines import gates
 from pipelines.options import (
-    DEFAULT_METHODS, REDACTED, UsageError, _closest, _is_secret_flag, _OneLineParser, _takes_value,
-    beam_option_parser, parse_run_args, range_problem, run_parser)
+    DEFAULT_METHODS, REDACTED, OneSpec, UsageError, _closest, _OneLineParser, _takes_value, beam_option_parser,
+    carries_credentials, parse_run_args, range_problem, recorded_value, run_parser)
 
 MAX_BYTES = 1 << 20  # a spec is a page of settings; anything bigger is a mistake or hostile
 MAX_DEPTH = 8        # deepest real use: explain.options.lime.segmentation_options.KEY (5)
@@ -261,10 +261,37 @@ def _parse_toml(text: str) -> Any:
         raise _Bad(_one_line(str(e).replace("(at end of document)", end))) from None
 
 
+@functools.lru_cache(maxsize=1)
+def _unique_key_loader() -> type:
+    """yaml.SafeLoader that refuses a key given twice in one mapping: safe_load keeps the last and
+    silently drops the first (a second ``gates:`` table would replace the first), TOML refuses it.
+    Keys a ``<<`` merge brings in may still be overridden, as in safe_load."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: SafeLoader's own error reports it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def _parse_yaml(text: str) -> Any:
     import yaml
     try:
-        return yaml.safe_load(text)  # plain values only: a python/* tag is refused, never run
+        return yaml.load(text, Loader=_unique_key_loader())  # plain values only: a python/* tag is refused
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" (at line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -430,19 +457,26 @@ def _beam_tokens(name: str, action: argparse.Action, value: Any) -> list[str]:
 
 # --- the command line -----------------------------------------------------------------------
 
-def _config_and_methods(argv: list[str]) -> argparse.Namespace:
+def _command_line(argv: list[str]) -> argparse.Namespace:
+    """What the command line says of the spec: --config, a --methods that picks the spec's method
+    options, and --incremental/--no-incremental (None: neither)."""
     parser = _OneLineParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--config")
+    parser.add_argument("--config", action=OneSpec)
     parser.add_argument("--methods")
+    parser.add_argument("--incremental", action="store_true", default=None)
+    parser.add_argument("--no-incremental", dest="incremental", action="store_false")
     return parser.parse_known_args(argv)[0]
 
 
 def parse_invocation(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """``parse_run_args`` with --config: the spec's flags first, so the command line's override
     them. Raises UsageError for a bad spec or command line."""
-    given = _config_and_methods(argv)
+    given = _command_line(argv)
     if given.config is not None:
-        argv = [*spec_arguments(load(given.config), given.config, given.methods), *argv]
+        from_spec = spec_arguments(load(given.config), given.config, given.methods)
+        if given.incremental is False:  # --no-incremental turns the spec's history off, its slot with it
+            from_spec = [token for token in from_spec if not token.startswith("--slot=")]
+        argv = [*from_spec, *argv]
     return parse_run_args(argv)
 
 
@@ -450,8 +484,9 @@ def parse_invocation(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def resolved(args: argparse.Namespace, beam_args: list[str]) -> dict[str, Any]:
     """The spec the run used, after the command line's overrides: every key of SCHEMA that has a
-    value and the Beam options given, secrets as <redacted>. Fed back as a spec, it runs the same
-    audit (unless a secret was redacted)."""
+    value and the Beam options given, anything that may be a secret as <redacted> (storage and
+    endpoint options, Beam options off the allow-list, credentials in method options). Fed back
+    as a spec, it runs the same audit (unless something was redacted)."""
     actions = _flags()._option_string_actions
     out: dict[str, Any] = {}
     for table, keys in SCHEMA.items():
@@ -469,18 +504,32 @@ def resolved(args: argparse.Namespace, beam_args: list[str]) -> dict[str, Any]:
                 value = list(value)
             if key.secret and value:
                 value = REDACTED
-            out.setdefault(table, {})[name] = redact_secrets(value)
+            elif (table, name) == METHOD_OPTIONS:
+                value = recorded_method_options(value)
+            out.setdefault(table, {})[name] = value
     beam = _beam_table(beam_args)
     if beam:
         out[BEAM] = beam
     return out
 
 
-def redact_secrets(value: Any) -> Any:
-    """Values of keys named like secrets (key, token, storage_options, ...) in nested tables."""
+def recorded_method_options(value: Any) -> Any:
+    """Method options as the manifest records them. They are the explainers' own parameters
+    (preflight refuses any other): numbers, names, a layer, abele's aae path, so they are kept;
+    but abele's storage_options (fsspec credentials) and any text carrying credentials (a URL
+    with user:password@ or a ?query) read <redacted>."""
     if isinstance(value, dict):
-        return {k: REDACTED if _is_secret_flag(str(k)) else redact_secrets(v) for k, v in value.items()}
-    return value
+        return {k: REDACTED if k == "storage_options" else recorded_method_options(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [recorded_method_options(v) for v in value]
+    return REDACTED if isinstance(value, str) and carries_credentials(value) else value
+
+
+def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's own options for the manifest: storage and endpoint options left out (they hold
+    credentials), method options as recorded_method_options keeps them."""
+    return {name: recorded_method_options(value) if name == "method_options" else value
+            for name, value in vars(args).items() if name not in ("storage_options", "endpoint_options")}
 
 
 def _beam_table(beam_args: list[str]) -> dict[str, Any]:
@@ -491,9 +540,10 @@ def _beam_table(beam_args: list[str]) -> dict[str, Any]:
             continue  # parse_run_args refuses stray values
         flag, eq, value = token.partition("=")
         if not eq:
-            value = next(tokens, "") if _takes_value(flag) else True
+            value = next(tokens, "") if _takes_value(flag) else True  # a switch: no value to hide
+        if value is not True:
+            value = recorded_value(flag, value)  # by the allow-list of Beam options (pipelines.options)
         name = flag[2:]
-        value = REDACTED if _is_secret_flag(flag) else value
         if _repeats(beam_option_parser()._option_string_actions.get(flag)):
             table.setdefault(name, []).append(value)
         else:

@@ -30,17 +30,20 @@ class Endpoint:
     """The reference CNN behind KServe v2 (/v2/models/cnn) and plain JSON (/predict), with faults:
     every ``fail_every``-th inference answers 429 or 500 in turn, every ``slow_every``-th waits
     ``slow_s``, an image whose pixels sum to ``poison`` always gets a 500, ``garbage`` answers
-    that are not logits."""
+    that are not logits, ``trickle_headers`` sends its status and header lines a few bytes at a
+    time, and ``redeployed_classes`` K answers K classes once a second client has read the
+    metadata (a redeploy between preflight and the job's workers)."""
 
     def __init__(self, **faults):
         self.model = mnist_cnn()
         self.model.load_state_dict(torch.load(DEMO_DATA / "mnist_cnn.pt", weights_only=True))
         self.model.eval()
         self.faults = {"fail_every": 0, "slow_every": 0, "slow_s": 0.0, "poison": None, "garbage": False,
-                       "token": None, "probabilities": False, "redirect": None, "trickle": False, **faults}
+                       "token": None, "probabilities": False, "redirect": None, "trickle": False,
+                       "trickle_headers": False, "redeployed_classes": None, **faults}
         self.seen: list[dict] = []
         self.lock = threading.Lock()
-        self.posts = self.refused = 0
+        self.posts = self.refused = self.gets = 0
         self.authorised = set()
         endpoint = self
 
@@ -51,6 +54,8 @@ class Endpoint:
             def do_GET(self):
                 if self.path.rstrip("/") != "/v2/models/cnn":
                     return self.answer(404, {"error": "no such model"})
+                with endpoint.lock:
+                    endpoint.gets += 1
                 self.answer(200, {"name": "cnn", "versions": ["7"], "platform": "pytorch",
                                   "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
                                   "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]})
@@ -64,6 +69,8 @@ class Endpoint:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if endpoint.faults["trickle_headers"]:
+                    return self.trickle_headers()
                 status, answer = endpoint.infer(self.path, body, self.headers.get("Authorization"))
                 if endpoint.faults["trickle"]:  # a whole answer, one byte every 0.2 s
                     data = json.dumps(answer).encode()
@@ -76,6 +83,19 @@ class Endpoint:
                         time.sleep(0.2)
                     return
                 self.answer(status, answer)
+
+            def trickle_headers(self):
+                """The status line 2 bytes every 0.1 s, then a header line every 0.5 s for 40 s: each
+                read gets something well within any timeout, the headers never end in time."""
+                try:
+                    for k in range(0, 17, 2):
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\n"[k:k + 2])
+                        time.sleep(0.1)
+                    for k in range(80):
+                        self.wfile.write(f"X-Wait-{k}: {k}\r\n".encode())
+                        time.sleep(0.5)
+                except OSError:  # the client hung up: what a timeout should make it do
+                    pass
 
             def answer(self, status, body):
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -120,6 +140,8 @@ class Endpoint:
             return 200, b"<html>not json</html>"
         with torch.no_grad():
             out = self.model(images)
+        if f["redeployed_classes"] and self.gets >= 2:  # extra classes, winning every image
+            out = torch.cat([out, torch.full((len(out), f["redeployed_classes"] - out.shape[1]), 100.0)], dim=1)
         if f["probabilities"]:
             out = torch.softmax(out, dim=1)
         if path == "/predict":
@@ -312,3 +334,70 @@ def test_credentials_in_the_url_are_refused_without_echoing_them(url, tmp_path, 
     assert audit.main(argv) == 2
     line = one_line(capsys)
     assert "pw" not in line.split("127.0.0.1")[0] and "k1" not in line
+
+
+SECRET = "tok-SECRET-123"
+
+
+def leaked_anywhere(secret: str, root, *texts: str) -> list[str]:
+    """Where ``secret`` appears: in the texts, or in the raw bytes of any file under ``root``."""
+    found = [f"text {k}" for k, text in enumerate(texts) if secret in text]
+    return found + [str(path) for path in root.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
+
+
+@pytest.mark.parametrize("how,value,named", [
+    ("token", SECRET + "\n", "SALIENCY_AUDIT_ENDPOINT_TOKEN"),
+    ("header", f"Bearer {SECRET}\r\n", "Authorization"),
+    ("header", f"{SECRET}\x00more", "Authorization"),
+])
+def test_a_header_with_a_control_character_fails_in_one_line_that_hides_it(endpoint, tmp_path, monkeypatch, capsys,
+                                                                          caplog, how, value, named):
+    """http.client would refuse it with an error that quotes the value: b'Bearer tok...\\n'."""
+    options = {"retries": 0}
+    if how == "token":
+        monkeypatch.setenv("SALIENCY_AUDIT_ENDPOINT_TOKEN", value)
+    else:
+        options["headers"] = {"Authorization": value}
+    argv = audit_args(["--model", f"{endpoint.base}/v2/models/cnn"], tmp_path / "out", "--endpoint-options",
+                      json.dumps(options), methods="occlusion")
+    assert audit.main(argv) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err) == 1 and named in err[0] and "control character" in err[0], err
+    assert not leaked_anywhere(SECRET, tmp_path, captured.out, captured.err, caplog.text)
+
+
+def test_an_error_sending_a_request_never_carries_a_secret(endpoint, monkeypatch):
+    """A worker's own environment may hold a token the launcher's preflight never saw: whatever
+    the HTTP library raises about it is scrubbed of it, in every form (text, repr, bytes)."""
+    from transforms.endpoint_model import EndpointModel, EndpointOptions, ModelCallError
+    model = EndpointModel(f"{endpoint.base}/v2/models/cnn", EndpointOptions.parse({"retries": 0}))
+    monkeypatch.setenv("SALIENCY_AUDIT_ENDPOINT_TOKEN", SECRET + "\n")
+    with pytest.raises(ModelCallError) as raised:
+        model(torch.zeros(1, 1, 28, 28))
+    assert SECRET not in str(raised.value) and "control character" in str(raised.value)
+
+
+@pytest.mark.parametrize("endpoint", [{"redeployed_classes": 12}], indirect=True)
+def test_answers_with_another_class_count_than_preflights_cost_their_records(endpoint, tmp_path):
+    out = tmp_path / "out"
+    manifest = audit.run(audit_args(["--model", f"{endpoint.base}/v2/models/cnn"], out, "--endpoint-options",
+                                    json.dumps({"retries": 0}), methods="occlusion"))
+    assert endpoint.gets >= 2  # preflight's client, then the workers'
+    assert manifest["model"]["num_classes"] == 10
+    assert manifest["counts"]["occlusion"] == {"read": IMAGES, "explained": 0, "errors": IMAGES}
+    errors = read_output(out / "errors")
+    assert len(errors) == IMAGES and all(e["stage"] == "model" and "10" in e["reason"] for e in errors), errors
+
+
+@pytest.mark.parametrize("endpoint", [{"trickle_headers": True}], indirect=True)
+def test_headers_that_trickle_in_are_cut_off_at_the_timeout(endpoint):
+    """urllib's timeout is per socket read: a server that sends a header line every 0.5 s would hold
+    the request for 40 s. The timeout bounds the whole exchange."""
+    from transforms.endpoint_model import EndpointModel, EndpointOptions, ModelCallError
+    timeout = 2
+    model = EndpointModel(f"{endpoint.base}/v2/models/cnn", EndpointOptions.parse({"retries": 0, "timeout": timeout}))
+    start = time.monotonic()
+    with pytest.raises(ModelCallError, match=f"no whole answer within {timeout} s"):
+        model(torch.zeros(1, 1, 28, 28))
+    assert time.monotonic() - start < timeout * 2 + 1

@@ -328,9 +328,16 @@ def test_a_baseline_that_is_not_an_audit(audits, tmp_path, capsys):
         assert cli.main(["check", str(audits.changed), "--baseline", str(tmp_path / folder)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "baseline" in err and folder in err
+    # gone by the time a run that was checked against it is published: the check fails (1), in a
+    # verdict of the run saying why; the run is published, so it is no usage error (2)
+    published = _copy(audits.changed, tmp_path / "published")
+    manifest = json.loads((published / "manifest.json").read_text())
+    manifest["options"]["output"] = str(published)
     args = SimpleNamespace(gates=None, baseline=str(tmp_path / "empty"))
-    manifest = json.loads((audits.changed / "manifest.json").read_text())
-    assert gates.decide(manifest, args, None) == 2
+    assert gates.decide(manifest, args, None) == 1
+    verdict = verdict_of(published)
+    assert verdict["status"] == "fail" and "empty: no manifest.json" in verdict["error"]
+    assert verdict["audit"]["run_id"] == manifest["run_id"]
 
 
 @pytest.mark.parametrize("text, key", [
@@ -375,14 +382,14 @@ def test_report_leads_with_the_verdict(audits):
 
 def test_report_shows_a_hostile_verdict_as_text(audits, tmp_path):
     copy = _copy(audits.same, tmp_path / "hostile")
+    run_id = json.loads((copy / "manifest.json").read_text())["run_id"]  # of this run: shown, as text
     (copy / "verdict.json").write_text(json.dumps({
-        "status": "<script>alert(1)</script>", "failed": 7, "audit": {"run_id": "other"},
+        "status": "<script>alert(1)</script>", "failed": 7, "audit": {"run_id": run_id},
         "gates": [{"name": "<b>ndcg</b>", "method": ["x"], "value": "NaN", "threshold": {"a": 1},
                    "status": "fail", "worst_images": ["<img src=x onerror=alert(1)>"], "reason": 3}, "junk", 7]}))
     page = Report(AuditDir(str(copy))).html()
     assert "<script>alert" not in page and "<img src=x" not in page and "<b>ndcg" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
-    assert "not of the run this report shows" in page
     (copy / "verdict.json").write_text("[1]")
     assert "not a verdict" in Report(AuditDir(str(copy))).html()
 
@@ -495,4 +502,225 @@ def test_control_maps_are_not_judged():
         def control(method):
             return method in ("random", "sobel")
 
-    assert Side(Audit(), {("a", "grad"): {}, ("a", "random"): {}}).methods == ["grad"]
+        @staticmethod
+        def scan(name, columns):
+            return iter(())
+
+    assert Side(Audit()).methods == ["grad"]
+
+
+# --- round three: verdicts and exit codes that mean what the docs say ----------------------------
+
+def _cheap_run(audits, output: Path, *extra: str) -> int:
+    """A real run of the 12 digits with one cheap method, into ``output``."""
+    return audit.main(["--input", str(audits.root / "shards" / "sample.tar"), *MODEL, "--weights",
+                       str(DEMO_DATA / "mnist_cnn.pt"), "--methods", "sal", "--batch-size", "12",
+                       "--metric-steps", "4", "--output", str(output), *extra])
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _copy_with_verdict(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    return to
+
+
+def test_an_ungated_run_leaves_no_verdict_of_the_run_before(audits, tmp_path):
+    out = _copy_with_verdict(audits.same, tmp_path / "out")
+    assert verdict_of(out)["status"] == "pass"  # the earlier, gated run's
+    assert _cheap_run(audits, out) == 0
+    assert not (out / "verdict.json").exists()  # removed with the publication of the run after it
+    assert "Gates:" not in Report(AuditDir(str(out))).html()
+    assert _manifest(out)["verdict"] is None  # this run has no gates: no verdict belongs to it
+
+
+def test_a_run_whose_gates_crash_fails_with_its_own_verdict(audits, tmp_path, monkeypatch, capsys):
+    out = _copy_with_verdict(audits.same, tmp_path / "out")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(gates, "evaluate", crash)
+    assert _cheap_run(audits, out, "--gate", "error_rate=0.1") == 1  # published, and the check failed
+    verdict, manifest = verdict_of(out), _manifest(out)
+    assert manifest["verdict"] == "verdict.json"
+    assert verdict["audit"]["run_id"] == manifest["run_id"]
+    assert verdict["status"] == "fail" and "disk on fire" in verdict["error"]
+    assert "disk on fire" in capsys.readouterr().out
+
+
+def test_report_ignores_a_verdict_of_another_run(audits, tmp_path):
+    copy = _copy_with_verdict(audits.changed, tmp_path / "stale")
+    verdict = verdict_of(copy)
+    assert verdict["status"] == "fail"
+    verdict["audit"]["run_id"] = "20200101T000000-00000000"
+    (copy / "verdict.json").write_text(json.dumps(verdict))
+    page = Report(AuditDir(str(copy))).html()
+    assert "Gates: FAIL" not in page and "not of the run this report shows" in page
+    assert verdict["gates"][0]["reason"] not in page
+
+
+def test_an_asked_for_gate_that_cannot_be_judged_fails_the_run(audits, tmp_path, capsys):
+    config = tmp_path / "gates.toml"
+    config.write_text("[gates]\nsanity = true\nerror_rate = 0.1\n")  # sanity asked for; the run has no sanity check
+    out = tmp_path / "out"
+    assert _cheap_run(audits, out, "--config", str(config)) == 1
+    printed = capsys.readouterr().out
+    g = only(verdict_of(out), "sanity")
+    assert g["status"] == "fail" and "cannot be judged" in g["reason"] and "not run" in g["reason"]
+    assert verdict_of(out)["failed"] == ["sanity"]
+    assert "gate sanity FAILED" in printed and "verdict: fail" in printed and "cannot be judged" in printed
+
+
+def _nan_deletion(folder: Path) -> None:
+    for f in _manifest(folder)["files"]["saliency"]:
+        table = pq.read_table(folder / f)
+        nan = pa.array(np.full(table.num_rows, np.nan, np.float32))
+        pq.write_table(table.set_column(table.schema.get_field_index("deletion_auc"), "deletion_auc", nan), folder / f)
+
+
+def test_asked_for_faithfulness_on_nan_metrics_fails_and_defaults_stay_skipped(audits, tmp_path, capsys):
+    broken = _copy(audits.same, tmp_path / "nan")
+    _nan_deletion(broken)
+    default = evaluate(broken, audits.baseline, error_rate=0.1)
+    assert only(default, "deletion_vs_random", "sal")["status"] == "skipped"  # on by default only
+    asked = evaluate(broken, audits.baseline, error_rate=0.1, deletion_vs_random=0.8)
+    g = only(asked, "deletion_vs_random", "sal")
+    assert g["status"] == "fail" and g["value"] is None and "cannot be judged" in g["reason"]
+    assert "deletion_vs_random" in asked["failed"] and asked["status"] == "fail"
+    assert only(asked, "deletion_rise", "sal")["status"] == "skipped"
+    assert cli.main(["check", str(broken), "--gate", "deletion_vs_random=on", "--verdict",
+                     str(tmp_path / "v.json")]) == 1
+    assert "gate deletion_vs_random[sal] FAILED" in capsys.readouterr().out
+
+
+def test_asked_for_accuracy_drop_without_shared_labels_fails(audits, tmp_path):
+    unlabelled = _copy(audits.baseline, tmp_path / "unlabelled")
+    for f in _manifest(unlabelled)["files"]["saliency"]:
+        table = pq.read_table(unlabelled / f)
+        index = table.schema.get_field_index("label")
+        field = table.schema.field(index)
+        table = table.set_column(index, field, pa.nulls(table.num_rows, field.type))
+        pq.write_table(table, unlabelled / f)
+    assert only(evaluate(audits.same, unlabelled), "accuracy_drop")["status"] == "skipped"
+    g = only(evaluate(audits.same, unlabelled, accuracy_drop=1.0), "accuracy_drop")
+    assert g["status"] == "fail" and "no labelled image in both audits" in g["reason"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "no maps"])
+def test_a_bad_baseline_is_refused_before_the_run(audits, tmp_path, capsys, damage):
+    base = _copy(audits.baseline, tmp_path / "base")
+    part = base / _manifest(base)["files"]["saliency"][0]
+    if damage == "truncated":
+        part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    elif damage == "missing":
+        part.unlink()
+    else:
+        pq.write_table(pq.read_table(part).drop_columns(["saliency"]), part)
+    out = tmp_path / "out"
+    assert _cheap_run(audits, out, "--baseline", str(base)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--baseline" in err and part.name in err
+    assert not out.exists()  # nothing ran, nothing published
+    assert cli.main(["check", str(audits.same), "--baseline", str(base)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and part.name in err
+
+
+@pytest.mark.parametrize("top_k", ["1e300", "784"])
+def test_a_top_k_of_every_pixel_is_refused(audits, tmp_path, capsys, top_k):
+    out = tmp_path / "out"
+    assert _cheap_run(audits, out, "--baseline", str(audits.baseline), "--gate", f"top_k={top_k}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "top_k" in err and "784" in err
+    assert not out.exists()
+    assert cli.main(["check", str(audits.changed), "--baseline", str(audits.baseline), "--gate", f"top_k={top_k}",
+                     "--verdict", str(tmp_path / "v.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "top_k" in err and "784" in err
+    assert cli.main(["check", str(audits.same), "--baseline", str(audits.baseline), "--gate", "top_k=783",
+                     "--gate", "error_rate=0.1", "--verdict", str(tmp_path / "v.json")]) == 0
+
+
+def _swapped_shard(directory: Path, n_images: int, swapped: int) -> Path:
+    """The sample shard's ids with other digits (and their labels) under the first ``swapped`` of them."""
+    import tarfile
+    from conftest import add_member
+    directory.mkdir(parents=True)
+    with tarfile.open(DEMO_DATA / "mnist-test-sample.tar") as src:
+        data = {m.name: src.extractfile(m).read() for m in src.getmembers()[: 2 * (n_images + 50)]}
+    path = directory / "sample.tar"
+    with tarfile.open(path, "w") as dst:
+        for i in range(n_images):
+            source = f"mnist-test-{i + 50 if i < swapped else i:06d}"
+            for ext in ("png", "cls"):
+                add_member(dst, f"mnist-test-{i:06d}.{ext}", data[f"{source}.{ext}"])
+    return path
+
+
+def _with_content_hashes(folder: Path, shard: Path) -> None:
+    """Add content_sha256 (sha256 of each image's bytes in the shard) where the job did not write it."""
+    import hashlib
+    import tarfile
+    with tarfile.open(shard) as tar:
+        digest = {m.name.rsplit(".", 1)[0]: hashlib.sha256(tar.extractfile(m).read()).hexdigest()
+                  for m in tar.getmembers() if m.name.endswith(".png")}
+    for f in _manifest(folder)["files"]["saliency"]:
+        table = pq.read_table(folder / f)
+        if "content_sha256" not in table.column_names:
+            hashes = [digest.get(i) for i in table.column("image_id").to_pylist()]
+            pq.write_table(table.append_column("content_sha256", pa.array(hashes, pa.string())), folder / f)
+
+
+def test_a_baseline_with_other_images_under_the_same_ids_is_not_blamed_on_the_model(audits, tmp_path, capsys):
+    shard = _swapped_shard(tmp_path / "shards", N_IMAGES, swapped=4)
+    other = tmp_path / "other"
+    assert audit.main(["--input", str(shard), *MODEL, "--weights", str(DEMO_DATA / "mnist_cnn.pt"), *JOB,
+                       "--output", str(other)]) == 0
+    mine = _copy(audits.same, tmp_path / "mine")
+    _with_content_hashes(mine, audits.root / "shards" / "sample.tar")
+    _with_content_hashes(other, shard)
+    swapped = [f"mnist-test-{i:06d}" for i in range(4)]
+    verdict = evaluate(mine, other, drift_quantile=0.1, error_rate=0.1)
+    assert verdict["unshared_content"]["images"] == 4
+    assert verdict["unshared_content"]["examples"] == swapped
+    for name in ("rank_correlation", "top_k_overlap", "ndcg"):
+        for method in ("sal", "grad"):
+            assert only(verdict, name, method)["status"] == "pass", only(verdict, name, method)
+    assert "over 8 of 8 shared image(s)" in only(verdict, "rank_correlation", "sal")["reason"]
+    assert only(verdict, "shared_images")["value"] == pytest.approx(8 / 12)
+    assert set(only(verdict, "shared_images")["worst_images"]) == set(swapped)
+    assert verdict["status"] == "pass"
+    assert cli.main(["check", str(mine), "--baseline", str(other), "--gate", "drift_quantile=0.1",
+                     "--gate", "error_rate=0.1", "--verdict", str(tmp_path / "v.json")]) == 0
+    assert "unshared content: 4 image(s)" in capsys.readouterr().out
+    # an older audit without content hashes is compared by id, as before: the other digits look like drift
+    for f in _manifest(other)["files"]["saliency"]:
+        pq.write_table(pq.read_table(other / f).drop_columns(["content_sha256"]), other / f)
+    by_id = evaluate(mine, other, drift_quantile=0.1, error_rate=0.1)
+    assert by_id["unshared_content"] is None
+    assert only(by_id, "rank_correlation", "sal")["status"] == "fail"
+
+
+def test_the_gates_never_hold_an_audits_rows(tmp_path, monkeypatch):
+    """``check`` scans an audit a record batch of a few columns at a time: the Python heap's peak
+    (tracemalloc, which sees numpy's buffers too) while the gates judge 20,000 rows is about that of
+    2,000 rows, not ten times it (gates.Side held every row as a dict)."""
+    import sys
+    import tracemalloc
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from report_check_memory import build_audit
+    from pipelines.reporting import audit_dir
+    monkeypatch.setattr(audit_dir, "BATCH_ROWS", 500, raising=False)
+    peaks = {}
+    for rows in (2_000, 20_000):
+        folder = AuditDir(str(build_audit(tmp_path / str(rows), rows)))
+        tracemalloc.start()
+        verdict = gates.evaluate(folder, None, [("deletion_vs_random", 10.0), ("error_rate", 0.5)])
+        peaks[rows] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert only(verdict, "deletion_vs_random", "sal")["status"] == "pass"
+        assert only(verdict, "error_rate", "sal")["status"] == "pass"
+    assert peaks[20_000] < 1.5 * peaks[2_000], peaks

@@ -132,7 +132,7 @@ def test_single_channel_mask_modes_nonzero_is_inside(tmp_path, mode):
     values = np.zeros((SIDE, SIDE), dtype=np.uint8)
     values[5:9, 2:30] = 1
     image = Image.fromarray(values * 255).convert("1") if mode == "1" else \
-        Image.fromarray(values.astype(np.uint16) * 300, "I;16") if mode == "I;16" else Image.fromarray(values, mode)
+        Image.fromarray(values.astype(np.uint16) * 300) if mode == "I;16" else Image.fromarray(values, mode)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     url = write_tar(tmp_path / "s.tar", [("a.png", png_bytes(PLAIN)), ("a.mask.png", buffer.getvalue())])

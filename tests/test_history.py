@@ -328,6 +328,21 @@ def test_other_weights_explain_everything_again_in_their_own_partition(options_h
     assert set(per_key.values()) == {len(everything)}
 
 
+def test_maps_carry_the_method_fingerprint_that_tells_option_changes_apart(options_history):
+    """intg with default options (slot 3) and with n_steps 8 (slot 4): both sets of maps are in
+    the history, each image twice for intg, told apart by the fingerprint the history recorded."""
+    runs, out = options_history["runs"], options_history["out"]
+    rows = history.saliency_dataset(str(out)).to_table(
+        columns=["image_id", "method", "method_fingerprint", "run"], filter=ds.field("method") == "intg").to_pylist()
+    recorded = {r["run_id"]: {m["method"]: m["fingerprint"] for m in r["methods"]} for r in history.read(str(out))}
+    expected = {runs[name]["incremental"]["fingerprints"]["intg"] for name in ("intg", "intg8")}
+    assert len(expected) == 2 and {r["method_fingerprint"] for r in rows} == expected
+    assert all(r["method_fingerprint"] == recorded[r["run"]]["intg"] for r in rows)
+    everything = set(options_history["a"]) | set(options_history["b"])
+    per_fingerprint = collections.Counter((r["method_fingerprint"], r["image_id"]) for r in rows)
+    assert per_fingerprint == {(fp, i): 1 for fp in expected for i in everything}
+
+
 @pytest.mark.parametrize("change", [["--seed", "1"], ["--target", "label"]])
 def test_another_seed_or_target_needs_every_pair_again(options_history, change):
     """The plan, not a run: every shard to read with every method, and no recorded file whose ids

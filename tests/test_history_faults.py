@@ -4,8 +4,11 @@ no recorded result is lost, no run's rows are mixed into another's, and no image
 the word of a row that cannot be trusted."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -20,7 +23,8 @@ import pytest
 
 from conftest import DEMO_DATA, REPO, add_member, moto_s3
 from pipelines import audit
-from transforms import history, publication
+from transforms import history, publication, storage
+from transforms.publication import RUNS
 from transforms.skip_explained import SkipExplained
 
 MODEL = ["--model", "pipelines.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
@@ -140,7 +144,8 @@ def test_a_recorded_run_whose_maps_are_gone_is_explained_again(root, seeded, sha
     assert any("missing" in m and "a.parquet" in m for m in caplog.messages)
     # the history still names run a, so reclaim keeps what is left of it
     assert seeded[1]["run_id"] in run_folders(root)
-    assert history.recorded_runs(str(root)) == {r["run_id"] for r in history.read(str(root))} | {seeded[1]["run_id"]}
+    recorded = history.recorded_runs(str(root)).runs
+    assert recorded == {r["run_id"] for r in history.read(str(root))} | {seeded[1]["run_id"]}
 
 
 def test_missing_history_file_costs_its_ids_not_the_run(root, seeded, shards, tmp_path, monkeypatch, caplog):
@@ -227,7 +232,8 @@ def test_concurrent_runs_of_two_slots_and_of_one_slot(root, seeded, shards):
     assert json.loads((root / "manifest.json").read_text())["run_id"] in ids
     assert {seeded[1]["run_id"], ids[0], rows["c"]["run_id"]} <= run_folders(root)  # none removed
 
-    maps = history.saliency_dataset(str(root)).to_table(columns=["image_id", "saliency", "run"]).to_pylist()
+    maps = history.saliency_dataset(str(root), superseded=True).to_table(
+        columns=["image_id", "saliency", "run"]).to_pylist()
     by_image: dict[str, list[dict]] = {}
     for m in maps:
         by_image.setdefault(m["image_id"], []).append(m)
@@ -401,3 +407,172 @@ def test_history_command_reports_a_storage_failure_in_one_line(monkeypatch, caps
     assert cli.main(["history", str(tmp_path)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "Unable to locate credentials" in err[0]
+
+
+# --- trust round three: content hashes, unreadable history files -------------------------------
+
+def under_ids_of(images: Path, ids: Path) -> bytes:
+    """A tar of the digits (png and label) of ``images`` under the member names of ``ids``."""
+    with tarfile.open(images) as src, tarfile.open(ids) as names:
+        members = [(n.name, src.extractfile(m).read()) for n, m in zip(names.getmembers(), src.getmembers())]
+    sink = io.BytesIO()
+    with tarfile.open(fileobj=sink, mode="w") as dst:
+        for name, data in members:
+            add_member(dst, name, data)
+    return sink.getvalue()
+
+
+def png_hashes(tar: bytes) -> dict[str, str]:
+    """image id -> sha256 of its png member."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        return {m.name[:-len(".png")]: hashlib.sha256(t.extractfile(m).read()).hexdigest()
+                for m in t.getmembers() if m.name.endswith(".png")}
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """New bytes in the same inode, its mtime set back (cp -p, rsync -t and tar -x do that)."""
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def current_maps(root: Path | str, storage_options=None, **kw) -> dict[str, tuple[str, str]]:
+    """image id -> (content_sha256, run) of the maps saliency_dataset gives (one per id: sal only)."""
+    rows = history.saliency_dataset(str(root), storage_options, **kw).to_table(
+        columns=["image_id", "content_sha256", "run"]).to_pylist()
+    found = {r["image_id"]: (r["content_sha256"], r["run"]) for r in rows}
+    assert len(found) == len(rows), rows
+    return found
+
+
+def test_each_reader_records_the_sha256_of_the_image_bytes_it_read(shards, tmp_path):
+    from transforms.readers import read_shard
+    tar = (shards / "x.tar").read_bytes()
+    expected = png_hashes(tar)
+    pngs = {}
+    with tarfile.open(shards / "x.tar") as t:
+        for m in t.getmembers():
+            if m.name.endswith(".png"):
+                pngs[m.name[:-4]] = t.extractfile(m).read()
+    pq.write_table(pa.table({"image_id": list(pngs), "image": list(pngs.values())}), tmp_path / "x.parquet")
+    first = next(iter(pngs))
+    (tmp_path / f"{first}.png").write_bytes(pngs[first])
+    for url, ids in [(shards / "x.tar", list(pngs)), (tmp_path / "x.parquet", list(pngs)),
+                     (tmp_path / f"{first}.png", [f"{first}.png"])]:
+        records = list(read_shard(str(url)))
+        assert [r.image_id for r in records] == ids, url
+        assert [r.content_sha256 for r in records] == [expected[i.removesuffix(".png")] for i in ids], url
+
+
+def test_a_shard_rewritten_in_place_with_other_images_under_the_same_ids_is_explained_again(root, seeded, shards,
+                                                                                             tmp_path):
+    """x.tar at a new place (read: its ids skip through run a), then rewritten in place with y's
+    digits under x's ids, same size, mtime set back: the new digits are explained, and the
+    history's current maps are theirs (run a's stay reachable as superseded)."""
+    path = tmp_path / "in" / "x.tar"
+    path.parent.mkdir()
+    shutil.copy(shards / "x.tar", path)
+    first = audit.run(audit_args(root, path, "b"))
+    assert first["counts"]["sal"]["skipped"] == PER_SHARD
+    new = under_ids_of(shards / "y.tar", shards / "x.tar")
+    assert len(new) == path.stat().st_size
+    rewrite_in_place(path, new)
+    again = audit.run(audit_args(root, path, "c"))
+    assert again["counts"]["sal"] == {"read": PER_SHARD, "explained": PER_SHARD, "errors": 0, "skipped": 0}
+    assert current_maps(root) == {i: (h, again["run_id"]) for i, h in png_hashes(new).items()}
+    old = png_hashes((shards / "x.tar").read_bytes())
+    every = history.saliency_dataset(str(root), superseded=True).to_table(
+        columns=["image_id", "content_sha256", "run"]).to_pylist()
+    assert sorted((r["image_id"], r["content_sha256"], r["run"]) for r in every) == sorted(
+        [(i, h, seeded[1]["run_id"]) for i, h in old.items()] + [(i, h, again["run_id"]) for i, h in
+                                                                  png_hashes(new).items()])
+
+
+def test_content_that_changes_back_is_explained_again_where_the_storage_tags_content_only(root, seeded, shards,
+                                                                                          tmp_path, monkeypatch):
+    """A storage whose listing tags a shard by its content alone (an ETag that is the MD5, as an
+    HTTP server or GCS's md5Hash give): x.tar's digits are replaced by others under the same
+    ids (slot b), then put back (slot c), so its tag is run a's again. The newest maps of those
+    ids are slot b's, of other digits: slot c must explain x's digits again."""
+    from pipelines import incremental
+
+    def content_tags(urls, storage_options):
+        tags = {}
+        for url in urls:
+            fs, path = storage.filesystem(url, storage_options)
+            data = fs.cat_file(path)
+            tags[url] = f"{len(data)}:ETag={hashlib.md5(data).hexdigest()}"
+        return tags
+
+    monkeypatch.setattr(incremental, "shard_fingerprints", content_tags)
+    path = tmp_path / "x.tar"  # the shard at another URL than the seeded run's
+    original, other = (shards / "x.tar").read_bytes(), under_ids_of(shards / "y.tar", shards / "x.tar")
+    path.write_bytes(original)
+    seeded_here = audit.run(audit_args(root, path, "a2"))  # recorded with the content tag of x's digits
+    assert seeded_here["counts"]["sal"]["skipped"] == PER_SHARD
+    path.write_bytes(other)
+    changed = audit.run(audit_args(root, path, "b"))
+    assert changed["counts"]["sal"] == {"read": PER_SHARD, "explained": PER_SHARD, "errors": 0, "skipped": 0}
+    path.write_bytes(original)
+    back = audit.run(audit_args(root, path, "c"))
+    assert back["counts"]["sal"] == {"read": PER_SHARD, "explained": PER_SHARD, "errors": 0, "skipped": 0}
+    assert current_maps(root) == {i: (h, back["run_id"]) for i, h in png_hashes(original).items()}
+    unchanged = audit.run(audit_args(root, path, "d"))  # now nothing changed: not even read
+    assert unchanged["incremental"]["shards_skipped"] == 1 and unchanged["counts"]["sal"]["explained"] == 0
+
+
+def test_a_map_recorded_without_a_content_hash_never_skips_its_image(root, seeded, shards, tmp_path):
+    """Maps of a release before content hashes: whether their images are the ones read now is
+    unknown, so they are explained again (their shard, unchanged, is still not read)."""
+    for relative in seeded[1]["files"]:
+        pq.write_table(pq.read_table(root / relative).drop_columns(["content_sha256"]), root / relative)
+    unchanged = audit.run(audit_args(root, shards / "x.tar", "b"))
+    assert unchanged["incremental"]["shards_skipped"] == 1
+    moved = tmp_path / "moved" / "x.tar"
+    moved.parent.mkdir()
+    shutil.copy(shards / "x.tar", moved)
+    manifest = audit.run(audit_args(root, moved, "c"))
+    assert manifest["counts"]["sal"] == {"read": PER_SHARD, "explained": PER_SHARD, "errors": 0, "skipped": 0}
+    assert set(current_maps(root).values()) == {(h, manifest["run_id"])
+                                                for h in png_hashes((shards / "x.tar").read_bytes()).values()}
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_a_truncated_history_file_keeps_every_run_it_may_name(root, seeded, shards, caplog):
+    """a.parquet cut in half between two runs: it may name any run, so the next run's reclaim
+    removes none of the history's runs (run a's maps are not lost), and says which file holds
+    it back; once the file is gone, reclaim takes what no file names."""
+    caplog.set_level(logging.WARNING, logger="saliency_audit")
+    row = seeded[1]
+    truncate(root / "history" / "a.parquet")
+    manifest = audit.run(audit_args(root, shards / "x.tar", "b"))  # the pointer moves on to run b
+    assert manifest["counts"]["sal"]["explained"] == PER_SHARD  # a's row is unreadable: not trusted to skip
+    kept = [root / relative for relative in row["files"]]
+    kept += [root / row["manifest"], root / RUNS / f"{row['run_id']}.json"]
+    assert [p for p in kept if not p.exists()] == []
+    assert row["run_id"] in run_folders(root)
+    assert any("a.parquet" in m and "reclaim" in m for m in caplog.messages), caplog.messages
+    assert publication.reclaim(str(root), stale_after_s=0) == []
+    (root / "history" / "a.parquet").unlink()
+    assert publication.reclaim(str(root), stale_after_s=0) == [row["run_id"]]
+
+
+def test_history_command_and_report_name_an_unreadable_file(root, capsys):
+    from pipelines import cli
+    from pipelines.reporting.report import write_report
+    shutil.copy(root / "history" / "a.parquet", root / "history" / "b.parquet")
+    truncate(root / "history" / "b.parquet")
+    capsys.readouterr()
+    assert cli.main(["history", str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("a  run ") and len(out.splitlines()) == 1
+    assert re.search(r"b\.parquet.*unreadable.*reclaim", err), err
+    write_report(str(root), str(root.parent / "report.html"))
+    page = (root.parent / "report.html").read_text()
+    assert re.search(r"b\.parquet[^<]*unreadable[^<]*reclaim", page)

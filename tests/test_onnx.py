@@ -46,7 +46,8 @@ def run(tmp_path, model_args, name, methods=BLACK_BOX, *extra) -> dict:
     out = tmp_path / name
     audit.run(["--input", str(DEMO_DATA / "mnist-test-sample.tar"), *model_args, "--methods", methods,
                "--aae", str(DEMO_DATA / "mnist_aae.pt"), "--channels", "1", "--limit-per-shard", "3",
-               "--batch-size", "4", "--torch-threads", "1", "--method-options", OPTIONS, "--output", str(out),
+               "--batch-size", "4", "--torch-threads", "1", "--output", str(out), "--method-options",
+               json.dumps({m: o for m, o in json.loads(OPTIONS).items() if m in methods.split(",")}),
                *extra])
     return {(r["image_id"], r["method"]): r for r in read_output(out / "saliency")}
 
@@ -147,3 +148,89 @@ def test_truncated_and_mutated_onnx_files_are_refused_in_one_line_or_load(onnx_f
     assert done.returncode == 0, done.stderr[-2000:]
     outcomes = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcomes["refused"] >= 5 and sum(outcomes.values()) == 25
+
+
+@pytest.fixture(scope="module")
+def default_export(tmp_path_factory):
+    """The reference CNN through torch.onnx.export with its default arguments, which in torch 2.13
+    (the dynamo exporter) write the weights beside the graph: model.onnx + model.onnx.data."""
+    pytest.importorskip("onnxscript")  # the default exporter's dependency
+    folder = tmp_path_factory.mktemp("exported")
+    torch.onnx.export(reference_cnn(), (torch.zeros(2, 1, 28, 28),), str(folder / "model.onnx"))
+    assert (folder / "model.onnx.data").stat().st_size > 1 << 20  # the weights are there, not in the graph
+    assert (folder / "model.onnx").stat().st_size < 1 << 16
+    return folder / "model.onnx"
+
+
+def test_the_exporters_default_output_runs_from_another_directory(default_export, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the model's folder: its external data is found beside the graph all the same
+    onnx_rows = run(tmp_path, ["--model", str(default_export)], "onnx", "occlusion")
+    torch_rows = run(tmp_path, TORCH_MODEL, "torch", "occlusion")
+    assert onnx_rows.keys() == torch_rows.keys() and len(onnx_rows) == 3
+    for key, row in onnx_rows.items():
+        np.testing.assert_allclose(row["saliency"], torch_rows[key]["saliency"], rtol=1e-3, atol=1e-4, err_msg=str(key))
+    hashes = json.loads((tmp_path / "onnx" / "manifest.json").read_text())["model"]["sha256"]
+    assert set(hashes) == {str(default_export), f"{default_export}.data"}
+
+
+def test_the_model_hash_covers_the_external_data(default_export, tmp_path):
+    """Two weight files behind one graph are two models, for the manifest and the audit history."""
+    from transforms.models import ModelSpec, model_hashes, model_identity
+    other = tmp_path / "model.onnx"
+    other.write_bytes(default_export.read_bytes())
+    weights = bytearray((default_export.parent / "model.onnx.data").read_bytes())
+    weights[:4] = bytes(4)  # another value of the first weight
+    (tmp_path / "model.onnx.data").write_bytes(bytes(weights))
+    mine, theirs = ModelSpec(str(default_export)), ModelSpec(str(other))
+    assert len(model_hashes(mine)) == 2
+    assert sorted(model_hashes(mine).values()) != sorted(model_hashes(theirs).values())
+    assert model_identity(mine, "state") != model_identity(theirs, "state")
+
+
+def test_an_onnx_model_with_external_data_loads_from_s3(default_export, tmp_path, monkeypatch):
+    from conftest import moto_s3
+    from transforms.models import ModelSpec, load_model, model_hashes
+    monkeypatch.chdir(tmp_path)
+    with moto_s3(monkeypatch, "models") as (fs, endpoint):
+        fs.put(str(default_export), "models/cnn/model.onnx")
+        fs.put(f"{default_export}.data", "models/cnn/model.onnx.data")
+        spec = ModelSpec("s3://models/cnn/model.onnx", storage_options={"endpoint_url": endpoint})
+        model = load_model(spec)
+        x = torch.rand(3, 1, 28, 28)
+        torch.testing.assert_close(model(x), reference_cnn()(x), rtol=1e-4, atol=1e-4)
+        local = model_hashes(ModelSpec(str(default_export)))
+        assert model_hashes(spec) == {"s3://models/cnn/model.onnx": local[str(default_export)],
+                                      "s3://models/cnn/model.onnx.data": local[f"{default_export}.data"]}
+    assert list(tmp_path.iterdir()) == []  # the private copy is gone, and never was in the current directory
+
+
+def pointing_at(graph, location: str) -> bytes:
+    """``graph`` with every tensor's external data at ``location``."""
+    import onnx
+    model = onnx.load(str(graph), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "symlink"])
+def test_external_data_outside_the_models_folder_is_refused_in_one_line(default_export, tmp_path, capsys, where):
+    """The weights exist out there (a copy of the real ones): loading them would work, and is refused."""
+    outside, folder = tmp_path / "outside", tmp_path / "model"
+    outside.mkdir()
+    folder.mkdir()
+    (outside / "model.onnx.data").write_bytes((default_export.parent / "model.onnx.data").read_bytes())
+    (folder / "link").symlink_to(outside)
+    location = {"dotdot": "../outside/model.onnx.data", "absolute": str(outside / "model.onnx.data"),
+                "symlink": "link/model.onnx.data"}[where]
+    (folder / "hostile.onnx").write_bytes(pointing_at(default_export, location))
+    argv = ["--input", str(DEMO_DATA / "mnist-test-sample.tar"), "--model", str(folder / "hostile.onnx"),
+            "--methods", "occlusion", "--output", str(tmp_path / "out"), "--channels", "1"]
+    assert audit.main(argv) == 2
+    line = one_line(capsys)
+    assert "hostile.onnx" in line and "leaves the model's folder" in line, line
+    assert not (tmp_path / "out").exists()

@@ -72,8 +72,8 @@ def pil_bytes(rng: random.Random, fmt: str) -> bytes:
     array = np.frombuffer(random_bytes(rng, height * width * 4), np.uint8).reshape(height, width, 4)
     if mode == "I;16":
         image = Image.fromarray(array[..., 0].astype(np.uint16) * 257)
-    elif mode == "I":
-        image = Image.fromarray(array[..., 0].astype(np.int32) * 1000)
+    elif mode == "I":  # 32-bit values; PNG holds 16 bits, and Pillow 13 writes mode I only after converting
+        image = Image.fromarray(array[..., 0].astype(np.int32) * 1000).convert("I;16")
     else:
         image = Image.fromarray(array, "RGBA").convert(mode)
     buffer = io.BytesIO()

@@ -98,3 +98,28 @@ def test_unreachable_storage_fails_fast(demo_model_args, tmp_path, monkeypatch):
     with pytest.raises(audit.UsageError, match="cannot list s3://bucket/x/\\*.tar"):
         audit.run(["--input", "s3://bucket/x/*.tar", *demo_model_args, "--output", str(tmp_path),
                    "--storage-options", options])
+
+
+UNREACHABLE = json.dumps({"endpoint_url": "http://127.0.0.1:1",
+                          "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}})
+
+
+@pytest.mark.parametrize("command", [
+    ["report", "s3://bucket/audit", "--output", "OUT/r.html"],
+    ["figure", "s3://bucket/audit", "--ids", "a", "--output", "OUT/f.png"],
+    ["diff", "s3://bucket/audit", "s3://bucket/other", "--output", "OUT/diff"],
+    ["check", "s3://bucket/audit"],
+    ["history", "s3://bucket/audit"],
+])
+def test_commands_on_an_unreachable_store_fail_in_one_line(command, tmp_path, monkeypatch, capsys):
+    import logging
+    from pipelines import cli
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    # logging as in a fresh process: an earlier audit.main in this one configured it on a stream now closed
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    argv = [a.replace("OUT", str(tmp_path)) for a in command] + ["--storage-options", UNREACHABLE]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"saliency-audit {command[0]}: error: cannot read s3://bucket/"), err

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from audit_fixtures import sample_shard
 from conftest import DEMO_DATA
-from pipelines import audit, spec
+from pipelines import audit, cli, spec
 from pipelines.options import REDACTED, UsageError
 
 N_IMAGES = 8
@@ -198,6 +198,11 @@ BAD_SPECS = [  # (file name, content, the one line's expected words)
      "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n",
      "more than 10000 values"),
     ("keys.yaml", "input:\n  on: 1\n", 'input."True": keys must be strings'),
+    # YAML would keep the last of two equal keys, silently dropping the first table; TOML refuses them
+    ("twice.yaml", "gates:\n  ndcg: 0.9\nexplain:\n  seed: 1\ngates:\n  accuracy_drop: 0.1\n",
+     "invalid YAML: found duplicate key 'gates' (at line 5, column 1)"),
+    ("twice-nested.yaml", "explain:\n  seed: 1\n  seed: 2\n", "found duplicate key 'seed' (at line 3, column 3)"),
+    ("twice.toml", "[gates]\nndcg = 0.9\n[gates]\naccuracy_drop = 0.1\n", "invalid TOML: Cannot declare"),
     ("binary.toml", b"\xff\xfe[input]\n", "not UTF-8 text"),
     ("spec.json", "{}", "expected a .toml, .yaml or .yml file"),
     # values the parsers cannot build raise plain ValueErrors: still one line, exit 2
@@ -314,3 +319,47 @@ def test_the_fuzz_reaches_valid_plans(tmp_path):
     document = {"explain": {"methods": ["grad"], "seed": 3}, "beam": {"runner": "DirectRunner"}}
     assert outcome("audit.toml", toml_document(document)) == "plan"
     assert outcome("audit.yaml", yaml.safe_dump(document)) == "plan"
+
+
+def test_yaml_merge_keys_still_override_what_they_merge(tmp_path):
+    """The duplicate-key check keeps safe_load's semantics: a key after ``<<: *base`` overrides it."""
+    path = write(tmp_path, "merge.yaml", "x-base: &base {seed: 1, batch_size: 4}\n")
+    assert spec._parse_yaml("base: &base {seed: 1, batch_size: 4}\nexplain:\n  <<: *base\n  seed: 2\n") == {
+        "base": {"seed": 1, "batch_size": 4}, "explain": {"seed": 2, "batch_size": 4}}
+    assert spec.load(path) == {"x-base": {"seed": 1, "batch_size": 4}}
+
+
+def test_two_config_flags_are_refused(tmp_path, capsys):
+    first, second = write(tmp_path, "a.toml", OVERRIDDEN), write(tmp_path, "b.toml", OVERRIDDEN)
+    assert audit.main(["--config", first, f"--config={second}", *BASE]) == 2
+    assert capsys.readouterr().err == "saliency-audit: error: --config given twice; give one spec\n"
+    assert cli.main(["check", str(tmp_path), "--config", first, "--config", second]) == 2
+    assert capsys.readouterr().err == "saliency-audit check: error: --config given twice; give one spec\n"
+
+
+HISTORY = '\n[history]\nincremental = true\nslot = "2026-11-30"\n'
+
+
+def test_no_incremental_on_the_command_line_also_drops_the_specs_slot(spec_file, capsys):
+    spec_file.write_text(spec_file.read_text() + HISTORY)
+    assert spec.parse_invocation(["--config", str(spec_file)])[0].slot == "2026-11-30"
+    plan = audit.plan(["--config", str(spec_file), "--no-incremental"])
+    assert (plan.args.incremental, plan.args.slot, plan.work) == (False, None, None)
+    args, _ = spec.parse_invocation(["--config", str(spec_file), "--no-incremental", "--incremental"])
+    assert (args.incremental, args.slot) == (True, "2026-11-30")  # the last switch wins, with the spec's slot
+    # a slot asked for on the command line with --no-incremental still contradicts it
+    assert audit.main(["--config", str(spec_file), "--no-incremental", "--slot", "x"]) == 2
+    assert "--slot names a slot of an audit history: it needs --incremental" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", [["--metric-steps", "785"], ["--metric-steps", "1000", "--dry-run"], "spec"])
+def test_more_metric_steps_than_pixels_fail_in_preflight(given, spec_file, capsys):
+    """Deletion/insertion removes at least one pixel per step: a 28x28 input has 784 steps at most."""
+    if given == "spec":
+        spec_file.write_text(spec_file.read_text().replace("steps = 4", "steps = 785"))
+        given = []
+    assert audit.main(["--config", str(spec_file), *given]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "Traceback" not in out + err, err
+    assert "--metric-steps" in err and "784 pixels" in err and "28x28" in err, err
+    assert not (spec_file.parent / "out").exists()

@@ -92,4 +92,5 @@ def _to_batch(group) -> ImageBatch:
         pixels=pixels,
         masks=masks,
         has_mask=has_mask if masks is not None else None,
+        content_sha256=[r.content_sha256 for r, _, _, _ in group],
     )

@@ -18,12 +18,17 @@ from transforms.records import ErrorRecord, ImageBatch, RawImage
 
 
 def shard_ids(url: str, reader: ReadShardBatches):
-    """(image_id, shard url) once for every id the reader would explain from this shard."""
+    """(image_id, shard url, content sha256) once for every id the reader would explain from this
+    shard (the hash is for an audit history: transforms.skip_explained)."""
     records = read_shard(url, reader.storage_options, max_pixels=reader.prep.max_pixels)
     if reader.limit_per_shard is not None:
         records = itertools.islice(records, reader.limit_per_shard)
-    for image_id in dict.fromkeys(r.image_id for r in records if isinstance(r, RawImage)):
-        yield image_id, url
+    first = {}
+    for record in records:
+        if isinstance(record, RawImage):
+            first.setdefault(record.image_id, record.content_sha256)
+    for image_id, content in first.items():
+        yield image_id, url, content
 
 
 class _FirstShard(beam.CombineFn):
@@ -49,7 +54,8 @@ class _FirstShard(beam.CombineFn):
 
 
 class ListShardIds(beam.PTransform):
-    """Shard urls -> (image_id, shard url) for every id the reader would explain (read, not decoded)."""
+    """Shard urls -> (image_id, shard url, content sha256) for every id the reader would explain
+    (read, not decoded)."""
 
     def __init__(self, reader: ReadShardBatches):
         super().__init__()
@@ -60,10 +66,11 @@ class ListShardIds(beam.PTransform):
 
 
 class FirstShardOfRepeatedIds(beam.PTransform):
-    """(image_id, shard url) -> (image_id, first shard url) for the ids found in more than one shard."""
+    """(image_id, shard url, content) -> (image_id, first shard url) for the ids found in more than one shard."""
 
     def expand(self, listed):
         return (listed
+                | "IdAndShard" >> beam.MapTuple(lambda image_id, url, _: (image_id, url))
                 | "FirstShard" >> beam.CombinePerKey(_FirstShard())
                 | "Repeated" >> beam.Filter(lambda kv: kv[1][1] > 1)
                 | "KeepFirst" >> beam.MapTuple(lambda image_id, first: (image_id, first[0])))

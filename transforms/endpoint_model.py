@@ -15,14 +15,17 @@ with exponential backoff (and Retry-After) on 429, 5xx, timeouts and dropped con
 request that still fails raises ``ModelCallError``: the images it carried cost one error row each
 (stage ``model``), never the run. Credentials: ``headers`` in the endpoint options, or a bearer
 token from the environment variable named by ``token_env`` (default
-``SALIENCY_AUDIT_ENDPOINT_TOKEN``); neither reaches the manifest.
+``SALIENCY_AUDIT_ENDPOINT_TOKEN``); neither reaches the manifest, and no error text quotes them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import json
 import os
+import re
+import socket
 import threading
 import time
 import urllib.error
@@ -38,6 +41,9 @@ TOKEN_ENV = "SALIENCY_AUDIT_ENDPOINT_TOKEN"
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 ANSWER_BYTES = 1 << 20, 64 << 10  # an answer is at most 1 MiB + 64 KiB per image: logits, not a dump
 BREAKER = 3, 30.0  # after 3 requests in a row that exhausted their retries, fail fast for 30 s
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP token (RFC 9110)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+REDACTED = "<redacted>"
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -49,7 +55,113 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
                              f"give the final URL")
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+class _Deadline:
+    """Ends an exchange at its deadline. urllib's timeout bounds each socket read only, so a server
+    that sends a byte now and then (status line, headers, body, TLS handshake) would hold a request
+    for as long as it likes; at the deadline a duplicate of the connection's socket is shut down,
+    which ends any read blocked on it at once."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._lock, self._sockets = threading.Lock(), []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            spare = sock.dup()  # the same connection: a TLS wrapper detaches the original object
+            self._sockets.append(spare)
+            if self.expired:
+                self._shut(spare)
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for spare in self._sockets:
+                self._shut(spare)
+
+    @staticmethod
+    def _shut(spare: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            spare.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for spare in self._sockets:
+                spare.close()
+
+
+class _WatchedConnections:
+    """Handlers whose connections report their socket to the request's ``deadline``."""
+
+    def do_open(self, http_class, req, **kwargs):
+        deadline = getattr(req, "deadline", None)
+
+        def connection(*args, **connection_kwargs):
+            made = http_class(*args, **connection_kwargs)
+            create = made._create_connection  # http.client's hook for making the socket (proxies, TLS use it too)
+            made._create_connection = lambda *a, **k: deadline.watch(create(*a, **k))
+            return made
+        return super().do_open(connection if deadline else http_class, req, **kwargs)
+
+
+class _HTTPHandler(_WatchedConnections, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_WatchedConnections, urllib.request.HTTPSHandler):
+    pass
+
+
+class _ErrorStatus(Exception):
+    """An answer with an error status: its code, the start of its body, its Retry-After."""
+
+    def __init__(self, code: int, text: str, retry_after: str | None):
+        super().__init__(code)
+        self.code, self.text, self.retry_after = code, text, retry_after
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect, _HTTPHandler, _HTTPSHandler)
+
+
+def value_problem(value: str) -> str | None:
+    """What makes ``value`` unsendable as a header value, in words that never quote it (it is
+    usually a credential), or None. http.client would refuse CR and LF with an error that quotes
+    the whole value, and send NUL and the other control characters as they are."""
+    if _CONTROL.search(value):
+        return "a control character (CR, LF, NUL or another; a trailing newline?)"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return "a character outside Latin-1"
+    return None
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why the header ``name: value`` cannot be sent, naming at most its name, or None."""
+    if not _FIELD_NAME.fullmatch(name):
+        return "a header name is not an HTTP token (letters, digits and !#$%&'*+-.^_`|~ only)"
+    problem = value_problem(value)
+    return f"header {name} has {problem} in its value" if problem else None
+
+
+def scrubbed(text: str, secrets) -> str:
+    """``text`` with every secret replaced, in each form an error may quote it: as is, stripped,
+    escaped (repr, as in b'Bearer tok\\n'), and its long words (a message whose whitespace was
+    folded no longer holds the whole value; the short ones are scheme names such as Bearer)."""
+    forms = set()
+    for secret in filter(None, secrets):
+        forms |= {secret, secret.strip(), repr(secret)[1:-1], *(word for word in secret.split() if len(word) >= 8),
+                  *(repr(secret.encode(codec, "replace"))[2:-1] for codec in ("latin-1", "utf-8"))}
+    for form in sorted(filter(None, forms), key=len, reverse=True):
+        text = text.replace(form, REDACTED)
+    return text
 
 
 def _shown(url: str) -> str:
@@ -102,6 +214,10 @@ class EndpointOptions:
         if not isinstance(options.headers, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                             for k, v in options.headers.items()):
             raise ValueError("--endpoint-options: headers must be a table of strings")
+        for name, value in options.headers.items():
+            problem = header_problem(name, value)
+            if problem:
+                raise ValueError(f"--endpoint-options: {problem}")
         return options
 
 
@@ -150,7 +266,9 @@ class EndpointModel(torch.nn.Module):
 
     differentiable = False
 
-    def __init__(self, url: str, options: EndpointOptions):
+    def __init__(self, url: str, options: EndpointOptions, classes: int | None = None):
+        """``classes``: the class count preflight saw, which every answer must have (None: the
+        first answer's)."""
         super().__init__()
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -159,7 +277,8 @@ class EndpointModel(torch.nn.Module):
             raise ValueError(f"{_shown(url)}: no credentials or query in the URL (they would reach the manifest "
                              f"and the logs); give them as --endpoint-options headers or token_env")
         self.url, self.options = url.rstrip("/"), options
-        self.classes: int | None = None  # K, from the first answer: every later answer must match
+        self.classes = classes  # K: every answer must match (from the first answer where not given)
+        self._headers()  # a bad token fails here, at preflight, not on every request
         self._failures, self._failed_at = 0, 0.0
         self.kserve = "/v2/models/" in self.url
         self.calls = Calls()
@@ -188,7 +307,7 @@ class EndpointModel(torch.nn.Module):
         except ModelCallError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever the answer did, it costs these images, stage model
-            raise ModelCallError(f"{_shown(self.url)}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+            raise ModelCallError(f"{_shown(self.url)}: {self._described(e)}") from None
         out = np.concatenate(answers) if answers else np.zeros((0, self.classes or 0), np.float32)
         if self.options.output == "probabilities":
             out = np.log(np.clip(out, 1e-38, None))
@@ -218,15 +337,31 @@ class EndpointModel(torch.nn.Module):
         self.classes = values.shape[1]
         return values.astype(np.float32)
 
-    def _call(self, method: str, url: str, body: dict | None, images: int) -> Any:
-        """One request with retries; the decoded JSON answer, or ModelCallError. Each attempt has
-        ``timeout`` seconds in all (not per read: a server that trickles is cut off)."""
+    def _headers(self) -> dict[str, str]:
+        """The request's headers. The token is read from this process's environment (a worker's
+        may differ from the launcher's) and refused, unquoted, when a header cannot carry it."""
         options = self.options
         headers = {"Content-Type": "application/json", "Accept": "application/json", **options.headers}
         token = os.environ.get(options.token_env)
         if token and not any(k.lower() == "authorization" for k in headers):
+            problem = value_problem(token)
+            if problem:
+                raise ModelCallError(f"the token in ${options.token_env} has {problem}; it cannot be sent")
             headers["Authorization"] = f"Bearer {token}"
-        secrets = [v for v in [token, *options.headers.values()] if v]
+        return headers
+
+    def _secrets(self) -> list[str]:
+        return [os.environ.get(self.options.token_env, ""), *self.options.headers.values()]
+
+    def _described(self, error: BaseException) -> str:
+        """An exception as one line that holds no secret (errors of the HTTP library quote headers)."""
+        return f"{type(error).__name__}: {' '.join(scrubbed(str(error), self._secrets()).split())[:200]}"
+
+    def _call(self, method: str, url: str, body: dict | None, images: int) -> Any:
+        """One request with retries; the decoded JSON answer, or ModelCallError. Each attempt has
+        ``timeout`` seconds in all (not per read: a server that trickles is cut off)."""
+        options = self.options
+        headers = self._headers()
         if self._failures >= BREAKER[0] and time.monotonic() - self._failed_at < BREAKER[1]:
             raise ModelCallError(f"{method} {_shown(url)}: {self._failures} requests in a row failed; not asking "
                                  f"again for {BREAKER[1]:.0f} s")
@@ -244,34 +379,51 @@ class EndpointModel(torch.nn.Module):
                     return json.loads(raw)
                 except (ValueError, RecursionError):
                     raise ModelCallError(f"{_shown(url)}: the answer is not JSON") from None
-            except urllib.error.HTTPError as e:
-                text = e.read(300).decode("utf-8", "replace")
-                for secret in secrets:  # a gateway may echo the request's headers
-                    text = text.replace(secret, "<redacted>")
+            except ModelCallError:
+                raise
+            except _ErrorStatus as e:
+                text = scrubbed(e.text, self._secrets())  # a gateway may echo the request's headers
                 last = f"HTTP {e.code} {' '.join(text.split())[:120]}"
                 if e.code not in RETRY_STATUS:
                     raise ModelCallError(f"{method} {_shown(url)}: {last}") from None
-                after = e.headers.get("Retry-After") if e.headers else None
-                if after and after.strip().isdigit():
-                    delay = min(30.0, float(after))
+                if e.retry_after and e.retry_after.strip().isdigit():
+                    delay = min(30.0, float(e.retry_after))
             except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                last = f"{type(reason).__name__}: {' '.join(str(reason).split())[:120]}"
+                last = self._described(getattr(e, "reason", e))[:160]
+            except Exception as e:  # noqa: BLE001 - building or sending the request failed: asking again won't help
+                raise ModelCallError(f"{method} {_shown(url)}: {self._described(e)}") from None
             if attempt < options.retries:
                 time.sleep(delay)
         self._failures, self._failed_at = self._failures + 1, time.monotonic()
         raise ModelCallError(f"{method} {_shown(url)}: {options.retries + 1} attempt(s) failed; last: {last}")
 
     def _attempt(self, method: str, url: str, data: bytes | None, headers: dict, limit: int) -> bytes:
-        deadline = time.monotonic() + self.options.timeout
+        timeout = self.options.timeout
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
-        with _OPENER.open(request, timeout=self.options.timeout) as response:
+        request.deadline = _Deadline(timeout)  # read by the handlers, which make the connection
+        with request.deadline:
+            try:
+                answer = self._exchange(request, limit)
+            except Exception:
+                if not request.deadline.expired:
+                    raise
+        if request.deadline.expired:  # whatever the shut socket made the read say, or a body cut short
+            raise TimeoutError(f"no whole answer within {timeout:g} s")
+        return answer
+
+    def _exchange(self, request: urllib.request.Request, limit: int) -> bytes:
+        """The answer's body, at most ``limit`` bytes; _ErrorStatus for an error status."""
+        try:
+            response = _OPENER.open(request, timeout=self.options.timeout)
+        except urllib.error.HTTPError as e:  # its body is read here, within the deadline too
+            with e:
+                raise _ErrorStatus(e.code, e.read(300).decode("utf-8", "replace"),
+                                   e.headers.get("Retry-After") if e.headers else None) from None
+        with response:
             parts, size = [], 0
             while chunk := response.read1(1 << 16):  # what has arrived: read() would wait for it all
                 parts.append(chunk)
                 size += len(chunk)
                 if size > limit:
-                    raise ModelCallError(f"{_shown(url)}: the answer is larger than {limit >> 10} KiB")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no whole answer within {self.options.timeout:g} s")
+                    raise ModelCallError(f"{_shown(request.full_url)}: the answer is larger than {limit >> 10} KiB")
         return b"".join(parts)

@@ -121,6 +121,8 @@ class ExplainConfig:
     threads: ThreadBudget = ThreadBudget()
     # Where the workers report images explained (transforms.progress); not part of the model's identity.
     progress: progress.Sink | None = dataclasses.field(default=None, repr=False, compare=False)
+    # method -> its fingerprint in an audit history (pipelines.incremental), stored in its rows; empty outside one.
+    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 class CallCounter:
@@ -437,7 +439,8 @@ class ExplainBatches(beam.DoFn):
         target = int(target)
         row = {
             "image_id": batch.image_ids[i], "source": batch.sources[i], "label": batch.labels[i],
-            "method": name, "target": target, "predicted": int(predicted[i]),
+            "content_sha256": batch.content_sha256[i] if batch.content_sha256 else None,
+            "method": name, "method_fingerprint": self.config.fingerprints.get(name), "target": target, "predicted": int(predicted[i]),
             "score": float(probabilities[i, target]), "predicted_score": float(probabilities[i, predicted[i]]),
             "height": saliency.shape[0], "width": saliency.shape[1],
             "original_height": batch.sizes[i][0], "original_width": batch.sizes[i][1],

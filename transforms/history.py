@@ -15,14 +15,18 @@ names is never reclaimed and a recorded run's files are complete and verified.
 
 Rows come from the history's own storage, which other runs write; a file that does not read as a
 row, names another slot than its file name, or points outside the root is left out with a
-warning: its images are then explained again, never wrongly skipped.
+warning: its images are then explained again, never wrongly skipped. A file that does not parse
+at all (truncated, corrupt) may name any run: while one is there, reclaim removes no run of the
+history.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import re
 import urllib.parse
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -134,10 +138,29 @@ def _missing_files(fs, base: str, row: dict[str, Any]) -> int:
     return sum(f.rsplit("/", 1)[-1] not in present for f in row["files"])
 
 
-def read(root: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+class UnreadableFile(Exception):
+    """A history file whose bytes do not parse as Parquet (truncated, corrupt, not Parquet)."""
+
+
+# Why an unparsable file holds reclaim back (transforms.publication.reclaim): it may name any run.
+HOLDS_RECLAIM = "reclaim removes no run of the history until it is repaired or removed"
+
+
+def _parse(data: bytes) -> pa.Table:
+    """A history file's table from its bytes (read first, so that a storage error stays an OSError
+    and a parse error, whatever pyarrow raises, is an UnreadableFile)."""
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for bad bytes
+        raise UnreadableFile(f"{type(e).__name__}: {' '.join(str(e).split())[:120]}") from None
+
+
+def read(root: str, storage_options: dict[str, Any] | None = None,
+         left_out: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The recorded runs, one per slot, sorted by slot; rows that cannot be trusted are left out
     with a warning, and so are rows whose saliency files are gone (their shards are read again)
-    and rows naming a run an earlier slot names."""
+    and rows naming a run an earlier slot names. ``left_out``, if given, receives file name ->
+    why it was left out instead of the log (the ``history`` command and the report show it)."""
     fs, path = storage.filesystem(storage.join(root, FOLDER), storage_options)
     fs.invalidate_cache()
     base = storage.filesystem(root, storage_options)[1].rstrip("/")
@@ -145,40 +168,46 @@ def read(root: str, storage_options: dict[str, Any] | None = None) -> list[dict[
         files = sorted(fs.glob(f"{path}/*.parquet"))
     except FileNotFoundError:
         return []
-    rows = []
+
+    def leave_out(name: str, why: str) -> None:
+        if left_out is None:
+            log.warning("history %s: left out %s: %s; its images will be explained again", root, name, why)
+        else:
+            left_out[name] = why
+
+    named: list[tuple[str, dict[str, Any]]] = []  # (file name, row)
     for file in files:
-        slot = urllib.parse.unquote(file.rsplit("/", 1)[-1][:-len(".parquet")])
+        name = file.rsplit("/", 1)[-1]
+        slot = urllib.parse.unquote(name[:-len(".parquet")])
         try:
             check_slot(slot)
         except ValueError:
-            log.warning("history %s: left out %s: not a slot's file name", root, file.rsplit("/", 1)[-1])
+            leave_out(name, "not a slot's file name")
             continue
         try:
-            with fs.open(file, "rb") as f:
-                table = pq.read_table(f)
-            found = _conform(table).to_pylist()
+            found = _conform(_parse(fs.cat_file(file))).to_pylist()
             problem = None if len(found) == 1 else f"it holds {len(found)} rows"
             problem = problem or _valid(found[0], slot)
             missing = 0 if problem else _missing_files(fs, base, found[0])
             problem = problem or (f"{missing} of its saliency files are missing" if missing else None)
         except FileNotFoundError:
             continue  # replaced or removed since the listing
+        except UnreadableFile as e:
+            problem = f"unreadable ({e}): {HOLDS_RECLAIM}"
         except OSError:
             problem = "the storage failed to read it"
         except Exception as e:  # noqa: BLE001 - any unreadable file costs its row, never the run
             problem = f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
         if problem:
-            log.warning("history %s: left out %s: %s; its images will be explained again", root,
-                        file.rsplit("/", 1)[-1], problem)
+            leave_out(name, problem)
             continue
-        rows.append(found[0])
-    rows.sort(key=lambda r: r["slot"])
-    seen: set[str] = set()
-    for r in list(rows):  # a run fills one slot; a copied file would count its maps twice
-        if r["run_id"] in seen:
-            log.warning("history %s: left out slot %s: run %s already fills an earlier slot", root, r["slot"],
-                        r["run_id"])
-            rows.remove(r)
+        named.append((name, found[0]))
+    rows, seen = [], set()
+    for name, r in sorted(named, key=lambda item: item[1]["slot"]):
+        if r["run_id"] in seen:  # a run fills one slot; a copied file would count its maps twice
+            leave_out(name, f"run {r['run_id']} already fills an earlier slot")
+            continue
+        rows.append(r)
         seen.add(r["run_id"])
     return rows
 
@@ -192,37 +221,48 @@ def _conform(table: pa.Table) -> pa.Table:
     return table.select(SCHEMA.names).cast(SCHEMA)
 
 
-def recorded_runs(root: str, storage_options: dict[str, Any] | None = None) -> set[str]:
+class Recorded(NamedTuple):
+    runs: set[str]  # every run id a file of the history names
+    unreadable: list[str]  # files that do not parse: they may name any run
+
+
+def recorded_runs(root: str, storage_options: dict[str, Any] | None = None) -> Recorded:
     """Every run id any file of the history names, however strict ``read`` is with the file
     (publication.reclaim keeps their folders: a row of another release, or one whose files are
-    partly gone, must not cost what is left). A file that pyarrow cannot parse names no run; a
-    storage error raises, so that reclaim removes nothing."""
+    partly gone, must not cost what is left), and the files that do not parse: those may name any
+    run, so reclaim keeps every run of the history while one is there. A Parquet file without a
+    run_id column names no run; a storage error raises, so that reclaim removes nothing."""
     fs, path = storage.filesystem(storage.join(root, FOLDER), storage_options)
     fs.invalidate_cache()
     try:
         files = fs.glob(f"{path}/*.parquet")
     except FileNotFoundError:
-        return set()
-    found: set[str] = set()
-    for file in files:
+        return Recorded(set(), [])
+    found, unreadable = set(), []
+    for file in sorted(files):
+        name = file.rsplit("/", 1)[-1]
         try:
-            with fs.open(file, "rb") as f:
-                column = pq.read_table(f, columns=["run_id"]).column("run_id")
+            table = _parse(fs.cat_file(file))
         except FileNotFoundError:
             continue
-        except OSError:
-            raise
-        except Exception as e:  # noqa: BLE001 - not Parquet, or no run_id column: it names no run
-            log.warning("history %s: %s names no run (%s)", root, file.rsplit("/", 1)[-1], type(e).__name__)
+        except UnreadableFile as e:
+            log.warning("history %s: %s is unreadable (%s): %s", root, name, e, HOLDS_RECLAIM)
+            unreadable.append(name)
             continue
-        found |= {str(v) for v in column.to_pylist() if RUN_ID.fullmatch(str(v))}
-    return found
+        if "run_id" not in table.column_names:
+            log.warning("history %s: %s names no run (no run_id column)", root, name)
+            continue
+        found |= {str(v) for v in table.column("run_id").to_pylist() if RUN_ID.fullmatch(str(v))}
+    return Recorded(found, unreadable)
 
 
 def saliency_dataset(root: str, storage_options: dict[str, Any] | None = None,
-                     rows: Iterable[dict[str, Any]] | None = None):
-    """Every recorded run's maps as one ``pyarrow.dataset`` (columns ``model`` and ``run`` from
-    the folders' names; the runs' schemas unified, so a column one run lacks reads as null)."""
+                     rows: Iterable[dict[str, Any]] | None = None, *, superseded: bool = False):
+    """The recorded runs' maps as one ``pyarrow.dataset`` (columns ``model`` and ``run`` from the
+    folders' names; the runs' schemas unified, so a column one run lacks reads as null): the
+    current answer, where maps of one image with one method, model and method fingerprint come
+    from the newest run that made them (a later run explained the image again because its
+    content changed, or two runs overlapped). ``superseded=True``: every recorded map."""
     import pyarrow.dataset as ds
     rows = read(root, storage_options) if rows is None else list(rows)
     fs, base = storage.filesystem(root, storage_options)
@@ -234,5 +274,35 @@ def saliency_dataset(root: str, storage_options: dict[str, Any] | None = None,
         with fs.open(p, "rb") as f:
             schemas.append(pq.read_schema(f))
     partitioning = ds.partitioning(pa.schema([("model", pa.string()), ("run", pa.string())]), flavor="hive")
-    return ds.dataset(paths, schema=pa.unify_schemas(schemas + [partitioning.schema]), format="parquet",
-                      filesystem=fs, partitioning=partitioning, partition_base_dir=f"{base}/saliency")
+    dataset = ds.dataset(paths, schema=pa.unify_schemas(schemas + [partitioning.schema]), format="parquet",
+                         filesystem=fs, partitioning=partitioning, partition_base_dir=f"{base}/saliency")
+    replaced = None if superseded else _replaced(fs, base, rows)
+    return dataset if replaced is None else dataset.filter(~replaced)
+
+
+def _replaced(fs, base: str, rows: list[dict[str, Any]]):
+    """A filter expression for the maps a newer run made again (same model, method fingerprint,
+    image and method; run ids sort by start time), or None when there are none. Reads the
+    image_id and method columns of every recorded file."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    pairs, methods = [], []
+    for r in rows:
+        for m in r["methods"] or []:
+            methods.append({"run": r["run_id"], "method": m["method"], "model": r["model"],
+                            "fingerprint": m["fingerprint"] or ""})
+        for relative in r["files"]:
+            with fs.open(f"{base}/{relative}", "rb") as f:
+                table = pq.read_table(f, columns=["image_id", "method"])
+            pairs.append(table.append_column("run", pa.array([r["run_id"]] * table.num_rows, pa.string())))
+    if not pairs or not methods:
+        return None
+    keys = ["model", "fingerprint", "method", "image_id"]
+    maps = pa.concat_tables(pairs, promote_options="default").join(
+        pa.Table.from_pylist(methods), keys=["run", "method"], join_type="inner")
+    newest = maps.group_by(keys).aggregate([("run", "max")])
+    older = maps.join(newest, keys=keys).filter(pc.field("run") != pc.field("run_max"))
+    groups = older.group_by(["run", "method"]).aggregate([("image_id", "list")]).to_pylist()
+    terms = [(ds.field("run") == g["run"]) & (ds.field("method") == g["method"]) & ds.field("image_id").isin(
+        g["image_id_list"]) for g in groups]
+    return functools.reduce(operator.or_, terms) if terms else None

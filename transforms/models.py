@@ -1,6 +1,7 @@
 """Loading the classifier under audit: TorchScript, torch.export archives, or module:Callable."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -38,6 +39,7 @@ class ModelSpec:
     trust_model: bool = False
     storage_options: dict[str, Any] | None = None
     endpoint: dict[str, Any] | None = None  # --endpoint-options, for an http(s):// model
+    num_classes: int | None = None  # fixed at preflight: an endpoint's every answer must have it
 
     def is_callable(self) -> bool:
         return bool(_CALLABLE.match(self.model))
@@ -94,8 +96,10 @@ def file_sha256(url: str, storage_options: dict | None = None) -> str:
 
 
 def model_hashes(spec: ModelSpec) -> dict[str, str]:
-    """sha256 of every file the model is made of, keyed by URL (for the manifest)."""
-    return {f: file_sha256(f, spec.storage_options) for f in spec.files()}
+    """sha256 of every file the model is made of, keyed by URL (for the manifest): an ONNX graph's
+    external data too, or two weight files behind one graph would be one model."""
+    data = list(onnx_external_data(spec.model, spec.storage_options).values()) if spec.is_onnx() else []
+    return {f: file_sha256(f, spec.storage_options) for f in spec.files() + data}
 
 
 def state_sha256(model: torch.nn.Module) -> str:
@@ -141,15 +145,17 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
     if spec.is_endpoint():
         from transforms.endpoint_model import EndpointModel, EndpointOptions
         try:
-            model = EndpointModel(spec.model, EndpointOptions.parse(spec.endpoint))
+            model = EndpointModel(spec.model, EndpointOptions.parse(spec.endpoint), spec.num_classes)
         except Exception as e:  # noqa: BLE001 - bad options, a bad URL, the endpoint down (ModelCallError)
             from transforms.endpoint_model import _shown
             raise ModelLoadError(f"model endpoint {_shown(spec.model)}: {' '.join(str(e).split())[:300]}") from None
     elif spec.is_callable():
         model = _from_callable(spec)
+    elif spec.is_onnx():
+        model = _from_onnx(spec, device)
     else:
         with _local_copy(spec.model, spec.storage_options) as path:
-            model = _from_onnx(path, spec, device) if spec.is_onnx() else _from_file(path, spec)
+            model = _from_file(path, spec)
     model = model.to(device)
     try:
         model.eval()
@@ -188,21 +194,75 @@ def _from_callable(spec: ModelSpec) -> torch.nn.Module:
     return model
 
 
-def _from_onnx(path: str, spec: ModelSpec, device) -> torch.nn.Module:
-    """An ONNX graph, interpreted by onnxruntime (nothing in it runs as Python, so no --trust-model)."""
+def _from_onnx(spec: ModelSpec, device) -> torch.nn.Module:
+    """An ONNX graph, interpreted by onnxruntime (nothing in it runs as Python, so no --trust-model),
+    with its external data from its own folder whatever the current directory."""
     try:
+        import onnx  # noqa: F401 - reads the graph's external data locations
+        import onnxruntime  # noqa: F401 - runs the graph
         from transforms.onnx_model import OnnxModel
     except ImportError:
-        raise ModelLoadError(f"{spec.model}: ONNX models need onnxruntime (pip install 'saliency-audit[onnx]')") from None
-    with open(path, "rb") as f:
-        data = f.read()
+        raise ModelLoadError(f"{spec.model}: ONNX models need onnxruntime and onnx "
+                             f"(pip install 'saliency-audit[onnx]')") from None
     try:
-        return OnnxModel(data, str(device), torch.get_num_threads())
-    except ImportError:
-        raise ModelLoadError(f"{spec.model}: ONNX models need onnxruntime (pip install 'saliency-audit[onnx]')") from None
-    except Exception as e:  # onnxruntime's errors: a file that is not a graph, an operator it lacks
+        data = onnx_external_data(spec.model, spec.storage_options)
+        with _onnx_local_path(spec.model, data, spec.storage_options) as path:
+            return OnnxModel(path, str(device), torch.get_num_threads())
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file that is not a graph, an operator onnxruntime lacks
         raise ModelLoadError(f"cannot load ONNX model {spec.model}: {type(e).__name__}: "
                              f"{' '.join(str(e).split())[:300]}") from None
+
+
+def onnx_external_data(url: str, storage_options: dict | None = None) -> dict[str, str]:
+    """The files beside an ONNX graph that hold its weights: {location as the graph names it: URL}.
+    ModelLoadError, in one line, for a location that leaves the graph's folder (absolute, '..', a
+    symlink out) or a file that is not there."""
+    from transforms.onnx_model import external_data_locations
+    fs, path = storage.filesystem(url, storage_options)
+    with fs.open(path, "rb") as f:
+        graph = f.read()
+    try:
+        locations = external_data_locations(graph)
+    except ValueError as e:
+        raise ModelLoadError(f"cannot load ONNX model {url}: {e}") from None
+    files = {}
+    for location in locations:
+        data_url = posixpath.join(posixpath.dirname(url), location)
+        data_fs, data_path = storage.filesystem(data_url, storage_options)
+        if storage.is_local(fs) and not _inside(os.path.dirname(path), data_path):
+            raise ModelLoadError(f"cannot load ONNX model {url}: its data file {location[:200]!r} leaves the model's "
+                                 f"folder through a symlink; refused")
+        if not data_fs.isfile(data_path):
+            raise ModelLoadError(f"cannot load ONNX model {url}: its data file {location[:200]!r} is not beside it")
+        files[location] = data_url
+    return files
+
+
+def _inside(folder: str, path: str) -> bool:
+    """Whether ``path``, symlinks resolved, lies under ``folder``."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([folder, os.path.realpath(path)]) == folder
+
+
+@contextlib.contextmanager
+def _onnx_local_path(url: str, data: dict[str, str], storage_options: dict | None):
+    """A local path to the graph with its external data beside it: the graph itself when local,
+    else copies of both in a private temporary folder, removed after."""
+    fs, path = storage.filesystem(url, storage_options)
+    if storage.is_local(fs):
+        yield os.path.abspath(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="saliency-audit-onnx-") as folder:
+        graph = os.path.join(folder, posixpath.basename(path))
+        fs.get(path, graph)
+        for location, data_url in data.items():
+            target = os.path.join(folder, location)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            data_fs, data_path = storage.filesystem(data_url, storage_options)
+            data_fs.get(data_path, target)
+        yield graph
 
 
 def _from_file(path: str, spec: ModelSpec) -> torch.nn.Module:

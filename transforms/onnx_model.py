@@ -4,10 +4,16 @@ occlusion) and the metrics audit the very file that is deployed, not a torch cop
 
 Nothing in the file is executed as Python: onnxruntime interprets the graph. The input's layout,
 dtype and batch dimension are read from the graph (``InputSpec``) and checked in preflight.
+
+A graph may keep its weights in files beside it (``model.onnx.data``: torch.onnx.export's default),
+named by each tensor's external data ``location`` relative to the graph's folder; a location that
+leaves that folder is refused (``external_data_locations``), so a graph can only read its own files.
 """
 from __future__ import annotations
 
 import dataclasses
+import ntpath
+import posixpath
 
 import numpy as np
 import torch
@@ -45,12 +51,47 @@ class InputSpec:
         return None
 
 
+def external_data_locations(graph: bytes) -> list[str]:
+    """The external data files the graph's tensors name, each once, in order: paths relative to
+    the graph's folder. ValueError, in one line, for one that is absolute or climbs out with '..'
+    (a symlink out is for the caller, who knows the folder)."""
+    import onnx
+    locations = {}  # in order, each once
+    for tensor in _tensors(onnx.ModelProto.FromString(graph)):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        if not location:
+            raise ValueError(f"tensor {tensor.name[:80]!r} is marked as external data but names no file")
+        climbs = ".." in location.replace("\\", "/").split("/")
+        if "\0" in location or posixpath.isabs(location) or ntpath.isabs(location) \
+                or ntpath.splitdrive(location)[0] or climbs:
+            raise ValueError(f"tensor {tensor.name[:80]!r} has its data at {location[:200]!r}, which leaves the "
+                             f"model's folder (absolute, or through '..'); refused")
+        locations[location] = None
+    return list(locations)
+
+
+def _tensors(message):
+    """Every TensorProto in an ONNX message, wherever it sits: initializers, sparse tensors, node
+    attributes, subgraphs, functions (onnxruntime loads external data for each of them)."""
+    if message.DESCRIPTOR.full_name == "onnx.TensorProto":
+        yield message
+        return
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        for item in ([value] if hasattr(value, "ListFields") else value):
+            yield from _tensors(item)
+
+
 class OnnxModel(torch.nn.Module):
     """A forward-only module around an onnxruntime session: no parameters, no gradients."""
 
     differentiable = False
 
-    def __init__(self, data: bytes, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None):
+        """``path``: the graph's file, whose folder holds its external data (checked by the caller)."""
         super().__init__()
         import onnxruntime as ort
         options = ort.SessionOptions()
@@ -59,7 +100,7 @@ class OnnxModel(torch.nn.Module):
         providers = ["CPUExecutionProvider"]
         if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(data, sess_options=options, providers=providers)
+        self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
         required = [i.name for i in self.session.get_inputs()[1:]]
         if required:
             raise ValueError(f"the graph takes {len(required) + 1} inputs ({', '.join(required)} besides the "

@@ -3,6 +3,7 @@
 Layout under an audit's ``--output``::
 
     manifest.json                      the pointer: the published run's manifest, written last in one put
+    verdict.json                       the gates' verdict, naming its run (removed before each pointer put)
     saliency/run=<id>/part-*.parquet   every run writes its outputs into folders of its own (hive-style
     summary/run=<id>/  errors/run=<id>/  sanity/run=<id>/   names, so pyarrow.dataset on OUTPUT/saliency reads them)
     saliency/model=<sha256>/run=<id>/  the same for a run of an audit history (--incremental), by model
@@ -18,9 +19,10 @@ result at every moment: before the put the previous run, after it the new one.
 
 Folders of runs that lost (a failed run, a killed one, a run superseded by a later put) are
 removed by ``reclaim``, which every run calls after publishing. It deletes a run's folders only
-when neither the pointer nor the history names it and the run is finished (published or failed:
-those states are written after the run's last put, its history row included) or its heartbeat is
-stale (killed). The markers are listed *before* the pointer and the history are read: a run seen
+when neither the pointer nor the history names it (a history file that does not parse may name
+any run: while one is there, no run of the history is removed) and the run is finished
+(published or failed: those states are written after the run's last put, its history row
+included) or its heartbeat is stale (killed). The markers are listed *before* the pointer and the history are read: a run seen
 as published then had put its pointer and row before those reads, so if neither names it, it was
 superseded for good.
 """
@@ -40,6 +42,7 @@ from transforms import history, storage
 log = logging.getLogger("saliency_audit")
 
 POINTER = "manifest.json"
+VERDICT = "verdict.json"  # the gates' verdict of the published run (pipelines.gates), next to the pointer
 RUNS = "_runs"
 OUTPUTS = ("saliency", "summary", "errors", "sanity", "findings")
 HEARTBEAT_S = 60.0
@@ -146,9 +149,15 @@ def commit(run: Run, manifest: dict, after_pointer: Callable[[], None] | None = 
     """Make the run the audit's result: its manifest becomes the pointer (one put), then
     ``after_pointer`` runs (the gates, the history's row), then its marker says published, which
     lets later runs reclaim it once superseded. Raises only if the pointer was not written; once
-    it is, the run is the result whatever happens next."""
+    it is, the run is the result whatever happens next.
+
+    The previous run's verdict.json is removed before the pointer is put: there is no atomic pair
+    of puts, so a verdict could otherwise sit beside a manifest it does not judge. A verdict
+    names its run (``audit.run_id``) and the manifest says whether its run writes one
+    (``verdict``), so a reader can tell a missing or foreign verdict even when runs race."""
     body = _json(manifest)
     storage.write_bytes_atomic(run.private(POINTER), body, run.storage_options)
+    storage.remove_tree(storage.join(run.output, VERDICT), run.storage_options)
     storage.write_bytes_atomic(storage.join(run.output, POINTER), body, run.storage_options)
     if after_pointer is not None:
         try:
@@ -239,17 +248,20 @@ def reclaim(output: str, storage_options: dict[str, Any] | None = None, stale_af
     try:
         markers = list_markers(output, storage_options)  # before the pointer: see the module's docstring
         current = published_run(read_pointer(output, storage_options))
-        recorded = history.recorded_runs(output, storage_options) if markers else set()
+        recorded = history.recorded_runs(output, storage_options) if markers else history.Recorded(set(), [])
+        if recorded.unreadable:
+            log.warning("reclaim of %s keeps every run of the history: %s in %s/ unreadable (repair or remove it)",
+                        output, ", ".join(recorded.unreadable), history.FOLDER)
         for run_id, marker in sorted(markers.items()):
-            if run_id in (current, keep) or run_id in recorded:
+            model = marker.get("model")
+            model = model if history.MODEL.fullmatch(str(model)) else None  # a history's run, by model
+            if run_id in (current, keep) or run_id in recorded.runs or (model and recorded.unreadable):
                 continue
             age = _age_s(marker.get("heartbeat"))
             finished = marker.get("state") == "published" or (
                 marker.get("state") == "failed" and (not marker.get("pointer_attempted") or age > LATE_PUT_GRACE_S))
             if finished or age > stale_after_s:
-                model = marker.get("model")
-                _remove_run(Run(output, run_id, storage_options, model if history.MODEL.fullmatch(str(model))
-                                else None))
+                _remove_run(Run(output, run_id, storage_options, model))
                 removed.append(run_id)
         _remove_legacy(output, storage_options, current)
         _remove_temporaries(output, storage_options, stale_after_s)

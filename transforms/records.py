@@ -27,6 +27,12 @@ class RawImage:
     mask: bytes | None = None
     boxes: list[list[float]] | None = None
 
+    @property
+    def content_sha256(self) -> str:
+        """The image's identity beyond its id: sha256 (hex) of its encoded bytes as the shard holds
+        them, so an id whose image was replaced is not taken for the one explained before."""
+        return hashlib.sha256(self.data).hexdigest()
+
 
 @dataclasses.dataclass
 class ErrorRecord:
@@ -59,17 +65,19 @@ class ImageBatch:
     # row of masks is all False and its localisation metrics are null); None with masks None.
     masks: np.ndarray | None = None
     has_mask: list[bool] | None = None
+    content_sha256: list[str] | None = None  # per image, RawImage.content_sha256
 
     def take(self, rows: list[int]) -> "ImageBatch":
         """The batch of these rows only, in this order."""
         has_mask = None if self.has_mask is None else [self.has_mask[i] for i in rows]
         if not any(has_mask or ()):  # keep "masks is None" meaning "no ground truth here"
             has_mask = None
+        hashes = None if self.content_sha256 is None else [self.content_sha256[i] for i in rows]
         return ImageBatch(image_ids=[self.image_ids[i] for i in rows], sources=[self.sources[i] for i in rows],
                           labels=[self.labels[i] for i in rows], sizes=[self.sizes[i] for i in rows],
                           pixels=self.pixels[rows], skip=None if self.skip is None else [self.skip[i] for i in rows],
                           masks=None if has_mask is None or self.masks is None else self.masks[rows],
-                          has_mask=has_mask)
+                          has_mask=has_mask, content_sha256=hashes)
 
 
 def seed_for(image_id: str, base_seed: int = 0) -> int:

@@ -17,8 +17,10 @@ _TYPES = {
 SALIENCY_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("source", pa.string()),
+    pa.field("content_sha256", pa.string()),      # hex sha256 of the image's encoded bytes in the shard
     pa.field("label", pa.int64()),
     pa.field("method", pa.string(), nullable=False),
+    pa.field("method_fingerprint", pa.string()),  # in an audit history: what made the map but the model and image
     pa.field("target", pa.int64()),
     pa.field("predicted", pa.int64()),
     pa.field("score", pa.float32()),           # softmax probability of the target

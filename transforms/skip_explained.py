@@ -2,9 +2,11 @@
 
 The launcher (pipelines.incremental) has already left out the shards every method explained
 before and says, per shard it reads, which methods are still to run there. Within those shards
-an image id the history already explained (for this model, with the same method options) is
-found by a join of two id listings, the shards' and the history's saliency files', so the side
-input the main pass reads holds only the ids that are in both: the repeats, not the dataset.
+an image the history already explained (for this model, with the same method options) is found
+by a join of two id listings, the shards' and the history's saliency files', so the side input
+the main pass reads holds only the ids that are in both: the repeats, not the dataset. An image
+counts by its id and its content (the sha256 of its bytes): the history's newest map of the id
+must be of the image read now, else it is explained again.
 
 Every (image, method) pair a read record reaches is explained, an error, or skipped here, and the
 skipped ones are counted (tag ``skipped``: ((method, shard), n)), so read = explained + errors +
@@ -23,51 +25,78 @@ from transforms import storage
 from transforms.records import ImageBatch
 
 SKIPPED = "skipped"
+CONTENT = "content_sha256"  # the saliency rows' column (transforms.rows)
+NO_CONTENT = ""  # a recorded map without a content hash: it matches no image read
 log = logging.getLogger("saliency_audit")
 
 
-def explained_ids(url: str, methods: tuple[str, ...], storage_options: dict[str, Any] | None):
-    """(image_id, method) for each row of one recorded saliency file whose method counts. A file
-    that is gone or unreadable holds nothing: its images are explained again."""
+def explained_ids(url: str, run_id: str, methods: tuple[str, ...], storage_options: dict[str, Any] | None):
+    """(image_id, method, content sha256, run id) for each row of one recorded saliency file whose
+    method counts. A file that is gone or unreadable holds nothing: its images are explained
+    again. A file written before content hashes were recorded gives NO_CONTENT, which matches no
+    image read: whether its maps are of the images read now is unknown."""
     try:
         fs, path = storage.filesystem(url, storage_options)
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["image_id", "method"])
+            parquet = pq.ParquetFile(f)
+            columns = [c for c in ("image_id", "method", CONTENT) if c in parquet.schema_arrow.names]
+            table = parquet.read(columns=columns)
     except Exception as e:  # noqa: BLE001 - the history's files are another run's output
         log.warning("history file %s unreadable (%s: %s); its images will be explained again", url,
                     type(e).__name__, " ".join(str(e).split())[:120])
         return
     wanted = set(methods)
-    for image_id, method in zip(table.column("image_id").to_pylist(), table.column("method").to_pylist()):
+    contents = table.column(CONTENT).to_pylist() if CONTENT in table.column_names else [None] * table.num_rows
+    for image_id, method, content in zip(table.column("image_id").to_pylist(), table.column("method").to_pylist(),
+                                         contents):
         if method in wanted and isinstance(image_id, str):
-            yield image_id, method
+            yield image_id, method, content or NO_CONTENT, run_id
 
 
-class _InBoth(beam.CombineFn):
-    """(in this run's shards, methods the history explained) of one image id."""
+def _newer(seen: tuple[str, str], other: tuple[str, str] | None) -> tuple[str, str]:
+    """Of two (run id, content): the later run's (run ids sort by start time); ties by content,
+    so that every runner picks the same."""
+    return seen if other is None or seen > other else other
+
+
+class _NewestContent(beam.CombineFn):
+    """Of one image id: the contents this run's shards hold under it, and per method the newest
+    recorded run's (run id, content)."""
 
     def create_accumulator(self):
-        return False, frozenset()
+        return set(), {}
 
     def add_input(self, acc, value):
-        kind, method = value
-        return (acc[0] or kind == "input"), (acc[1] | {method} if kind == "done" else acc[1])
+        contents, newest = acc
+        if value[0] == "input":
+            contents.add(value[1])
+        else:
+            _, method, content, run_id = value
+            newest[method] = _newer((run_id, content), newest.get(method))
+        return acc
 
     def merge_accumulators(self, accumulators):
-        found, methods = False, frozenset()
-        for f, m in accumulators:
-            found, methods = found or f, methods | m
-        return found, methods
+        contents, newest = set(), {}
+        for more, seen in accumulators:
+            contents |= more
+            for method, run_content in seen.items():
+                newest[method] = _newer(run_content, newest.get(method))
+        return contents, newest
 
     def extract_output(self, acc):
-        return acc
+        """content read -> the methods whose newest recorded map is of that content."""
+        contents, newest = acc
+        return {content: tuple(sorted(m for m, (_, done) in newest.items() if done == content)) for content in contents}
 
 
 class ExplainedBefore(beam.PTransform):
-    """(image_id, shard url) of the shards read -> (image_id, methods the history explained it
-    with), for the ids in both."""
+    """(image_id, shard url, content) of the shards read -> ((image_id, content), methods whose
+    newest recorded map in the history is of that very content). An id whose image changed since
+    (another content under the same id) is explained again, and so is one whose image changed and
+    changed back: the newest map is of the other image."""
 
-    def __init__(self, history_files: dict[str, tuple[str, ...]], storage_options: dict[str, Any] | None):
+    def __init__(self, history_files: dict[str, tuple[str, tuple[str, ...]]],
+                 storage_options: dict[str, Any] | None):
         super().__init__()
         self.history_files, self.storage_options = history_files, storage_options
 
@@ -75,27 +104,31 @@ class ExplainedBefore(beam.PTransform):
         done = (listed.pipeline
                 | "HistoryFiles" >> beam.Create(sorted(self.history_files.items()))
                 | "SpreadHistoryFiles" >> beam.Reshuffle()
-                | "HistoryIds" >> beam.FlatMap(lambda kv, options: explained_ids(*kv, options), self.storage_options)
-                | "Done" >> beam.MapTuple(lambda image_id, method: (image_id, ("done", method))))
-        read = listed | "Input" >> beam.MapTuple(lambda image_id, _: (image_id, ("input", None)))
+                | "HistoryIds" >> beam.FlatMap(lambda kv, options: explained_ids(kv[0], *kv[1], options),
+                                               self.storage_options)
+                | "Done" >> beam.Map(lambda found: (found[0], ("done", *found[1:]))))
+        read = listed | "Input" >> beam.MapTuple(lambda image_id, _, content: (image_id, ("input", content)))
         return ((done, read) | "BothSides" >> beam.Flatten()
-                | "PerId" >> beam.CombinePerKey(_InBoth())
-                | "InBoth" >> beam.Filter(lambda kv: kv[1][0] and kv[1][1])
-                | "Methods" >> beam.MapTuple(lambda image_id, acc: (image_id, tuple(sorted(acc[1])))))
+                | "PerId" >> beam.CombinePerKey(_NewestContent())
+                | "SameContent" >> beam.FlatMapTuple(
+                    lambda image_id, found: [((image_id, content), methods) for content, methods in found.items()
+                                             if methods]))
 
 
 class SkipExplained(beam.DoFn):
     """Batches -> the same batches, each image marked with the methods it skips (the shard's
-    methods already explained, and the history's for its id); images that skip every method
+    methods already explained, and the history's for its id and content); images that skip every method
     are dropped here, before the model sees them."""
 
     def __init__(self, methods: list[str], needed: dict[str, tuple[str, ...]]):
         self.methods, self.needed = list(methods), needed
 
-    def process(self, batch: ImageBatch, done: dict[str, tuple[str, ...]]):
+    def process(self, batch: ImageBatch, done: dict[tuple[str, str], tuple[str, ...]]):
         everything = frozenset(self.methods)
         shard_done = everything - frozenset(self.needed.get(batch.sources[0], self.methods))
-        skip = [shard_done | frozenset(done.get(image_id, ())) for image_id in batch.image_ids]
+        contents = batch.content_sha256 or [None] * len(batch.image_ids)
+        skip = [shard_done | frozenset(done.get((image_id, content), ()))
+                for image_id, content in zip(batch.image_ids, contents)]
         keep = [i for i, s in enumerate(skip) if not everything <= s]
         dropped = len(skip) - len(keep)
         if dropped:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -95,37 +95,43 @@ def plan_chunks(pairs: list[tuple[str, str, int, int]], budget: int = MAP_BUDGET
 class MapReader:
     """Reads the maps of chunks of images from one audit's saliency files, bounded in memory.
 
-    Files are streamed in record batches of about a quarter of the budget (a dataset scan would
-    decode a file's whole row group, which the audit writes as one), only the files that hold a
-    chunk's rows are opened, each is left as soon as it has given them, and maps go from Arrow
-    buffers to numpy without a Python object per value."""
+    Each file's (image_id, method) keys are held as Arrow columns (some 30 bytes a row, no Python
+    object per row). For a chunk, only the files and row groups that hold its rows are read, in
+    record batches of about a quarter of the budget (a dataset scan would decode a whole row group,
+    which the audit may write as one), each left as soon as it has given them, and maps go from
+    Arrow buffers to numpy without a Python object per value."""
 
     def __init__(self, audit: AuditDir, budget: int = MAP_BUDGET):
         dataset = audit._dataset("saliency")
         self.budget, self.files = budget, list(dataset.files) if dataset is not None else []
         self.filesystem = dataset.filesystem if dataset is not None else None
-        self.where: dict[tuple[str, str], int] = {}  # (image_id, method) -> index of its file
-        for index, path in enumerate(self.files):
+        self.keys: list[pa.Table] = []  # per file: its rows' image_id and method, in file order
+        self.group_starts: list[np.ndarray] = []  # per file: the first row of each of its row groups
+        for path in self.files:
             with self.filesystem.open_input_file(path) as f:
-                keys = pq.read_table(f, columns=["image_id", "method"])
-            self.where.update(dict.fromkeys(zip(keys.column("image_id").to_pylist(),
-                                                keys.column("method").to_pylist()), index))
+                parquet = pq.ParquetFile(f)
+                self.keys.append(parquet.read(columns=["image_id", "method"]))
+                sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+            self.group_starts.append(np.cumsum([0, *sizes])[:-1])
 
     def read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
         """The chunk's maps [N,H,W] float32 (in chunk.ids order) and which of them were found."""
         position = {image_id: i for i, image_id in enumerate(chunk.ids)}
         maps = np.zeros((len(chunk.ids), chunk.height, chunk.width), dtype=np.float32)
         found = np.zeros(len(chunk.ids), dtype=bool)
-        per_file = defaultdict(int)
-        for image_id in chunk.ids:
-            if (image_id, chunk.method) in self.where:
-                per_file[self.where[(image_id, chunk.method)]] += 1
         pixels = chunk.height * chunk.width
         wanted = pa.array(chunk.ids, pa.string())
-        for index, expected in sorted(per_file.items()):
-            with self.filesystem.open_input_file(self.files[index]) as f:
+        for path, keys, starts in zip(self.files, self.keys, self.group_starts):
+            rows = pc.indices_nonzero(pc.fill_null(pc.and_(pc.equal(keys["method"], chunk.method),
+                                                           pc.is_in(keys["image_id"], value_set=wanted)), False))
+            if not len(rows):
+                continue
+            expected = len(rows)
+            groups = np.unique(np.searchsorted(starts, rows.to_numpy(), side="right") - 1).tolist()
+            with self.filesystem.open_input_file(path) as f:
                 batches = pq.ParquetFile(f, pre_buffer=False).iter_batches(
-                    batch_size=max(1, self.budget // 4 // (4 * pixels)), columns=["image_id", "method", "saliency"])
+                    batch_size=max(1, self.budget // 4 // (4 * pixels)), row_groups=groups,
+                    columns=["image_id", "method", "saliency"])
                 for batch in batches:
                     keep = pc.and_(pc.equal(batch.column("method"), chunk.method),
                                    pc.is_in(batch.column("image_id"), value_set=wanted))
@@ -214,8 +220,13 @@ def paired_maps(audit_a: AuditDir, audit_b: AuditDir, pairs: list[tuple], budget
     """(chunk, maps of A, maps of B) for the (image, method, height, width) pairs both audits
     hold, a chunk of about ``budget`` bytes at a time; ``chunk.ids`` keeps only the images whose
     map both audits could read (a map missing or of another size than its row says is left out)."""
-    reader_a, reader_b = MapReader(audit_a, budget), MapReader(audit_b, budget)
-    for chunk in plan_chunks(pairs, budget):
+    yield from read_paired(MapReader(audit_a, budget), MapReader(audit_b, budget), plan_chunks(pairs, budget))
+
+
+def read_paired(reader_a: MapReader, reader_b: MapReader, chunks: Iterable[Chunk]
+                ) -> Iterator[tuple[Chunk, np.ndarray, np.ndarray]]:
+    """``paired_maps`` for chunks planned elsewhere (the gates plan theirs from Arrow tables)."""
+    for chunk in chunks:
         maps_a, found_a = reader_a.read(chunk)
         maps_b, found_b = reader_b.read(chunk)
         keep = found_a & found_b

@@ -7,9 +7,11 @@ Size: ``LABEL_WIDTH + (1 + methods) * cell`` by ``HEADER_HEIGHT + images * cell`
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.reporting import render
+from pipelines.reporting.aggregate import SmallestIds
 from pipelines.reporting.audit_dir import AuditDir, saliency_map
 from transforms import storage
 
@@ -81,13 +83,17 @@ def save_figure(audit: AuditDir, image_ids: list[str], output: str, methods: lis
 
 def example_ids(audit: AuditDir, classes: tuple[int, ...] = (9, 0)) -> list[str]:
     """The first correctly classified image of each class, by id (the literature's figure shows a
-    handwritten 9 and 0); the first images of the audit where a class is missing."""
-    rows = sorted(audit.rows("saliency", ["image_id", "label", "predicted"]), key=lambda r: r["image_id"])
+    handwritten 9 and 0); the first images of the audit where a class is missing. Streamed: per
+    class, and overall, the len(classes) smallest ids are all the choice below can reach for."""
+    correct, first = SmallestIds(len(classes)), SmallestIds(len(classes))
+    for batch in audit.scan("saliency", ["image_id", "label", "predicted"]):
+        right = pc.fill_null(pc.equal(batch.column("label"), batch.column("predicted")), False)
+        correct.add(batch.column("image_id").filter(right), batch.column("label").filter(right))
+        first.add(batch.column("image_id"))
     chosen = []
     for cls in classes:
-        match = next((r["image_id"] for r in rows if r["label"] == cls == r["predicted"]
-                      and r["image_id"] not in chosen), None)
-        fallback = next((r["image_id"] for r in rows if r["image_id"] not in chosen), None)
+        match = next((i for i in correct.ids(cls) if i not in chosen), None)
+        fallback = next((i for i in first.ids() if i not in chosen), None)
         if match or fallback:
             chosen.append(match or fallback)
     return chosen

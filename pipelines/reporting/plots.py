@@ -16,16 +16,38 @@ def _finite(values) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
-def histogram(values, reference=None, *, title: str, value_range: tuple[float, float],
-              bins: int = 20, width: int = 220, height: int = 120) -> Raw:
-    """One panel: the values' histogram, and ``reference`` (e.g. the random order) as a grey outline."""
-    values, reference = _finite(values), _finite(reference or [])
-    low, high = value_range
-    if high <= low:
-        low, high = low - 0.5, high + 0.5
-    edges = np.linspace(low, high, bins + 1)
-    counts = np.histogram(np.clip(values, low, high), edges)[0]
-    ref_counts = np.histogram(np.clip(reference, low, high), edges)[0] if reference else np.zeros(bins)
+class Bins:
+    """A histogram's counts over fixed edges, filled a batch at a time, with the count and sum of
+    the finite values that went in (the panel's n and mean): the values themselves are not kept."""
+
+    def __init__(self, value_range: tuple[float, float], bins: int = 20):
+        low, high = value_range
+        if high <= low:
+            low, high = low - 0.5, high + 0.5
+        self.low, self.high = low, high
+        self.edges = np.linspace(low, high, bins + 1)
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.n, self.total = 0, 0.0
+
+    def add(self, values) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        self.counts += np.histogram(np.clip(values, self.low, self.high), self.edges)[0]
+        self.n += len(values)
+        self.total += float(np.sum(values))
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.n if self.n else None
+
+
+def histogram(values: Bins, reference: Bins | None = None, *, title: str, width: int = 220,
+              height: int = 120) -> Raw:
+    """One panel: the values' histogram, and ``reference`` (e.g. the random order, binned alike) as
+    a grey outline."""
+    counts, low, high, bins = values.counts, values.low, values.high, len(values.counts)
+    reference = reference if reference is not None and reference.n else None
+    ref_counts = reference.counts if reference is not None else np.zeros(bins)
     left, right, top, bottom = 8, width - 8, 30, height - 18
     peak = max(counts.max(initial=0), ref_counts.max(initial=0), 1)
     bar = (right - left) / bins
@@ -36,13 +58,12 @@ def histogram(values, reference=None, *, title: str, value_range: tuple[float, f
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
              f'<title>{esc(title)}</title>',
              f'<text x="{left}" y="12" {_FONT} font-weight="600">{esc(title)}</text>',
-             f'<text x="{left}" y="25" {_FONT} fill="#555">n {len(values)}, mean '
-             f'{esc(number(float(np.mean(values)) if values else None))}</text>']
+             f'<text x="{left}" y="25" {_FONT} fill="#555">n {values.n}, mean {esc(number(values.mean))}</text>']
     for i, count in enumerate(counts):
         if count:
             parts.append(f'<rect x="{left + i * bar:.1f}" y="{y(count):.1f}" width="{max(bar - 1, 1):.1f}" '
                          f'height="{bottom - y(count):.1f}" fill="{PALETTE[0]}" fill-opacity="0.8"/>')
-    if reference:
+    if reference is not None:
         steps = " ".join(f"{left + i * bar:.1f},{y(c):.1f} {left + (i + 1) * bar:.1f},{y(c):.1f}"
                          for i, c in enumerate(ref_counts))
         parts.append(f'<polyline points="{steps}" fill="none" stroke="#777" stroke-width="1.2"/>')

@@ -6,7 +6,9 @@ and the trend of the gated statistics across them, a table of methods with their
 per-class numbers, the sanity check, per-class galleries (image, map, overlay), misclassified
 images, the worst and best images by faithfulness, metric distributions, ABELE's relevance
 curves, rules and exemplars of the superpixel methods and abele, and the errors. Galleries hold a
-bounded number of images, so the page stays a few MB whatever the size of the audit.
+bounded number of images, so the page stays a few MB whatever the size of the audit, and the rows
+behind it are streamed (``pipelines.reporting.aggregate``), so its memory does not grow with the
+audit either.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipelines.reporting import render
+from pipelines.reporting import aggregate, render
 from pipelines.reporting.audit_dir import AuditDir, saliency_map
 from pipelines.reporting.html import Raw, details, img, markup, number, page, paragraph, table
 from pipelines.reporting.plots import histogram, line_chart
@@ -60,13 +62,6 @@ HISTORY_STATISTICS = (("error_rate", "error rate", (0.0, 0.02)), ("deletion_auc"
                       ("constant_share", "share of constant maps", (0.0, 0.1)))
 HISTORY_SLOTS = 60     # newest slots on the page at most, so it stays small however long the schedule runs
 SLOT_LABEL = 12        # longer slot names are charted as their number in the table
-
-
-def faithfulness_gain(row: dict) -> float | None:
-    """How far below the random order the deletion curve falls (higher = more faithful)."""
-    if row.get("deletion_auc") is None or row.get("deletion_auc_random") is None:
-        return None
-    return row["deletion_auc_random"] - row["deletion_auc"]
 
 
 class Thumbnails:
@@ -142,20 +137,19 @@ def _examples(finding: dict) -> list[str]:
 
 class Report:
     def __init__(self, audit: AuditDir, *, per_class: int = 3, extremes: int = 4, misclassified: int = 8):
-        self.audit, self.per_class, self.extremes, self.n_misclassified = audit, per_class, extremes, misclassified
+        self.audit, self.per_class = audit, per_class
         self.methods = audit.methods
-        self.rows = audit.scalar_rows()
         self.summary = audit.rows("summary")
         self.overall = {s["method"]: s for s in self.summary if s["target"] is None}
         self.columns = set(audit.columns("saliency").names)
-        self.classes = sorted({r["target"] for r in self.rows if r["target"] is not None})
-        self.first_row = {}
-        for r in self.rows:
-            self.first_row.setdefault(r["image_id"], r)
+        self.picks = aggregate.pick_images(audit, self.methods, per_class=per_class, extremes=extremes,
+                                           misclassified_shown=misclassified)
+        self.classes = self.picks.classes
+        self.image_count, self.misclassified_count = aggregate.count_images(audit)
         self.findings = self._findings()
-        self.selection = self._select()
-        self.selection["findings"] = [i for f in self.findings for i in _examples(f)]
+        self.selection = {**self.picks.selection, "findings": [i for f in self.findings for i in _examples(f)]}
         wanted = {i for ids in self.selection.values() for i in ids}
+        self.first_row = aggregate.first_rows(audit, wanted, ["label", "predicted", "predicted_score"])
         maps = audit.map_rows(wanted)
         sources = {image_id: row["source"] for (image_id, _), row in maps.items()}
         self.thumbs = Thumbnails(audit, maps, audit.images(sources))
@@ -170,24 +164,6 @@ class Report:
         flagged = [r for r in rows if r.get("flagged")]
         shown = flagged or [r for m in self.methods for r in [x for x in rows if x.get("method") == m][:FINDINGS_SHOWN]]
         return sorted(shown, key=lambda r: -r["score"])[:FINDINGS_MAX]
-
-    # ---- which images the page shows ----
-    def _select(self) -> dict[str, list[str]]:
-        ids_by_class = defaultdict(set)
-        for r in self.rows:
-            ids_by_class[r["target"]].add(r["image_id"])
-        selection = {f"class:{c}": sorted(ids_by_class[c])[: self.per_class] for c in self.classes}
-        wrong = sorted({r["image_id"] for r in self.rows if r["label"] is not None and r["label"] != r["predicted"]})
-        selection["misclassified"] = wrong[: self.n_misclassified]
-        for method in self.methods:
-            scored = sorted(((faithfulness_gain(r), r["image_id"]) for r in self.rows
-                             if r["method"] == method and faithfulness_gain(r) is not None))
-            selection[f"worst:{method}"] = [i for _, i in scored[: self.extremes]]
-            selection[f"best:{method}"] = [i for _, i in scored[::-1][: self.extremes]]
-        return selection
-
-    def _rows_of(self, method: str) -> list[dict]:
-        return [r for r in self.rows if r["method"] == method]
 
     # ---- sections ----
     def verdict_section(self) -> str:
@@ -205,7 +181,10 @@ class Report:
         status = str(verdict.get("status"))
         audited = verdict.get("audit") if isinstance(verdict.get("audit"), dict) else {}
         baseline = verdict.get("baseline") if isinstance(verdict.get("baseline"), dict) else None
-        stale = audited.get("run_id") != self.audit.manifest.get("run_id")
+        if audited.get("run_id") != self.audit.manifest.get("run_id"):  # an earlier run's, or a racing run's
+            return markup('<p class="flag">{}</p>', f"verdict.json is of run {audited.get('run_id')}, not of the run "
+                                                     f"this report shows ({self.audit.manifest.get('run_id')}): "
+                                                     f"ignored (docs/gates.md)")
         failed = verdict.get("failed") if isinstance(verdict.get("failed"), list) else []
         lead = markup('<p class="{}">{}</p>', "flag" if status != "pass" else "ok",
                       f"Gates: {status.upper()}" + (f" (failed: {', '.join(map(str, failed))})" if failed else ""))
@@ -214,12 +193,9 @@ class Report:
         note = paragraph(f"Verdict of run {audited.get('run_id')} {against}. A gate is skipped, not passed, when it "
                          f"cannot be evaluated; the reason says why. Worst images: the ones that weigh most against "
                          f"the gate. (docs/gates.md)")
-        shown = self.audit.manifest.get("run_id")
-        warn = markup('<p class="flag">{}</p>', f"This verdict is of run {audited.get('run_id')}, not of the run "
-                                                 f"this report shows ({shown}).") if stale else ""
         gates = sorted((g for g in verdict["gates"] if isinstance(g, dict)), key=lambda g: g.get("status") != "fail")
-        return lead + warn + note + table(["gate", "method", "status", "value", "bound", "threshold", "worst images",
-                                           "why"], [self._gate_row(g) for g in gates])
+        return lead + note + table(["gate", "method", "status", "value", "bound", "threshold", "worst images",
+                                    "why"], [self._gate_row(g) for g in gates])
 
     @staticmethod
     def _gate_row(gate: dict) -> list:
@@ -237,15 +213,10 @@ class Report:
                 value(gate.get("threshold")), shown, str(gate.get("reason") or "")]
 
     # ---- the audit history (run --incremental) ----
-    def _history_rows(self) -> tuple[list[dict], int]:
-        """The history's rows, and how many of its files were left out (history.read logs why)."""
-        rows = history.read(self.audit.path, self.audit.storage_options)
-        fs, folder = storage.filesystem(storage.join(self.audit.path, history.FOLDER), self.audit.storage_options)
-        try:
-            listed = len(fs.glob(f"{folder}/*.parquet"))
-        except FileNotFoundError:
-            listed = 0
-        return rows, max(listed - len(rows), 0)
+    def _history_rows(self) -> tuple[list[dict], dict[str, str]]:
+        """The history's rows, and its files left out: name -> why."""
+        left_out: dict[str, str] = {}
+        return history.read(self.audit.path, self.audit.storage_options, left_out), left_out
 
     def history_section(self) -> str:
         """An incremental audit's slots and, per method, the trend of the statistics the gates judge.
@@ -255,9 +226,8 @@ class Report:
         except Exception as e:  # noqa: BLE001 - whatever storage raises costs this section, never the page
             return markup('<p class="flag">{}</p>', f"The audit history is unreadable: {type(e).__name__}: "
                                                     f"{' '.join(str(e).split())[:200]}")
-        note = markup('<p class="flag">{}</p>', f"{left_out} file(s) in {history.FOLDER}/ are left out: not a valid "
-                                                 f"record of their slot, or their maps are gone (the job's log says "
-                                                 f"why).") if left_out else ""
+        note = markup('<p class="flag">{}</p>', f"{len(left_out)} file(s) in {history.FOLDER}/ are left out: "
+                      + "; ".join(f"{name}: {why}" for name, why in left_out.items())) if left_out else ""
         if not every:
             return note
         first = max(len(every) - HISTORY_SLOTS, 0)
@@ -533,58 +503,44 @@ class Report:
         ids = self.selection["misclassified"]
         if not ids:
             return paragraph("No labelled image is misclassified (or the images carry no labels).")
-        total = len({r["image_id"] for r in self.rows if r["label"] is not None and r["label"] != r["predicted"]})
-        return paragraph(f"{total} labelled image(s) misclassified; the first {len(ids)} by id:") + self._gallery(
-            ids, self._caption)
+        return (paragraph(f"{self.misclassified_count} labelled image(s) misclassified; the first {len(ids)} by id:")
+                + self._gallery(ids, self._caption))
 
     def extremes_section(self) -> str:
         if not self._present("deletion_auc"):
             return paragraph("No metrics in this audit (run without --no-metrics).")
         parts = [paragraph("Per method, the images whose deletion curve falls furthest below (best) and least below "
                            "or above (worst) the random order's: random deletion AUC minus the map's.")]
-        by_key = {(r["image_id"], r["method"]): r for r in self.rows}
         for method in self.methods:
             cells = []
             for kind in ("worst", "best"):
-                for image_id in self.selection[f"{kind}:{method}"]:
-                    r = by_key[(image_id, method)]
+                for r in self.picks.extremes.get((kind, method), []):
+                    image_id = r["image_id"]
                     cells.append(markup("{}{}<br>{}: {}, class {}<br>deletion {} vs random {}<br>insertion {} vs "
                                         "random {}", self.thumbs.image(image_id), self.thumbs.overlay(image_id, method),
-                                        kind, image_id, r["target"], number(r["deletion_auc"]),
-                                        number(r["deletion_auc_random"]), number(r["insertion_auc"]),
-                                        number(r["insertion_auc_random"])))
+                                        kind, image_id, r.get("target"), number(r["deletion_auc"]),
+                                        number(r["deletion_auc_random"]), number(r.get("insertion_auc")),
+                                        number(r.get("insertion_auc_random"))))
             if cells:
                 parts.append(markup("<h3>{}</h3>", method) + table([], [cells], "gallery"))
         return "".join(parts)
 
     def distributions_section(self) -> str:
-        metrics = [m for m in ("deletion_auc", "insertion_auc", "gini", *ABELE_COLUMNS, *ROAD_COLUMNS,
-                               *LOCALISATION_COLUMNS, "time_ms")
-                   if any(r.get(m) is not None for r in self.rows)]
         parts = [paragraph("Histograms per method; for deletion and insertion the grey outline is the random order.")]
-        for metric in metrics:
-            reference = f"{metric}_random" if f"{metric}_random" in self.columns else None
-            every = [r[k] for r in self.rows for k in (metric, reference) if k and r.get(k) is not None
-                     and math.isfinite(r[k])]
-            value_range = (min(every), max(every)) if every else (0.0, 1.0)
-            panels = "".join(histogram([r[metric] for r in self._rows_of(m)],
-                                       [r[reference] for r in self._rows_of(m)] if reference else None,
-                                       title=m, value_range=value_range) for m in self.methods)
-            parts.append(markup('<h3>{}</h3><div class="plots">{}</div>', metric.replace("_", " "), Raw(panels)))
+        for distribution in aggregate.distributions(self.audit, self.methods):
+            panels = "".join(histogram(*distribution.panels[m], title=m) for m in self.methods)
+            parts.append(markup('<h3>{}</h3><div class="plots">{}</div>', distribution.metric.replace("_", " "),
+                                Raw(panels)))
         return "".join(parts)
 
     def relevance_section(self) -> str:
         if "relevance_curve" not in self.columns or not self._present("relevance_0"):
             return ""
-        curves = defaultdict(list)
-        for r in self.audit.rows("saliency", ["method", "relevance_curve"]):
-            if r["relevance_curve"]:
-                curves[r["method"]].append(r["relevance_curve"])
+        curves = aggregate.mean_curves(self.audit, "relevance_curve")
         percentiles = ["min"] + [str(p) for p in range(5, 100, 5)] + ["max"]
         charts = []
         for k, fill in enumerate((0, 127, 255)):
-            series = {m: list(np.mean(np.asarray(curves[m])[:, 21 * k:21 * (k + 1)], axis=0))
-                      for m in self.methods if curves.get(m)}
+            series = {m: list(curves[m][21 * k:21 * (k + 1)]) for m in self.methods if m in curves}
             charts.append(line_chart(percentiles, series, title=f"pixels set to {fill}", y_label="label-flip rate",
                                      y_range=(0.0, 1.0)))
         return (paragraph("ABELE's relevance test: the share of images whose label flips when the pixels below each "
@@ -658,20 +614,16 @@ class Report:
         return "".join(parts)
 
     def errors_section(self) -> str:
-        errors = self.audit.rows("errors")
-        if not errors:
+        errors = aggregate.errors(self.audit, shown=100)
+        if not errors.total:
             return paragraph("No errors: every record read was explained by every method.")
-        counts = defaultdict(int)
-        for e in errors:
-            counts[(e["stage"], e["method"] or "all methods")] += 1
-        shown = errors[:100]
-        return (paragraph(f"{len(errors)} record(s) could not be explained. A failure before any method ran counts "
+        return (paragraph(f"{errors.total} record(s) could not be explained. A failure before any method ran counts "
                           f"against every method.")
-                + table(["stage", "method", "records"], [(s, m, n) for (s, m), n in sorted(counts.items())])
+                + table(["stage", "method", "records"], [(s, m, n) for (s, m), n in sorted(errors.counts.items())])
                 + table(["image id", "source", "stage", "method", "reason"],
                         [(e["image_id"], (e["source"] or "").rsplit("/", 1)[-1], e["stage"], e["method"] or "all",
-                          e["reason"]) for e in shown])
-                + (paragraph(f"First 100 of {len(errors)} shown; all are in errors/.") if len(errors) > 100 else ""))
+                          e["reason"]) for e in errors.first])
+                + (paragraph(f"First 100 of {errors.total} shown; all are in errors/.") if errors.total > 100 else ""))
 
     def html(self) -> str:
         m = self.audit.manifest
@@ -690,7 +642,7 @@ class Report:
                     ("errors", "Errors", self.errors_section()),
                     ("run", "The run", self.run_section())]
         subtitle = (f"Run {m.get('run_id')}, {m.get('finished')}, status {m.get('status')}: "
-                    f"{len({r['image_id'] for r in self.rows})} images explained by {len(self.methods)} method(s). "
+                    f"{self.image_count} images explained by {len(self.methods)} method(s). "
                     f"{render.DISPLAY_NOTE}")
         return page("Saliency audit report", subtitle, [s for s in sections if s[2]])
 
