@@ -4,7 +4,7 @@ gradient methods, printed as a Markdown table.
     python benchmarks/abele_method.py [--images 20] [--neighbours 1000] [--threads 2]
 
 Same digits (the first bundled test digits), model (pipelines/demo_data/mnist_cnn.pt), seeds
-and metric for every method: RISE deletion AUC (explainers.metrics.deletion_auc: one image row
+and metric for every method: RISE deletion AUC (saliency_audit.explainers.metrics.deletion_auc: one image row
 per step, zero substrate, pixels ranked by the signed map; lower is better). abele runs at the
 reference defaults with the bundled AAE (pipelines/demo_data/mnist_aae.pt), all images in one
 call; it is also scored with ABELE's own "relevancy" ranking (1 - |map| / 127.5, highest
@@ -34,8 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from explainers import get_explainer
-    from explainers.metrics import deletion_auc, random_maps
+    from saliency_audit.explainers import get_explainer
+    from saliency_audit.explainers.metrics import deletion_auc, random_maps
 
     model = load_model()
     images = load_digits(args.images)

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from explainers import get_explainer  # noqa: E402
+from saliency_audit.explainers import get_explainer  # noqa: E402
 
 CLASSES = {"gradcam": "GradCAM", "hirescam": "HiResCAM", "gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradCAM",
            "layercam": "LayerCAM", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM", "eigencam": "EigenCAM"}
@@ -52,12 +52,12 @@ def import_grad_cam():
 
 
 def load(n: int):
-    from transforms.models import ModelSpec, load_model
-    from transforms.preprocess import Preprocessing, decode, preprocess
-    from transforms.readers import read_shard
+    from saliency_audit.transforms.io.preprocess import Preprocessing, decode, preprocess
+    from saliency_audit.transforms.io.readers import read_shard
+    from saliency_audit.transforms.model.load import ModelSpec, load_model
     demo = ROOT / "pipelines" / "demo_data"
     # the loader freezes the weights; pytorch-grad-cam backpropagates to them (ours to the input)
-    model = load_model(ModelSpec("pipelines.reference_model:mnist_cnn", str(demo / "mnist_cnn.pt"))).requires_grad_(True)
+    model = load_model(ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", str(demo / "mnist_cnn.pt"))).requires_grad_(True)
     prep = Preprocessing(channels=1)
     records = [r for _, r in zip(range(n), read_shard(str(demo / "mnist-test-sample.tar")))]
     return model, torch.from_numpy(np.stack([preprocess(decode(r, prep.max_pixels), prep) for r in records]))

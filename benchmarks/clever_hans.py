@@ -3,11 +3,11 @@
     python benchmarks/clever_hans.py [--train 10000] [--epochs 1] [--images 400] [--methods sal,grad,intg,elrp]
                                      [--model reference|small] [--threads 1] [--workdir DIR]
 
-The reference CNN (pipelines.reference_model.MnistCNN; ``--model small``: at a tenth of its width,
+The reference CNN (saliency_audit.pipelines.training.reference_model.MnistCNN; ``--model small``: at a tenth of its width,
 the test's) is trained twice on the same MNIST training digits: once where 90% of the 7s carry a
 small constant watermark (a 3x3 patch of white pixels near the top-left corner), once without
-(the control). Both models are audited with ``pipelines.audit.run`` (no metrics) on the same
-test digits, where half of the 7s carry the watermark, and ``pipelines.findings.find_clever_hans``
+(the control). Both models are audited with ``saliency_audit.pipelines.job.phases.run`` (no metrics) on the same
+test digits, where half of the 7s carry the watermark, and ``saliency_audit.pipelines.checks.findings.find_clever_hans``
 reads each audit's saliency files. Per method the table gives: the rank of class 7's best
 finding among the watermarked model's findings, its kind, score (flagged or not at
 SCORE_THRESHOLD) and region, the recall of the watermarked test digits among that finding's
@@ -35,10 +35,10 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipelines import audit  # noqa: E402
-from pipelines.findings import SCORE_THRESHOLD, find_clever_hans  # noqa: E402
-from pipelines.mnist import load_mnist_split, write_tar_shards  # noqa: E402
-from pipelines.reference_model import MnistCNN, mnist_cnn  # noqa: E402
+from saliency_audit.pipelines import audit  # noqa: E402
+from saliency_audit.pipelines.checks.findings import SCORE_THRESHOLD, find_clever_hans  # noqa: E402
+from saliency_audit.pipelines.training.mnist import load_mnist_split, write_tar_shards  # noqa: E402
+from saliency_audit.pipelines.training.reference_model import MnistCNN, mnist_cnn  # noqa: E402
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 WATERMARK = (slice(1, 4), slice(1, 4))  # a 3x3 patch near the top-left corner, where digits never reach
@@ -63,7 +63,7 @@ def small_cnn() -> MnistCNN:
     return MnistCNN(conv_channels=(8, 16), hidden=32, dropout=0.0).eval()
 
 
-MODELS = {"reference": ("pipelines.reference_model:mnist_cnn", mnist_cnn),
+MODELS = {"reference": ("saliency_audit.pipelines.training.reference_model:mnist_cnn", mnist_cnn),
           "small": ("clever_hans:small_cnn", small_cnn)}
 
 

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pipelines import audit  # noqa: E402
-from pipelines.cli import DEMO_SHARD  # noqa: E402
+from saliency_audit.pipelines import audit  # noqa: E402
+from saliency_audit.pipelines.cli import DEMO_SHARD  # noqa: E402
 
 
 def floor(base: str, seconds: float = 10.0, threads: int = 4, batch: int = 32) -> float:

@@ -27,20 +27,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines import audit  # noqa: E402
-from pipelines.cli import DEMO_MODEL, DEMO_SHARD, DEMO_WEIGHTS  # noqa: E402
-from transforms import history  # noqa: E402
+from saliency_audit.pipelines import audit  # noqa: E402
+from saliency_audit.pipelines.cli import DEMO_MODEL, DEMO_SHARD, DEMO_WEIGHTS  # noqa: E402
+from saliency_audit.transforms.io import history  # noqa: E402
 
 MNIST = ROOT.parent / "shared/data/mnist"
 
 
 def make_shards(images: int, shards: int, directory: Path) -> list[Path]:
-    from pipelines.mnist import load_mnist_split, write_tar_shards
+    from saliency_audit.pipelines.training.mnist import load_mnist_split, write_tar_shards
     if (MNIST / "t10k-images-idx3-ubyte.gz").exists():
         pixels, labels = load_mnist_split(MNIST / "t10k-images-idx3-ubyte.gz", MNIST / "t10k-labels-idx1-ubyte.gz")
     else:  # the bundled sample: decode it back
         import io
         import tarfile
+
         import numpy as np
         from PIL import Image
         with tarfile.open(DEMO_SHARD) as tar:

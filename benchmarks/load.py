@@ -14,7 +14,7 @@ digits: the 70,000 MNIST digits (10,000 test, then 60,000 train; ids prefixed mn
     to the largest size.
 rgb: --rgb-images distinct 224x224 RGB images (random crops and flips of skimage.data photographs,
     resized; PNG tar shards of --rgb-shard-size) through the untrained ResNet-18-shaped
-    ``pipelines.reference_model:resnet18``, one subprocess per method in --rgb-methods, each on
+    ``saliency_audit.pipelines.training.reference_model:resnet18``, one subprocess per method in --rgb-methods, each on
     the first min(--rgb-images, its count in RGB_IMAGES) images (rounded up to whole shards):
     slow methods get fewer. abele is left out unless --aae gives an autoencoder trained on such
     images (the bundled one is for 28x28 digits).
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pipeline_vs_loop import MODEL, WEIGHTS, Work, audit_argv, bare_loop, write_digit_shards  # noqa: E402
 
-RGB_MODEL = "pipelines.reference_model:resnet18"
+RGB_MODEL = "saliency_audit.pipelines.training.reference_model:resnet18"
 RGB_SIZE = 224
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "colorwheel", "cat")
@@ -67,7 +67,7 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
     if spec["kind"] == "audit":
-        from pipelines import audit
+        from saliency_audit.pipelines import audit
         counts = audit.run(spec["argv"])["counts"]
     else:
         work = Work(**spec["work"])

@@ -35,11 +35,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.mnist import load_mnist_split, write_tar_shards  # noqa: E402
+from saliency_audit.pipelines.training.mnist import load_mnist_split, write_tar_shards  # noqa: E402
 
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "moon", "rocket")
-MODEL = "pipelines.reference_model:mnist_cnn"
+MODEL = "saliency_audit.pipelines.training.reference_model:mnist_cnn"
 
 
 def mnist(n_test: int, n_train: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -79,7 +79,7 @@ def photos(n_test: int, n_train: int):
 
 def cli(*args: str, threads: int) -> str:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "saliency_audit.pipelines.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"saliency-audit {args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -102,7 +102,7 @@ def audit(name: str, data, methods: list[str], workdir: Path, threads: int) -> t
         "--methods", ",".join(methods), "--output", str(folder / "out"),
         *(["--aae", str(ROOT / "pipelines/demo_data/mnist_aae.pt")] if "abele" in methods else []), threads=threads)
     run_s = time.perf_counter() - start
-    from pipelines.reporting.audit_dir import AuditDir
+    from saliency_audit.pipelines.reporting.audit_dir import AuditDir
     rows = AuditDir(str(folder / "out")).table("summary").to_pylist()
     return rows, {"accuracy": accuracy, "train_s": train_s, "run_s": run_s, "images": len(test_x)}
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", help="keep the shards, models and audits here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    from explainers import list_methods
+    from saliency_audit.explainers import list_methods
     every = list(list_methods()) if args.methods == "all" else args.methods.split(",")
     loaders = {"mnist": mnist, "photos": photos}
     with tempfile.TemporaryDirectory() as scratch:

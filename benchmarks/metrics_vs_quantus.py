@@ -28,10 +28,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from explainers.metrics.localisation import (  # noqa: E402
-    pointing_game, relevance_mass_accuracy, relevance_rank_accuracy,
+from saliency_audit.explainers.metrics.localisation import (
+    pointing_game,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
 )
-from explainers.metrics.road import road  # noqa: E402
+from saliency_audit.explainers.metrics.road import road  # noqa: E402
 
 
 def import_quantus():
@@ -58,11 +60,11 @@ def import_quantus():
 
 
 def load(n: int):
-    from transforms.models import ModelSpec, load_model
-    from transforms.preprocess import Preprocessing, decode, preprocess
-    from transforms.readers import read_shard
+    from saliency_audit.transforms.io.preprocess import Preprocessing, decode, preprocess
+    from saliency_audit.transforms.io.readers import read_shard
+    from saliency_audit.transforms.model.load import ModelSpec, load_model
     demo = ROOT / "pipelines" / "demo_data"
-    model = load_model(ModelSpec("pipelines.reference_model:mnist_cnn", str(demo / "mnist_cnn.pt")))
+    model = load_model(ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", str(demo / "mnist_cnn.pt")))
     prep = Preprocessing(channels=1)
     records = [r for _, r in zip(range(n), read_shard(str(demo / "mnist-test-sample.tar")))]
     images = torch.from_numpy(np.stack([preprocess(decode(r, prep.max_pixels), prep) for r in records]))

@@ -3,10 +3,10 @@
     python benchmarks/pipeline_vs_loop.py [--images 5000] [--shards 5] [--methods sal,grad]
         [--metrics] [--threads 2] [--repeats 3] [--modes loop,inprocess,mp1,mp2] [--profile]
 
-Both read the same MNIST test digits as PNG tar shards (transforms.readers.read_shard), decode and
-preprocess them (transforms.preprocess), cut batches of --batch-size per shard in shard order,
+Both read the same MNIST test digits as PNG tar shards (saliency_audit.transforms.io.readers.read_shard), decode and
+preprocess them (saliency_audit.transforms.io.preprocess), cut batches of --batch-size per shard in shard order,
 explain them with the same explainers on the same model (the bundled CNN) with the same seeds
-(transforms.records.seed_for), compute the same metrics when --metrics is given, and write the
+(saliency_audit.transforms.io.records.seed_for), compute the same metrics when --metrics is given, and write the
 same saliency rows to Parquet. The loop builds each batch's columns with NumPy and writes them
 through one pyarrow ParquetWriter; the pipeline is ``audit.run`` (preflight, Beam job, summary,
 errors, count verification, manifest) on:
@@ -51,18 +51,18 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from explainers import get_explainer  # noqa: E402
-from explainers import metrics as quality  # noqa: E402
-from pipelines.mnist import load_mnist_split, write_tar_shards  # noqa: E402
-from transforms.models import ModelSpec, load_model  # noqa: E402
-from transforms.parquet_sink import GROUP_BYTES  # noqa: E402
-from transforms.preprocess import BadImage, Preprocessing, decode, preprocess  # noqa: E402
-from transforms.readers import read_shard  # noqa: E402
-from transforms.records import ErrorRecord, seed_for  # noqa: E402
-from transforms.rows import extra_value, saliency_schema  # noqa: E402
+from saliency_audit.explainers import get_explainer  # noqa: E402
+from saliency_audit.explainers import metrics as quality  # noqa: E402
+from saliency_audit.pipelines.training.mnist import load_mnist_split, write_tar_shards  # noqa: E402
+from saliency_audit.transforms.io.preprocess import BadImage, Preprocessing, decode, preprocess  # noqa: E402
+from saliency_audit.transforms.io.readers import read_shard  # noqa: E402
+from saliency_audit.transforms.io.records import ErrorRecord, seed_for  # noqa: E402
+from saliency_audit.transforms.io.rows import extra_value, saliency_schema  # noqa: E402
+from saliency_audit.transforms.model.load import ModelSpec, load_model  # noqa: E402
+from saliency_audit.transforms.parquet_sink import GROUP_BYTES  # noqa: E402
 
 MNIST = ROOT.parent / "shared/data/mnist"
-MODEL = "pipelines.reference_model:mnist_cnn"
+MODEL = "saliency_audit.pipelines.training.reference_model:mnist_cnn"
 WEIGHTS = str(ROOT / "pipelines/demo_data/mnist_cnn.pt")
 MODES = ("loop", "inprocess", "mp1", "mp2")
 METRIC_STEPS = 16  # the audit's default --metric-steps
@@ -219,7 +219,7 @@ def workers(mode: str) -> int:
 
 def run_pipeline(work: Work, pattern: str, output: Path, mode: str, threads: int) -> dict:
     """audit.run in ``mode``; SDK worker subprocesses take their torch threads from OMP_NUM_THREADS."""
-    from pipelines import audit
+    from saliency_audit.pipelines import audit
     if workers(mode):  # read by torch when a worker starts
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     return audit.run(audit_argv(work, pattern, output, mode))
@@ -270,29 +270,29 @@ def compare(modes: list[str], repeats: int, work: Work, pattern: str, scratch: P
 
 # Stages of the pipeline by (file suffix, function), for the profile; cumulative seconds each.
 STAGES = {
-    "read_shard (tar reading)": [("transforms/readers.py", "_read_tar")],
-    "decode": [("transforms/preprocess.py", "decode")],
-    "preprocess": [("transforms/preprocess.py", "preprocess")],
-    "explainers (explain)": [("explainers/gradient.py", "explain"), ("explainers/integrated_gradients.py", "explain"),
-                             ("explainers/deeplift.py", "explain"), ("explainers/lrp.py", "explain"),
-                             ("explainers/gradcam.py", "explain"), ("explainers/smoothgrad.py", "explain"),
-                             ("explainers/occlusion.py", "explain")],
+    "read_shard (tar reading)": [("transforms/io/readers.py", "_read_tar")],
+    "decode": [("transforms/io/preprocess.py", "decode")],
+    "preprocess": [("transforms/io/preprocess.py", "preprocess")],
+    "explainers (explain)": [("explainers/gradient/saliency.py", "explain"), ("explainers/gradient/integrated_gradients.py", "explain"),
+                             ("explainers/relevance/deeplift.py", "explain"), ("explainers/relevance/lrp.py", "explain"),
+                             ("explainers/cam/gradcam.py", "explain"), ("explainers/gradient/smoothgrad.py", "explain"),
+                             ("explainers/perturbation/occlusion.py", "explain")],
     "metrics (deletion/insertion/gini)": [("explainers/metrics/causal.py", "deletion_auc"),
                                           ("explainers/metrics/causal.py", "insertion_auc"),
                                           ("explainers/metrics/complexity.py", "gini")],
     "explain step in all (_explain_batch)": [("transforms/explain.py", "_explain_batch")],
-    "map checks + rows (map_problem, _row)": [("transforms/rows.py", "map_problem"), ("transforms/explain.py", "_row")],
-    "to_table (rows -> Arrow)": [("transforms/rows.py", "to_table")],
+    "map checks + rows (map_problem, _row)": [("transforms/io/rows.py", "map_problem"), ("transforms/explain.py", "_row")],
+    "to_table (rows -> Arrow)": [("transforms/io/rows.py", "to_table")],
     "pyarrow write_table": [("pyarrow/parquet/core.py", "write_table")],
     "summary combine (add_input)": [("transforms/summary.py", "add_input"),
                                     ("transforms/summary.py", "merge_accumulators"),
                                     ("transforms/summary.py", "extract_output")],
     "duplicate-id pass (shard_ids)": [("transforms/duplicates.py", "shard_ids")],
-    "preflight": [("pipelines/preflight.py", "preflight")],
-    "verify counts (reads Parquet back)": [("pipelines/audit.py", "verify")],
-    "manifest + commit + publish": [("pipelines/audit.py", "build_manifest"), ("pipelines/audit.py", "commit_files"),
-                                    ("transforms/publication.py", "commit"), ("transforms/publication.py", "reclaim")],
-    "model load (explainers built)": [("transforms/explain.py", "build_explainers")],
+    "preflight": [("pipelines/job/preflight.py", "preflight")],
+    "verify counts (reads Parquet back)": [("pipelines/job/phases.py", "verify")],
+    "manifest + commit + publish": [("pipelines/job/manifest.py", "build_manifest"), ("pipelines/job/phases.py", "commit_files"),
+                                    ("transforms/io/publication.py", "commit"), ("transforms/io/publication.py", "reclaim")],
+    "model load (explainers built)": [("transforms/model/handler.py", "build_explainers")],
     "pickle dumps/loads": [("~", "<built-in method _pickle.dumps>"), ("~", "<built-in method _pickle.loads>"),
                            ("~", "<built-in method dill._dill.dumps>")],
 }

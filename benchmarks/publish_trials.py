@@ -123,7 +123,7 @@ def main() -> None:
         folder = Path(tmp)
         (folder / "prepared").mkdir()
         prepared = t.prepare(folder / "prepared", DEMO_DATA / "mnist-test-sample.tar",
-                             ["--model", "pipelines.reference_model:mnist_cnn", "--weights",
+                             ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--weights",
                               str(DEMO_DATA / "mnist_cnn.pt")])
         places = [("local", None)] + ([("s3 (moto)", "s3")] if args.s3 else [])
         for name, kind in places:

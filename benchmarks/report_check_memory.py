@@ -10,7 +10,7 @@ subprocess, whose own peak RSS (VmHWM of its interpreter, written as it exits) i
 
 The audit: METHODS x images rows of 28 x 28 float32 maps (zero outside a central square, as a
 digit's gradient x input map is on its background, so a million rows are ~100 MB on disk), 10
-classes, RISE metrics, in row groups and files of the sink's sizes (transforms.parquet_sink), with
+classes, RISE metrics, in row groups and files of the sink's sizes (saliency_audit.transforms.parquet_sink), with
 summary/, errors/, a manifest.json that names them ("layout": "run-folders", "outputs", "files",
 "counts") and one tar shard holding the first SHARD_IMAGES images (the others are placeholders).
 Audits are built once per size under --scratch and reused when it is kept (--keep).
@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from transforms.parquet_sink import FILE_BYTES, GROUP_BYTES  # noqa: E402
-from transforms.rows import ERROR_SCHEMA, SUMMARY_SCHEMA, saliency_schema  # noqa: E402
+from saliency_audit.transforms.io.rows import ERROR_SCHEMA, SUMMARY_SCHEMA, saliency_schema  # noqa: E402
+from saliency_audit.transforms.parquet_sink import FILE_BYTES, GROUP_BYTES  # noqa: E402
 
 ROWS = (60, 150_000, 1_000_000)
 METHODS = ("sal", "grad", "intg", "occlusion")
@@ -87,7 +87,7 @@ LAUNCH = ("import atexit, os, sys\n"
           "    hwm = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
           "    open(os.environ['PEAK_FILE'], 'w').write(hwm)\n"
           "atexit.register(peak)\n"
-          "from pipelines.cli import main\n"
+          "from saliency_audit.pipelines.cli import main\n"
           "sys.exit(main(sys.argv[1:]))")
 
 
@@ -195,13 +195,13 @@ def _write_table(path: Path, table: pa.Table) -> None:
 
 def build_audit(directory: Path, rows: int, seed: int = 0) -> Path:
     """A published audit of about ``rows`` saliency rows (whole images x METHODS) in ``directory``."""
-    from explainers import explainer_class
+    from saliency_audit.explainers import explainer_class
     images = max(1, rows // len(METHODS))
     schema = saliency_schema(METHODS)
     run = f"run={RUN_ID}"
     shard = directory / "shards" / "images.tar"
     write_shard(shard, min(images, SHARD_IMAGES), seed)
-    row_bytes = 512 + SIDE * SIDE * 4                       # transforms.parquet_sink.row_bytes of one row
+    row_bytes = 512 + SIDE * SIDE * 4                       # saliency_audit.transforms.parquet_sink.row_bytes of one row
     group_images = max(1, GROUP_BYTES // row_bytes // len(METHODS))
     groups_per_file = max(1, FILE_BYTES // GROUP_BYTES)
     rng, totals, files = np.random.default_rng(seed), Totals(), []

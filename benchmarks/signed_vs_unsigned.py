@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def models(args) -> dict[str, torch.nn.Module]:
-    from pipelines.reference_model import mnist_cnn
     from test_gradcam_plain_cnn import trained_keras_style_cnn
+
+    from saliency_audit.pipelines.training.reference_model import mnist_cnn
     demo = mnist_cnn()
     demo.load_state_dict(torch.load(ROOT / "pipelines/demo_data/mnist_cnn.pt", weights_only=True))
     return {"demo CNN": demo.eval(),
@@ -58,7 +59,7 @@ def models(args) -> dict[str, torch.nn.Module]:
 
 def against_share(model, images, maps, targets) -> float:
     """Mean share of each map's top 20% pixels whose deletion would raise the target logit."""
-    from explainers import get_explainer
+    from saliency_audit.explainers import get_explainer
     grad_x_input = get_explainer("grad", model).explain(images, targets).maps
     k = max(1, maps[0].numel() // 5)
     top = maps.flatten(1).topk(k, dim=1).indices
@@ -68,9 +69,9 @@ def against_share(model, images, maps, targets) -> float:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from explainers import get_explainer
-    from explainers.metrics import deletion_auc, random_maps
-    from pipelines.mnist import load_mnist_split, to_model_input
+    from saliency_audit.explainers import get_explainer
+    from saliency_audit.explainers.metrics import deletion_auc, random_maps
+    from saliency_audit.pipelines.training.mnist import load_mnist_split, to_model_input
     images, _ = load_mnist_split(MNIST / "t10k-images-idx3-ubyte.gz", MNIST / "t10k-labels-idx1-ubyte.gz")
     x = torch.from_numpy(to_model_input(images[:args.images]))
     seeds = torch.arange(len(x))

@@ -3,7 +3,7 @@
     python benchmarks/superpixel_methods.py [--images 200] [--anchor-images 20] [--threads 2] [--lime-only]
 
 Compares, in one run and on the same digits and model (the demo CNN, trained on the 5,000-digit
-subset by pipelines/make_demo_data.py):
+subset by pipelines/training/demo_data.py):
 - lime, default against default: our ``lime`` with its defaults vs the ``lime`` package's
   LimeImageExplainer with its own (quickshift kernel_size=4, max_dist=200, ratio=0.2;
   hide_color=None, i.e. each superpixel's mean; 1000 samples; kernel width 0.25);
@@ -11,7 +11,7 @@ subset by pipelines/make_demo_data.py):
   hiding, hide_color=0) vs our lime with our best settings (its defaults), and our lime with
   its previous defaults (quickshift, superpixel-mean fill, probability) for reference;
   the package runs with batch_size=1000 (its default of 10 only costs time);
-- RISE deletion AUC (explainers.metrics.deletion_auc: zero substrate, --steps steps; lower is
+- RISE deletion AUC (saliency_audit.explainers.metrics.deletion_auc: zero substrate, --steps steps; lower is
   better) of each map, as a fraction of random maps' AUC (1.0 = random), and paired
   differences with standard errors;
 - our ``anchor`` batched over the images vs Ribeiro's reference implementation (the
@@ -59,7 +59,7 @@ def load_digits(n: int) -> torch.Tensor:
 
 
 def load_model() -> torch.nn.Module:
-    from pipelines.reference_model import mnist_cnn
+    from saliency_audit.pipelines.training.reference_model import mnist_cnn
     if not WEIGHTS.exists():
         raise SystemExit(f"missing {WEIGHTS}: train it with `saliency-audit train-classifier` first")
     model = mnist_cnn()
@@ -145,7 +145,7 @@ def anchor_package(model, images, targets, seeds, segments, fill, options):
 
 def anchor_precision(model, images, targets, segments, anchors, fill, n=2000):
     """Share of n fresh samples (anchor on, other superpixels on with p=0.5) that keep the class."""
-    from explainers._blackbox import BlackBox
+    from saliency_audit.explainers.blackbox.search import BlackBox
     out = []
     for i, anchor in enumerate(anchors):
         rng = np.random.default_rng(i)
@@ -168,8 +168,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from explainers import get_explainer
-    from explainers.metrics import deletion_auc, random_maps
+    from saliency_audit.explainers import get_explainer
+    from saliency_audit.explainers.metrics import deletion_auc, random_maps
 
     model = Counting(load_model())
     images = load_digits(args.images)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.cli import DEMO_AAE, DEMO_METHODS, DEMO_MODEL, DEMO_SHARD, DEMO_WEIGHTS  # noqa: E402
+from saliency_audit.pipelines.cli import DEMO_AAE, DEMO_METHODS, DEMO_MODEL, DEMO_SHARD, DEMO_WEIGHTS  # noqa: E402
 
 MNIST = ROOT.parent / "shared/data/mnist"
 
@@ -46,7 +46,7 @@ CONFIGS = {"1x1": Config("1 worker x 1 thread", 1, "1"), "1": Config("1 worker",
 def digit_shards(directory: Path, images: int, shards: int) -> tuple[str, int | None]:
     """(input glob, --limit-per-shard or None) for the first ``images`` test digits."""
     if (MNIST / "t10k-images-idx3-ubyte.gz").exists():
-        from pipelines.mnist import load_mnist_split, write_tar_shards
+        from saliency_audit.pipelines.training.mnist import load_mnist_split, write_tar_shards
         pixels, labels = load_mnist_split(MNIST / "t10k-images-idx3-ubyte.gz", MNIST / "t10k-labels-idx1-ubyte.gz")
         write_tar_shards(pixels[:images], labels[:images], directory, -(-images // shards), "mnist-test")
         return str(directory / "*.tar"), None
@@ -64,8 +64,8 @@ def audit_argv(config: Config, pattern: str, limit: int | None, methods: str, ou
 
 def child(argv: list[str]) -> dict:
     """One run in this (fresh) process: wall seconds of the run after its plan, and counts."""
-    from pipelines import audit
-    from pipelines.preflight import thread_budget, threads_entry
+    from saliency_audit.pipelines import audit
+    from saliency_audit.pipelines.job.preflight import thread_budget, threads_entry
     plan = audit.plan(argv)
     # the budget the run carries to its workers, as the plan resolves it from the flags
     budget = thread_budget(plan.args.torch_threads, plan.beam_args)

@@ -1,17 +1,28 @@
 """Saliency explainers for image classifiers: pure PyTorch/NumPy, no pipeline code.
 
-    from explainers import get_explainer, list_methods
+    from saliency_audit.explainers import get_explainer, list_methods
     result = get_explainer("intg", model, n_steps=50).explain(images, targets)
     result.maps  # [B,H,W]
+
+Methods are grouped by family, one file per method (or per small group of variants), each class
+registered under its short name: gradient/ (sal, grad, intg, smoothgrad, expected_gradients,
+xrai), relevance/ (deeplift, elrp, lrp), cam/ (gradcam and its variants), perturbation/
+(occlusion, mask, rise), blackbox/ (lime, anchor, lore, abele) and controls (random, sobel).
+core/ holds what they share: the interface, the registry, baselines, target scores, map helpers.
+metrics/ holds the quality metrics.
 """
-from explainers._base import Explainer, Explanation
-from explainers._registry import explainer_class, get_explainer, list_methods, method_parameters, register
+from saliency_audit.explainers.core.base import Explainer, Explanation
+from saliency_audit.explainers.core.registry import (explainer_class, get_explainer, list_methods,
+                                                     method_parameters, register)
 
 # Importing a method module registers it.
-from explainers import gradient, integrated_gradients, deeplift  # noqa: E402,F401
-from explainers import lrp, occlusion, meaningful_perturbation, smoothgrad, gradcam, cams  # noqa: E402,F401
-from explainers import lime, anchor, lore, abele  # noqa: E402,F401
-from explainers import rise, expected_gradients, controls, xrai  # noqa: E402,F401
+from saliency_audit.explainers.gradient import (expected_gradients, integrated_gradients, saliency,  # noqa: E402,F401,I001
+                                                smoothgrad, xrai)
+from saliency_audit.explainers.relevance import deeplift, lrp  # noqa: E402,F401
+from saliency_audit.explainers.cam import gradcam, variants  # noqa: E402,F401
+from saliency_audit.explainers.perturbation import meaningful_perturbation, occlusion, rise  # noqa: E402,F401
+from saliency_audit.explainers.blackbox import abele, anchor, lime, lore  # noqa: E402,F401
+from saliency_audit.explainers import controls  # noqa: E402,F401
 
 __all__ = ["Explainer", "Explanation", "explainer_class", "get_explainer", "list_methods",
            "method_parameters", "register"]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from explainers._base import Explainer, Explanation, check_batch
-from explainers._registry import register
-from explainers.smoothgrad import image_generators
+from saliency_audit.explainers.core.base import Explainer, Explanation, check_batch
+from saliency_audit.explainers.core.maps import image_generators
+from saliency_audit.explainers.core.registry import register
 
 
 class Control(Explainer):

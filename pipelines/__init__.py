@@ -1,4 +1,4 @@
-"""The runnable jobs and the command line."""
+"""The job, its checks, reports and training tools, and the command line."""
 import logging
 
 

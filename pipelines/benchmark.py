@@ -1,6 +1,6 @@
 """Throughput of every method next to the model's own: how close each gets to its floor.
 
-    python -m pipelines.benchmark --methods sal,grad,elrp,occlusion --batch-size 64
+    python -m saliency_audit.pipelines.benchmark --methods sal,grad,elrp,occlusion --batch-size 64
 
 A method that needs f forward and b backward passes per image can at best run at
     floor = 1 / (b / fwd_bwd + (f - b) / fwd)   images/s,
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from explainers import get_explainer, list_methods, method_parameters
+from saliency_audit.explainers import get_explainer, list_methods, method_parameters
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 
@@ -173,7 +173,7 @@ def load_tar_images(path: Path, limit: int) -> tuple[torch.Tensor, torch.Tensor]
 def demo_model_and_images(batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, str]:
     """The demo MNIST CNN and digits when pipelines/demo_data has them, else an untrained
     CNN on random digits-shaped images."""
-    from pipelines.reference_model import mnist_cnn
+    from saliency_audit.pipelines.training.reference_model import mnist_cnn
 
     model = mnist_cnn()
     weights, shard = DEMO_DATA / "mnist_cnn.pt", DEMO_DATA / "mnist-test-sample.tar"

@@ -9,7 +9,7 @@ from pathlib import Path
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 DEMO_SHARD = DEMO_DATA / "mnist-test-sample.tar"
 DEMO_WEIGHTS = DEMO_DATA / "mnist_cnn.pt"
-DEMO_MODEL = "pipelines.reference_model:mnist_cnn"
+DEMO_MODEL = "saliency_audit.pipelines.training.reference_model:mnist_cnn"
 DEMO_AAE = DEMO_DATA / "mnist_aae.pt"
 # The columns of ABELE's comparison figure first (abele, lime, sal, elrp, grad, intg), then the rest
 # of the families; 100 of the 300 digits and 8 sanity images keep the demo near two minutes on 2 cores.
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            from pipelines.options import redact_argv
+            from saliency_audit.pipelines.config.options import redact_argv
             self.error(f"unrecognized arguments: {' '.join(redact_argv(extras))}")
         return parsed
 
@@ -37,24 +37,24 @@ class _OneLine(_Parser):
     """A bad command line as one line (exit 2 in the command), as run reports it."""
 
     def error(self, message: str):
-        from pipelines.options import UsageError
+        from saliency_audit.pipelines.config.options import UsageError
         raise UsageError(message)
 
 
 def _location(text: str) -> str:
-    from pipelines.options import location  # here: the options module imports storage (heavier)
+    from saliency_audit.pipelines.config.options import location  # here: the options module imports storage (heavier)
     return location(text)
 
 
 def _storage_options(parser: argparse.ArgumentParser) -> None:
-    from pipelines.options import _json_object
+    from saliency_audit.pipelines.config.options import _json_object
     parser.allow_abbrev = False  # every parser that takes credentials refuses prefix spellings
     parser.add_argument("--storage-options", type=_json_object, default={},
                         help="fsspec storage options as a JSON object")
 
 
 def cmd_run(argv: list[str]) -> int:
-    from pipelines import audit
+    from saliency_audit.pipelines import audit
     return audit.main(argv)
 
 
@@ -68,7 +68,7 @@ def cmd_demo(argv: list[str]) -> int:
                         help=f"digits to audit, of the 300 bundled (default {DEMO_LIMIT})")
     parser.add_argument("--aae", default=str(DEMO_AAE), help="abele's autoencoder (default: the bundled one)")
     args, rest = parser.parse_known_args(argv)
-    from pipelines import audit
+    from saliency_audit.pipelines import audit
     # One torch thread (a --torch-threads in the arguments overrides it): the demo's CNN and AAE are
     # too small for intra-op parallelism, and a second thread mostly spins, most of all on a shared
     # machine (abele: 1.75 CPU-s per digit with one thread, 12.7 with two, on a busy 2-core machine).
@@ -81,10 +81,10 @@ def cmd_demo(argv: list[str]) -> int:
                        *(DEMO_SANITY if args.sanity_check else []), *threads, *rest])
     if code != 0 or "--dry-run" in rest:  # a dry run wrote nothing to report on
         return code
-    from pipelines.reporting.audit_dir import AuditDir
-    from pipelines.reporting.figure import example_ids, save_figure
-    from pipelines.reporting.report import write_report
-    from transforms import storage
+    from saliency_audit.pipelines.reporting.audit_dir import AuditDir
+    from saliency_audit.pipelines.reporting.figure import example_ids, save_figure
+    from saliency_audit.pipelines.reporting.report import write_report
+    from saliency_audit.transforms.io import storage
     report = write_report(args.output, storage.join(args.output, "report.html"))
     finished = AuditDir(args.output)
     figure = save_figure(finished, example_ids(finished), storage.join(args.output, "figure.png"))
@@ -102,7 +102,8 @@ def cmd_shards(argv: list[str]) -> int:
     parser.add_argument("--limit", type=int, help="only the first N images")
     args = parser.parse_args(argv)
     import numpy as np
-    from pipelines.mnist import read_idx, write_tar_shards
+
+    from saliency_audit.pipelines.training.mnist import read_idx, write_tar_shards
     images = read_idx(args.from_idx)
     if images.ndim != 3:
         raise ValueError(f"{args.from_idx} is not an IDX image file (shape {images.shape})")
@@ -127,9 +128,10 @@ def cmd_train_classifier(argv: list[str]) -> int:
     _storage_options(parser)
     args = parser.parse_args(argv)
     import torch
-    from pipelines.dataset import load_labelled
-    from pipelines.training import evaluate, train_classifier
-    from transforms.preprocess import Preprocessing
+
+    from saliency_audit.pipelines.training.classifier import evaluate, train_classifier
+    from saliency_audit.pipelines.training.dataset import load_labelled
+    from saliency_audit.transforms.io.preprocess import Preprocessing
     options = args.storage_options
     prep = Preprocessing(resize=(28, 28), channels=1, to_grayscale=True)
     images, labels, skipped = load_labelled(args.input, prep, options)
@@ -147,7 +149,7 @@ def cmd_train_classifier(argv: list[str]) -> int:
 
 
 def cmd_train_aae(argv: list[str]) -> int:
-    from pipelines.options import _floats, _size
+    from saliency_audit.pipelines.config.options import _floats, _size
     parser = _Parser("train-aae", "Train the adversarial autoencoder that abele needs (--aae).")
     parser.add_argument("--input", required=True, help="glob of image shards (labels are not needed)")
     parser.add_argument("--output", required=True, help="checkpoint path; written every epoch, resumed from")
@@ -174,10 +176,10 @@ def cmd_train_aae(argv: list[str]) -> int:
     parser.add_argument("--to-grayscale", action="store_true")
     _storage_options(parser)
     args = parser.parse_args(argv)
-    from explainers.aae import default_config
-    from pipelines.aae_training import format_report, input_range, scan_shards, train_aae_stream
-    from transforms.models import resolve_device
-    from transforms.preprocess import Preprocessing
+    from saliency_audit.explainers.blackbox.aae import default_config
+    from saliency_audit.pipelines.training.aae import format_report, input_range, scan_shards, train_aae_stream
+    from saliency_audit.transforms.io.preprocess import Preprocessing
+    from saliency_audit.transforms.model.load import resolve_device
     prep = Preprocessing(resize=args.resize, channels=args.channels, mean=args.mean, std=args.std,
                          to_grayscale=args.to_grayscale)
     # streamed: memory follows --shuffle-buffer and the held-out images, not the dataset
@@ -227,7 +229,7 @@ def cmd_report(argv: list[str]) -> int:
     parser.add_argument("--per-class", type=int, default=3, help="gallery images per class (default 3)")
     _storage_options(parser)
     args = parser.parse_args(argv)
-    from pipelines.reporting.report import write_report
+    from saliency_audit.pipelines.reporting.report import write_report
     with _reading(args.directory):
         path = write_report(args.directory, args.output, args.storage_options, per_class=args.per_class)
     print(f"report: {path}")
@@ -244,8 +246,8 @@ def cmd_figure(argv: list[str]) -> int:
     parser.add_argument("--overlay", action="store_true", help="draw the maps over the images")
     _storage_options(parser)
     args = parser.parse_args(argv)
-    from pipelines.reporting.audit_dir import AuditDir
-    from pipelines.reporting.figure import save_figure
+    from saliency_audit.pipelines.reporting.audit_dir import AuditDir
+    from saliency_audit.pipelines.reporting.figure import save_figure
     with _reading(args.directory):
         audit = AuditDir(args.directory, args.storage_options)
         path = save_figure(audit, _comma_list(args.ids), args.output,
@@ -264,7 +266,7 @@ def cmd_diff(argv: list[str]) -> int:
     parser.add_argument("--show", type=int, default=12, help="images shown in diff.html (default 12)")
     _storage_options(parser)
     args = parser.parse_args(argv)
-    from pipelines.reporting.diff import diff_audits
+    from saliency_audit.pipelines.reporting.diff import diff_audits
     with _reading(args.directory_a, args.directory_b):
         result = diff_audits(args.directory_a, args.directory_b, args.output, top_k=args.top_k, show=args.show,
                              storage_options=args.storage_options)
@@ -273,15 +275,16 @@ def cmd_diff(argv: list[str]) -> int:
 
 
 def cmd_check(argv: list[str]) -> int:
-    from pipelines.options import OneSpec
+    from saliency_audit.pipelines.config.options import OneSpec
     parser = _OneLine("check", "Evaluate the gates on a finished audit, against a baseline audit; exit 1 if one fails.")
     parser.add_argument("directory", type=_location, help="the audit's --output directory")
     parser.add_argument("--config", action=OneSpec, metavar="SPEC",
                         help="an audit spec: its [gates] and [baseline] tables")
     parser.add_argument("--verdict", help="where to write verdict.json (default DIRECTORY/verdict.json)")
     _storage_options(parser)
-    from pipelines import gates, spec
-    from pipelines.options import UsageError
+    from saliency_audit.pipelines.checks import gates
+    from saliency_audit.pipelines.config import spec
+    from saliency_audit.pipelines.config.options import UsageError
     gates.add_gate_arguments(parser)  # --baseline, --gate NAME=VALUE: as run reads them
     try:
         args = parser.parse_args(argv)
@@ -305,14 +308,15 @@ def cmd_history(argv: list[str]) -> int:
     parser.add_argument("directory", type=_location, help="the history's root (the runs' --output)")
     parser.add_argument("--json", action="store_true", help="one JSON object per slot instead of the table")
     _storage_options(parser)
-    from pipelines.options import UsageError
+    from saliency_audit.pipelines.config.options import UsageError
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
         print(f"saliency-audit history: error: {e}", file=sys.stderr)
         return 2
     import json
-    from transforms import history
+
+    from saliency_audit.transforms.io import history
     left_out: dict[str, str] = {}
     try:
         rows = history.read(args.directory, args.storage_options, left_out)
@@ -339,7 +343,7 @@ def cmd_history(argv: list[str]) -> int:
 
 
 def cmd_benchmark(argv: list[str]) -> int:
-    from pipelines import benchmark
+    from saliency_audit.pipelines import benchmark
     return benchmark.main(argv)
 
 

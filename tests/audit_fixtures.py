@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from conftest import DEMO_DATA, add_member
-from explainers import _registry
-from explainers._base import Explainer, Explanation
-from pipelines import audit
+
+from saliency_audit.explainers.core import registry as _registry
+from saliency_audit.explainers.core.base import Explainer, Explanation
+from saliency_audit.pipelines import audit
 
 N_IMAGES = 40
 METHODS = ("sal", "grad", "lime", "edge")
-MODEL_ARGS = ["--model", "pipelines.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
+MODEL_ARGS = ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 

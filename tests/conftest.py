@@ -30,7 +30,7 @@ def demo_shard() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model_args() -> list[str]:
-    return ["--model", "pipelines.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
+    return ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
 
 
 @pytest.fixture(scope="session")
@@ -59,15 +59,15 @@ def read_output(directory: Path | str) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def demo_model():
-    from transforms.models import ModelSpec, load_model
-    return load_model(ModelSpec("pipelines.reference_model:mnist_cnn", str(DEMO_DATA / "mnist_cnn.pt")))
+    from saliency_audit.transforms.model.load import ModelSpec, load_model
+    return load_model(ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", str(DEMO_DATA / "mnist_cnn.pt")))
 
 
 @pytest.fixture(scope="session")
 def demo_images(demo_shard):
     """The first 64 bundled digits as model input [64,1,28,28] and their labels."""
-    from transforms.preprocess import Preprocessing, decode, preprocess
-    from transforms.readers import read_shard
+    from saliency_audit.transforms.io.preprocess import Preprocessing, decode, preprocess
+    from saliency_audit.transforms.io.readers import read_shard
     prep = Preprocessing(channels=1)
     records = [r for _, r in zip(range(64), read_shard(str(demo_shard)))]
     images = np.stack([preprocess(decode(r, prep.max_pixels), prep) for r in records])

@@ -9,7 +9,7 @@ publish one prepared run in a subprocess (so that it can be killed, or raced by 
 A *snapshot* is the output folder of one real, finished audit (run once per test module); a
 trial installs copies of it under fresh run ids, so that each starts from "run P is published,
 run R is complete and about to publish" in milliseconds. The script imports only
-transforms.publication and transforms.storage (pipelines.audit takes seconds to import).
+saliency_audit.transforms.io.publication and saliency_audit.transforms.io.storage (saliency_audit.pipelines.audit takes seconds to import).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transforms import publication, storage  # noqa: E402
-from transforms.publication import Run  # noqa: E402
+from saliency_audit.transforms.io import publication, storage  # noqa: E402
+from saliency_audit.transforms.io.publication import Run  # noqa: E402
 
 OUTPUTS = publication.OUTPUTS
 
@@ -86,7 +86,7 @@ class Snapshot:
 
 def publish(output: str, run_id: str, manifest: dict, storage_options: dict | None = None,
             stale_after_s: float = publication.DEFAULT_STALE_S) -> None:
-    """The tail of pipelines.audit.run from the commit on: publication.publish."""
+    """The tail of saliency_audit.pipelines.job.phases.run from the commit on: publication.publish."""
     publication.publish(Run(output, run_id, storage_options), manifest, stale_after_s)
 
 
@@ -138,7 +138,7 @@ class Storage:
         return result
 
     def install(self, patch: Callable[[Any, str, Any], None]) -> "Storage":
-        """Patch transforms.storage through ``patch(target, name, value)`` (monkeypatch.setattr)."""
+        """Patch saliency_audit.transforms.io.storage through ``patch(target, name, value)`` (monkeypatch.setattr)."""
         wrapper = self
         real_filesystem, real_read_bytes = storage.filesystem, storage.read_bytes
 
@@ -181,7 +181,8 @@ def check(output: str, expected: dict[str, Snapshot], storage_options: dict | No
     snapshot), consistent with its manifest, through AuditDir and through pyarrow.dataset over
     the manifest's files; returns the published run's id."""
     import pyarrow.dataset as ds
-    from pipelines.reporting.audit_dir import AuditDir
+
+    from saliency_audit.pipelines.reporting.audit_dir import AuditDir
 
     audit = AuditDir(output, storage_options)
     run_id = audit.manifest.get("run_id")

@@ -6,13 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import DEMO_DATA, REGION, RegionModel, add_member, read_output
-from explainers import get_explainer
-from explainers.aae import AAEConfig, AdversarialAutoencoder, load_aae, save_aae
-from explainers.abele import abele_map, difference_mask, knee_index
-from pipelines import aae_training, audit, cli
-from pipelines.aae_training import label_agreement, train_aae
+
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.blackbox.aae import AAEConfig, AdversarialAutoencoder, load_aae, save_aae
+from saliency_audit.explainers.blackbox.abele import abele_map, difference_mask, knee_index
+from saliency_audit.pipelines import audit, cli
+from saliency_audit.pipelines.training import aae as aae_training
+from saliency_audit.pipelines.training.aae import label_agreement, train_aae
 
 BUNDLED = DEMO_DATA / "mnist_aae.pt"
 FAST = {"neighbours": 200, "generations": 4, "exemplars": 20, "counter_exemplars": 3}
@@ -217,7 +218,7 @@ def test_pipeline_runs_abele_end_to_end(small_shard, demo_model_args, tmp_path):
     assert len(grad) == 4 and all(r["rule"] is None for r in grad)
 
     # the report shows each image's rule and its exemplars and counter-exemplars, titled by class
-    from pipelines.reporting.report import write_report
+    from saliency_audit.pipelines.reporting.report import write_report
     page = Path(write_report(str(tmp_path), str(tmp_path / "report.html"))).read_text()
     rules = page[page.index('id="rules"'):]
     first = min(rows, key=lambda r: r["image_id"])
@@ -257,7 +258,7 @@ def test_abele_maps_are_faithful_on_the_demo_cnn(demo_model, demo_images, bundle
     """Deleting the pixels abele's map ranks first lowers the class probability far sooner than a
     random order (the benchmark's 50 digits: 0.27 against 0.60); the tree is checked on a few
     digits here, with the bundled AAE and a smaller neighbourhood."""
-    from explainers.metrics import deletion_auc, random_maps
+    from saliency_audit.explainers.metrics import deletion_auc, random_maps
     images, _ = demo_images
     images = images[20:32]
     with torch.inference_mode():

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import DEMO_DATA, RegionModel, region_superpixels, scene
 from skimage import data, transform
 
-from explainers import get_explainer
-from explainers.anchor import kl_lower, kl_upper, kl_bernoulli
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.blackbox.anchor import kl_bernoulli, kl_lower, kl_upper
 
-from conftest import DEMO_DATA, RegionModel, region_superpixels, scene
 FAST = {"anchor": {"fill": 0.0, "coverage_samples": 2000},
         "lore": {"fill": 0.0, "population_size": 200, "generations": 5}}
 
@@ -102,10 +102,10 @@ def test_bad_options():
 def held_out_digits():
     """The demo CNN and 30 bundled test digits that the demo (the first 100) does not explain,
     with the model's predicted classes."""
-    from transforms.models import ModelSpec, load_model
-    from transforms.preprocess import Preprocessing, decode, preprocess
-    from transforms.readers import read_shard
-    model = load_model(ModelSpec("pipelines.reference_model:mnist_cnn", str(DEMO_DATA / "mnist_cnn.pt")))
+    from saliency_audit.transforms.io.preprocess import Preprocessing, decode, preprocess
+    from saliency_audit.transforms.io.readers import read_shard
+    from saliency_audit.transforms.model.load import ModelSpec, load_model
+    model = load_model(ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", str(DEMO_DATA / "mnist_cnn.pt")))
     prep = Preprocessing(channels=1)
     records = [r for k, r in zip(range(130), read_shard(str(DEMO_DATA / "mnist-test-sample.tar"))) if k >= 100]
     images = torch.from_numpy(np.stack([preprocess(decode(r, prep.max_pixels), prep) for r in records]))

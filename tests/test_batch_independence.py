@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DEMO_DATA, REGION, scene
-from explainers import get_explainer
-from explainers._base import DECISION_RTOL, alone, decision_tolerance, near_ties, owner_chunks, stable_argmax
-from explainers.aae import load_aae
-from transforms.explain import predict
+
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.blackbox.aae import load_aae
+from saliency_audit.explainers.core.base import (
+    DECISION_RTOL,
+    alone,
+    decision_tolerance,
+    near_ties,
+    owner_chunks,
+    stable_argmax,
+)
+from saliency_audit.transforms.model.handler import predict
 
 
 class BatchNoise(torch.nn.Module):

@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from pipelines.benchmark import benchmark_methods, floor_images_per_s, main, markdown_table
+from saliency_audit.pipelines.benchmark import benchmark_methods, floor_images_per_s, main, markdown_table
 
 
 def test_floor_counts_backward_pairs_and_extra_forwards():

@@ -1,4 +1,4 @@
-"""The CAM family (explainers/cams.py) against pytorch-grad-cam, the independent reference: raw maps
+"""The CAM family (explainers/cam/variants.py) against pytorch-grad-cam, the independent reference: raw maps
 equal its unnormalised maps at the layer (upsampled as ours are), and its normalised output equals
 ours after its min-max scaling; batch independence, raw values, options."""
 from __future__ import annotations
@@ -8,12 +8,12 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from conftest import torchvision_stand_in
 from torch import nn
 
-from conftest import torchvision_stand_in
-from explainers import get_explainer
-from explainers.gradcam import CAMBase
-from pipelines.reference_model import MnistCNN, ResNet18
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.cam.base import CAMBase
+from saliency_audit.pipelines.training.reference_model import MnistCNN, ResNet18
 
 GRAD_CAM_INSTALL = "pip install --no-deps grad-cam==1.5.7 ttach opencv-python-headless"
 METHODS = ["hirescam", "gradcampp", "xgradcam", "layercam", "scorecam", "ablationcam", "eigencam"]

@@ -9,15 +9,15 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import DEMO_DATA
 from PIL import Image
 from torch import nn
 
-from conftest import DEMO_DATA
-from explainers import get_explainer
-from explainers.meaningful_perturbation import gaussian_blur
-from explainers.metrics import deletion_auc, random_maps
-from explainers._scores import target_scores
-from pipelines.reference_model import MnistCNN
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.core.scores import target_scores
+from saliency_audit.explainers.metrics import deletion_auc, random_maps
+from saliency_audit.explainers.perturbation.meaningful_perturbation import gaussian_blur
+from saliency_audit.pipelines.training.reference_model import MnistCNN
 
 N_DIGITS = 8
 FACTOR = 50.0

@@ -1,5 +1,5 @@
 """The job on Beam's DaskRunner against a real dask.distributed cluster: two worker processes
-talking over TCP on 127.0.0.1 (pipelines.dask_runner works around the Beam bugs that stop it)."""
+talking over TCP on 127.0.0.1 (saliency_audit.pipelines.runners.dask works around the Beam bugs that stop it)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,9 @@ import pytest
 distributed = pytest.importorskip("distributed")
 
 from conftest import read_output  # noqa: E402
-from pipelines import audit  # noqa: E402
 from test_runners import PER_SHARD, assert_same_values, audit_with, direct_reference, two_shards  # noqa: E402,F401
+
+from saliency_audit.pipelines import audit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_a_worker_killed_mid_run_costs_nothing(cluster, tmp_path, mnist_dir, dem
     import threading
     import time
 
-    from pipelines.mnist import load_mnist_split, write_tar_shards
+    from saliency_audit.pipelines.training.mnist import load_mnist_split, write_tar_shards
     images, labels = load_mnist_split(mnist_dir / "t10k-images-idx3-ubyte.gz", mnist_dir / "t10k-labels-idx1-ubyte.gz")
     n, shard_size = 600, 75  # 8 shards: the first files land with most shards still to run
     write_tar_shards(images[:n], labels[:n], tmp_path / "shards", shard_size, "digit")

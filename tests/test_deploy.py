@@ -17,14 +17,15 @@ import pytest
 import torch
 import yaml
 
-from pipelines import audit, preflight
-from pipelines.options import UsageError, add_run_arguments, parse_run_args
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.config.options import UsageError, add_run_arguments, parse_run_args
+from saliency_audit.pipelines.job import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "pipelines" / "demo_data"
 DEPLOY = ROOT / "deploy"
 DATAFLOW_ARGS = ["--runner", "DataflowRunner", "--project", "p", "--region", "r", "--temp_location", "gs://b/t"]
-MODEL_ARGS = ["--model", "pipelines.reference_model:mnist_cnn", "--weights", str(DEMO / "mnist_cnn.pt")]
+MODEL_ARGS = ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--weights", str(DEMO / "mnist_cnn.pt")]
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ def user_module(tmp_path, monkeypatch) -> str:
     package = tmp_path / "user_code"
     package.mkdir()
     (package / "my_models_for_test.py").write_text(
-        "from pipelines.reference_model import mnist_cnn\n\ndef build():\n    return mnist_cnn()\n")
+        "from saliency_audit.pipelines.training.reference_model import mnist_cnn\n\ndef build():\n    return mnist_cnn()\n")
     monkeypatch.syspath_prepend(str(package))
     return "my_models_for_test:build"
 
@@ -125,7 +126,7 @@ def test_user_module_model_passes_when_its_code_is_shipped(shard, tmp_path, user
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_installed_and_file_models_need_no_shipping(shard, tmp_path):
     audit.plan(run_argv(shard, tmp_path / "a", "--device", "cpu", *DATAFLOW_ARGS))  # pipelines: installed
-    from pipelines.reference_model import mnist_cnn
+    from saliency_audit.pipelines.training.reference_model import mnist_cnn
     model = mnist_cnn()
     model.load_state_dict(torch.load(DEMO / "mnist_cnn.pt", weights_only=True))
     scripted = tmp_path / "model.pt"
@@ -244,7 +245,7 @@ def test_launch_script_renders_the_gcloud_commands():
 
 
 def _beam_parser():
-    from pipelines.options import beam_option_parser
+    from saliency_audit.pipelines.config.options import beam_option_parser
     return beam_option_parser()
 
 
@@ -319,7 +320,7 @@ def test_flink_kubernetes_manifests_fit_together():
 
     launcher = _kind(docs, "Job", "saliency-audit")["spec"]["template"]["spec"]["containers"][0]
     argv = launcher["args"]
-    assert launcher["command"] == ["python", "-m", "pipelines.audit"]
+    assert launcher["command"] == ["python", "-m", "saliency_audit", "run"]
     assert _option(argv, "--runner") == "PortableRunner"
     assert _option(argv, "--job_endpoint") == f"beam-job-server:{service_ports['job']}"
     assert _option(argv, "--artifact_endpoint") == f"beam-job-server:{service_ports['artifact']}"
@@ -342,7 +343,7 @@ def test_flink_compose_fits_together():
     job_port = int(_option(job_server["command"], "--job-port"))
     assert f"{job_port}:{job_port}" in job_server["ports"]
     launcher = compose["saliency-audit"]
-    argv = launcher["command"][launcher["command"].index("pipelines.audit") + 1:]
+    argv = launcher["command"][launcher["command"].index("run") + 1:]
     assert _option(argv, "--job_endpoint") == f"beam-job-server:{job_port}"
     assert (_option(argv, "--environment_type"), _option(argv, "--environment_config")) == (
         "EXTERNAL", f"localhost:{port}")
@@ -374,7 +375,7 @@ def test_dask_kubernetes_manifests_fit_together():
 
     launcher = _kind(docs, "Job", "saliency-audit")["spec"]["template"]["spec"]["containers"][0]
     argv = launcher["args"]
-    assert launcher["command"] == ["python", "-m", "pipelines.audit"]
+    assert launcher["command"] == ["python", "-m", "saliency_audit", "run"]
     assert _option(argv, "--runner") == "DaskRunner"
     name = cluster["metadata"]["name"]
     assert _option(argv, "--dask_client_address") == f"tcp://{name}-scheduler:{port}"  # the operator's Service

@@ -2,11 +2,11 @@
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from audit_fixtures import MODEL_ARGS, N_IMAGES, run_audit, shared_audit
 from conftest import DEMO_DATA
-from pipelines import cli
-from pipelines.reporting.diff import top_k_overlap
+
+from saliency_audit.pipelines import cli
+from saliency_audit.pipelines.reporting.diff import top_k_overlap
 
 
 @pytest.fixture(scope="module")

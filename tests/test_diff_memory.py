@@ -43,7 +43,7 @@ def synthetic_audit(directory: Path, n_images: int, seed: int, side: int = SIDE,
 
 PEAK = """
 import resource, sys
-from pipelines.reporting import diff
+from saliency_audit.pipelines.reporting import diff
 diff.MAP_BUDGET = int(sys.argv[4])
 result = diff.diff_audits(sys.argv[1], sys.argv[2], sys.argv[3])
 print(result["pairs"], next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
@@ -73,8 +73,8 @@ def test_chunked_rows_match_a_direct_comparison(tmp_path):
     """Rows written chunk by chunk are those of one comparison of all maps at once."""
     import torch
 
-    from explainers.metrics import spearman_rank_correlation, ssim
-    from pipelines.reporting import diff
+    from saliency_audit.explainers.metrics import spearman_rank_correlation, ssim
+    from saliency_audit.pipelines.reporting import diff
     a = synthetic_audit(tmp_path / "a", 30, seed=3, side=20, methods=("sal", "grad"))
     b = synthetic_audit(tmp_path / "b", 30, seed=4, side=20, methods=("sal", "grad"))
     original = diff.MAP_BUDGET

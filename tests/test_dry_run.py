@@ -1,7 +1,7 @@
 """run --dry-run: the plan and an estimate, and nothing written."""
 import re
 
-from pipelines import audit
+from saliency_audit.pipelines import audit
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(demo_shard, demo_model_args, tmp_path, capsys):

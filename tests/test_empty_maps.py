@@ -2,11 +2,11 @@
 import tarfile
 
 import numpy as np
-
 from conftest import add_member, png_bytes
-from pipelines import audit
-from pipelines.reporting.audit_dir import AuditDir
-from pipelines.reporting.report import write_report
+
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.reporting.audit_dir import AuditDir
+from saliency_audit.pipelines.reporting.report import write_report
 
 
 def test_empty_maps_are_counted_and_reported(demo_shard, demo_model_args, tmp_path):
@@ -32,7 +32,7 @@ def test_empty_maps_are_counted_and_reported(demo_shard, demo_model_args, tmp_pa
 
 
 def test_no_better_than_random_warning_gives_the_reason_for_unsigned_maps():
-    from pipelines.reporting.report import method_warnings
+    from saliency_audit.pipelines.reporting.report import method_warnings
     poor = {"mean_deletion_auc": 0.50, "mean_deletion_auc_random": 0.52, "constant_share": 0.0}
     good = {"mean_deletion_auc": 0.20, "mean_deletion_auc_random": 0.52, "constant_share": 0.0}
     (unsigned,) = method_warnings("sal", poor, signed=False)

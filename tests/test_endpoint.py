@@ -14,12 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-
 from conftest import DEMO_DATA, read_output
-from pipelines import audit
-from pipelines.reference_model import mnist_cnn
 
-TORCH_MODEL = ["--model", "pipelines.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.training.reference_model import mnist_cnn
+
+TORCH_MODEL = ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
 METHODS = "occlusion,lime"
 OPTIONS = {"lime": {"n_samples": 150}, "occlusion": {"window": 7, "stride": 7}}
 IMAGES = 3
@@ -217,8 +217,8 @@ def test_429s_500s_and_slow_answers_are_retried_and_cost_nothing(endpoint, in_pr
 @pytest.fixture
 def poisoned(in_process):
     """An endpoint that always refuses the second digit (matched by its pixel sum)."""
-    from transforms.preprocess import Preprocessing, decode, preprocess
-    from transforms.readers import read_shard
+    from saliency_audit.transforms.io.preprocess import Preprocessing, decode, preprocess
+    from saliency_audit.transforms.io.readers import read_shard
     records = [r for r, _ in zip(read_shard(str(DEMO_DATA / "mnist-test-sample.tar")), range(IMAGES))]
     victim = records[1]
     pixels = preprocess(decode(victim, 4096 * 4096), Preprocessing(channels=1))
@@ -303,7 +303,7 @@ def test_credentials_in_the_options_never_reach_the_manifest(endpoint, tmp_path)
 
 def test_a_redirect_is_refused_and_carries_no_credentials(tmp_path, monkeypatch):
     """urllib would follow it with every header, the token included, to wherever it points."""
-    from transforms.endpoint_model import EndpointModel, EndpointOptions, ModelCallError
+    from saliency_audit.transforms.model.endpoint import EndpointModel, EndpointOptions, ModelCallError
     elsewhere = Endpoint()
     endpoint = Endpoint(redirect=f"{elsewhere.base}/v2/models/cnn/infer")
     try:
@@ -319,7 +319,7 @@ def test_a_redirect_is_refused_and_carries_no_credentials(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("endpoint", [{"trickle": True}], indirect=True)
 def test_an_answer_that_trickles_in_is_cut_off_at_the_timeout(endpoint):
-    from transforms.endpoint_model import EndpointModel, EndpointOptions, ModelCallError
+    from saliency_audit.transforms.model.endpoint import EndpointModel, EndpointOptions, ModelCallError
     model = EndpointModel(f"{endpoint.base}/v2/models/cnn", EndpointOptions.parse({"retries": 0, "timeout": 1}))
     start = time.monotonic()
     with pytest.raises(ModelCallError, match="no whole answer within 1 s"):
@@ -370,7 +370,7 @@ def test_a_header_with_a_control_character_fails_in_one_line_that_hides_it(endpo
 def test_an_error_sending_a_request_never_carries_a_secret(endpoint, monkeypatch):
     """A worker's own environment may hold a token the launcher's preflight never saw: whatever
     the HTTP library raises about it is scrubbed of it, in every form (text, repr, bytes)."""
-    from transforms.endpoint_model import EndpointModel, EndpointOptions, ModelCallError
+    from saliency_audit.transforms.model.endpoint import EndpointModel, EndpointOptions, ModelCallError
     model = EndpointModel(f"{endpoint.base}/v2/models/cnn", EndpointOptions.parse({"retries": 0}))
     monkeypatch.setenv("SALIENCY_AUDIT_ENDPOINT_TOKEN", SECRET + "\n")
     with pytest.raises(ModelCallError) as raised:
@@ -394,7 +394,7 @@ def test_answers_with_another_class_count_than_preflights_cost_their_records(end
 def test_headers_that_trickle_in_are_cut_off_at_the_timeout(endpoint):
     """urllib's timeout is per socket read: a server that sends a header line every 0.5 s would hold
     the request for 40 s. The timeout bounds the whole exchange."""
-    from transforms.endpoint_model import EndpointModel, EndpointOptions, ModelCallError
+    from saliency_audit.transforms.model.endpoint import EndpointModel, EndpointOptions, ModelCallError
     timeout = 2
     model = EndpointModel(f"{endpoint.base}/v2/models/cnn", EndpointOptions.parse({"retries": 0, "timeout": timeout}))
     start = time.monotonic()

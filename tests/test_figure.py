@@ -4,12 +4,12 @@ import sys
 
 import numpy as np
 import pytest
+from audit_fixtures import shared_audit
 from PIL import Image
 
-from audit_fixtures import shared_audit
-from pipelines.reporting.audit_dir import AuditDir
-from pipelines.reporting.figure import HEADER_HEIGHT, LABEL_WIDTH, comparison_figure, figure_size
-from pipelines import cli
+from saliency_audit.pipelines import cli
+from saliency_audit.pipelines.reporting.audit_dir import AuditDir
+from saliency_audit.pipelines.reporting.figure import HEADER_HEIGHT, LABEL_WIDTH, comparison_figure, figure_size
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_default_columns_are_the_runs_methods_in_order(audit):
 def test_unknown_ids_and_methods_fail_with_one_line(audit, tmp_path):
     with pytest.raises(ValueError, match="image id\\(s\\) nope not in"):
         comparison_figure(audit, ["mnist-test-000001", "nope"])
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "figure", audit.path, "--ids", "mnist-test-000001",
+    proc = subprocess.run([sys.executable, "-m", "saliency_audit.pipelines.cli", "figure", audit.path, "--ids", "mnist-test-000001",
                            "--methods", "sal,intg", "--output", str(tmp_path / "x.png")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "method(s) intg not in this audit" in proc.stderr

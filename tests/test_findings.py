@@ -1,4 +1,4 @@
-"""Clever-Hans discovery (pipelines.findings): a planted watermark is found, a clean model raises
+"""Clever-Hans discovery (saliency_audit.pipelines.checks.findings): a planted watermark is found, a clean model raises
 nothing, and the reader survives what a saliency table can hold."""
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.findings import FINDINGS_SCHEMA, SCORE_THRESHOLD, find_clever_hans, regions, score_group
+from saliency_audit.pipelines.checks.findings import (
+    FINDINGS_SCHEMA,
+    SCORE_THRESHOLD,
+    find_clever_hans,
+    regions,
+    score_group,
+)
+from saliency_audit.pipelines.job import phases
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import clever_hans  # noqa: E402
@@ -199,8 +206,8 @@ def test_the_run_publishes_its_findings_and_the_gate_and_report_use_them(experim
     holds on the control; the report shows the flagged finding with its prototypes."""
     import json
 
-    from pipelines import cli
-    from pipelines.reporting.report import write_report
+    from saliency_audit.pipelines import cli
+    from saliency_audit.pipelines.reporting.report import write_report
     prepared, findings, _, workdir = experiment
     manifest = json.loads((workdir / "audit" / "manifest.json").read_text())
     published = ds.dataset([str(workdir / "audit" / f) for f in manifest["files"]["findings"]]).to_table()
@@ -225,12 +232,12 @@ def test_a_failing_analysis_never_costs_the_run(tmp_path, monkeypatch, demo_shar
     with an empty findings/ and the error in the manifest."""
     import json
 
-    from pipelines import audit
+    from saliency_audit.pipelines import audit
 
     def broken(*args, **kwargs):
         raise MemoryError("planted")
 
-    monkeypatch.setattr(audit, "find_clever_hans", broken)
+    monkeypatch.setattr(phases, "find_clever_hans", broken)
     manifest = audit.run(["--input", str(demo_shard), *demo_model_args, "--methods", "sal", "--channels", "1",
                           "--limit-per-shard", "8", "--no-metrics", "--output", str(tmp_path / "out")])
     assert manifest["counts"]["sal"] == {"read": 8, "explained": 8, "errors": 0}
@@ -240,7 +247,7 @@ def test_a_failing_analysis_never_costs_the_run(tmp_path, monkeypatch, demo_shar
 
 
 def test_the_reference_pool_is_exact_for_few_classes_and_bounded_for_many():
-    from pipelines.findings import references
+    from saliency_audit.pipelines.checks.findings import references
     rng = np.random.default_rng(0)
     masks = np.eye(4)[:, :4].repeat(1, axis=1)  # 4 one-cell regions of a 2x2 grid
     samples = {c: rng.random((30, 2, 2)) for c in range(5)}
@@ -256,7 +263,7 @@ def test_a_handful_of_sparse_maps_in_one_place_is_no_finding(tmp_path):
     """The demo's false alarm: lore's maps are a few superpixels; a SpRAy cluster of 3 of a class's
     8 maps on the same spot, where other classes' maps put nothing, scored 0.73 and was flagged.
     A group under MIN_SUPPORT maps is not scored."""
-    from pipelines.findings import MIN_SUPPORT
+    from saliency_audit.pipelines.checks.findings import MIN_SUPPORT
     rng = np.random.default_rng(1)
     rows = []
     for c in range(6):

@@ -16,26 +16,28 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
+from audit_fixtures import sample_shard
+from conftest import DEMO_DATA
 from scipy.stats import spearmanr
 from sklearn.metrics import ndcg_score
 
-from audit_fixtures import sample_shard
-from conftest import DEMO_DATA
-from pipelines import audit, cli, gates, spec
-from pipelines.findings import SCORE_THRESHOLD
-from pipelines.options import UsageError
-from pipelines.reporting import diff
-from pipelines.reporting.audit_dir import AuditDir
-from pipelines.reporting.report import Report
+from saliency_audit.pipelines import audit, cli
+from saliency_audit.pipelines.checks import gates
+from saliency_audit.pipelines.checks.findings import SCORE_THRESHOLD
+from saliency_audit.pipelines.config import spec
+from saliency_audit.pipelines.config.options import UsageError
+from saliency_audit.pipelines.reporting import diff
+from saliency_audit.pipelines.reporting.audit_dir import AuditDir
+from saliency_audit.pipelines.reporting.report import Report
 
 N_IMAGES = 12
-MODEL = ["--model", "pipelines.reference_model:mnist_cnn", "--device", "cpu", "--channels", "1"]
+MODEL = ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--device", "cpu", "--channels", "1"]
 JOB = ["--methods", "sal,grad", "--batch-size", "12", "--metric-steps", "4"]  # the spec adds the sanity check
 SPEC = """\
 [input]
 path = "shards/sample.tar"
 [model]
-path = "pipelines.reference_model:mnist_cnn"
+path = "saliency_audit.pipelines.training.reference_model:mnist_cnn"
 weights = "{weights}"
 device = "cpu"
 [preprocessing]
@@ -493,7 +495,7 @@ def test_report_survives_a_deeply_nested_verdict(audits, tmp_path):
 
 def test_control_maps_are_not_judged():
     """random and sobel ignore the model by design: judged, they would fail every quality gate."""
-    from pipelines.gates import Side
+    from saliency_audit.pipelines.checks.gates import Side
 
     class Audit:
         methods = ["grad", "random", "sobel"]
@@ -647,6 +649,7 @@ def test_a_top_k_of_every_pixel_is_refused(audits, tmp_path, capsys, top_k):
 def _swapped_shard(directory: Path, n_images: int, swapped: int) -> Path:
     """The sample shard's ids with other digits (and their labels) under the first ``swapped`` of them."""
     import tarfile
+
     from conftest import add_member
     directory.mkdir(parents=True)
     with tarfile.open(DEMO_DATA / "mnist-test-sample.tar") as src:
@@ -712,7 +715,8 @@ def test_the_gates_never_hold_an_audits_rows(tmp_path, monkeypatch):
     import tracemalloc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from report_check_memory import build_audit
-    from pipelines.reporting import audit_dir
+
+    from saliency_audit.pipelines.reporting import audit_dir
     monkeypatch.setattr(audit_dir, "BATCH_ROWS", 500, raising=False)
     peaks = {}
     for rows in (2_000, 20_000):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from explainers import get_explainer
-from explainers.metrics import deletion_auc, random_maps
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.metrics import deletion_auc, random_maps
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(not (MNIST / "train5k-images-idx3-ubyte.gz").exists(),
@@ -37,7 +37,7 @@ class KerasStyleCNN(nn.Module):
 def trained_keras_style_cnn(mnist: Path, epochs: int = 2, seed: int = 0) -> KerasStyleCNN:
     """KerasStyleCNN trained with Adam on the 5,000-digit subset: 2 epochs reach ~92% test accuracy
     and near-certain probabilities on most digits, enough to show the problem, in ~10 s."""
-    from pipelines.mnist import load_mnist_split, to_model_input
+    from saliency_audit.pipelines.training.mnist import load_mnist_split, to_model_input
     images, labels = load_mnist_split(mnist / "train5k-images-idx3-ubyte.gz", mnist / "train5k-labels-idx1-ubyte.gz")
     x, y = torch.from_numpy(to_model_input(images)), torch.from_numpy(labels).long()
     with torch.random.fork_rng(devices=[]):
@@ -57,7 +57,7 @@ def trained_keras_style_cnn(mnist: Path, epochs: int = 2, seed: int = 0) -> Kera
 
 
 def test_digits(n: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    from pipelines.mnist import load_mnist_split, to_model_input
+    from saliency_audit.pipelines.training.mnist import load_mnist_split, to_model_input
     images, _ = load_mnist_split(MNIST / "t10k-images-idx3-ubyte.gz", MNIST / "t10k-labels-idx1-ubyte.gz")
     return torch.from_numpy(to_model_input(images[:n])), torch.arange(n)
 
@@ -181,7 +181,7 @@ def test_without_an_activation_module_the_conv_is_used_and_elementwise_ignores_t
 
 
 def test_resnet_default_layer_is_the_last_stage_and_the_map_is_grad_cams():
-    from pipelines.reference_model import resnet18
+    from saliency_audit.pipelines.training.reference_model import resnet18
     torch.manual_seed(0)
     model = resnet18(width=8)
     x = torch.rand(2, 3, 128, 128)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from explainers import get_explainer
+from saliency_audit.explainers import get_explainer
 
 
 class Linear2d(torch.nn.Module):

@@ -11,13 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import add_member, png_bytes
 from PIL import Image
 
-from conftest import add_member, png_bytes
-from transforms.batching import ReadShardBatches
-from transforms.preprocess import Preprocessing, boxes_to_mask
-from transforms.readers import JSON_MAX_BYTES, MAX_BOXES, _split_key, read_shard
-from transforms.records import ErrorRecord, ImageBatch, RawImage
+from saliency_audit.transforms.io.preprocess import Preprocessing, boxes_to_mask
+from saliency_audit.transforms.io.readers import JSON_MAX_BYTES, MAX_BOXES, _split_key, read_shard
+from saliency_audit.transforms.io.records import ErrorRecord, ImageBatch, RawImage
+from saliency_audit.transforms.read import ReadShardBatches
 
 SIDE = 40
 # An image whose left half is bright, and the mask of that half.

@@ -13,13 +13,13 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 import torch
-
 from conftest import DEMO_DATA, add_member, read_output
-from pipelines import audit
-from transforms import history
-from transforms.publication import OUTPUTS, RUNS
 
-MODEL = ["--model", "pipelines.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
+from saliency_audit.pipelines import audit
+from saliency_audit.transforms.io import history
+from saliency_audit.transforms.io.publication import OUTPUTS, RUNS
+
+MODEL = ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
 SAL_GRAD = ("sal", "grad")
 SLOTS = ("2026-11-01", "2026-11-02", "2026-11-03")
 PER_SHARD = 4

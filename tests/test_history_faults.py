@@ -1,4 +1,4 @@
-"""The audit history (transforms.history) under faults: hostile rows, a failed record or job,
+"""The audit history (saliency_audit.transforms.io.history) under faults: hostile rows, a failed record or job,
 concurrent runs, reclaim, object storage and a killed writer's temporary file. Whatever happens,
 no recorded result is lost, no run's rows are mixed into another's, and no image is skipped on
 the word of a row that cannot be trusted."""
@@ -20,14 +20,15 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import DEMO_DATA, REPO, add_member, moto_s3
-from pipelines import audit
-from transforms import history, publication, storage
-from transforms.publication import RUNS
-from transforms.skip_explained import SkipExplained
 
-MODEL = ["--model", "pipelines.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.job import phases
+from saliency_audit.transforms.io import history, publication, storage
+from saliency_audit.transforms.io.publication import RUNS
+from saliency_audit.transforms.skip_explained import SkipExplained
+
+MODEL = ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
 PER_SHARD = 4  # digits per shard: each run costs ~3 s, almost all of it fixed
 
 
@@ -155,7 +156,7 @@ def test_missing_history_file_costs_its_ids_not_the_run(root, seeded, shards, tm
     moved = tmp_path / "moved"
     moved.mkdir()
     shutil.copy(shards / "x.tar", moved / "x.tar")
-    execute = audit.execute
+    execute = phases.execute
 
     def execute_after_removal(plan, run):  # the maps vanish between the plan and the job
         assert plan.work.history_files
@@ -163,7 +164,7 @@ def test_missing_history_file_costs_its_ids_not_the_run(root, seeded, shards, tm
             (root / relative).unlink()
         return execute(plan, run)
 
-    monkeypatch.setattr(audit, "execute", execute_after_removal)
+    monkeypatch.setattr(phases, "execute", execute_after_removal)
     manifest = audit.run(audit_args(root, moved / "x.tar", "b"))
     assert manifest["counts"]["sal"] == {"read": PER_SHARD, "explained": PER_SHARD, "errors": 0, "skipped": 0}
     assert any("unreadable" in m and "explained again" in m for m in caplog.messages)
@@ -213,7 +214,7 @@ def test_a_job_that_fails_leaves_the_history_as_it_was(root, shards, monkeypatch
 # --- 3. concurrent runs ----------------------------------------------------------------------
 
 def start(root: Path, pattern: Path, slot: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.audit", *audit_args(root, pattern, slot)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "saliency_audit.pipelines.audit", *audit_args(root, pattern, slot)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -359,8 +360,9 @@ def test_a_file_option_counts_by_its_contents(tmp_path):
     """abele's autoencoder: retrained under the same path, its maps are new; the same file under
     another path, they are not. Credentials never count."""
     import argparse
-    from pipelines.incremental import method_fingerprints
-    from transforms.preprocess import Preprocessing
+
+    from saliency_audit.pipelines.job.incremental import method_fingerprints
+    from saliency_audit.transforms.io.preprocess import Preprocessing
     args = argparse.Namespace(target="predicted", seed=0, metrics=True, metric_steps=16, metric_substrate="zero",
                               abele_metrics=False, abele_neighbours=20, map_dtype="float32")
     aae, copy = tmp_path / "aae.pt", tmp_path / "copy.pt"
@@ -382,8 +384,9 @@ def test_road_counts_in_the_fingerprint():
     """A run with --road must not skip images that a run without it explained: their ROAD columns
     would stay null (the reverse too)."""
     import argparse
-    from pipelines.incremental import method_fingerprints
-    from transforms.preprocess import Preprocessing
+
+    from saliency_audit.pipelines.job.incremental import method_fingerprints
+    from saliency_audit.transforms.io.preprocess import Preprocessing
     resolved = {"methods": {"grad": {"options": {}}}}
 
     def fingerprint(road):
@@ -395,7 +398,7 @@ def test_road_counts_in_the_fingerprint():
 
 
 def test_history_command_reports_a_storage_failure_in_one_line(monkeypatch, capsys, tmp_path):
-    from pipelines import cli
+    from saliency_audit.pipelines import cli
 
     class Unreachable(Exception):  # botocore's errors are not OSError
         pass
@@ -448,7 +451,7 @@ def current_maps(root: Path | str, storage_options=None, **kw) -> dict[str, tupl
 
 
 def test_each_reader_records_the_sha256_of_the_image_bytes_it_read(shards, tmp_path):
-    from transforms.readers import read_shard
+    from saliency_audit.transforms.io.readers import read_shard
     tar = (shards / "x.tar").read_bytes()
     expected = png_hashes(tar)
     pngs = {}
@@ -496,7 +499,7 @@ def test_content_that_changes_back_is_explained_again_where_the_storage_tags_con
     HTTP server or GCS's md5Hash give): x.tar's digits are replaced by others under the same
     ids (slot b), then put back (slot c), so its tag is run a's again. The newest maps of those
     ids are slot b's, of other digits: slot c must explain x's digits again."""
-    from pipelines import incremental
+    from saliency_audit.pipelines.job import incremental
 
     def content_tags(urls, storage_options):
         tags = {}
@@ -564,8 +567,8 @@ def test_a_truncated_history_file_keeps_every_run_it_may_name(root, seeded, shar
 
 
 def test_history_command_and_report_name_an_unreadable_file(root, capsys):
-    from pipelines import cli
-    from pipelines.reporting.report import write_report
+    from saliency_audit.pipelines import cli
+    from saliency_audit.pipelines.reporting.report import write_report
     shutil.copy(root / "history" / "a.parquet", root / "history" / "b.parquet")
     truncate(root / "history" / "b.parquet")
     capsys.readouterr()

@@ -14,15 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import DEMO_DATA, REPO, add_member, png_bytes, read_output
-from pipelines import audit
-from transforms.batching import ReadShardBatches
-from transforms.preprocess import Preprocessing
-from transforms.readers import read_shard
-from transforms.records import ErrorRecord, RawImage
 
-MODEL_ARGS = ["--model", "pipelines.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt"),
+from saliency_audit.pipelines import audit
+from saliency_audit.transforms.io.preprocess import Preprocessing
+from saliency_audit.transforms.io.readers import read_shard
+from saliency_audit.transforms.io.records import ErrorRecord, RawImage
+from saliency_audit.transforms.read import ReadShardBatches
+
+MODEL_ARGS = ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt"),
               "--channels", "1"]
 DIGITS = [np.random.default_rng(i).integers(0, 256, (28, 28), dtype=np.uint8) for i in range(3)]
 
@@ -132,7 +132,7 @@ class _InfForSecondImage:
     """A method whose map for the batch's second image is infinite."""
 
     def explain(self, images, targets, seeds):
-        from explainers._base import Explanation
+        from saliency_audit.explainers.core.base import Explanation
         maps = images.sum(dim=1).clone()
         maps[1, 0, 0] = float("inf")
         return Explanation(maps)
@@ -140,9 +140,10 @@ class _InfForSecondImage:
 
 def explain_one_batch(model, method) -> tuple[list[dict], list[ErrorRecord]]:
     """Rows and errors of the explain step on three digits with ``method`` as the only method."""
-    from transforms.explain import ExplainBatches, ExplainConfig
-    from transforms.models import ModelSpec
-    from transforms.records import ImageBatch
+    from saliency_audit.transforms.explain import ExplainBatches
+    from saliency_audit.transforms.io.records import ImageBatch
+    from saliency_audit.transforms.model.handler import ExplainConfig
+    from saliency_audit.transforms.model.load import ModelSpec
 
     pixels = np.stack([d[None].astype(np.float32) / 255 for d in DIGITS])
     batch = ImageBatch(["a", "b", "c"], ["s"] * 3, [None] * 3, [(28, 28)] * 3, pixels)
@@ -161,7 +162,7 @@ def test_a_non_finite_map_costs_that_image_and_method_only(demo_model):
 
 
 def test_a_metric_that_fails_on_one_image_costs_only_its_values(demo_model, monkeypatch):
-    from explainers import metrics as quality
+    from saliency_audit.explainers import metrics as quality
     gini = quality.gini
 
     def fragile_gini(maps):  # fails on any batch holding b's map (the one with an odd first pixel)
@@ -171,7 +172,7 @@ def test_a_metric_that_fails_on_one_image_costs_only_its_values(demo_model, monk
 
     class Marked:
         def explain(self, images, targets, seeds):
-            from explainers._base import Explanation
+            from saliency_audit.explainers.core.base import Explanation
             maps = images.sum(dim=1).clone()
             maps[:, 0, 0] = torch.tensor([1.0, 7.0, 1.0])[:len(maps)] if len(maps) == 3 else 1.0
             return Explanation(maps)
@@ -221,8 +222,8 @@ def test_a_key_repeated_within_a_shard_is_read_once(tmp_path):
 # would carry the parent's peak across fork and exec.)
 READ_AND_DECODE = textwrap.dedent("""
     import resource, sys
-    from transforms.preprocess import BadImage, decode
-    from transforms.readers import read_shard
+    from saliency_audit.transforms.io.preprocess import BadImage, decode
+    from saliency_audit.transforms.io.readers import read_shard
     peak = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:"))) / 1024
     before, reasons = peak(), []
     for record in read_shard(sys.argv[1]):

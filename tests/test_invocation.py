@@ -5,9 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import audit, cli
-from pipelines.options import UsageError, beam_option_parser, parse_run_args
-from pipelines.preflight import check_shards
+from saliency_audit.pipelines import audit, cli
+from saliency_audit.pipelines.config.options import UsageError, beam_option_parser, parse_run_args
+from saliency_audit.pipelines.job import phases
+from saliency_audit.pipelines.job.preflight import check_shards
 
 BASE = ["--input", "x.tar", "--model", "m.pt", "--output", "out"]
 BEAM_ARGS = ["--runner", "DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers", "2",
@@ -158,12 +159,12 @@ def test_fuzzed_command_lines_parse_or_fail_cleanly(items, base_at):
 def test_a_run_that_fails_exits_3_not_a_gates_1(tmp_path, demo_shard, demo_model_args, monkeypatch, capfd):
     """Exit codes a scheduler can act on: 1 means published with a failed gate, 3 that the run
     itself failed and nothing was published."""
-    from pipelines import audit
+    from saliency_audit.pipelines import audit
 
     def broken(*args, **kwargs):
         raise RuntimeError("planted storage outage")
 
-    monkeypatch.setattr(audit, "verify", broken)
+    monkeypatch.setattr(phases, "verify", broken)
     code = audit.main(["--input", str(demo_shard), *demo_model_args, "--methods", "sal", "--channels", "1",
                        "--limit-per-shard", "4", "--no-metrics", "--output", str(tmp_path / "out")])
     assert code == 3

@@ -2,15 +2,14 @@
 import numpy as np
 import pytest
 import torch
-from skimage import data, transform
+from conftest import RegionModel, region_superpixels, scene
 from scipy.stats import spearmanr
+from skimage import data, transform
 from sklearn.linear_model import Ridge
 
-from explainers import get_explainer, list_methods
-from explainers._scores import target_scores
-from explainers.lime import lime_kernel, weighted_ridge
-
-from conftest import RegionModel, region_superpixels, scene
+from saliency_audit.explainers import get_explainer, list_methods
+from saliency_audit.explainers.blackbox.lime import lime_kernel, weighted_ridge
+from saliency_audit.explainers.core.scores import target_scores
 
 PATCH = 4
 
@@ -177,7 +176,7 @@ def test_log_odds_from_logits():
 
 
 def test_given_slic_options_keep_limes_own_segment_count():
-    from explainers.lime import SLIC_OPTIONS
+    from saliency_audit.explainers.blackbox.lime import SLIC_OPTIONS
     lime = get_explainer("lime", RegionModel(), segmentation_options={"compactness": 5.0})
     assert lime.segmentation_options == {**SLIC_OPTIONS, "compactness": 5.0}
     assert get_explainer("lime", RegionModel(), segmentation_options={}).segmentation_options == SLIC_OPTIONS

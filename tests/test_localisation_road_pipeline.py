@@ -6,11 +6,11 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import add_member, png_bytes, read_output
 from PIL import Image
 
-from conftest import add_member, png_bytes, read_output
-from pipelines import audit
-from pipelines.reporting.report import write_report
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.reporting.report import write_report
 
 METHODS = ["grad", "lrp", "random", "sobel"]
 N = 16

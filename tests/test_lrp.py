@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainers import get_explainer
-from explainers.lrp import lrp_graph
-from pipelines.reference_model import BasicBlock, MnistCNN, ResNet18
-
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.relevance.lrp import lrp_graph
+from saliency_audit.pipelines.training.reference_model import BasicBlock, MnistCNN, ResNet18
 
 # --- torchvision-style test networks (reduced widths) ---------------------------------
 

@@ -4,12 +4,12 @@ z-box bounds carried through a normalisation inside the model and from --mean/--
 clear errors."""
 import pytest
 import torch
+from test_lrp import VGG, logits_of, randomise_batchnorm, resnet, zennit_relevance
 from torch import nn
 
-from explainers import get_explainer, list_methods
-from explainers._lrp_rules import COMPOSITES
-from pipelines.reference_model import BasicBlock
-from test_lrp import VGG, logits_of, randomise_batchnorm, resnet, zennit_relevance
+from saliency_audit.explainers import get_explainer, list_methods
+from saliency_audit.explainers.relevance.rules import COMPOSITES
+from saliency_audit.pipelines.training.reference_model import BasicBlock
 
 # ours -> Zennit's class name
 ZENNIT_COMPOSITES = {

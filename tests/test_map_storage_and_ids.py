@@ -3,10 +3,10 @@ import tarfile
 
 import numpy as np
 import pyarrow as pa
-
 from conftest import add_member
-from pipelines import audit
-from pipelines.reporting.audit_dir import AuditDir, saliency_map
+
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.reporting.audit_dir import AuditDir, saliency_map
 
 
 def _shard(path, demo_shard, members):

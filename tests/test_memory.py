@@ -64,9 +64,10 @@ def test_train_aae_memory_does_not_grow_with_the_dataset(tmp_path):
 
 def test_streamed_training_sees_every_image_once_per_epoch_and_resumes_exactly(tmp_path, monkeypatch):
     import torch
-    from explainers.aae import default_config
-    from pipelines import aae_training
-    from transforms.preprocess import Preprocessing
+
+    from saliency_audit.explainers.blackbox.aae import default_config
+    from saliency_audit.pipelines.training import aae as aae_training
+    from saliency_audit.transforms.io.preprocess import Preprocessing
 
     stream = aae_training.scan_shards(write_digit_shards(tmp_path / "s", 300, per_shard=70), Preprocessing(),
                                       holdout=0.1, seed=1, shuffle_buffer=50)
@@ -98,7 +99,7 @@ def test_streamed_training_sees_every_image_once_per_epoch_and_resumes_exactly(t
 EXPLAIN = textwrap.dedent("""
     import torch
     from explainers import get_explainer
-    from explainers.metrics.causal import deletion_auc
+    from saliency_audit.explainers.metrics.causal import deletion_auc
 
     class Tiny(torch.nn.Module):  # a few channels: the model's own memory is negligible
         def __init__(self):

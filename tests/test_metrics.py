@@ -1,4 +1,4 @@
-"""Tests of explainers.metrics on a model whose decision depends on one square region only."""
+"""Tests of saliency_audit.explainers.metrics on a model whose decision depends on one square region only."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +7,24 @@ import torch
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 
-from explainers.metrics import (
-    auc, cascading_randomization, default_steps, deletion_auc, deletion_curve, gini, insertion_auc,
-    insertion_curve, lipschitz_ratios, make_substrate, parameterised_layers, prediction_unchanged,
-    random_maps, relevance_flip_rate, salt_and_pepper, spearman_rank_correlation, ssim,
+from saliency_audit.explainers.metrics import (
+    auc,
+    cascading_randomization,
+    default_steps,
+    deletion_auc,
+    deletion_curve,
+    gini,
+    insertion_auc,
+    insertion_curve,
+    lipschitz_ratios,
+    make_substrate,
+    parameterised_layers,
+    prediction_unchanged,
+    random_maps,
+    relevance_flip_rate,
+    salt_and_pepper,
+    spearman_rank_correlation,
+    ssim,
 )
 
 torch.set_num_threads(1)

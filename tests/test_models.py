@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from pipelines.reference_model import mnist_cnn
-from transforms.models import ModelLoadError, ModelSpec, file_sha256, load_model, model_hashes
+from saliency_audit.pipelines.training.reference_model import mnist_cnn
+from saliency_audit.transforms.model.load import ModelLoadError, ModelSpec, file_sha256, load_model, model_hashes
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def x():
 
 def test_callable_with_weights(tmp_path, reference, x):
     torch.save(reference.state_dict(), tmp_path / "w.pt")
-    model = load_model(ModelSpec("pipelines.reference_model:mnist_cnn", str(tmp_path / "w.pt")))
+    model = load_model(ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", str(tmp_path / "w.pt")))
     torch.testing.assert_close(model(x), reference(x))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
@@ -46,14 +46,14 @@ def test_weights_needing_pickle_are_refused(tmp_path):
         pickle.dump({"fc.weight": object()}, f)
     torch.save({"x": torch.nn.Linear(1, 1)}, tmp_path / "modules.pt")
     with pytest.raises(ModelLoadError, match="refused"):
-        load_model(ModelSpec("pipelines.reference_model:mnist_cnn", str(tmp_path / "modules.pt")))
+        load_model(ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", str(tmp_path / "modules.pt")))
 
 
 @pytest.mark.parametrize("spec,message", [
     (ModelSpec("/no/such/model.pt"), "model file not found: /no/such/model.pt"),
-    (ModelSpec("pipelines.reference_model:mnist_cnn", "/no/such/w.pt"), "model file not found"),
+    (ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", "/no/such/w.pt"), "model file not found"),
     (ModelSpec("no_such_module:factory"), "cannot import no_such_module:factory"),
-    (ModelSpec("pipelines.reference_model:MNIST_CNN_TYPO"), "cannot import"),
+    (ModelSpec("saliency_audit.pipelines.training.reference_model:MNIST_CNN_TYPO"), "cannot import"),
     (ModelSpec("json:dumps"), None),
 ])
 def test_bad_models_fail_with_one_line(spec, message, tmp_path):
@@ -66,8 +66,8 @@ def test_bad_models_fail_with_one_line(spec, message, tmp_path):
 
 def test_weights_that_do_not_fit(tmp_path):
     torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "w.pt")
-    with pytest.raises(ModelLoadError, match="do not fit pipelines.reference_model:mnist_cnn"):
-        load_model(ModelSpec("pipelines.reference_model:mnist_cnn", str(tmp_path / "w.pt")))
+    with pytest.raises(ModelLoadError, match="do not fit saliency_audit.pipelines.training.reference_model:mnist_cnn"):
+        load_model(ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", str(tmp_path / "w.pt")))
 
 
 def test_garbage_model_file(tmp_path):
@@ -78,7 +78,7 @@ def test_garbage_model_file(tmp_path):
 
 def test_hash_of_model_files(tmp_path, reference):
     torch.save(reference.state_dict(), tmp_path / "w.pt")
-    spec = ModelSpec("pipelines.reference_model:mnist_cnn", str(tmp_path / "w.pt"))
+    spec = ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", str(tmp_path / "w.pt"))
     import hashlib
     assert model_hashes(spec) == {str(tmp_path / "w.pt"): hashlib.sha256((tmp_path / "w.pt").read_bytes()).hexdigest()}
     assert file_sha256(str(tmp_path / "w.pt")) == model_hashes(spec)[str(tmp_path / "w.pt")]
@@ -88,7 +88,8 @@ def test_a_model_that_takes_no_hook_is_reported_uncounted(tmp_path, reference):
     """A scripted module refuses forward hooks: the manifest says its calls were not counted,
     rather than that the methods asked it nothing."""
     from conftest import DEMO_DATA
-    from pipelines import audit
+
+    from saliency_audit.pipelines import audit
     torch.manual_seed(0)
     small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()
     torch.jit.script(small).save(str(tmp_path / "scripted.pt"))

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from explainers import get_explainer
-from explainers.occlusion import window_masks, window_starts
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.perturbation.occlusion import window_masks, window_starts
 
 SIZE = 12
 ROWS, COLS = slice(4, 8), slice(5, 9)  # the only pixels the region model reads

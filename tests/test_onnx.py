@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import DEMO_DATA, read_output
-from pipelines import audit
-from pipelines.reference_model import mnist_cnn
+
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.training.reference_model import mnist_cnn
 
 pytest.importorskip("onnxruntime")
-TORCH_MODEL = ["--model", "pipelines.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
+TORCH_MODEL = ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt")]
 # small options: the comparison needs the same computation, not a full-size one
 OPTIONS = json.dumps({"lime": {"n_samples": 200}, "occlusion": {"window": 7, "stride": 7},
                       "lore": {"population_size": 200, "generations": 4},
@@ -68,7 +68,7 @@ def test_forward_only_methods_give_the_torch_models_maps(onnx_file, tmp_path):
 def test_a_graph_with_a_fixed_batch_size_is_fed_one_batch_at_a_time(tmp_path, batch):
     """5 images through a graph that takes exactly ``batch``: the last batch is padded, and the
     padding's answers dropped."""
-    from transforms.models import ModelSpec, load_model
+    from saliency_audit.transforms.model.load import ModelSpec, load_model
     model = load_model(ModelSpec(export(tmp_path / "fixed.onnx", batch=batch)))
     x = torch.rand(5, 1, 28, 28)
     torch.testing.assert_close(model(x), reference_cnn()(x), rtol=1e-4, atol=1e-4)
@@ -105,7 +105,7 @@ def test_a_broken_onnx_file_fails_in_one_line(tmp_path, capsys, content):
 
 
 def test_the_graphs_input_is_checked_against_the_images():
-    from transforms.onnx_model import InputSpec
+    from saliency_audit.transforms.model.onnx import InputSpec
     assert InputSpec("x", "tensor(float)", (None, 1, 28, 28)).problem((4, 1, 28, 28)) is None
     assert InputSpec("x", "tensor(float16)", (1, 1, None, None)).problem((4, 1, 32, 32)) is None
     assert "only float inputs" in InputSpec("x", "tensor(int64)", (None, 1, 28, 28)).problem((4, 1, 28, 28))
@@ -115,7 +115,7 @@ def test_the_graphs_input_is_checked_against_the_images():
 
 FUZZ = r"""
 import json, random, sys
-from transforms.models import ModelLoadError, ModelSpec, load_model
+from saliency_audit.transforms.model.load import ModelLoadError, ModelSpec, load_model
 data = open(sys.argv[1], "rb").read()
 rng, outcomes = random.Random(0), {"refused": 0, "loaded": 0}
 cases = [data[:n] for n in (1, 16, len(data) // 3, len(data) // 2, len(data) - 1)]
@@ -142,6 +142,7 @@ def test_truncated_and_mutated_onnx_files_are_refused_in_one_line_or_load(onnx_f
     not the end of the test session."""
     import subprocess
     import sys
+
     from conftest import REPO
     done = subprocess.run([sys.executable, "-c", FUZZ, onnx_file, str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
@@ -177,7 +178,7 @@ def test_the_exporters_default_output_runs_from_another_directory(default_export
 
 def test_the_model_hash_covers_the_external_data(default_export, tmp_path):
     """Two weight files behind one graph are two models, for the manifest and the audit history."""
-    from transforms.models import ModelSpec, model_hashes, model_identity
+    from saliency_audit.transforms.model.load import ModelSpec, model_hashes, model_identity
     other = tmp_path / "model.onnx"
     other.write_bytes(default_export.read_bytes())
     weights = bytearray((default_export.parent / "model.onnx.data").read_bytes())
@@ -191,7 +192,8 @@ def test_the_model_hash_covers_the_external_data(default_export, tmp_path):
 
 def test_an_onnx_model_with_external_data_loads_from_s3(default_export, tmp_path, monkeypatch):
     from conftest import moto_s3
-    from transforms.models import ModelSpec, load_model, model_hashes
+
+    from saliency_audit.transforms.model.load import ModelSpec, load_model, model_hashes
     monkeypatch.chdir(tmp_path)
     with moto_s3(monkeypatch, "models") as (fs, endpoint):
         fs.put(str(default_export), "models/cnn/model.onnx")

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
-
 from conftest import DEMO_DATA, add_member, png_bytes, read_output
-from explainers import explainer_class, list_methods, method_parameters
-from pipelines import audit
+
+from saliency_audit.explainers import explainer_class, list_methods, method_parameters
+from saliency_audit.pipelines import audit
 
 rng = np.random.default_rng(0)
 N_GOOD = 20
@@ -190,7 +190,7 @@ def test_a_failed_run_leaves_the_previous_results_whole(shards, demo_model_args,
     before = sorted((r["image_id"], r["saliency"]) for r in read_output(tmp_path / "saliency"))
     manifest_before = (tmp_path / "manifest.json").read_text()
 
-    from transforms import parquet_sink
+    from saliency_audit.transforms import parquet_sink
     original = parquet_sink._WriteRows.finish_bundle
 
     def fail_on_errors_output(self):
@@ -232,7 +232,7 @@ def test_bad_invocations_fail_fast_with_one_line(args, message, shards, demo_mod
     if base["--model"].startswith("/"):
         del base["--weights"]
     argv = [item for pair in base.items() for item in pair]
-    proc = subprocess.run([sys.executable, "-m", "pipelines.audit", *argv], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "saliency_audit.pipelines.audit", *argv], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("saliency-audit")]

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from explainers import get_explainer
-from pipelines.reference_model import MnistCNN
+from saliency_audit.explainers import get_explainer
+from saliency_audit.pipelines.training.reference_model import MnistCNN
 
 PATCH = 4
 MARGIN = 2  # pixels of slack around the patch

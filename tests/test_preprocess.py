@@ -2,11 +2,11 @@ import io
 
 import numpy as np
 import pytest
+from conftest import png_bytes
 from PIL import Image
 
-from conftest import png_bytes
-from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
-from transforms.records import RawImage
+from saliency_audit.transforms.io.preprocess import BadImage, Preprocessing, decode, preprocess
+from saliency_audit.transforms.io.records import RawImage
 
 rng = np.random.default_rng(0)
 

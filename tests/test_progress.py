@@ -12,15 +12,16 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.utils import shared
-
 from conftest import DEMO_DATA, add_member, moto_s3, read_output
-from transforms import progress
-from transforms.batching import ERRORS, READ, ReadShardBatches
-from transforms.explain import DEVICE, ExplainBatches, ExplainConfig
-from transforms.models import ModelSpec
-from transforms.parquet_sink import WriteParquet
-from transforms.preprocess import Preprocessing
-from transforms.rows import ERROR_SCHEMA
+
+from saliency_audit.transforms.explain import ExplainBatches
+from saliency_audit.transforms.io import progress
+from saliency_audit.transforms.io.preprocess import Preprocessing
+from saliency_audit.transforms.io.rows import ERROR_SCHEMA
+from saliency_audit.transforms.model.handler import DEVICE, ExplainConfig
+from saliency_audit.transforms.model.load import ModelSpec
+from saliency_audit.transforms.parquet_sink import WriteParquet
+from saliency_audit.transforms.read import ERRORS, READ, ReadShardBatches
 
 SHARDS = 2
 PER_SHARD = 12  # images per shard; the first shard also holds one broken record
@@ -147,7 +148,7 @@ def shards(tmp_path_factory):
 
 def explain_job(p, shards, sink, errors_dir):
     """The audit's read and explain steps (one cheap method), reporting to ``sink``."""
-    config = ExplainConfig(ModelSpec("pipelines.reference_model:mnist_cnn", str(DEMO_DATA / "mnist_cnn.pt")),
+    config = ExplainConfig(ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", str(DEMO_DATA / "mnist_cnn.pt")),
                            {"sal": {}}, device="cpu", metrics=False, progress=sink)
     reader = ReadShardBatches(Preprocessing(channels=1), 5, progress=sink)
     batched = (p | beam.Create(shards) | beam.Reshuffle()
@@ -217,7 +218,7 @@ def test_a_poll_that_fails_is_logged_once_and_the_display_goes_on(caplog):
 
 def test_batches_slower_than_the_window_keep_a_rate(tmp_path, monkeypatch):
     """A batch every 64 s (the demo's abele): between two batches the rate must not read 0."""
-    from transforms import progress
+    from saliency_audit.transforms.io import progress
     clock, done = [0.0], [0]
     monkeypatch.setattr(progress, "poll", lambda sink: progress.Totals(read=100, explained=done[0]))
     display = progress.Display(progress.Sink(str(tmp_path / "p")), 1, 100, stream=io.StringIO(), tty=False,

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from conftest import REPO, add_member
 from publish_harness import InjectedFault, Snapshot, Storage, check, leftovers, publish
 
-from pipelines import audit  # noqa: E402
-from transforms import publication  # noqa: E402
+from saliency_audit.pipelines import audit  # noqa: E402
+from saliency_audit.pipelines.job import phases
+from saliency_audit.transforms.io import publication  # noqa: E402
 
 HARNESS = Path(__file__).resolve().parent / "publish_harness.py"
 
@@ -53,7 +53,7 @@ def prepare(root: Path, shard: Path, model_args: list[str]) -> Prepared:
         return plans[argv[argv.index("--output") + 1]]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(audit, "plan", capture)
+        mp.setattr(phases, "plan", capture)
         for name, methods, limit in (("P", "sal", "5"), ("R", "grad", "3")):
             audit.run(["--input", str(root / "s.tar"), *model_args, "--channels", "1", "--no-metrics",
                        "--limit-per-shard", limit, "--methods", methods, "--output", str(root / name)])
@@ -65,8 +65,8 @@ def prepare(root: Path, shard: Path, model_args: list[str]) -> Prepared:
 @contextlib.contextmanager
 def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
     """A moto S3 server on 127.0.0.1 with the bucket publish-bucket; yields the storage options."""
-    from moto.server import ThreadedMotoServer
     import s3fs
+    from moto.server import ThreadedMotoServer
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
@@ -136,8 +136,8 @@ class AuditRun:
             self.storage.armed = True
 
         plan = plan_for(self.prepared.plans[data], output, storage_options, reclaim_after)
-        self.monkeypatch.setattr(audit, "plan", lambda argv: plan)
-        self.monkeypatch.setattr(audit, "execute", execute)
+        self.monkeypatch.setattr(phases, "plan", lambda argv: plan)
+        self.monkeypatch.setattr(phases, "execute", execute)
         try:
             audit.run([])
         finally:
@@ -293,8 +293,8 @@ def test_a_run_whose_counts_do_not_reconcile_is_never_published(prepared, place,
     new_output, options = place
     output, P = new_output(), publication.new_run_id()
     prepared.P.install(output, P, options, state="published")
-    real = audit.count_outcomes
-    monkeypatch.setattr(audit, "count_outcomes", lambda *a: {m: {**c, "read": c["read"] + 1}
+    real = phases.count_outcomes
+    monkeypatch.setattr(phases, "count_outcomes", lambda *a: {m: {**c, "read": c["read"] + 1}
                                                             for m, c in real(*a).items()})
     run = AuditRun(monkeypatch, prepared, Storage())
     with pytest.raises(RuntimeError, match="counts do not reconcile"):
@@ -352,7 +352,7 @@ def test_reclaim_after_shorter_than_the_heartbeat_interval_is_refused(demo_model
     """A live run beats every HEARTBEAT_S; with --reclaim-after below that, another run's reclaim
     takes it for killed and removes its folders, and its later commit publishes a pointer to
     files that are gone: a lost result."""
-    from pipelines.options import UsageError, parse_run_args
+    from saliency_audit.pipelines.config.options import UsageError, parse_run_args
     base = ["--input", "x.tar", *demo_model_args, "--output", "out"]
     for minutes in ("0.5", "-1"):
         with pytest.raises(UsageError, match="reclaim-after"):

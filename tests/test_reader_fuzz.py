@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from transforms.batching import ERRORS, READ, ReadShardBatches
-from transforms.preprocess import Preprocessing
-from transforms.records import ErrorRecord, ImageBatch
+from saliency_audit.transforms.io.preprocess import Preprocessing
+from saliency_audit.transforms.io.records import ErrorRecord, ImageBatch
+from saliency_audit.transforms.read import ERRORS, READ, ReadShardBatches
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 KINDS = ("tar", "tar.gz", "png", "jpg", "npy", "parquet")
@@ -213,8 +214,9 @@ def test_readers_survive_fuzzed_inputs_with_bounded_memory():
 
 
 def test_a_job_over_fuzzed_shards_reconciles(tmp_path):
-    from pipelines import audit
     from conftest import DEMO_DATA, add_member
+
+    from saliency_audit.pipelines import audit
     inputs = tmp_path / "in"
     inputs.mkdir()
     with tarfile.open(inputs / "clean.tar", "w") as tar:  # so that some images get explained
@@ -226,7 +228,7 @@ def test_a_job_over_fuzzed_shards_reconciles(tmp_path):
         path = inputs / f"s{seed}.{kind}"
         path.write_bytes(shard_bytes(random.Random(seed), kind))
         expected += check_shard(str(path), PREPS[0])
-    manifest = audit.run(["--input", str(inputs), "--model", "pipelines.reference_model:mnist_cnn",
+    manifest = audit.run(["--input", str(inputs), "--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn",
                           "--weights", str(DEMO_DATA / "mnist_cnn.pt"), "--channels", "1", "--to-grayscale",
                           "--resize", "28,28", "--max-pixels", str(MAX_PIXELS), "--methods", "grad",
                           "--output", str(tmp_path / "out")])

@@ -7,11 +7,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import add_member, png_bytes
-from transforms.readers import read_shard
-from transforms.records import ErrorRecord, RawImage
-from transforms.storage import expand_glob
+
+from saliency_audit.transforms.io.readers import read_shard
+from saliency_audit.transforms.io.records import ErrorRecord, RawImage
+from saliency_audit.transforms.io.storage import expand_glob
 
 rng = np.random.default_rng(0)
 GREY = rng.integers(0, 256, (12, 10), dtype=np.uint8)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.mnist import load_mnist_split, to_model_input
-from pipelines.reference_model import MnistCNN, mnist_cnn
-from pipelines.training import evaluate, random_shift, train_classifier
+from saliency_audit.pipelines.training.classifier import evaluate, random_shift, train_classifier
+from saliency_audit.pipelines.training.mnist import load_mnist_split, to_model_input
+from saliency_audit.pipelines.training.reference_model import MnistCNN, mnist_cnn
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 DEMO_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "demo_data"

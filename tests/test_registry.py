@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from explainers import Explainer, get_explainer, list_methods, method_parameters
+from saliency_audit.explainers import Explainer, get_explainer, list_methods, method_parameters
 
 
 def test_foundation_methods_are_registered():

@@ -12,10 +12,10 @@ import subprocess
 
 import numpy as np
 import pytest
+from audit_fixtures import shared_audit
 from PIL import Image
 
-from audit_fixtures import shared_audit
-from pipelines import cli
+from saliency_audit.pipelines import cli
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Headless flags that keep Chromium off the (closed) network and out of the user's profile.
@@ -100,7 +100,7 @@ def test_chromium_screenshot_of_the_report(browser, report, tmp_path):
 
 
 def test_flattened_exemplars_become_images():
-    from pipelines.reporting.render import flattened_images
+    from saliency_audit.pipelines.reporting.render import flattened_images
     values = np.concatenate([np.zeros(6), np.arange(6.0)])  # two 2x3 grey images
     images = flattened_images(values, 2, 3)
     assert len(images) == 2 and images[0].shape == (2, 3, 3)
@@ -109,7 +109,7 @@ def test_flattened_exemplars_become_images():
 
 
 def test_demo_defaults_run_the_literature_s_methods_with_the_bundled_aae(tmp_path, monkeypatch):
-    from pipelines import audit
+    from saliency_audit.pipelines import audit
     seen = []
     monkeypatch.setattr(audit, "main", lambda argv: seen.append(argv) or 3)  # stop before the run
     assert cli.main(["demo", "--output", str(tmp_path)]) == 3
@@ -132,5 +132,5 @@ def test_demo_ends_with_a_report_and_a_figure(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"report: {tmp_path}/report.html" in printed and f"figure: {tmp_path}/figure.png" in printed
     assert "<img" in (tmp_path / "report.html").read_text()
-    from pipelines.reporting.figure import figure_size
+    from saliency_audit.pipelines.reporting.figure import figure_size
     assert Image.open(tmp_path / "figure.png").size == figure_size(2, 2, 112)  # a 9 and a 0, two methods

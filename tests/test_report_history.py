@@ -9,12 +9,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
 from conftest import add_member
-from pipelines import audit
-from pipelines.reporting.html import number
-from pipelines.reporting.report import HISTORY_STATISTICS, write_report
-from transforms import history, storage
+
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.reporting.html import number
+from saliency_audit.pipelines.reporting.report import HISTORY_STATISTICS, write_report
+from saliency_audit.transforms.io import history, storage
 
 SLOTS = ("2026-11-01", "2026-11-02", "2026-11-03")
 METHODS = ("sal", "grad")

@@ -9,15 +9,15 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
 from audit_fixtures import MODEL_ARGS
 from conftest import DEMO_DATA, add_member
-from pipelines import audit
-from pipelines.reporting import audit_dir
-from pipelines.reporting.audit_dir import AuditDir
-from pipelines.reporting.diff import diff_audits
-from pipelines.reporting.figure import comparison_figure
-from pipelines.reporting.report import Report, write_report
+
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.reporting import audit_dir
+from saliency_audit.pipelines.reporting.audit_dir import AuditDir
+from saliency_audit.pipelines.reporting.diff import diff_audits
+from saliency_audit.pipelines.reporting.figure import comparison_figure
+from saliency_audit.pipelines.reporting.report import Report, write_report
 
 SCRIPT = "<script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(1)>'

@@ -18,9 +18,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import report_check_memory as bench  # noqa: E402
 
-from pipelines.reporting import aggregate, audit_dir  # noqa: E402
-from pipelines.reporting.audit_dir import AuditDir  # noqa: E402
-from pipelines.reporting.report import Report  # noqa: E402
+from saliency_audit.pipelines.reporting import aggregate, audit_dir  # noqa: E402
+from saliency_audit.pipelines.reporting.audit_dir import AuditDir  # noqa: E402
+from saliency_audit.pipelines.reporting.report import Report  # noqa: E402
 
 
 def python_peak_mb(directory: Path) -> float:

@@ -6,11 +6,11 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import add_member, png_bytes, read_output
 from skimage import data as photos
 
-from conftest import add_member, png_bytes, read_output
-from pipelines import audit, cli
-from pipelines.reference_model import resnet18
+from saliency_audit.pipelines import audit, cli
+from saliency_audit.pipelines.training.reference_model import resnet18
 
 METHODS = ["sal", "grad", "intg", "deeplift", "elrp", "lrp", "occlusion", "mask", "smoothgrad", "gradcam", "lime",
            "abele", "gradcampp", "hirescam", "xgradcam", "layercam", "scorecam", "ablationcam", "eigencam", "rise",
@@ -47,7 +47,7 @@ def audited(tmp_path_factory):
                "lrp": {"composite": "epsilon_gamma_box"}, "rise": {"n_masks": 200},
                "expected_gradients": {"n_samples": 8}, "xrai": {"n_steps": 8}}
     manifest = audit.run([
-        "--input", str(root / "*.tar"), "--model", "pipelines.reference_model:resnet18",
+        "--input", str(root / "*.tar"), "--model", "saliency_audit.pipelines.training.reference_model:resnet18",
         "--weights", str(root / "resnet18.pt"), "--methods", ",".join(METHODS), *PREPROCESSING,
         "--aae", str(root / "aae.pt"), "--batch-size", "4", "--method-options", json.dumps(options),
         "--output", str(root / "out")])

@@ -11,13 +11,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from conftest import add_member, png_bytes, read_output
 from skimage import data as photos
 from skimage.transform import rescale
 from torch import nn
 
-from conftest import add_member, png_bytes, read_output
-from pipelines import audit
-from pipelines.reference_model import resnet18
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.training.reference_model import resnet18
 
 # gradient-based maps with a faithfulness floor on this task
 FAITHFUL = ["sal", "grad", "intg", "deeplift", "elrp", "occlusion", "gradcam"]

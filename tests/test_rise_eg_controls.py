@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from explainers import get_explainer
-from explainers.rise import rise_masks
-from explainers.smoothgrad import image_generators
-from pipelines.reference_model import MnistCNN
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.core.maps import image_generators
+from saliency_audit.explainers.perturbation.rise import rise_masks
+from saliency_audit.pipelines.training.reference_model import MnistCNN
 
 
 def small_cnn():

@@ -8,14 +8,19 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import torchvision_stand_in
 from torch import nn
 
-from conftest import torchvision_stand_in
-from explainers.metrics.localisation import (
-    BAD_MAP, EMPTY_MASK, NO_RELEVANCE, pointing_game, relevance_mass_accuracy, relevance_rank_accuracy,
+from saliency_audit.explainers.metrics._utils import generator
+from saliency_audit.explainers.metrics.localisation import (
+    BAD_MAP,
+    EMPTY_MASK,
+    NO_RELEVANCE,
+    pointing_game,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
 )
-from explainers.metrics.road import linear_imputation, noisy_linear_imputation, removal_counts, road
-from explainers.metrics._utils import generator
+from saliency_audit.explainers.metrics.road import linear_imputation, noisy_linear_imputation, removal_counts, road
 
 QUANTUS_INSTALL = ("pip install --no-deps quantus==0.6.0 && pip install pandas opencv-python-headless cachetools")
 LOCALISATION = (pointing_game, relevance_mass_accuracy, relevance_rank_accuracy)
@@ -269,7 +274,7 @@ def test_imputation_in_groups_equals_the_whole_batch(monkeypatch):
     """The solver takes the batch in groups of SOLVE_PIXELS pixels (memory per group, not per
     batch): each image's system is its own, so the values agree."""
     import importlib
-    road_module = importlib.import_module("explainers.metrics.road")  # the package exports the function road
+    road_module = importlib.import_module("saliency_audit.explainers.metrics.road")  # the package exports the function road
     g = torch.Generator().manual_seed(3)
     images = torch.rand(5, 2, 12, 12, generator=g)
     removed = torch.rand(5, 12, 12, generator=g) > 0.6

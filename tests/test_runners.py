@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import add_member, read_output
-from pipelines import audit
 
+from saliency_audit.pipelines import audit
 
 PER_SHARD = 16  # digits: batches of 5 leave a partial last batch in each shard
 # The shards and the DirectRunner's values, made once per session: test_dask compares with them too.

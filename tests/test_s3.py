@@ -3,13 +3,12 @@ import json
 import tarfile
 
 import pytest
-
 from conftest import DEMO_DATA, add_member, moto_s3
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
 
-from pipelines import audit  # noqa: E402
+from saliency_audit.pipelines import audit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def test_s3_round_trip(s3, demo_shard, demo_model_args, tmp_path):
                for e in errors if e["source"].endswith("s-1.tar"))
 
     # the report and the figure read the audit, and the images from the shards, back from S3
-    from pipelines import cli
+    from saliency_audit.pipelines import cli
     assert cli.main(["report", "s3://audit-bucket/results", "--output", "s3://audit-bucket/results/report.html",
                      "--storage-options", options]) == 0
     page = fs.cat("audit-bucket/results/report.html").decode()
@@ -61,7 +60,8 @@ def test_s3_round_trip(s3, demo_shard, demo_model_args, tmp_path):
     assert cli.main(["figure", "s3://audit-bucket/results", "--ids", rows[0]["image_id"], "--output",
                      str(tmp_path / "fig.png"), "--storage-options", options]) == 0
     from PIL import Image
-    from pipelines.reporting.figure import figure_size
+
+    from saliency_audit.pipelines.reporting.figure import figure_size
     assert Image.open(tmp_path / "fig.png").size == figure_size(1, 2, 112)
 
 
@@ -113,7 +113,8 @@ UNREACHABLE = json.dumps({"endpoint_url": "http://127.0.0.1:1",
 ])
 def test_commands_on_an_unreachable_store_fail_in_one_line(command, tmp_path, monkeypatch, capsys):
     import logging
-    from pipelines import cli
+
+    from saliency_audit.pipelines import cli
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     # logging as in a fresh process: an earlier audit.main in this one configured it on a stream now closed

@@ -3,10 +3,10 @@ ABELE's metrics and the summary's quantiles come out of the same shared audit.""
 import math
 
 import pytest
-
 from audit_fixtures import METHODS, N_IMAGES, shared_audit
 from conftest import read_output
-from transforms.rows import ABELE_COLUMNS, LOCALISATION_COLUMNS, METRIC_COLUMNS, ROAD_COLUMNS
+
+from saliency_audit.transforms.io.rows import ABELE_COLUMNS, LOCALISATION_COLUMNS, METRIC_COLUMNS, ROAD_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_summary_has_mean_and_quantiles_of_every_metric(audited):
 
 
 def test_a_method_that_fails_on_a_random_model_gets_no_verdict():
-    from pipelines.sanity import verdicts
+    from saliency_audit.pipelines.checks.sanity import verdicts
     rows = [{"method": "sal", "check": "cascading", "step": s, "layer": "x", "image_id": "a", "rank_correlation": r,
              "rank_correlation_abs": r, "ssim": r} for s, r in ((1, 0.9), (2, 0.2))]
     result = verdicts(rows, ["sal", "lrp"], 0.5, {"lrp": "model randomised down to fc2: overflow"})
@@ -102,7 +102,8 @@ def test_a_method_that_fails_on_a_random_model_gets_no_verdict():
 
 def test_random_other_classes_are_uniform_over_the_other_classes_and_seeded():
     import torch
-    from explainers.metrics import random_other_classes
+
+    from saliency_audit.explainers.metrics import random_other_classes
     targets = torch.arange(1000) % 10
     others = random_other_classes(targets, 10, torch.arange(1000))
     assert (others != targets).all() and set(others.tolist()) == set(range(10))

@@ -1,5 +1,5 @@
 """Credentials never reach what a run writes or prints. Beam options are recorded by an allow-list
-(pipelines.options.BEAM_RECORDED): Beam has options that hold credentials under names that look
+(saliency_audit.pipelines.config.options.BEAM_RECORDED): Beam has options that hold credentials under names that look
 like nothing secret (--azure_connection_string, --hdfs_user, --s3_endpoint_url with a key in it),
 so every option that is not known to be safe is recorded as <redacted>."""
 from __future__ import annotations
@@ -10,10 +10,17 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from audit_fixtures import MODEL_ARGS, sample_shard
-from pipelines import cli, spec
-from pipelines.options import BEAM_LOCATIONS, BEAM_RECORDED, REDACTED, beam_option_parser, redact_argv
+
+from saliency_audit.pipelines import cli
+from saliency_audit.pipelines.config import spec
+from saliency_audit.pipelines.config.options import (
+    BEAM_LOCATIONS,
+    BEAM_RECORDED,
+    REDACTED,
+    beam_option_parser,
+    redact_argv,
+)
 
 SECRET = "S3CR3T-7f3a"  # in every value below: found anywhere, a credential leaked
 # Beam's options that may hold a credential (or a name its owner may not want published), each with

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import cli
-from pipelines.options import REDACTED, UsageError, parse_run_args, redact_argv
-from transforms.models import ModelLoadError, ModelSpec, load_model, unsafe_pt2_entry
+from saliency_audit.pipelines import cli
+from saliency_audit.pipelines.config.options import REDACTED, UsageError, parse_run_args, redact_argv
+from saliency_audit.transforms.model.load import ModelLoadError, ModelSpec, load_model, unsafe_pt2_entry
 
 
 class Payload:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from explainers import get_explainer
+from saliency_audit.explainers import get_explainer
 
 
 def small_cnn():
@@ -55,7 +55,7 @@ def test_smoothgrad_without_noise_is_the_gradient():
 def test_signed_maps_by_default_beat_unsigned_ones_on_deletion(demo_model, demo_images):
     """An unsigned map ranks evidence against the class as high as evidence for it, which deletion
     punishes: smoothgrad's default is the signed mean gradient, and sal offers the signed gradient."""
-    from explainers.metrics import deletion_auc, random_maps
+    from saliency_audit.explainers.metrics import deletion_auc, random_maps
     x, _ = demo_images
     x, seeds = x[:32], torch.arange(32)
     with torch.no_grad():

@@ -10,13 +10,14 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 import yaml
+from audit_fixtures import sample_shard
+from conftest import DEMO_DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from audit_fixtures import sample_shard
-from conftest import DEMO_DATA
-from pipelines import audit, cli, spec
-from pipelines.options import REDACTED, UsageError
+from saliency_audit.pipelines import audit, cli
+from saliency_audit.pipelines.config import spec
+from saliency_audit.pipelines.config.options import REDACTED, UsageError
 
 N_IMAGES = 8
 SPEC = """\
@@ -24,7 +25,7 @@ SPEC = """\
 path = "shards/sample.tar"          # relative to this file's folder
 
 [model]
-path = "pipelines.reference_model:mnist_cnn"
+path = "saliency_audit.pipelines.training.reference_model:mnist_cnn"
 weights = "{weights}"
 device = "cpu"
 
@@ -43,7 +44,7 @@ steps = 4
 path = "out"
 """
 # The same audit as flags (paths absolute: the flags resolve against the working directory).
-FLAGS = ["--model", "pipelines.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt"),
+FLAGS = ["--model", "saliency_audit.pipelines.training.reference_model:mnist_cnn", "--weights", str(DEMO_DATA / "mnist_cnn.pt"),
          "--device", "cpu", "--channels", "1", "--methods", "grad", "--batch-size", "4", "--seed", "7",
          "--metric-steps", "4"]
 BASE = ["--input", "x.tar", "--model", "m.pt", "--output", "out"]

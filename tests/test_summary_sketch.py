@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from datasketches import kll_doubles_sketch
 
-from transforms.rows import METRIC_COLUMNS
-from transforms.summary import SKETCH_K, _SummaryFn
+from saliency_audit.transforms.io.rows import METRIC_COLUMNS
+from saliency_audit.transforms.summary import SKETCH_K, _SummaryFn
 
 RANK_ERROR = kll_doubles_sketch.get_normalized_rank_error(SKETCH_K, False)
 

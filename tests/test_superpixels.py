@@ -4,8 +4,8 @@ import pytest
 import torch
 from skimage import data, transform
 
-from explainers._blackbox import BlackBox, run_searches
-from explainers.superpixels import SEGMENTATIONS, fill_images, grid_segments, segment
+from saliency_audit.explainers.blackbox.search import BlackBox, run_searches
+from saliency_audit.explainers.blackbox.superpixels import SEGMENTATIONS, fill_images, grid_segments, segment
 
 torch.set_num_threads(2)
 

@@ -8,13 +8,16 @@ import pytest
 import torch
 from apache_beam.utils import shared
 
-from pipelines import audit
-from pipelines.options import UsageError, parse_run_args
-from pipelines.preflight import preflight, thread_budget, worker_processes
-from pipelines.spec import parse_invocation
-from transforms.explain import ExplainBatches, ExplainConfig, ThreadBudget, available_cores
-from transforms.models import ModelSpec
-from transforms.preprocess import Preprocessing
+from saliency_audit.pipelines import audit
+from saliency_audit.pipelines.config.options import UsageError, parse_run_args
+from saliency_audit.pipelines.config.spec import parse_invocation
+from saliency_audit.pipelines.job import dry_run
+from saliency_audit.pipelines.job.preflight import preflight, thread_budget, worker_processes
+from saliency_audit.transforms.explain import ExplainBatches
+from saliency_audit.transforms.io.preprocess import Preprocessing
+from saliency_audit.transforms.model.handler import ExplainConfig
+from saliency_audit.transforms.model.load import ModelSpec
+from saliency_audit.transforms.model.threads import ThreadBudget, available_cores
 
 BASE = ["--input", "x.tar", "--model", "m.pt", "--output", "out"]
 
@@ -89,9 +92,9 @@ def test_setup_applies_the_budget(demo_model_args, restore_torch_threads):
 
 
 def test_abele_pool_respects_the_budget(demo_images, demo_model, monkeypatch, restore_torch_threads):
-    import explainers.abele as abele
-    from explainers import get_explainer
-    from pipelines.cli import DEMO_AAE
+    import saliency_audit.explainers.blackbox.abele as abele
+    from saliency_audit.explainers import get_explainer
+    from saliency_audit.pipelines.cli import DEMO_AAE
     sizes = []
 
     class Recording(abele.ThreadPoolExecutor):
@@ -138,7 +141,7 @@ def test_calibration_measures_each_method_alone(demo_shard, demo_model_args, tmp
     plan = audit.plan(["--input", str(demo_shard), *demo_model_args, "--methods", "sal,intg", "--channels", "1",
                        "--device", "cpu", "--no-metrics", "--method-options", '{"intg": {"n_steps": 16}}',
                        "--output", str(tmp_path / "out")])
-    seconds = audit.calibrate(plan, images=2)
+    seconds = dry_run.calibrate(plan, images=2)
     # intg makes 16 forward and backward passes per image, sal one: measured together every time,
     # the shared figure was the cost of both and the methods' own figures were noise around 0.
     assert seconds["intg"] > 2 * seconds["sal"]  # 50 passes against 1: wide margin on a noisy machine
@@ -146,7 +149,7 @@ def test_calibration_measures_each_method_alone(demo_shard, demo_model_args, tmp
 
 
 def test_demo_dry_run_stops_after_the_plan(tmp_path, capsys, restore_torch_threads):
-    from pipelines import cli
+    from saliency_audit.pipelines import cli
     code = cli.main(["demo", "--output", str(tmp_path / "out"), "--methods", "sal", "--no-sanity-check",
                      "--dry-run"])
     captured = capsys.readouterr()
@@ -164,7 +167,7 @@ def test_demo_dry_run_stops_after_the_plan(tmp_path, capsys, restore_torch_threa
     ({}, None),
 ])
 def test_a_container_cpu_quota_caps_the_cores(tmp_path, files, limit):
-    from transforms.explain import cgroup_cpu_limit
+    from saliency_audit.transforms.model.threads import cgroup_cpu_limit
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)

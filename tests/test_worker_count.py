@@ -9,7 +9,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def test_two_workers_share_the_cores(tmp_path, capsys):
     import worker_count
-    from transforms.explain import available_cores
+
+    from saliency_audit.transforms.model.threads import available_cores
     rows = worker_count.main(["--images", "6", "--shards", "2", "--methods", "sal", "--configs", "2",
                               "--scratch", str(tmp_path)])
     [(config, result)] = rows

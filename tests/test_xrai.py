@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from explainers import get_explainer
-from explainers.xrai import XRAI, xrai_greedy, xrai_segments
-from pipelines.reference_model import MnistCNN
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.gradient.xrai import XRAI, xrai_greedy, xrai_segments
+from saliency_audit.pipelines.training.reference_model import MnistCNN
 
 SALIENCY_INSTALL = "pip install --no-deps saliency==0.2.1"
 
@@ -182,7 +182,8 @@ def test_defaults_and_passes():
 def test_segment_dilation_on_its_bounding_box_equals_the_whole_image_dilation():
     from scipy import ndimage
     from skimage.morphology import disk
-    from explainers.xrai import _dilate
+
+    from saliency_audit.explainers.gradient.xrai import _dilate
     rng = np.random.default_rng(0)
     for radius in (1, 3, 6):
         footprint = disk(radius).astype(bool)

@@ -12,14 +12,14 @@ import itertools
 
 import apache_beam as beam
 
-from transforms.batching import ERRORS, ReadShardBatches
-from transforms.readers import read_shard
-from transforms.records import ErrorRecord, ImageBatch, RawImage
+from saliency_audit.transforms.io.readers import read_shard
+from saliency_audit.transforms.io.records import ErrorRecord, ImageBatch, RawImage
+from saliency_audit.transforms.read import ERRORS, ReadShardBatches
 
 
 def shard_ids(url: str, reader: ReadShardBatches):
     """(image_id, shard url, content sha256) once for every id the reader would explain from this
-    shard (the hash is for an audit history: transforms.skip_explained)."""
+    shard (the hash is for an audit history: saliency_audit.transforms.skip_explained)."""
     records = read_shard(url, reader.storage_options, max_pixels=reader.prep.max_pixels)
     if reader.limit_per_shard is not None:
         records = itertools.islice(records, reader.limit_per_shard)

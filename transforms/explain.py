@@ -1,242 +1,35 @@
 """The batched explain step: one model per worker, every method on every batch."""
 from __future__ import annotations
 
-import dataclasses
-import os
-import sys
-import threading
 import time
-from typing import Any
 
 import apache_beam as beam
-import numpy as np
 import torch
 from apache_beam.utils import shared
 
-from explainers import get_explainer
-from explainers._base import alone, decision_tolerance, stable_argmax
-from explainers import metrics as quality
-from transforms import progress
-from transforms.abele_protocol import AbeleProtocol, abele_metrics
-from transforms.batching import ERRORS
-from transforms.models import ModelSpec, load_model, resolve_device
-from transforms.records import ErrorRecord, ImageBatch, seed_for
-from transforms.rows import extra_value, map_problems, map_statistics
-from transforms.skip_explained import SKIPPED
-
-DEVICE = "device"  # side output: the device each batch ran on, so the manifest records the workers'
-# side output: (what, calls, images) the model was asked: what = a method (its explain calls), ALL
-# (everything: predictions, methods, metrics) or HTTP (an endpoint's requests, retries)
-MODEL_CALLS = "model_calls"
-ALL, HTTP, NOT_COUNTED = "*", "*http", "*not counted"
-
-
-@dataclasses.dataclass(frozen=True)
-class ThreadBudget:
-    """Torch threads per worker process (--torch-threads), which also size the methods' own
-    thread pools. ``threads`` None (auto): the cores this process may use divided by
-    ``processes``, the SDK worker processes the runner starts per machine (0: one per core);
-    inside a Dask worker, the threads that worker was given. Resolved on the worker, whose
-    cores may differ from the launcher's."""
-
-    threads: int | None = None
-    processes: int = 1
-
-    def resolve(self, cores: int | None = None) -> int:
-        if self.threads is not None:
-            return self.threads
-        dask = _dask_worker_threads()
-        if dask is not None:
-            return dask
-        if not self.processes:
-            return 1
-        return max(1, (cores or available_cores()) // self.processes)
-
-
-def available_cores(cgroup: str = "/sys/fs/cgroup") -> int:
-    """The cores this process may run on, not the machine's: its CPU affinity (a cpuset), capped
-    by the container's CPU quota (a Kubernetes CPU limit is a CFS quota, invisible to affinity)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_limit(cgroup)
-    return max(1, min(cores, quota)) if quota else cores
-
-
-def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> int | None:
-    """The CPU quota in whole cores (rounded up), from cgroup v2's cpu.max ("400000 100000") or
-    v1's cfs_quota_us / cfs_period_us; None when there is none ("max", -1) or no cgroup."""
-    def read(name: str) -> str | None:
-        try:
-            with open(os.path.join(root, name)) as f:
-                return f.read().strip()
-        except OSError:
-            return None
-
-    v2 = read("cpu.max")
-    fields = v2.split() if v2 else [read("cpu/cpu.cfs_quota_us") or "", read("cpu/cpu.cfs_period_us") or ""]
-    try:
-        quota, period = int(fields[0]), int(fields[1])
-    except (IndexError, ValueError):  # "max", missing files
-        return None
-    return -(-quota // period) if quota > 0 and period > 0 else None
-
-
-def _dask_worker_threads() -> int | None:
-    """The thread count of the Dask worker running this code, if any (only looked for where
-    dask.distributed is already loaded, so other runners never import it)."""
-    if "distributed" not in sys.modules:
-        return None
-    try:
-        from distributed import get_worker
-        return max(1, int(get_worker().state.nthreads))
-    except (ValueError, AttributeError):  # not inside a Dask worker
-        return None
-
-
-def apply_threads(threads: int) -> None:
-    """Size torch's pools for this worker process. The inter-op pool can only be sized before its
-    first use (in-process runners have used it already), so it is left as it is then."""
-    torch.set_num_threads(threads)
-    if torch.get_num_interop_threads() != threads:
-        try:
-            torch.set_num_interop_threads(threads)
-        except RuntimeError:
-            pass
-
-
-@dataclasses.dataclass(frozen=True)
-class ExplainConfig:
-    model: ModelSpec
-    methods: dict[str, dict[str, Any]]  # name -> options, in run order
-    device: str = "auto"
-    target: str = "predicted"  # predicted | label | an integer class
-    seed: int = 0
-    metrics: bool = True
-    metric_steps: int | None = 16  # None: one image row per step (explainers.metrics.default_steps)
-    metric_substrate: str = "zero"
-    abele: AbeleProtocol | None = None  # ABELE's relevance/coherence/stability (--abele-metrics)
-    road: bool = False  # ROAD MoRF/LeRF per image (--road)
-    threads: ThreadBudget = ThreadBudget()
-    # Where the workers report images explained (transforms.progress); not part of the model's identity.
-    progress: progress.Sink | None = dataclasses.field(default=None, repr=False, compare=False)
-    # method -> its fingerprint in an audit history (pipelines.incremental), stored in its rows; empty outside one.
-    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-
-class CallCounter:
-    """Forward calls of the model and the images they carried, counted by a pre-hook on its root
-    module: what a black box is billed for. (A TorchScript module takes no hook: not counted.)"""
-
-    def __init__(self):
-        self.calls = self.images = 0
-
-    @classmethod
-    def attach(cls, model: torch.nn.Module) -> "CallCounter | None":
-        counter = cls()
-
-        def count(module, args):
-            first = args[0] if args else None
-            counter.calls += 1
-            counter.images += int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
-
-        try:
-            model.register_forward_pre_hook(count)
-        except Exception:  # noqa: BLE001 - ScriptModules refuse hooks
-            return None
-        return counter
-
-    def snapshot(self) -> tuple[int, int]:
-        return self.calls, self.images
-
-
-def _http(model) -> tuple[int, int]:
-    """An endpoint's requests and retries so far ((0, 0) for other models)."""
-    calls = getattr(model, "calls", None)
-    return calls.snapshot()[::2] if calls is not None else (0, 0)
-
-
-class _Loaded:
-    """What a worker keeps between bundles: the model and one explainer per method.
-    (A plain class, because Beam's Shared holds objects by weak reference.)
-
-    ``lock`` serialises their use: an SDK worker runs several bundles on threads at once,
-    and hook-based methods (DeepLift, LRP, Grad-CAM) change the shared model's modules
-    while they run, so two concurrent calls would corrupt each other's results."""
-
-    def __init__(self, config: ExplainConfig):
-        self.lock = threading.Lock()
-        self.device = resolve_device(config.device)
-        self.model = load_model(config.model, self.device)
-        self.explainers = {name: get_explainer(name, self.model, **opts) for name, opts in config.methods.items()}
-        self.counter = CallCounter.attach(self.model)
-
-
-def build_explainers(config: ExplainConfig) -> _Loaded:
-    return _Loaded(config)
-
-
-def choose_targets(mode: str, predicted: torch.Tensor, labels: list[int | None], num_classes: int):
-    """Targets [B] and, per image, a reason why it has none (or None)."""
-    reasons: list[str | None] = [None] * len(labels)
-    if mode == "predicted":
-        return predicted.clone(), reasons
-    if mode == "label":
-        targets = []
-        for i, label in enumerate(labels):
-            if label is None:
-                reasons[i] = "--target label, but the record has no label"
-            elif not 0 <= label < num_classes:
-                reasons[i] = f"label {label} is outside the model's {num_classes} classes"
-            targets.append(label if reasons[i] is None else 0)
-        return torch.tensor(targets, dtype=torch.long, device=predicted.device), reasons
-    cls = int(mode)
-    if not 0 <= cls < num_classes:
-        reasons = [f"--target {cls} is outside the model's {num_classes} classes"] * len(labels)
-    return torch.full_like(predicted, cls), reasons
-
-
-def predict(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits [B,K] float32, probabilities [B,K], predicted class [B]) of a batch. The class is
-    the one each image gets alone (batch of 1): rows whose top-2 logit gap is near the batch's
-    rounding noise are recomputed alone (explainers._base.stable_argmax), so the target a
-    method explains never depends on which other images share the batch."""
-    with torch.inference_mode():
-        raw = model(images)
-        logits = raw.float()
-        probabilities = torch.softmax(logits, dim=1)
-        predicted, _ = stable_argmax(logits, lambda rows: alone(model, images[rows]).float(),
-                                     decision_tolerance(raw.dtype))
-    return logits, probabilities, predicted
-
-
-def ground_truth(batch: ImageBatch, keep: list[int], device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The kept images' ground-truth masks [N,H,W] bool and whether each has one [N], or None
-    when no image of the batch has ground truth."""
-    if batch.masks is None or not any(batch.has_mask[i] for i in keep):
-        return None
-    return (torch.from_numpy(np.asarray(batch.masks)[keep]).to(device).bool(),
-            torch.tensor([batch.has_mask[i] for i in keep], device=device))
-
-
-def localisation(maps: torch.Tensor, masks: torch.Tensor, present: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Pointing game, relevance mass and rank accuracy of each map; NaN (a null) for an image without
-    ground truth."""
-    nan = torch.tensor(float("nan"), device=maps.device)
-    scores = {"pointing_game": quality.pointing_game(maps, masks),
-              "relevance_mass": quality.relevance_mass_accuracy(maps, masks),
-              "relevance_rank": quality.relevance_rank_accuracy(maps, masks)}
-    return {key: torch.where(present, score.values.to(maps.device).float(), nan) for key, score in scores.items()}
-
-
-def metric_value(value: torch.Tensor) -> float | list[float] | None:
-    """One image's metric as a Parquet value: NaN or infinite (no usable neighbour, constant
-    map, a model that overflows on perturbed images) -> null."""
-    values = value.float().cpu().numpy()
-    if not np.isfinite(values).all():
-        return None
-    return float(values) if value.dim() == 0 else values
+from saliency_audit.explainers import metrics as quality
+from saliency_audit.explainers.metrics.abele_protocol import abele_metrics
+from saliency_audit.transforms.io import progress
+from saliency_audit.transforms.io.records import ErrorRecord, ImageBatch, seed_for
+from saliency_audit.transforms.io.rows import extra_value, map_problems, map_statistics
+from saliency_audit.transforms.model.handler import (
+    ALL,
+    DEVICE,
+    HTTP,
+    MODEL_CALLS,
+    NOT_COUNTED,
+    ExplainConfig,
+    _http,
+    build_explainers,
+    choose_targets,
+    ground_truth,
+    localisation,
+    metric_value,
+    predict,
+)
+from saliency_audit.transforms.model.threads import apply_threads
+from saliency_audit.transforms.read import ERRORS
+from saliency_audit.transforms.skip_explained import SKIPPED
 
 
 class ExplainBatches(beam.DoFn):

@@ -7,7 +7,7 @@ grouped sink this replaces sorted every row of a file in memory.)
 
 A bundle that fails and is retried may leave a file behind; only the files that the sink emits
 downstream are committed, and the driver deletes the others before it publishes the run
-(``pipelines.audit``). The files live in the run's own folder (``transforms.publication``).
+(``saliency_audit.pipelines.audit``). The files live in the run's own folder (``saliency_audit.transforms.io.publication``).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.transforms.window import GlobalWindows
 
-from transforms import storage
-from transforms.rows import to_table
+from saliency_audit.transforms.io import storage
+from saliency_audit.transforms.io.rows import to_table
 
 GROUP_BYTES = 32 << 20   # a row group buffered in memory before it is written
 FILE_BYTES = 512 << 20   # a file is closed and a new one started after this much

@@ -1,6 +1,6 @@
 """Incremental audits in the Beam job: explain only the (image, method) pairs the history lacks.
 
-The launcher (pipelines.incremental) has already left out the shards every method explained
+The launcher (saliency_audit.pipelines.job.incremental) has already left out the shards every method explained
 before and says, per shard it reads, which methods are still to run there. Within those shards
 an image the history already explained (for this model, with the same method options) is found
 by a join of two id listings, the shards' and the history's saliency files', so the side input
@@ -21,11 +21,11 @@ from typing import Any
 import apache_beam as beam
 import pyarrow.parquet as pq
 
-from transforms import storage
-from transforms.records import ImageBatch
+from saliency_audit.transforms.io import storage
+from saliency_audit.transforms.io.records import ImageBatch
 
 SKIPPED = "skipped"
-CONTENT = "content_sha256"  # the saliency rows' column (transforms.rows)
+CONTENT = "content_sha256"  # the saliency rows' column (saliency_audit.transforms.io.rows)
 NO_CONTENT = ""  # a recorded map without a content hash: it matches no image read
 log = logging.getLogger("saliency_audit")
 

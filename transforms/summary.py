@@ -6,7 +6,7 @@ import math
 import apache_beam as beam
 from datasketches import kll_doubles_sketch
 
-from transforms.rows import METRIC_COLUMNS, SUMMARY_STATISTICS
+from saliency_audit.transforms.io.rows import METRIC_COLUMNS, SUMMARY_STATISTICS
 
 _MEANS = ("score", "time_ms", "saliency_abs_mean", "saliency_sum")
 

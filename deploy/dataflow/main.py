@@ -14,7 +14,7 @@ TRUE, FALSE = "true", "false"
 
 
 def _run_options() -> dict[str, list[argparse.Action]]:
-    from pipelines.options import add_run_arguments
+    from saliency_audit.pipelines.config.options import add_run_arguments
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     actions: dict[str, list[argparse.Action]] = {}
@@ -51,7 +51,7 @@ def run_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> int:
-    from pipelines.audit import main as audit_main
+    from saliency_audit.pipelines.audit import main as audit_main
     return audit_main(run_argv(sys.argv[1:]))
 
 

@@ -12,4 +12,4 @@ trap 'rm -rf "$dist"' EXIT
 run() { if [[ "${DRY_RUN:-}" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 run "$python" -m pip wheel --quiet --no-deps --wheel-dir "$dist" "$root"
 wheel="$(ls "$dist"/*.whl 2>/dev/null || echo "$dist/saliency_audit-VERSION-py3-none-any.whl")"
-run "$python" -m pipelines.audit --runner DataflowRunner --extra_package "$wheel" "$@"
+run "$python" -m saliency_audit run --runner DataflowRunner --extra_package "$wheel" "$@"

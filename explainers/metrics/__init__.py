@@ -1,6 +1,6 @@
 """Explanation-quality metrics, pure PyTorch and batched (no pipeline code).
 
-    from explainers.metrics import deletion_auc, insertion_auc, random_maps
+    from saliency_audit.explainers.metrics import deletion_auc, insertion_auc, random_maps
     d = deletion_auc(model, images, maps, targets, seeds=seeds)            # [B], lower is better
     d_ref = deletion_auc(model, images, random_maps(maps.shape, seeds), targets, seeds=seeds)
 
@@ -18,21 +18,48 @@ random depends only on each image's seed, never on the rest of the batch.
 - sanity: Adebayo et al.'s cascading randomisation, the random logit test's classes, Spearman rank
   correlation, SSIM.
 """
-from explainers.metrics.abele import (
-    ABELE_PERCENTILES, lipschitz_ratios, prediction_unchanged, relevance_flip_rate, salt_and_pepper,
+from saliency_audit.explainers.metrics.abele import (
+    ABELE_PERCENTILES,
+    lipschitz_ratios,
+    prediction_unchanged,
+    relevance_flip_rate,
+    salt_and_pepper,
 )
-from explainers.metrics.causal import (
-    SUBSTRATES, auc, blur_substrate, default_steps, deletion_auc, deletion_curve, insertion_auc,
-    insertion_curve, make_substrate, pixel_ranks, random_maps,
+from saliency_audit.explainers.metrics.causal import (
+    SUBSTRATES,
+    auc,
+    blur_substrate,
+    default_steps,
+    deletion_auc,
+    deletion_curve,
+    insertion_auc,
+    insertion_curve,
+    make_substrate,
+    pixel_ranks,
+    random_maps,
 )
-from explainers.metrics.complexity import gini
-from explainers.metrics.localisation import (
-    LocalisationScores, pointing_game, relevance_mass_accuracy, relevance_rank_accuracy,
+from saliency_audit.explainers.metrics.complexity import gini
+from saliency_audit.explainers.metrics.localisation import (
+    LocalisationScores,
+    pointing_game,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
 )
-from explainers.metrics.road import DEFAULT_PERCENTAGES, RoadCurves, linear_imputation, noisy_linear_imputation, road
-from explainers.metrics.sanity import (
-    average_ranks, cascading_randomization, parameterised_layers, random_other_classes, reinitialise_,
-    spearman_rank_correlation, ssim,
+from saliency_audit.explainers.metrics.road import (
+    DEFAULT_PERCENTAGES,
+    RoadCurves,
+    linear_imputation,
+    noisy_linear_imputation,
+    road,
+)
+from saliency_audit.explainers.metrics.sanity import (
+    average_ranks,
+    cascading_randomization,
+    parameterised_layers,
+    random_other_classes,
+    reinitialise_,
+    spearman_rank_correlation,
+    ssim,
 )
 
 __all__ = [

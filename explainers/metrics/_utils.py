@@ -13,7 +13,7 @@ STREAM_TIE_BREAK = 1
 STREAM_RANDOM_MAP = 2
 STREAM_SALT_AND_PEPPER = 3
 STREAM_RANDOMIZATION = 4
-STREAM_EXPECTED_GRADIENTS = 5  # explainers.expected_gradients: its baselines, alphas and noise
+STREAM_EXPECTED_GRADIENTS = 5  # saliency_audit.explainers.gradient.expected_gradients: its baselines, alphas and noise
 STREAM_RANDOM_LOGIT = 6
 
 

@@ -14,9 +14,16 @@ from typing import Sequence
 
 import torch
 
-from explainers.metrics._utils import (
-    STREAM_SALT_AND_PEPPER, as_seed_list, check_images, check_inputs, check_maps,
-    check_max_forward_batch, forward_in_chunks, generator, minmax_scale,
+from saliency_audit.explainers.metrics._utils import (
+    STREAM_SALT_AND_PEPPER,
+    as_seed_list,
+    check_images,
+    check_inputs,
+    check_maps,
+    check_max_forward_batch,
+    forward_in_chunks,
+    generator,
+    minmax_scale,
 )
 
 DEFAULT_MAX_FORWARD_BATCH = 256

@@ -11,10 +11,18 @@ from typing import Sequence
 
 import torch
 
-from explainers._base import chunk_within_budget
-from explainers.metrics._utils import (
-    STREAM_RANDOM_MAP, STREAM_TIE_BREAK, as_seed_list, check_inputs, check_max_forward_batch,
-    forward_in_chunks, gaussian_kernel1d, generator, separable_filter, target_probability,
+from saliency_audit.explainers.core.base import chunk_within_budget
+from saliency_audit.explainers.metrics._utils import (
+    STREAM_RANDOM_MAP,
+    STREAM_TIE_BREAK,
+    as_seed_list,
+    check_inputs,
+    check_max_forward_batch,
+    forward_in_chunks,
+    gaussian_kernel1d,
+    generator,
+    separable_filter,
+    target_probability,
 )
 
 DEFAULT_MAX_FORWARD_BATCH = 256
@@ -157,7 +165,7 @@ def deletion_curve(model: torch.nn.Module, images: torch.Tensor, maps: torch.Ten
             "blur", "mean" or a number (see make_substrate).
         seeds: [B] int seeds for the tie-break permutation (None: 0 for every image).
         max_forward_batch: at most this many perturbed images per forward pass (default 256;
-            fewer for large images, see explainers._base.CHUNK_BUDGET_BYTES).
+            fewer for large images, see saliency_audit.explainers.core.base.CHUNK_BUDGET_BYTES).
         blur_sigma: sigma of the "blur" substrate (default None: see blur_substrate).
 
     Returns:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from explainers.metrics._utils import check_maps
+from saliency_audit.explainers.metrics._utils import check_maps
 
 
 def gini(maps: torch.Tensor) -> torch.Tensor:

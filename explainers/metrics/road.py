@@ -28,12 +28,17 @@ import scipy.sparse.linalg
 import torch
 from threadpoolctl import ThreadpoolController
 
-from explainers._base import alone, chunk_within_budget, decision_tolerance, stable_argmax
-from explainers.metrics._utils import (
-    as_seed_list, check_images, check_max_forward_batch, check_maps, forward_in_chunks, generator,
+from saliency_audit.explainers.core.base import alone, chunk_within_budget, decision_tolerance, stable_argmax
+from saliency_audit.explainers.metrics._utils import (
+    as_seed_list,
+    check_images,
+    check_maps,
+    check_max_forward_batch,
+    forward_in_chunks,
+    generator,
     target_probability,
 )
-from explainers.metrics.causal import pixel_ranks
+from saliency_audit.explainers.metrics.causal import pixel_ranks
 
 DEFAULT_MAX_FORWARD_BATCH = 256
 # Quantus's (and road_evaluation's) defaults: remove 1%, 3%, ..., 99% of the pixels and add
@@ -41,7 +46,7 @@ DEFAULT_MAX_FORWARD_BATCH = 256
 DEFAULT_PERCENTAGES: tuple[float, ...] = tuple(float(p) for p in range(1, 100, 2))
 DEFAULT_NOISE = 0.01
 ORDERS = ("morf", "lerf")
-# Random stream of the imputation noise (see explainers.metrics._utils: streams 1-4 are taken);
+# Random stream of the imputation noise (see saliency_audit.explainers.metrics._utils: streams 1-4 are taken);
 # index 0 is MoRF's noise, 1 LeRF's, so the two curves never share a draw.
 STREAM_ROAD_NOISE = 0x524F4144          # "ROAD"
 

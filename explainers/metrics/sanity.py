@@ -15,9 +15,16 @@ from typing import Iterator
 
 import torch
 
-from explainers.metrics._utils import (
-    STREAM_RANDOM_LOGIT, STREAM_RANDOMIZATION, as_seed_list, check_maps, gaussian_kernel1d, generator, minmax_scale,
-    separable_filter, stream_seed,
+from saliency_audit.explainers.metrics._utils import (
+    STREAM_RANDOM_LOGIT,
+    STREAM_RANDOMIZATION,
+    as_seed_list,
+    check_maps,
+    gaussian_kernel1d,
+    generator,
+    minmax_scale,
+    separable_filter,
+    stream_seed,
 )
 
 ROOT_NAME = "(root)"

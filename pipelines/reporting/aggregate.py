@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.reporting.audit_dir import AuditDir
-from pipelines.reporting.plots import Bins
-from transforms.rows import ABELE_COLUMNS, LOCALISATION_COLUMNS, ROAD_COLUMNS
+from saliency_audit.pipelines.reporting.audit_dir import AuditDir
+from saliency_audit.pipelines.reporting.plots import Bins
+from saliency_audit.transforms.io.rows import ABELE_COLUMNS, LOCALISATION_COLUMNS, ROAD_COLUMNS
 
 # The metrics the page draws as histograms, in its order; "<metric>_random" is the random order's.
 DISTRIBUTED = ("deletion_auc", "insertion_auc", "gini", *ABELE_COLUMNS, *ROAD_COLUMNS, *LOCALISATION_COLUMNS,

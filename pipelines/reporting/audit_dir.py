@@ -17,10 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from transforms import storage
-from transforms.preprocess import BadImage, Preprocessing, decode, preprocess
-from transforms.readers import read_shard
-from transforms.records import ErrorRecord, RawImage
+from saliency_audit.transforms.io import storage
+from saliency_audit.transforms.io.preprocess import BadImage, Preprocessing, decode, preprocess
+from saliency_audit.transforms.io.readers import read_shard
+from saliency_audit.transforms.io.records import ErrorRecord, RawImage
 
 BATCH_ROWS = 1 << 13        # rows a scan decodes at once: about a MB of a pass's scalar columns
 MAP_BATCH_BYTES = 4 << 20   # decoded bytes of whole rows (maps, extras) a scan holds (Arrow's builders take ~4x)
@@ -28,7 +28,7 @@ _WIDTH = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96"
 
 
 class AuditDir:
-    """A published audit, read through its manifest (the pointer ``transforms.publication``
+    """A published audit, read through its manifest (the pointer ``saliency_audit.transforms.io.publication``
     writes last): each output is the folder, and the files, that the manifest names, so a
     reader never mixes runs, even while another run of the same --output is being written."""
 

@@ -22,11 +22,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from explainers.metrics import spearman_rank_correlation, ssim
-from pipelines.reporting import render
-from pipelines.reporting.audit_dir import AuditDir
-from pipelines.reporting.html import img, markup, page, paragraph, table
-from transforms import storage
+from saliency_audit.explainers.metrics import spearman_rank_correlation, ssim
+from saliency_audit.pipelines.reporting import render
+from saliency_audit.pipelines.reporting.audit_dir import AuditDir
+from saliency_audit.pipelines.reporting.html import img, markup, page, paragraph, table
+from saliency_audit.transforms.io import storage
 
 # Bytes of float32 maps held per audit at once (at least one image). The metrics' work arrays
 # (float64 copies, sort indices, ranks, SSIM's blurred moments) take about 40 times as much, so

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.reporting import render
-from pipelines.reporting.aggregate import SmallestIds
-from pipelines.reporting.audit_dir import AuditDir, saliency_map
-from transforms import storage
+from saliency_audit.pipelines.reporting import render
+from saliency_audit.pipelines.reporting.aggregate import SmallestIds
+from saliency_audit.pipelines.reporting.audit_dir import AuditDir, saliency_map
+from saliency_audit.transforms.io import storage
 
 LABEL_WIDTH, HEADER_HEIGHT, PADDING = 150, 24, 3
 BACKGROUND, INK = (255, 255, 255), (20, 20, 20)

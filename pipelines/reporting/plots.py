@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from pipelines.reporting.html import Raw, esc, number
+from saliency_audit.pipelines.reporting.html import Raw, esc, number
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
            "#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31")

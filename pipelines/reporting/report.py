@@ -7,7 +7,7 @@ per-class numbers, the sanity check, per-class galleries (image, map, overlay), 
 images, the worst and best images by faithfulness, metric distributions, ABELE's relevance
 curves, rules and exemplars of the superpixel methods and abele, and the errors. Galleries hold a
 bounded number of images, so the page stays a few MB whatever the size of the audit, and the rows
-behind it are streamed (``pipelines.reporting.aggregate``), so its memory does not grow with the
+behind it are streamed (``saliency_audit.pipelines.reporting.aggregate``), so its memory does not grow with the
 audit either.
 """
 from __future__ import annotations
@@ -18,14 +18,14 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipelines.reporting import aggregate, render
-from pipelines.reporting.audit_dir import AuditDir, saliency_map
-from pipelines.reporting.html import Raw, details, img, markup, number, page, paragraph, table
-from pipelines.reporting.plots import histogram, line_chart
-from transforms import history, storage
-from transforms.rows import ABELE_COLUMNS, LOCALISATION_COLUMNS, RISE_COLUMNS, ROAD_COLUMNS
+from saliency_audit.pipelines.reporting import aggregate, render
+from saliency_audit.pipelines.reporting.audit_dir import AuditDir, saliency_map
+from saliency_audit.pipelines.reporting.html import Raw, details, img, markup, number, page, paragraph, table
+from saliency_audit.pipelines.reporting.plots import histogram, line_chart
+from saliency_audit.transforms.io import history, storage
+from saliency_audit.transforms.io.rows import ABELE_COLUMNS, LOCALISATION_COLUMNS, RISE_COLUMNS, ROAD_COLUMNS
 
-VERDICT = "verdict.json"  # written by pipelines.gates next to the manifest
+VERDICT = "verdict.json"  # written by saliency_audit.pipelines.checks.gates next to the manifest
 FINDINGS_SHOWN = 2    # findings per method when none is flagged
 FINDINGS_MAX = 12     # findings on the page at most
 FINDING_IMAGES = 5    # prototype images per finding
@@ -349,7 +349,7 @@ class Report:
         return [markup('<div class="warnings"><strong>{}</strong><ul>', "Warnings"), Raw(items), Raw("</ul></div>")]
 
     def findings_section(self) -> str:
-        """pipelines.findings: attribution a class concentrates where other classes put none."""
+        """saliency_audit.pipelines.checks.findings: attribution a class concentrates where other classes put none."""
         if not self.findings and not self.audit.files("findings"):
             return ""
         threshold = (self.audit.manifest.get("findings") or {}).get("threshold")

@@ -1,0 +1,1 @@
+"""Class activation maps: Grad-CAM and its variants on one shared base."""

@@ -1,0 +1,54 @@
+"""The one registry of methods: short name -> Explainer subclass."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from saliency_audit.explainers.core.base import Explainer
+
+_REGISTRY: dict[str, type[Explainer]] = {}
+
+
+def register(cls: type[Explainer]) -> type[Explainer]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"method {cls.name!r} is already registered by {_REGISTRY[cls.name].__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """The registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def explainer_class(name: str) -> type[Explainer]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}") from None
+
+
+def method_parameters(name: str) -> dict[str, object]:
+    """The options a method accepts, with their defaults."""
+    params = inspect.signature(explainer_class(name).__init__).parameters
+    return {k: p.default for k, p in params.items() if k not in ("self", "model")}
+
+
+def get_explainer(name: str, model: torch.nn.Module, **options) -> Explainer:
+    """Build the explainer registered as ``name`` for ``model`` with ``options``.
+
+    Raises ValueError for an unknown method or an option the method does not take.
+    """
+    cls = explainer_class(name)
+    accepted = method_parameters(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"method {name!r} does not take option(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(accepted) or 'none'}"
+        )
+    return cls(model, **options)

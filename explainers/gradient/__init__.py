@@ -1,0 +1,1 @@
+"""Gradient methods: saliency, gradient x input, integrated and expected gradients, SmoothGrad, XRAI."""

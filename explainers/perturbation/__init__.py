@@ -1,0 +1,1 @@
+"""Perturbation methods: occlusion, meaningful perturbation (mask) and RISE."""

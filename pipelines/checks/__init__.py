@@ -1,0 +1,1 @@
+"""Checks on an audit: gates and verdicts, Clever-Hans findings, the sanity check."""

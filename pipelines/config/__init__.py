@@ -1,0 +1,1 @@
+"""The run's configuration: command-line options and the audit spec."""

@@ -1,0 +1,568 @@
+"""The audit spec: ``saliency-audit run --config audit.toml`` (or .yaml/.yml).
+
+A spec is a file of tables whose keys stand for the run's flags (SCHEMA below, the one place that
+maps them) plus a ``[beam]`` table of Beam pipeline options. It is turned into flags that go
+before the command line's, so a flag given on the command line overrides the file. Every key and
+value is checked here, with the flags' own conversions and range checks, and a bad one fails in
+one line that names the key. The manifest records the resolved spec (after the overrides), with
+the secrets redacted as in its ``command``.
+
+To add a table later: add its keys to SCHEMA, each naming the flag it stands for; loading,
+checking, path resolution and the manifest's resolved spec follow. ``[gates]`` and ``[baseline]``
+stand for ``--gate NAME=VALUE`` and ``--baseline`` (saliency_audit.pipelines.checks.gates), which ``check`` reads from
+the same file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import tomllib
+
+from saliency_audit.pipelines.checks import gates
+from saliency_audit.pipelines.config.options import (
+    DEFAULT_METHODS,
+    REDACTED,
+    OneSpec,
+    UsageError,
+    _closest,
+    _OneLineParser,
+    _takes_value,
+    beam_option_parser,
+    carries_credentials,
+    parse_run_args,
+    range_problem,
+    recorded_value,
+    run_parser,
+)
+
+MAX_BYTES = 1 << 20  # a spec is a page of settings; anything bigger is a mistake or hostile
+MAX_DEPTH = 8        # deepest real use: explain.options.lime.segmentation_options.KEY (5)
+MAX_VALUES = 10_000  # also stops YAML alias bombs, whose values are shared, not copied
+BEAM = "beam"
+GATE_FLAG = "--gate"
+
+
+def gate_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """--baseline and --gate: the gates the run decides with after it is published."""
+    parser = parser or _OneLineParser(add_help=False, allow_abbrev=False)
+    gates.add_gate_arguments(parser)
+    return parser
+
+
+_flags = functools.lru_cache(maxsize=1)(run_parser)  # the run's flags (the gates' included), built once
+SUFFIXES = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
+
+
+class _Bad(Exception):
+    """A value of the wrong kind; the message says what was expected. ``plain``: the same without
+    the value itself, for secrets."""
+
+    def __init__(self, message: str, plain: str | None = None):
+        super().__init__(message)
+        self.plain = plain or message
+
+
+def _kind_name(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a table", type(None): "an empty value"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _expect(what: str, value: Any) -> _Bad:
+    plain = f"expected {what}, got {_kind_name(value)}"
+    shown = repr(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+    return _Bad(plain + (f" ({shown[:40]})" if shown else ""), plain)
+
+
+def _first_bad(values: list, good: Callable[[Any], bool]) -> Any:
+    return next((v for v in values if not good(v)), values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Each kind checks a spec value and returns the text its flag takes.
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _expect("a string", value)
+    return value
+
+
+def _integer(value: Any) -> str:
+    if not _is_int(value):
+        raise _expect("an integer", value)
+    return str(value)
+
+
+def _number(value: Any) -> str:
+    if not _is_number(value):
+        raise _expect("a number", value)
+    return repr(float(value))
+
+
+def _numbers(value: Any) -> str:
+    if not isinstance(value, list) or not value or not all(_is_number(v) for v in value):
+        raise _expect("a list of numbers, e.g. [0.5, 0.5, 0.5]",
+                      _first_bad(value, _is_number) if isinstance(value, list) and value else value)
+    return ",".join(repr(float(v)) for v in value)
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, list) or len(value) != 2 or not all(_is_int(v) for v in value):
+        raise _expect("[height, width]", value)
+    return f"{value[0]},{value[1]}"
+
+
+def _names(value: Any) -> str:
+    def name(v: Any) -> bool:
+        return isinstance(v, str) and bool(v) and "," not in v
+
+    if not isinstance(value, list) or not all(name(v) for v in value):
+        raise _expect('a list of method names, e.g. ["grad", "intg"]',
+                      _first_bad(value, name) if isinstance(value, list) else value)
+    return ",".join(value)
+
+
+def _target(value: Any) -> str:
+    if not (isinstance(value, str) or _is_int(value)):
+        raise _expect('"predicted", "label" or a class index', value)
+    return str(value)
+
+
+def _threads(value: Any) -> str:
+    if value != "auto" and not _is_int(value):
+        raise _expect('"auto" or a number of threads', value)
+    return str(value)
+
+
+def _switch(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _expect("true or false", value)
+    return value
+
+
+def _table(value: Any) -> str:
+    if not isinstance(value, dict):
+        raise _expect("a table", value)
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):  # a TOML/YAML date or the like: the options are JSON values
+        raise _Bad("expected plain values (strings, numbers, booleans, lists, tables)") from None
+
+
+def _gate(name: str) -> Callable[[Any], str]:
+    """A [gates] key: a threshold, true (on at its default) or false (off) -> --gate NAME=VALUE."""
+    def kind(value: Any) -> str:
+        if not (isinstance(value, bool) or _is_number(value)):
+            raise _expect("a number, true (its default) or false (off)", value)
+        return f"{name}={'on' if value is True else 'off' if value is False else repr(float(value))}"
+    return kind
+
+
+def _tables(value: Any) -> str:
+    """Method options: one table per method (each checked in _method_options, naming its key)."""
+    if not isinstance(value, dict):
+        raise _expect("a table with one table per method", value)
+    return _table(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One spec key: the run flag it stands for, the kind of value it takes, and whether it is a
+    path that resolves relative to the spec file's folder."""
+
+    flag: str
+    kind: Callable[[Any], Any]
+    path: bool = False
+    secret: bool = False  # recorded as <redacted> in the manifest
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "input": {"path": Key("--input", _text, path=True), "limit_per_shard": Key("--limit-per-shard", _integer),
+              "max_pixels": Key("--max-pixels", _integer)},
+    "model": {"path": Key("--model", _text, path=True), "weights": Key("--weights", _text, path=True),
+              "trust": Key("--trust-model", _switch), "device": Key("--device", _text),
+              "endpoint": Key("--endpoint-options", _table, secret=True)},
+    "preprocessing": {"resize": Key("--resize", _size), "channels": Key("--channels", _integer),
+                      "mean": Key("--mean", _numbers), "std": Key("--std", _numbers),
+                      "to_grayscale": Key("--to-grayscale", _switch)},
+    "explain": {"methods": Key("--methods", _names), "options": Key("--method-options", _tables),
+                "target": Key("--target", _target), "seed": Key("--seed", _integer),
+                "batch_size": Key("--batch-size", _integer), "aae": Key("--aae", _text, path=True),
+                "torch_threads": Key("--torch-threads", _threads)},
+    "metrics": {"enabled": Key("--metrics", _switch), "steps": Key("--metric-steps", _integer),
+                "substrate": Key("--metric-substrate", _text), "abele": Key("--abele-metrics", _switch),
+                "road": Key("--road", _switch),
+                "abele_neighbours": Key("--abele-neighbours", _integer)},
+    "sanity_check": {"enabled": Key("--sanity-check", _switch), "images": Key("--sanity-images", _integer),
+                     "threshold": Key("--sanity-threshold", _number)},
+    "output": {"path": Key("--output", _text, path=True), "map_dtype": Key("--map-dtype", _text),
+               "reclaim_after": Key("--reclaim-after", _number)},
+    "storage": {"options": Key("--storage-options", _table, secret=True)},
+    "gates": {name: Key(GATE_FLAG, _gate(name)) for name in [*gates.GATES, *gates.SETTINGS]},
+    "baseline": {"path": Key("--baseline", _text, path=True)},
+    "history": {"incremental": Key("--incremental", _switch), "slot": Key("--slot", _text)},
+}
+METHOD_OPTIONS = ("explain", "options")
+
+
+def dotted(*parts: Any) -> str:
+    """A key path for a message: plain names as they are, anything else quoted and escaped."""
+    return ".".join(p if isinstance(p, str) and re.fullmatch(r"[\w-]{1,40}", p, re.ASCII)
+                    else json.dumps(str(p)[:40]) for p in parts)
+
+
+# --- reading the file -----------------------------------------------------------------------
+
+def load(path: str) -> dict[str, Any]:
+    """The spec file's document, parsed safely (no YAML tag builds an object) and bounded in size,
+    depth and number of values. Raises UsageError in one line."""
+    file = Path(path)
+    kind = SUFFIXES.get(file.suffix.lower())
+    if kind is None:
+        raise UsageError(f"--config {path}: expected a .toml, .yaml or .yml file")
+    try:
+        if not file.is_file():
+            raise UsageError(f"--config {path}: " + ("not a file" if file.exists() else "no such file"))
+        with file.open("rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > MAX_BYTES:
+        raise UsageError(f"--config {path}: larger than {MAX_BYTES // 1024} KiB; a spec is a page of settings")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        document = _parse_toml(text) if kind == "TOML" else _parse_yaml(text)
+    except RecursionError:  # the parsers recurse per level; the handler runs with the stack unwound
+        raise UsageError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
+    except _Bad as e:
+        raise UsageError(f"{path}: invalid {kind}: {e}") from None
+    except (ValueError, OverflowError) as e:  # a value the parser cannot build: a date 2001-13-45, !!float x
+        raise UsageError(f"{path}: invalid {kind} value: {_one_line(e)}") from None
+    if document is None:  # an empty YAML file
+        return {}
+    if not isinstance(document, dict):
+        raise UsageError(f"{path}: expected a table of settings at the top, got {_kind_name(document)}")
+    _check_shape(path, document)
+    return document
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:200]
+
+
+def _parse_toml(text: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # the message ends "(at line L, column C)" or "(at end of document)"
+        end = f"(at end of document, line {text.count(chr(10)) + 1})"
+        raise _Bad(_one_line(str(e).replace("(at end of document)", end))) from None
+
+
+@functools.lru_cache(maxsize=1)
+def _unique_key_loader() -> type:
+    """yaml.SafeLoader that refuses a key given twice in one mapping: safe_load keeps the last and
+    silently drops the first (a second ``gates:`` table would replace the first), TOML refuses it.
+    Keys a ``<<`` merge brings in may still be overridden, as in safe_load."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: SafeLoader's own error reports it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _parse_yaml(text: str) -> Any:
+    import yaml
+    try:
+        return yaml.load(text, Loader=_unique_key_loader())  # plain values only: a python/* tag is refused
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (at line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise _Bad(_one_line(e.problem or e.context or "syntax error") + where) from None
+    except yaml.YAMLError as e:
+        raise _Bad(_one_line(e)) from None
+
+
+def _check_shape(path: str, document: dict) -> None:
+    """Keys are strings; at most MAX_DEPTH levels and MAX_VALUES values."""
+    count = 0
+    stack: list[tuple[tuple, Any]] = [((), document)]
+    while stack:
+        where, value = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise UsageError(f"{path}: more than {MAX_VALUES} values; a spec is a page of settings")
+        if len(where) > MAX_DEPTH:
+            raise UsageError(f"{path}: {dotted(*where[:MAX_DEPTH])}: nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise UsageError(f"{path}: {dotted(*where, key)}: keys must be strings, got {_kind_name(key)}")
+                stack.append(((*where, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*where, f"[{i}]"), item) for i, item in enumerate(value))
+
+
+# --- the spec as flags ----------------------------------------------------------------------
+
+def spec_arguments(document: dict[str, Any], path: str, cli_methods: str | None = None) -> list[str]:
+    """The flags the spec stands for, each value checked with its flag's own conversion and range
+    check. ``cli_methods``: a --methods given on the command line, which keeps only the spec's
+    options for the methods it names."""
+    folder = Path(path).resolve().parent
+    argv: list[str] = []
+    for table, values in document.items():
+        if table == BEAM:
+            argv += _beam_arguments(values, path)
+            continue
+        keys = SCHEMA.get(table)
+        if keys is None:
+            raise UsageError(f"{path}: unknown key {dotted(table)}" + _suggest(table, [*SCHEMA, BEAM]))
+        if not isinstance(values, dict):
+            hint = f"; write it as {table}.path" if "path" in keys else ""
+            raise UsageError(f"{path}: {dotted(table)}: expected a table, got {_kind_name(values)}{hint}")
+        for name, value in values.items():
+            key = keys.get(name)
+            if key is None:
+                raise UsageError(f"{path}: unknown key {dotted(table, name)}"
+                                 + _suggest(name, list(keys), prefix=f"{table}."))
+            if (table, name) == METHOD_OPTIONS:
+                value = _method_options(value, document, path, cli_methods)
+            argv += _key_arguments(key, value, dotted(table, name), path, folder)
+    return argv
+
+
+def _suggest(name: str, known: list[str], prefix: str = "") -> str:
+    """The nearest key of this table, else the table that has the key (batch_size -> explain.batch_size)."""
+    elsewhere = [f"{table}.{name}" for table, keys in SCHEMA.items() if name in keys and f"{table}." != prefix]
+    if elsewhere and not (prefix and name in known):
+        return f"; did you mean {elsewhere[0]}?"
+    close = _closest(name, known)
+    return f"; did you mean {prefix}{close}?" if close else f"; known keys: {', '.join(prefix + k for k in known)}"
+
+
+def _key_arguments(key: Key, value: Any, where: str, path: str, folder: Path) -> list[str]:
+    action = _flags()._option_string_actions[key.flag]
+    try:
+        text = key.kind(value)
+        if isinstance(text, bool):  # a switch: its flag, or the flag that turns it off
+            return [_switch_flag(action.dest, text)]
+        if key.path and not _keeps_path(key, text):
+            text = str(folder / text)
+        converted = action.type(text) if action.type else text
+        if action.choices and converted not in action.choices:
+            raise _Bad(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        problem = range_problem(action.dest, converted)
+        if problem:
+            raise _Bad(problem)
+    except _Bad as e:
+        raise UsageError(f"{path}: {where}: {_one_line(e.plain if key.secret else e)}") from None
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise UsageError(f"{path}: {where}: {'invalid value' if key.secret else _one_line(e)}") from None
+    return [f"{key.flag}={text}"]
+
+
+def _switch_flag(dest: str, on: bool) -> str:
+    """The flag that sets the boolean option ``dest`` to ``on``."""
+    for action in _flags()._actions:
+        if action.dest == dest and action.const is on:
+            return action.option_strings[0]
+    raise AssertionError(f"no flag sets {dest} to {on}")  # every switch in SCHEMA has both
+
+
+def _keeps_path(key: Key, text: str) -> bool:
+    """URLs, absolute paths and a model's module:Callable stay as written."""
+    from saliency_audit.transforms.model.load import ModelSpec
+    return "://" in text or Path(text).is_absolute() or (key.flag == "--model" and ModelSpec(text).is_callable())
+
+
+def _method_options(value: Any, document: dict, path: str, cli_methods: str | None) -> Any:
+    """Options for methods that will run: a --methods on the command line drops the spec's options
+    for the methods it leaves out; without one, options for a method not listed are an error."""
+    if not isinstance(value, dict):
+        return value  # its kind check reports it
+    for name, options in value.items():
+        if not isinstance(options, dict):
+            raise UsageError(f"{path}: {dotted(*METHOD_OPTIONS, name)}: "
+                             + str(_expect("a table of the method's options", options)))
+    if cli_methods is not None:
+        names = {m.strip() for m in cli_methods.split(",")}
+        return {m: o for m, o in value.items() if m in names}
+    listed = document["explain"].get("methods", DEFAULT_METHODS.split(","))
+    if not isinstance(listed, list):
+        return value  # explain.methods' own check reports it
+    for name in value:
+        if name not in listed:
+            raise UsageError(f"{path}: {dotted(*METHOD_OPTIONS, name)}: {name} is not in explain.methods"
+                             + (f"; did you mean {_closest(name, listed)}?" if _closest(name, listed) else ""))
+    return value
+
+
+def _beam_arguments(values: Any, path: str) -> list[str]:
+    """[beam]: KEY = VALUE for every Beam pipeline option --KEY; true/false for its switches and
+    a list for the options that may repeat (e.g. experiments)."""
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: {BEAM}: expected a table, got {_kind_name(values)}")
+    beam = beam_option_parser()
+    known = [f[2:] for f in beam._option_string_actions if f.startswith("--")]
+    argv: list[str] = []
+    for name, value in values.items():
+        where = dotted(BEAM, name)
+        action = beam._option_string_actions.get(f"--{name}")
+        if action is None:
+            raise UsageError(f"{path}: unknown key {where}" + _suggest(name, known, prefix=f"{BEAM}."))
+        try:
+            tokens = _beam_tokens(name, action, value)
+            beam.parse_known_args(tokens)  # Beam's own conversion of the value
+        except _Bad as e:
+            raise UsageError(f"{path}: {where}: {e}") from None
+        except UsageError as e:
+            raise UsageError(f"{path}: {where}: {_one_line(str(e).split(': ', 1)[-1])}") from None
+        argv += tokens
+    return argv
+
+
+def _repeats(action: argparse.Action | None) -> bool:
+    """Whether a Beam option adds up over repeats (append, comma lists, dict unions)."""
+    return action is not None and action.nargs != 0 and not isinstance(action, argparse._StoreAction)
+
+
+def _beam_tokens(name: str, action: argparse.Action, value: Any) -> list[str]:
+    if action.nargs == 0:
+        return [f"--{name}"] if _switch(value) else []
+    values = value if isinstance(value, list) and _repeats(action) else [value]
+    if not all(isinstance(v, str) or _is_number(v) for v in values):
+        raise _expect("a string or a number" + (" (or a list of them)" if _repeats(action) else ""), value)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise _Bad(f"expected a finite number, got {value!r}")
+    return [f"--{name}={v}" for v in values]
+
+
+# --- the command line -----------------------------------------------------------------------
+
+def _command_line(argv: list[str]) -> argparse.Namespace:
+    """What the command line says of the spec: --config, a --methods that picks the spec's method
+    options, and --incremental/--no-incremental (None: neither)."""
+    parser = _OneLineParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--config", action=OneSpec)
+    parser.add_argument("--methods")
+    parser.add_argument("--incremental", action="store_true", default=None)
+    parser.add_argument("--no-incremental", dest="incremental", action="store_false")
+    return parser.parse_known_args(argv)[0]
+
+
+def parse_invocation(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """``parse_run_args`` with --config: the spec's flags first, so the command line's override
+    them. Raises UsageError for a bad spec or command line."""
+    given = _command_line(argv)
+    if given.config is not None:
+        from_spec = spec_arguments(load(given.config), given.config, given.methods)
+        if given.incremental is False:  # --no-incremental turns the spec's history off, its slot with it
+            from_spec = [token for token in from_spec if not token.startswith("--slot=")]
+        argv = [*from_spec, *argv]
+    return parse_run_args(argv)
+
+
+# --- the resolved spec, for the manifest ----------------------------------------------------
+
+def resolved(args: argparse.Namespace, beam_args: list[str]) -> dict[str, Any]:
+    """The spec the run used, after the command line's overrides: every key of SCHEMA that has a
+    value and the Beam options given, anything that may be a secret as <redacted> (storage and
+    endpoint options, Beam options off the allow-list, credentials in method options). Fed back
+    as a spec, it runs the same audit (unless something was redacted)."""
+    actions = _flags()._option_string_actions
+    out: dict[str, Any] = {}
+    for table, keys in SCHEMA.items():
+        for name, key in keys.items():
+            value = getattr(args, actions[key.flag].dest, None)
+            if key.flag == GATE_FLAG:
+                value = dict(value or ()).get(name)  # this gate's own value, the last one given
+            if value is None:
+                continue  # TOML has no null: an unset optional key is left out
+            if key.kind is _names:
+                value = [m.strip() for m in value.split(",") if m.strip()]
+            elif key.kind is _target:
+                value = int(value) if value.isdigit() else value
+            elif isinstance(value, tuple):
+                value = list(value)
+            if key.secret and value:
+                value = REDACTED
+            elif (table, name) == METHOD_OPTIONS:
+                value = recorded_method_options(value)
+            out.setdefault(table, {})[name] = value
+    beam = _beam_table(beam_args)
+    if beam:
+        out[BEAM] = beam
+    return out
+
+
+def recorded_method_options(value: Any) -> Any:
+    """Method options as the manifest records them. They are the explainers' own parameters
+    (preflight refuses any other): numbers, names, a layer, abele's aae path, so they are kept;
+    but abele's storage_options (fsspec credentials) and any text carrying credentials (a URL
+    with user:password@ or a ?query) read <redacted>."""
+    if isinstance(value, dict):
+        return {k: REDACTED if k == "storage_options" else recorded_method_options(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [recorded_method_options(v) for v in value]
+    return REDACTED if isinstance(value, str) and carries_credentials(value) else value
+
+
+def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's own options for the manifest: storage and endpoint options left out (they hold
+    credentials), method options as recorded_method_options keeps them."""
+    return {name: recorded_method_options(value) if name == "method_options" else value
+            for name, value in vars(args).items() if name not in ("storage_options", "endpoint_options")}
+
+
+def _beam_table(beam_args: list[str]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    tokens = iter(beam_args)
+    for token in tokens:
+        if not token.startswith("--"):
+            continue  # parse_run_args refuses stray values
+        flag, eq, value = token.partition("=")
+        if not eq:
+            value = next(tokens, "") if _takes_value(flag) else True  # a switch: no value to hide
+        if value is not True:
+            value = recorded_value(flag, value)  # by the allow-list of Beam options (saliency_audit.pipelines.config.options)
+        name = flag[2:]
+        if _repeats(beam_option_parser()._option_string_actions.get(flag)):
+            table.setdefault(name, []).append(value)
+        else:
+            table[name] = value
+    return table
+
+
+def manifest_entry(args: argparse.Namespace, beam_args: list[str]) -> dict[str, Any]:
+    return {"file": getattr(args, "config", None), "resolved": resolved(args, beam_args)}

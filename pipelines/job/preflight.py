@@ -1,0 +1,319 @@
+"""Checks made before a job starts, so that a bad run fails in seconds with one clear line
+instead of on the workers: the model loads, takes the preprocessed images, and every
+method runs on a real sample image with its options.
+
+On a runner whose workers run elsewhere (Dataflow, a Flink or Spark cluster, a remote job
+server or Dask scheduler) the launcher checks what it can on its own CPU and leaves the
+worker device to the workers; a model's code must then be something the workers can import."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import itertools
+import logging
+from typing import Any, Iterable
+
+import torch
+
+from saliency_audit.pipelines.config.options import UsageError
+from saliency_audit.transforms.io.preprocess import BadImage, Preprocessing, decode, preprocess
+from saliency_audit.transforms.io.readers import SHARD_SUFFIXES, read_shard, shard_kind
+from saliency_audit.transforms.io.records import RawImage, seed_for
+from saliency_audit.transforms.model.handler import ExplainConfig, build_explainers
+from saliency_audit.transforms.model.load import (
+    ModelLoadError,
+    ModelSpec,
+    check_device_name,
+    device_available,
+    resolve_device,
+    state_sha256,
+)
+from saliency_audit.transforms.model.threads import ThreadBudget
+
+SAMPLE_SEARCH = 64  # records looked at to find one decodable sample image
+log = logging.getLogger("saliency_audit")
+LOCAL_MASTERS = ("[local]", "[auto]")  # Flink: an embedded cluster in the launcher's process tree
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+# Beam options that ship code to the workers (or a worker image that may hold it).
+SHIPPING_OPTIONS = ("extra_packages", "setup_file", "requirements_file", "sdk_container_image")
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """Where the model runs. ``requested``: --device as given; ``check``: where preflight runs
+    on this launcher; ``worker``: the device recorded for the workers until they report theirs
+    (the requested one on a remote runner, which the workers resolve themselves; the launcher's
+    resolved device otherwise, since the workers run here); ``remote``: the workers run elsewhere."""
+
+    requested: str
+    check: str
+    worker: str
+    remote: bool
+
+
+def _runner_options(beam_args: list[str]):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    return PipelineOptions(beam_args)
+
+
+def runner_short_name(beam_args: list[str]) -> str:
+    """``dataflow``, ``flink``, ``direct``... from --runner (a name or a dotted class path)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+    runner = _runner_options(beam_args).view_as(StandardOptions).runner or "DirectRunner"
+    name = runner.rsplit(".", 1)[-1].lower()
+    return name[:-len("runner")] if name.endswith("runner") and name != "runner" else name
+
+
+def _dask_address(beam_args: list[str]) -> str | None:
+    """--dask_client_address or --dask_scheduler_file (parsed here: Beam registers the Dask
+    options only once apache_beam.runners.dask is imported)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--dask_client_address")
+    parser.add_argument("--dask_scheduler_file")
+    known, _ = parser.parse_known_args(beam_args)
+    return known.dask_client_address or known.dask_scheduler_file
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0] if ":" in address else address
+    return host in LOOPBACK_HOSTS
+
+
+def workers_are_remote(beam_args: list[str]) -> bool:
+    """Whether the runner's workers may run on other machines than this launcher, so that its
+    devices say nothing about theirs. DirectRunner, Prism, an embedded Flink and
+    ``--job_endpoint=embed`` run their workers here; Dataflow, a Flink or Spark master, any other
+    job endpoint (a port-forwarded one included) and a non-local Dask scheduler do not."""
+    from apache_beam.options.pipeline_options import PortableOptions
+    name = runner_short_name(beam_args)
+    options = _runner_options(beam_args).get_all_options(drop_default=True, retain_unknown_options=True)
+    if name in ("dataflow", "testdataflow"):
+        return True
+    if name == "flink":
+        return options.get("flink_master", "[auto]") not in LOCAL_MASTERS
+    if name == "spark":
+        return not str(options.get("spark_master_url", "local[4]")).startswith("local")
+    if name == "dask":
+        address = _dask_address(beam_args)
+        return address is not None and not _is_loopback(address)
+    if name == "portable":
+        endpoint = _runner_options(beam_args).view_as(PortableOptions).job_endpoint
+        return endpoint not in (None, "embed")
+    return False
+
+
+def worker_processes(beam_args: list[str]) -> int:
+    """SDK worker processes the runner starts on each machine (0: one per core), which share its
+    cores: DirectRunner's --direct_num_workers in multi_processing mode (its other modes run
+    one process, whose bundles take turns on the model), Dataflow's one per vCPU unless
+    ``no_use_multiple_sdk_containers``, and --sdk_worker_parallelism on portable runners (Flink,
+    Spark; 0 lets the runner choose, taken as one per core). A Dask worker uses its own threads."""
+    from apache_beam.options.pipeline_options import DebugOptions, DirectOptions, PortableOptions
+    options = _runner_options(beam_args)
+    name = runner_short_name(beam_args)
+    if name in ("direct", "fnapi"):
+        direct = options.view_as(DirectOptions)
+        return direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 1
+    if name in ("dataflow", "testdataflow"):
+        return 1 if "no_use_multiple_sdk_containers" in (options.view_as(DebugOptions).experiments or []) else 0
+    if name == "dask":
+        return 1
+    try:  # Beam types it as a string
+        return max(0, int(options.view_as(PortableOptions).sdk_worker_parallelism or 0))
+    except ValueError:
+        return 0
+
+
+def thread_budget(torch_threads: int | None, beam_args: list[str]) -> ThreadBudget:
+    """--torch-threads (None: auto) with the runner's worker processes per machine."""
+    return ThreadBudget(torch_threads, worker_processes(list(beam_args)))
+
+
+def threads_entry(budget: ThreadBudget, beam_args: list[str], remote: bool) -> dict[str, Any]:
+    """The manifest's record of the torch threads: per worker process as resolved here, or None
+    where auto is resolved on the workers (remote ones, from their own cores; Dask workers, from
+    their threads)."""
+    local = budget.threads is not None or not (remote or runner_short_name(beam_args) == "dask")
+    return {"requested": "auto" if budget.threads is None else budget.threads,
+            "worker_processes": budget.processes, "per_process": budget.resolve() if local else None}
+
+
+def plan_devices(requested: str, beam_args: list[str]) -> Devices:
+    """The launcher's check device and the device recorded for the workers. A device missing
+    here fails (ModelLoadError) unless the workers run elsewhere."""
+    check_device_name(requested)
+    remote = workers_are_remote(beam_args)
+    if remote and not device_available(requested):
+        log.info("--device %s is not available on this launcher: preflight runs on its CPU and the "
+                 "workers of the %s runner use their own %s device", requested, runner_short_name(beam_args),
+                 requested)
+        return Devices(requested, "cpu", requested, True)
+    local = str(resolve_device(requested))
+    return Devices(requested, local, requested if remote else local, remote)
+
+
+def _shipping_options(beam_args: list[str]) -> list[str]:
+    options = _runner_options(beam_args).get_all_options(drop_default=True, retain_unknown_options=True)
+    return [f"--{name}" for name in SHIPPING_OPTIONS if options.get(name)]
+
+
+def check_model_shipping(spec: ModelSpec, beam_args: list[str], remote: bool) -> None:
+    """A ``module:Callable`` model must be importable on remote workers: its module belongs to an
+    installed distribution (which the worker image or --requirements_file provides), or code is
+    shipped (--extra_package, --setup_file, --requirements_file, --sdk_container_image).
+    Model files (TorchScript, .pt2) carry no code and always pass."""
+    if not remote or not spec.is_callable() or _shipping_options(beam_args):
+        return
+    top = spec.model.partition(":")[0].split(".", 1)[0]
+    if top in importlib.metadata.packages_distributions():
+        return
+    raise UsageError(
+        f"--model {spec.model}: module {top!r} is not part of an installed distribution, so the "
+        f"{runner_short_name(beam_args)} workers cannot import it; ship it with --extra_package DIST.whl, "
+        "--setup_file ./setup.py or --requirements_file, bake it into --sdk_container_image, or export "
+        "the model to a TorchScript or .pt2 file")
+
+
+def worker_device_entry(resolved: dict[str, Any], worker_devices: Iterable[str] | None) -> dict[str, Any]:
+    """The manifest's model device fields: ``device`` is what the workers used (the one device
+    they reported, or several joined by ","), else the device recorded before the run;
+    ``device_requested`` is --device; ``device_check`` where preflight ran on the launcher."""
+    seen = sorted(set(worker_devices or ()))
+    return {"device": ",".join(seen) if seen else resolved["device"],
+            "device_requested": resolved["device_requested"], "device_check": resolved["device_check"],
+            "worker_devices": seen}
+
+
+def check_shards(shards: list[str], pattern: str | None = None) -> list[str]:
+    """The shards to read: all of them when at least one has a supported type (the others then
+    become one errors/ row each, so they are counted); a UsageError when none has."""
+    supported = [url for url in shards if _is_shard(url)]
+    if not supported:
+        found = sorted({_suffix(url) for url in shards})
+        listed = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "")
+        raise UsageError(f"no image shards among the {len(shards)} file(s) matching {pattern or '--input'} "
+                         f"(found: {listed}); supported: {', '.join(SHARD_SUFFIXES)}")
+    return shards
+
+
+def _is_shard(url: str) -> bool:
+    try:
+        shard_kind(url)
+    except ValueError:
+        return False
+    return True
+
+
+def _suffix(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else "(no extension)"
+
+
+def check_target(target: str, num_classes: int) -> None:
+    """A class index the model does not have would only fill errors/; refuse it up front."""
+    if target.isdigit() and int(target) >= num_classes:
+        raise UsageError(f"--target {target} is not a class of the model, which has {num_classes} "
+                         f"(0 to {num_classes - 1})")
+
+
+def first_sample(shards: list[str], prep: Preprocessing, storage_options: dict) -> tuple[str, torch.Tensor] | None:
+    readable = [url for url in shards if _is_shard(url)][:4]
+    records = itertools.chain.from_iterable(read_shard(url, storage_options, max_pixels=prep.max_pixels)
+                                            for url in readable)
+    for record in itertools.islice(records, SAMPLE_SEARCH):
+        if isinstance(record, RawImage):
+            try:
+                return record.image_id, torch.from_numpy(preprocess(decode(record, prep.max_pixels), prep))[None]
+            except BadImage:
+                continue
+    return None
+
+
+def check_metric_steps(config: ExplainConfig, size: tuple[int, int], image_id: str) -> None:
+    """Deletion and insertion change at least one pixel of the model input per step: more steps
+    than it has pixels would fail on every image, after the job started."""
+    pixels = size[0] * size[1]
+    if config.metrics and config.metric_steps is not None and config.metric_steps > pixels:
+        raise UsageError(f"--metric-steps {config.metric_steps} is more than the {pixels} pixels of the model input "
+                         f"({size[0]}x{size[1]}, sample image {image_id}); deletion and insertion change at least "
+                         f"one pixel per step: use at most {pixels}")
+
+
+def check_forward_only(spec: ModelSpec, methods: list[str], sanity_check: bool) -> None:
+    """A black box (an ONNX file, an endpoint) answers forward passes only: the methods that need
+    its gradients, and the sanity check (which randomises its layers), fail here in one line."""
+    if not spec.is_black_box():
+        return
+    from saliency_audit.explainers import list_methods
+    from saliency_audit.explainers.core.registry import explainer_class
+    needing = [m for m in methods if explainer_class(m).needs_gradients]
+    if needing:
+        able = [m for m in list_methods() if not explainer_class(m).needs_gradients]
+        raise UsageError(f"method(s) {', '.join(needing)} need gradients of the model, and {spec.model} (a black box: "
+                         f"an ONNX file or an endpoint) answers forward passes only; the methods that need only its answers: {', '.join(able)}")
+    if sanity_check:
+        raise UsageError(f"--sanity-check randomises the model's layers one by one, which a black box "
+                         f"({spec.model}) does not expose; audit its torch source for the sanity check")
+
+
+def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
+              storage_options: dict[str, Any], beam_args: list[str] | None = None) -> dict[str, Any]:
+    """Checks the run on this launcher; ``beam_args`` (the runner's options) decide whether the
+    worker device is checked here or left to remote workers."""
+    check_shards(shards)  # before the model loads: nothing to audit is the cheaper finding
+    beam_args = list(beam_args or [])
+    try:
+        devices = plan_devices(config.device, beam_args)
+        check_model_shipping(config.model, beam_args, devices.remote)
+        loaded = build_explainers(dataclasses.replace(config, device=devices.check))
+    except ModelLoadError as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, TypeError) as e:  # an explainer refused its options or the model
+        raise UsageError(f"cannot set up the methods: {e}") from None
+    report = {"device": devices.worker, "device_requested": devices.requested, "device_check": devices.check,
+              "num_classes": None, "sample_image": None, "model_state_sha256": state_sha256(loaded.model),
+              "torch_threads": threads_entry(thread_budget(config.threads.threads, beam_args), beam_args,
+                                             devices.remote),
+              "methods": {name: {"options": ex.options(), "signed": ex.signed, "passes": ex.passes(),
+                                 "extras": dict(ex.extras), "control": ex.control}
+                          for name, ex in loaded.explainers.items()}}
+    sample = first_sample(shards, prep, storage_options)
+    if sample is None:
+        return report  # nothing decodable up front: every record will reach errors/ with its reason
+    image_id, image = sample
+    check_metric_steps(config, tuple(image.shape[-2:]), image_id)
+    image = image.to(loaded.device)
+    graph_input = getattr(loaded.model, "input", None)  # an ONNX graph's own input spec
+    problem = graph_input.problem(tuple(image.shape)) if graph_input is not None else None
+    if problem:
+        raise UsageError(f"{config.model.model} does not fit the images: {problem}")
+    try:
+        with torch.inference_mode():
+            logits = loaded.model(image)
+    except Exception as e:
+        if getattr(e, "stage", None) == "model":  # an endpoint that does not answer: down now, so fail now
+            raise UsageError(f"the model endpoint fails on sample image {image_id}: {e}") from None
+        raise UsageError(f"the model rejects input of shape {list(image.shape)} (image {image_id}): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0]}; check --channels/--resize") from None
+    if logits.dim() != 2:
+        raise UsageError(f"the model must return logits [B,K], returned shape {list(logits.shape)}")
+    if bool((logits >= 0).all()) and float((logits.float().sum(dim=1) - 1).abs().max()) < 1e-3:
+        logging.getLogger("saliency_audit").warning(
+            "the model's outputs on sample image %s look like probabilities (non-negative, summing to 1); the job "
+            "takes logits, and the softmax of probabilities flattens every score: export the logits (for an "
+            "endpoint, --endpoint-options '{\"output\": \"probabilities\"}')", image_id)
+    report["num_classes"], report["sample_image"] = int(logits.shape[1]), image_id
+    check_target(config.target, report["num_classes"])
+    target = logits.argmax(dim=1)
+    seeds = torch.tensor([seed_for(image_id, config.seed)])
+    for name, explainer in loaded.explainers.items():
+        try:
+            explainer.explain(image, target, seeds)
+        except Exception as e:
+            raise UsageError(f"method {name} fails on sample image {image_id}: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if getattr(explainer, "layer_used", None):  # a default layer found by running the model (gradcam)
+            report["methods"][name]["layer_used"] = explainer.layer_used
+        report["methods"][name]["passes"] = explainer.passes()  # scorecam's: the channels of the layer it found
+    return report

@@ -1,0 +1,201 @@
+"""Decoding image bytes and turning them into model input."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from saliency_audit.transforms.io.records import DEFAULT_MAX_PIXELS, RawImage
+
+
+class BadImage(ValueError):
+    """An image that cannot be explained; ``stage`` says where it failed."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(reason)
+        self.stage = stage
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How decoded images become model input.
+
+    resize: (height, width) or None to keep each image's size (images of one size are
+        batched together). channels: 1 or 3 to require that many (grayscale images are
+        repeated to 3 channels; colour images are never silently turned grey: they are
+        errors unless to_grayscale is set), or None to keep what the image has.
+    mean/std: per-channel normalisation after scaling to [0, 1]; max_pixels: larger
+        images are rejected before they are decoded (decompression bombs).
+    """
+
+    resize: tuple[int, int] | None = None
+    channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    to_grayscale: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and self.channels and len(value) not in (1, self.channels):
+                raise ValueError(f"--{name} has {len(value)} values, expected 1 or {self.channels}")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError("--std values must be positive")
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
+            raise ValueError(f"--resize must be H,W with positive sizes, got {self.resize}")
+
+
+def decode(raw: RawImage, max_pixels: int) -> np.ndarray:
+    """Bytes -> float32 array [H, W, C] in [0, 1]."""
+    if raw.fmt == "npy":
+        return _decode_npy(raw.data, max_pixels)
+    if raw.fmt not in ("png", "jpg", "jpeg"):
+        raise BadImage("decode", f"unsupported image format {raw.fmt!r}")
+    return _pil_to_array(_open(raw.data, "image", f"{raw.fmt} image", max_pixels))
+
+
+def _open(data: bytes, name: str, kind: str, max_pixels: int, formats: list[str] | None = None,
+          size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode with Pillow, refusing from the header alone, before any pixel is decoded, an
+    image over ``max_pixels`` (a decompression bomb) or, given ``size``, of another (height, width)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=formats)
+            width, height = image.size  # read from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise BadImage("decode", f"{name} is {height}x{width} = {height * width} pixels, "
+                                         f"over the limit of {max_pixels} (--max-pixels)")
+            if size is not None and (height, width) != tuple(size):
+                raise BadImage("decode", f"{name} is {height}x{width} but its image is {size[0]}x{size[1]}")
+            image.load()
+    except BadImage:
+        raise
+    except Exception as e:  # Pillow raises several types for corrupt or truncated data
+        raise BadImage("decode", f"cannot decode {kind}: {type(e).__name__}: {e}") from None
+    return image
+
+
+def _pil_to_array(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float32) / (65535.0 if image.mode.startswith("I;16") else 2**31 - 1)
+        return array[:, :, None]
+    if image.mode in ("LA", "RGBA", "P", "PA", "CMYK", "YCbCr", "1"):
+        # Alpha is dropped: models take opaque images.
+        image = image.convert("L" if image.mode in ("LA", "1") else "RGB")
+    if image.mode not in ("L", "RGB"):
+        raise BadImage("decode", f"unsupported image mode {image.mode}")
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _decode_npy(data: bytes, max_pixels: int) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise BadImage("decode", f"cannot decode npy array: {type(e).__name__}: {e}") from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise BadImage("decode", f"npy image must be [H,W] or [H,W,C], got shape {array.shape}")
+    if array.shape[0] * array.shape[1] == 0:
+        raise BadImage("decode", f"npy image has no pixels (shape {array.shape})")
+    if array.shape[0] * array.shape[1] > max_pixels:
+        raise BadImage("decode", f"image is {array.shape[0]}x{array.shape[1]} pixels, over the limit of {max_pixels}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535.0
+    if np.issubdtype(array.dtype, np.floating):
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32)
+        if not np.isfinite(array).all():  # checked after the cast: float64 beyond float32's range becomes inf
+            raise BadImage("decode", "npy image contains NaN or infinite values (in float32)")
+        return array
+    raise BadImage("decode", f"unsupported npy dtype {array.dtype}")
+
+
+def ground_truth(raw: RawImage, size: tuple[int, int], max_pixels: int) -> np.ndarray | None:
+    """The record's ground truth as bool [H, W] at its image's original ``size`` (True =
+    object): its mask and its boxes together; None when it has neither."""
+    found = []
+    if raw.mask is not None:
+        found.append(decode_mask(raw.mask, size, max_pixels))
+    if raw.boxes is not None:
+        found.append(boxes_to_mask(raw.boxes, size))
+    return np.logical_or.reduce(found) if found else None
+
+
+# Single-channel PNG modes: grey, 1-bit, palette (its indices are the values) and 16-bit grey.
+MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")
+
+
+def decode_mask(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """A PNG mask -> bool [H, W], nonzero = object. It must be single-channel and exactly the
+    image's (height, width): a mask of another size cannot be aligned without guessing."""
+    image = _open(data, "ground truth mask", "ground truth mask PNG", max_pixels, formats=["PNG"], size=size)
+    if image.mode not in MASK_MODES:
+        raise BadImage("decode", f"ground truth mask must be a single-channel PNG (grey, 1-bit, palette or "
+                                 f"16-bit), got mode {image.mode}")
+    return np.asarray(image) != 0
+
+
+def boxes_to_mask(boxes: list[list[float]], size: tuple[int, int]) -> np.ndarray:
+    """Boxes [x0, y0, x1, y1] (validated, x1 and y1 exclusive like a slice) -> bool [H, W]:
+    every pixel a box touches, clipped to the image. Summed-area (2-D difference) counts, so
+    the cost is one pass over the image whatever the number and size of the boxes."""
+    height, width = size
+    corners = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x0, x1 = (np.clip(f(corners[:, i]), 0, width).astype(np.int64) for f, i in ((np.floor, 0), (np.ceil, 2)))
+    y0, y1 = (np.clip(f(corners[:, i]), 0, height).astype(np.int64) for f, i in ((np.floor, 1), (np.ceil, 3)))
+    counts = np.zeros((height + 1, width + 1), dtype=np.int32)
+    for rows, cols, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        np.add.at(counts, (rows, cols), sign)
+    return counts.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)[:height, :width] > 0
+
+
+def resize_mask(mask: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """bool [H, W] at the original size -> bool [H', W'] at the model input size, resized as
+    preprocess resizes the image (same condition, same pixel-centre geometry as its
+    align_corners=False), nearest-neighbour so the mask stays binary."""
+    if not _resizes(prep, mask.shape):
+        return mask
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.interpolate(tensor, size=prep.resize, mode="nearest-exact")[0, 0].numpy() > 0.5
+
+
+def _resizes(prep: Preprocessing, size: tuple[int, ...]) -> bool:
+    return prep.resize is not None and tuple(size) != tuple(prep.resize)
+
+
+def preprocess(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """[H, W, C] float in [0,1] -> float32 [C, H', W'] model input."""
+    channels = array.shape[2]
+    if channels not in (1, 3):
+        raise BadImage("preprocess", f"image has {channels} channels; supported are 1 (grey) and 3 (RGB)")
+    if prep.channels == 3 and channels == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif prep.channels == 1 and channels == 3:
+        if not prep.to_grayscale:
+            raise BadImage("preprocess", "image has 3 channels but the model takes 1 (--channels 1); "
+                                         "pass --to-grayscale to convert")
+        array = array @ np.array([0.299, 0.587, 0.114], dtype=np.float32)[:, None]  # ITU-R 601 luma
+    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    if _resizes(prep, tensor.shape[1:]):
+        tensor = F.interpolate(tensor[None], size=prep.resize, mode="bilinear", antialias=True,
+                               align_corners=False)[0]
+    if prep.mean is not None:
+        tensor = tensor - torch.tensor(prep.mean, dtype=torch.float32).view(-1, 1, 1)
+    if prep.std is not None:
+        tensor = tensor / torch.tensor(prep.std, dtype=torch.float32).view(-1, 1, 1)
+    if not bool(torch.isfinite(tensor).all()):  # extreme pixels can overflow in resizing or normalising
+        raise BadImage("preprocess", "preprocessed image has NaN or infinite values (pixel values too extreme)")
+    return tensor.numpy().astype(np.float32, copy=False)

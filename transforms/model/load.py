@@ -1,0 +1,382 @@
+"""Loading the classifier under audit: TorchScript, torch.export archives, or module:Callable."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import io
+import json
+import os
+import pickle
+import posixpath
+import re
+import tempfile
+import warnings
+import zipfile
+from typing import Any
+
+import fsspec
+import torch
+
+from saliency_audit.transforms.io import storage
+
+_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be loaded; the message says why in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Where the model comes from. ``model`` is a TorchScript file, a ``.pt2`` torch.export
+    archive or ``package.module:Callable`` returning an nn.Module; ``weights`` a state
+    dict for the callable form. Files may be on any fsspec URL."""
+
+    model: str
+    weights: str | None = None
+    trust_model: bool = False
+    storage_options: dict[str, Any] | None = None
+    endpoint: dict[str, Any] | None = None  # --endpoint-options, for an http(s):// model
+    num_classes: int | None = None  # fixed at preflight: an endpoint's every answer must have it
+
+    def is_callable(self) -> bool:
+        return bool(_CALLABLE.match(self.model))
+
+    def is_onnx(self) -> bool:
+        return not self.is_callable() and self.model.lower().endswith(".onnx")
+
+    def is_endpoint(self) -> bool:
+        return self.model.lower().startswith(("http://", "https://"))
+
+    def is_black_box(self) -> bool:
+        """Answers forward passes only: no gradients, no layers."""
+        return self.is_onnx() or self.is_endpoint()
+
+    def files(self) -> list[str]:
+        own = [] if self.is_callable() or self.is_endpoint() else [self.model]
+        return [f for f in own + [self.weights] if f]
+
+
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+
+def check_device_name(device: str) -> None:
+    """A spelling error fails everywhere, whether or not this machine has the device."""
+    if not _DEVICE.match(device):
+        raise ModelLoadError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+
+
+def device_available(device: str) -> bool:
+    """Whether ``device`` (a valid name) can be used on this machine; auto always can."""
+    check_device_name(device)
+    if not device.startswith("cuda"):
+        return True
+    index = int(device.partition(":")[2] or 0)
+    return torch.cuda.is_available() and index < torch.cuda.device_count()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not device_available(device):
+        found = (f"this machine has {torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available()
+                 else "no CUDA device is available")
+        raise ModelLoadError(f"--device {device} was requested but {found}")
+    return torch.device(device)
+
+
+def file_sha256(url: str, storage_options: dict | None = None) -> str:
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_hashes(spec: ModelSpec) -> dict[str, str]:
+    """sha256 of every file the model is made of, keyed by URL (for the manifest): an ONNX graph's
+    external data too, or two weight files behind one graph would be one model."""
+    data = list(onnx_external_data(spec.model, spec.storage_options).values()) if spec.is_onnx() else []
+    return {f: file_sha256(f, spec.storage_options) for f in spec.files() + data}
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 of the loaded model's parameters and buffers (names, dtypes, shapes, bytes): the
+    part of its identity that no file may hold (a module:Callable without --weights)."""
+    digest = hashlib.sha256()
+    if callable(getattr(model, "identity", None)):  # an endpoint: its URL and the version it reports
+        digest.update(f"endpoint:{model.identity()};".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        try:
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        except (RuntimeError, TypeError):  # a tensor kind without a byte view (quantized, sparse)
+            digest.update(repr(t.tolist() if t.numel() < 1 << 20 else t.sum().item()).encode())
+    return digest.hexdigest()
+
+
+def model_identity(spec: ModelSpec, state: str) -> str:
+    """The model's sha256 for an audit history: its files' contents (not their names or places),
+    the callable's name, and ``state`` (state_sha256 of the loaded model)."""
+    body = {"callable": spec.model if spec.is_callable() else None,
+            "files": sorted(model_hashes(spec).values()), "state": state}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def check_model_files(spec: ModelSpec) -> None:
+    """Fail fast, before any work, if a model file is missing."""
+    for url in spec.files():
+        fs, path = fsspec.core.url_to_fs(url, **(spec.storage_options or {}))
+        if not fs.isfile(path):
+            raise ModelLoadError(f"model file not found: {url}")
+    if spec.weights and not spec.is_callable():
+        raise ModelLoadError("--weights needs --model in the module:Callable form")
+    if spec.endpoint and not spec.is_endpoint():
+        raise ModelLoadError("--endpoint-options needs --model http(s)://... (a prediction endpoint)")
+
+
+def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model in eval mode on ``device``, parameters frozen (explainers need input
+    gradients only)."""
+    check_model_files(spec)
+    if spec.is_endpoint():
+        from saliency_audit.transforms.model.endpoint import EndpointModel, EndpointOptions
+        try:
+            model = EndpointModel(spec.model, EndpointOptions.parse(spec.endpoint), spec.num_classes)
+        except Exception as e:  # noqa: BLE001 - bad options, a bad URL, the endpoint down (ModelCallError)
+            from saliency_audit.transforms.model.endpoint import _shown
+            raise ModelLoadError(f"model endpoint {_shown(spec.model)}: {' '.join(str(e).split())[:300]}") from None
+    elif spec.is_callable():
+        model = _from_callable(spec)
+    elif spec.is_onnx():
+        model = _from_onnx(spec, device)
+    else:
+        with _local_copy(spec.model, spec.storage_options) as path:
+            model = _from_file(path, spec)
+    model = model.to(device)
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # torch.export graphs keep the mode they were exported in and refuse eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _from_callable(spec: ModelSpec) -> torch.nn.Module:
+    module_name, _, attr = spec.model.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"cannot import {spec.model}: {e}") from None
+    try:
+        model = factory()
+    except Exception as e:
+        raise ModelLoadError(f"{spec.model}() failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ModelLoadError(f"{spec.model} returned {type(model).__name__}, not a torch.nn.Module")
+    if spec.weights:
+        with _local_copy(spec.weights, spec.storage_options) as path:
+            state = _torch_load(path, spec.trust_model, spec.weights)
+        if isinstance(state, torch.nn.Module):
+            state = state.state_dict()
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"{spec.weights} holds {type(state).__name__}, not a state dict")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ModelLoadError(f"weights {spec.weights} do not fit {spec.model}: "
+                                 f"{' '.join(line.strip() for line in first[:3])}") from None
+    return model
+
+
+def _from_onnx(spec: ModelSpec, device) -> torch.nn.Module:
+    """An ONNX graph, interpreted by onnxruntime (nothing in it runs as Python, so no --trust-model),
+    with its external data from its own folder whatever the current directory."""
+    try:
+        import onnx  # noqa: F401 - reads the graph's external data locations
+        import onnxruntime  # noqa: F401 - runs the graph
+
+        from saliency_audit.transforms.model.onnx import OnnxModel
+    except ImportError:
+        raise ModelLoadError(f"{spec.model}: ONNX models need onnxruntime and onnx "
+                             f"(pip install 'saliency-audit[onnx]')") from None
+    try:
+        data = onnx_external_data(spec.model, spec.storage_options)
+        with _onnx_local_path(spec.model, data, spec.storage_options) as path:
+            return OnnxModel(path, str(device), torch.get_num_threads())
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file that is not a graph, an operator onnxruntime lacks
+        raise ModelLoadError(f"cannot load ONNX model {spec.model}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}") from None
+
+
+def onnx_external_data(url: str, storage_options: dict | None = None) -> dict[str, str]:
+    """The files beside an ONNX graph that hold its weights: {location as the graph names it: URL}.
+    ModelLoadError, in one line, for a location that leaves the graph's folder (absolute, '..', a
+    symlink out) or a file that is not there."""
+    from saliency_audit.transforms.model.onnx import external_data_locations
+    fs, path = storage.filesystem(url, storage_options)
+    with fs.open(path, "rb") as f:
+        graph = f.read()
+    try:
+        locations = external_data_locations(graph)
+    except ValueError as e:
+        raise ModelLoadError(f"cannot load ONNX model {url}: {e}") from None
+    files = {}
+    for location in locations:
+        data_url = posixpath.join(posixpath.dirname(url), location)
+        data_fs, data_path = storage.filesystem(data_url, storage_options)
+        if storage.is_local(fs) and not _inside(os.path.dirname(path), data_path):
+            raise ModelLoadError(f"cannot load ONNX model {url}: its data file {location[:200]!r} leaves the model's "
+                                 f"folder through a symlink; refused")
+        if not data_fs.isfile(data_path):
+            raise ModelLoadError(f"cannot load ONNX model {url}: its data file {location[:200]!r} is not beside it")
+        files[location] = data_url
+    return files
+
+
+def _inside(folder: str, path: str) -> bool:
+    """Whether ``path``, symlinks resolved, lies under ``folder``."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([folder, os.path.realpath(path)]) == folder
+
+
+@contextlib.contextmanager
+def _onnx_local_path(url: str, data: dict[str, str], storage_options: dict | None):
+    """A local path to the graph with its external data beside it: the graph itself when local,
+    else copies of both in a private temporary folder, removed after."""
+    fs, path = storage.filesystem(url, storage_options)
+    if storage.is_local(fs):
+        yield os.path.abspath(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="saliency-audit-onnx-") as folder:
+        graph = os.path.join(folder, posixpath.basename(path))
+        fs.get(path, graph)
+        for location, data_url in data.items():
+            target = os.path.join(folder, location)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            data_fs, data_path = storage.filesystem(data_url, storage_options)
+            data_fs.get(data_path, target)
+        yield graph
+
+
+def _from_file(path: str, spec: ModelSpec) -> torch.nn.Module:
+    if spec.model.endswith(".pt2"):
+        if not spec.trust_model:
+            _refuse_unsafe_pt2(path, spec.model)
+        try:
+            return torch.export.load(path).module()
+        except Exception as e:
+            raise ModelLoadError(f"cannot load torch.export archive {spec.model}: {type(e).__name__}: {e}") from None
+    try:
+        return torch.jit.load(path, map_location="cpu")
+    except Exception as jit_error:
+        # Not TorchScript: perhaps a whole pickled nn.Module, which only runs with trust.
+        obj = _torch_load(path, spec.trust_model, spec.model, hint=f" (not TorchScript either: {jit_error})")
+        if not isinstance(obj, torch.nn.Module):
+            raise ModelLoadError(f"{spec.model} is neither TorchScript, a .pt2 archive nor a pickled "
+                                 f"nn.Module (it holds {type(obj).__name__}); for a state dict use "
+                                 "--model module:Callable --weights FILE") from None
+        return obj
+
+
+def _torch_load(path: str, trust: bool, name: str, hint: str = ""):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust:
+            raise ModelLoadError(f"{name} needs arbitrary unpickling, which can run code; refused. "
+                                 f"Pass --trust-model if you trust this file{hint}") from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise ModelLoadError(f"cannot load {name}: {type(e2).__name__}: {e2}") from None
+    except Exception as e:
+        raise ModelLoadError(f"cannot load {name}: {type(e).__name__}: {e}{hint}") from None
+
+
+# torch.export.load unpickles with weights_only=False: weights and tensor constants marked
+# use_pickle in data/{weights,constants}/*_config.json, opaque_obj_/custom_obj_ constants, and
+# (after a failed weights_only=True try) every *.pt entry and the pre-2.8 serialized_*.json.
+# It also dlopens compiled code under data/aotinductor/. So the archive is read first.
+_PICKLED_CONSTANT_PREFIXES = ("opaque_obj_", "custom_obj_")
+_TORCH_LOADED_JSON = ("serialized_state_dict.json", "serialized_constants.json")
+
+
+def _refuse_unsafe_pt2(path: str, name: str) -> None:
+    entry = unsafe_pt2_entry(path, name)
+    if entry:
+        raise ModelLoadError(f"{name} would unpickle entry {entry}, which can run code; refused. "
+                             "Pass --trust-model if you trust this file")
+
+
+def unsafe_pt2_entry(path: str, name: str | None = None) -> str | None:
+    """The first entry of a torch.export archive that loading it would unpickle without
+    weights_only=True (or run as native code), in a few words; None if there is none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():  # every copy of a duplicated name is checked
+                found = _unsafe_entry(info.filename, lambda: archive.read(info))
+                if found:
+                    return found
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read torch.export archive {name or path}: {type(e).__name__}: {e}") from None
+    return None
+
+
+def _unsafe_entry(filename: str, read) -> str | None:
+    rooted, base = f"/{filename}", posixpath.basename(filename)  # entries usually sit under a root folder
+    if "/data/aotinductor/" in rooted:
+        return f"{filename} (compiled AOTInductor code)"
+    if base.endswith("_config.json") and ("/data/weights/" in rooted or "/data/constants/" in rooted):
+        try:
+            config = json.loads(read())["config"]
+            items = [(str(fqn), meta.get("path_name", ""), meta.get("use_pickle")) for fqn, meta in config.items()]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{filename} (unreadable payload config)"
+        for fqn, path_name, use_pickle in items:
+            if use_pickle or str(path_name).startswith(_PICKLED_CONSTANT_PREFIXES):
+                return f"{posixpath.join(posixpath.dirname(filename), str(path_name))} ({fqn} marked use_pickle)"
+        return None
+    if (base.endswith(".pt") or base in _TORCH_LOADED_JSON) and _needs_full_unpickling(read()):
+        return f"{filename} (not loadable with weights_only=True)"
+    return None
+
+
+def _needs_full_unpickling(data: bytes) -> bool:
+    if not data:
+        return False  # torch reads an empty artifact as {} without unpickling
+    try:
+        with warnings.catch_warnings():  # a hostile file's pickle protocol is no news to the user
+            warnings.simplefilter("ignore")
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:
+        return True
+    return False
+
+
+class _local_copy:
+    """A local path for a URL: the path itself for local files, else a temporary copy."""
+
+    def __init__(self, url: str, storage_options: dict | None):
+        self.url, self.storage_options, self.tmp = url, storage_options or {}, None
+
+    def __enter__(self) -> str:
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        if storage.is_local(fs):
+            return path
+        suffix = os.path.splitext(path)[1]
+        fd, self.tmp = tempfile.mkstemp(suffix=suffix)
+        os.close(fd)
+        fs.get(path, self.tmp)
+        return self.tmp
+
+    def __exit__(self, *exc):
+        if self.tmp:
+            os.unlink(self.tmp)
