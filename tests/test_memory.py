@@ -98,7 +98,7 @@ def test_streamed_training_sees_every_image_once_per_epoch_and_resumes_exactly(t
 
 EXPLAIN = textwrap.dedent("""
     import torch
-    from explainers import get_explainer
+    from saliency_audit.explainers import get_explainer
     from saliency_audit.explainers.metrics.causal import deletion_auc
 
     class Tiny(torch.nn.Module):  # a few channels: the model's own memory is negligible
