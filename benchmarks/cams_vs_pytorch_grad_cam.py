@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                                      for x, t in batches])
             best["theirs"] = min(best["theirs"], time.perf_counter() - start)
         # eigencam: its sign is whatever its SVD returned (ours: the larger extreme positive), so
-        # its maps can be the other half of the projection; tests/test_cam_family.py compares both
+        # its maps can be the other half of the projection; tests/explainers/test_cam_family.py compares both
         difference = float(np.abs(min_max(ours) - theirs).max())
         ms = {k: 1000 * v / len(images) for k, v in best.items()}
         print(f"| `{name}` | {ms['ours']:.2f} | {ms['theirs']:.2f} | {ms['theirs'] / ms['ours']:.1f}x "

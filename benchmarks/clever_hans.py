@@ -15,7 +15,7 @@ images and the share of those images that carry the watermark (precision), and t
 model's highest score.
 
 The defaults take about 7 minutes on 2 shared cores. The test suite runs the same experiment
-at a small size (tests/test_findings.py).
+at a small size (tests/pipelines/test_findings.py).
 """
 from __future__ import annotations
 

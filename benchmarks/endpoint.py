@@ -3,7 +3,7 @@ endpoint's own throughput, the floor for any black box (not run in CI).
 
     python benchmarks/endpoint.py [--images 10] [--methods occlusion,lime,anchor,lore]
 
-The endpoint is the test suite's real HTTP server (tests/test_endpoint.py: the reference CNN
+The endpoint is the test suite's real HTTP server (tests/transforms/test_endpoint.py: the reference CNN
 behind KServe v2 on 127.0.0.1, no faults), in this process. First its floor: images per second
 it answers when asked by 4 threads in requests of 32 images (the job's defaults), for about
 10 s. Then one audit per method of the first --images demo digits through it (one torch

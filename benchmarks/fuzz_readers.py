@@ -1,4 +1,4 @@
-"""Fuzz the shard readers with a large budget: the property of tests/test_reader_fuzz.py
+"""Fuzz the shard readers with a large budget: the property of tests/transforms/test_reader_fuzz.py
 (read -> decode -> preprocess as the job does it; no exception escapes, every record counted
 once, finite model input, deterministic reasons) on many generated inputs.
 

@@ -3,7 +3,7 @@
     python benchmarks/publish_trials.py [--races 200] [--s3-races 50] [--kills 50] [--s3-kills 10]
         [--faults/--no-faults] [--s3/--no-s3] [--seed 0]
 
-The trials of tests/test_publication.py (fault at every storage call of the publish step,
+The trials of tests/transforms/test_publication.py (fault at every storage call of the publish step,
 before and after its effect; SIGKILL at a random moment; two runs publishing at the same
 instant), with every call swept and more tries. Prints, per place: trials, faults injected,
 kills landed, mixed or lost results (the output did not read back as exactly one complete run:

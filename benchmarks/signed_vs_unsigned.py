@@ -4,7 +4,7 @@
 
 On the first N MNIST test digits (t10k), for two models: the bundled demo CNN and the issue's
 Keras-style CNN (three conv+ReLU+pool blocks, dropout, two dense layers; built and trained as
-in tests/test_gradcam_plain_cnn.py on the 5,000-digit training subset), prints per method the
+in tests/explainers/test_gradcam_plain_cnn.py on the 5,000-digit training subset), prints per method the
 RISE deletion AUC (zero substrate, one row per step; lower is better) as a fraction of a random
 map's (1.0 = random), the all-zero maps, and for gradient maps the share of each map's top 20%
 pixels where deleting the pixel would raise the target (gradient x input < 0: evidence against

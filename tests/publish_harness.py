@@ -1,6 +1,6 @@
 """Publishing under faults, kills and races: prepared runs, a faulty storage, the invariant.
 
-Used by tests/test_publication.py and benchmarks/publish_trials.py, and run as a script to
+Used by tests/transforms/test_publication.py and benchmarks/publish_trials.py, and run as a script to
 publish one prepared run in a subprocess (so that it can be killed, or raced by another):
 
     python tests/publish_harness.py --output OUT --run-id ID --manifest M.json [--delay S]

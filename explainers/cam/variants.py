@@ -3,7 +3,7 @@ ScoreCAM and AblationCAM (forward passes with the layer's channels masked or abl
 (the activations' first principal component). Each shares gradcam's layer option, default layer
 (activated_block_output), hooked forward and upsampling (explainers/cam/gradcam.py: CAMBase), and each
 stores the raw map: pytorch-grad-cam min-max scales every map to [0,1]; ours equal its maps after
-that scaling (tests/test_cam_family.py)."""
+that scaling (tests/explainers/test_cam_family.py)."""
 from __future__ import annotations
 
 import torch

@@ -21,7 +21,7 @@ from saliency_audit.pipelines import audit
 from saliency_audit.pipelines.config.options import UsageError, add_run_arguments, parse_run_args
 from saliency_audit.pipelines.job import preflight
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "pipelines" / "demo_data"
 DEPLOY = ROOT / "deploy"
 DATAFLOW_ARGS = ["--runner", "DataflowRunner", "--project", "p", "--region", "r", "--temp_location", "gs://b/t"]

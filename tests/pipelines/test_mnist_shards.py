@@ -13,7 +13,7 @@ from PIL import Image
 
 from saliency_audit.pipelines.training.mnist import load_mnist_split, read_idx, to_model_input, write_tar_shards
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"MNIST data not found at {MNIST_DIR}")
 
 

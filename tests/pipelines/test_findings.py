@@ -22,7 +22,7 @@ from saliency_audit.pipelines.checks.findings import (
 )
 from saliency_audit.pipelines.job import phases
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import clever_hans  # noqa: E402
 
 METHOD = "grad"  # gradient x input: one backward pass, and it finds the watermark

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIDE = 112
 BUDGET = 2 << 20  # maps per audit held at once in the measured runs: 41 images of 112 x 112
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MNIST = ROOT.parent / "shared/data/mnist"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 

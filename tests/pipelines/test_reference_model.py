@@ -14,8 +14,8 @@ from saliency_audit.pipelines.training.classifier import evaluate, random_shift,
 from saliency_audit.pipelines.training.mnist import load_mnist_split, to_model_input
 from saliency_audit.pipelines.training.reference_model import MnistCNN, mnist_cnn
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-DEMO_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "demo_data"
+MNIST_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "demo_data"
 needs_mnist = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"MNIST data not found at {MNIST_DIR}")
 
 

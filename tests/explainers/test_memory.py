@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def peak_rss_mb(code: str, cwd: Path = ROOT, timeout: float = 300) -> tuple[float, str]:
@@ -48,7 +48,7 @@ def train_aae_peak(pattern: str, output: Path, cwd: Path = ROOT) -> float:
             "--latent-dim", "2", "--no-progress", "--device", "cpu", "--shuffle-buffer", "1000"]
     if cwd != ROOT:  # an older tree without --shuffle-buffer, for the before/after figures
         argv = argv[:-2]
-    peak, out = peak_rss_mb(f"from pipelines import cli\nassert cli.main({argv!r}) == 0", cwd)
+    peak, out = peak_rss_mb(f"from saliency_audit.pipelines import cli\nassert cli.main({argv!r}) == 0", cwd)
     assert "reconstruction MSE" in out
     return peak
 

@@ -31,7 +31,7 @@ from saliency_audit.pipelines import audit  # noqa: E402
 from saliency_audit.pipelines.job import phases
 from saliency_audit.transforms.io import publication  # noqa: E402
 
-HARNESS = Path(__file__).resolve().parent / "publish_harness.py"
+HARNESS = Path(__file__).resolve().parents[1] / "publish_harness.py"
 
 
 @dataclasses.dataclass

@@ -3,7 +3,7 @@ with 2 SDK worker processes, the counts reconcile, and each worker gets its shar
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 

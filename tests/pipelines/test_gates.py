@@ -713,7 +713,7 @@ def test_the_gates_never_hold_an_audits_rows(tmp_path, monkeypatch):
     2,000 rows, not ten times it (gates.Side held every row as a dict)."""
     import sys
     import tracemalloc
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from report_check_memory import build_audit
 
     from saliency_audit.pipelines.reporting import audit_dir

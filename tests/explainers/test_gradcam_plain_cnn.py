@@ -11,7 +11,7 @@ from torch import nn
 from saliency_audit.explainers import get_explainer
 from saliency_audit.explainers.metrics import deletion_auc, random_maps
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(not (MNIST / "train5k-images-idx3-ubyte.gz").exists(),
                                  reason=f"MNIST data not found at {MNIST}")
 

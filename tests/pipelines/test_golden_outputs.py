@@ -1,7 +1,7 @@
 """The job's values do not move when the code does: every method (at its defaults) and every metric on
 six bundled digits, held against values recorded before the architecture step (tests/golden/).
 
-    python tests/test_golden_outputs.py --write     # record anew, after a change that means to move them
+    python tests/pipelines/test_golden_outputs.py --write     # record anew, after a change that means to move them
 
 Each (image, method) row is summarised by its prediction, its map's statistics, the map at 16
 fixed pixels and every metric column. Compared within float32 rounding (rtol 1e-4), so a kernel
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden" / "demo_outputs.json"
 DEMO = REPO / "pipelines" / "demo_data"
 IMAGES = 6
@@ -75,7 +75,7 @@ def test_every_method_and_metric_gives_the_recorded_values(tmp_path):
 
 if __name__ == "__main__":  # --write: record the values anew
     if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python tests/test_golden_outputs.py --write")
+        sys.exit("usage: python tests/pipelines/test_golden_outputs.py --write")
     import tempfile
 
     from saliency_audit.pipelines import audit
