@@ -6,7 +6,7 @@
 The reference CNN (saliency_audit.pipelines.training.reference_model.MnistCNN; ``--model small``: at a tenth of its width,
 the test's) is trained twice on the same MNIST training digits: once where 90% of the 7s carry a
 small constant watermark (a 3x3 patch of white pixels near the top-left corner), once without
-(the control). Both models are audited with ``saliency_audit.pipelines.job.phases.run`` (no metrics) on the same
+(the control). Both models are audited with ``saliency_audit.pipelines.audit.run`` (no metrics) on the same
 test digits, where half of the 7s carry the watermark, and ``saliency_audit.pipelines.checks.findings.find_clever_hans``
 reads each audit's saliency files. Per method the table gives: the rank of class 7's best
 finding among the watermarked model's findings, its kind, score (flagged or not at

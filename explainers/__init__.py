@@ -12,7 +12,7 @@ core/ holds what they share: the interface, the registry, baselines, target scor
 metrics/ holds the quality metrics.
 """
 from saliency_audit.explainers.core.base import Explainer, Explanation
-from saliency_audit.explainers.core.registry import (explainer_class, get_explainer, list_methods,
+from saliency_audit.explainers.core.registry import (asset_options, explainer_class, get_explainer, list_methods,
                                                      method_parameters, register)
 
 # Importing a method module registers it.
@@ -24,5 +24,5 @@ from saliency_audit.explainers.perturbation import meaningful_perturbation, occl
 from saliency_audit.explainers.blackbox import abele, anchor, lime, lore  # noqa: E402,F401
 from saliency_audit.explainers import controls  # noqa: E402,F401
 
-__all__ = ["Explainer", "Explanation", "explainer_class", "get_explainer", "list_methods",
+__all__ = ["Explainer", "Explanation", "asset_options", "explainer_class", "get_explainer", "list_methods",
            "method_parameters", "register"]

@@ -11,10 +11,22 @@ import sys
 
 from saliency_audit.pipelines.config.options import UsageError
 from saliency_audit.pipelines.job.dry_run import print_plan
-from saliency_audit.pipelines.job.phases import FAILED, log, run, run_plan
+from saliency_audit.pipelines.job.phases import FAILED, log, run_plan
 from saliency_audit.pipelines.job.plan import Plan, plan
 
 __all__ = ["FAILED", "Plan", "UsageError", "main", "plan", "run", "run_plan"]
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the audit; returns the manifest. Raises UsageError for bad invocations.
+
+    Phases: plan (checks, preflight, and for an incremental run what the history lacks), execute
+    (the job, into this run's own folders), verify (the counts reconcile), publish (the manifest
+    becomes the pointer, in one put), judge (the gates) and record (the history's row), reclaim
+    (folders of runs that can no longer be the result). A failure before publishing leaves the
+    previous result as it was and removes this run's files."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_plan(plan(argv))[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         audit_plan = plan(argv)
-        if audit_plan.args.dry_run:
+        if audit_plan.options.dry_run:
             print_plan(audit_plan)
             return 0
         manifest, code = run_plan(audit_plan)

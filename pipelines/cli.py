@@ -12,10 +12,20 @@ DEMO_WEIGHTS = DEMO_DATA / "mnist_cnn.pt"
 DEMO_MODEL = "saliency_audit.pipelines.training.reference_model:mnist_cnn"
 DEMO_AAE = DEMO_DATA / "mnist_aae.pt"
 # The columns of ABELE's comparison figure first (abele, lime, sal, elrp, grad, intg), then the rest
-# of the families; 100 of the 300 digits and 8 sanity images keep the demo near two minutes on 2 cores.
+# of the families.
 DEMO_METHODS = "abele,lime,sal,elrp,grad,intg,deeplift,anchor,lore"
-DEMO_LIMIT = 100
-DEMO_SANITY = ["--sanity-check", "--sanity-images", "8"]
+# The default demo is for a first look: a report in about a minute on 2 cores. 24 digits (the
+# figure's 9 and 0 among them), a sanity check on 4, and smaller search budgets for the four
+# black-box methods, which cost 99% of the full demo's time; on these digits their maps delete as
+# fast as at the defaults. The sanity check's randomised models are what make them costly: no anchor
+# reaches its precision there, so anchor grows rules to every size (20x its cost on the trained model).
+DEMO_LIMIT = 24
+DEMO_SANITY_IMAGES = 4
+DEMO_BUDGETS = {"abele": {"neighbours": 300, "max_attempts": 300}, "lime": {"n_samples": 300},
+                "anchor": {"max_anchor_size": 3, "coverage_samples": 1000}, "lore": {"population_size": 300}}
+# demo --full: the published comparison, every method at its defaults (about 8.5 minutes on 2 cores).
+DEMO_FULL_LIMIT = 100
+DEMO_FULL_SANITY_IMAGES = 8
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,19 +47,19 @@ class _OneLine(_Parser):
     """A bad command line as one line (exit 2 in the command), as run reports it."""
 
     def error(self, message: str):
-        from saliency_audit.pipelines.config.options import UsageError
+        from saliency_audit.pipelines.config import UsageError
         raise UsageError(message)
 
 
 def _location(text: str) -> str:
-    from saliency_audit.pipelines.config.options import location  # here: the options module imports storage (heavier)
+    from saliency_audit.pipelines.config.kinds import location
     return location(text)
 
 
 def _storage_options(parser: argparse.ArgumentParser) -> None:
-    from saliency_audit.pipelines.config.options import _json_object
+    from saliency_audit.pipelines.config.kinds import json_object
     parser.allow_abbrev = False  # every parser that takes credentials refuses prefix spellings
-    parser.add_argument("--storage-options", type=_json_object, default={},
+    parser.add_argument("--storage-options", type=json_object, default={},
                         help="fsspec storage options as a JSON object")
 
 
@@ -59,26 +69,39 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    parser = _Parser("demo", "Audit the bundled MNIST sample with the bundled model.")
+    parser = _Parser("demo", f"Audit the bundled MNIST sample with the bundled model: {DEMO_LIMIT} digits, "
+                     "nine methods, the black-box ones at smaller budgets (--full: the full comparison). "
+                     "Any other run option passes through to run.")
     parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--full", action="store_true",
+                        help=f"the full comparison: {DEMO_FULL_LIMIT} digits, sanity check on "
+                             f"{DEMO_FULL_SANITY_IMAGES}, every method at its defaults (about 8.5 minutes on 2 cores)")
     parser.add_argument("--methods", default=DEMO_METHODS, help=f"default {DEMO_METHODS}")
     parser.add_argument("--no-sanity-check", dest="sanity_check", action="store_false",
                         help="skip the sanity check (on by default in the demo)")
-    parser.add_argument("--limit-per-shard", type=int, default=DEMO_LIMIT,
-                        help=f"digits to audit, of the 300 bundled (default {DEMO_LIMIT})")
+    parser.add_argument("--limit-per-shard", type=int,
+                        help=f"digits to audit, of the 300 bundled (default {DEMO_LIMIT}, "
+                             f"{DEMO_FULL_LIMIT} with --full)")
+    parser.add_argument("--method-options",
+                        help="as for run; without --full, merged over the demo's smaller budgets per method")
     parser.add_argument("--aae", default=str(DEMO_AAE), help="abele's autoencoder (default: the bundled one)")
     args, rest = parser.parse_known_args(argv)
     from saliency_audit.pipelines import audit
+    methods = [m.strip() for m in args.methods.split(",")]
+    limit = args.limit_per_shard if args.limit_per_shard is not None else (
+        DEMO_FULL_LIMIT if args.full else DEMO_LIMIT)
+    sanity = ["--sanity-check", "--sanity-images",
+              str(DEMO_FULL_SANITY_IMAGES if args.full else DEMO_SANITY_IMAGES)] if args.sanity_check else []
     # One torch thread (a --torch-threads in the arguments overrides it): the demo's CNN and AAE are
     # too small for intra-op parallelism, and a second thread mostly spins, most of all on a shared
     # machine (abele: 1.75 CPU-s per digit with one thread, 12.7 with two, on a busy 2-core machine).
     threads = ["--torch-threads", "1"]
-    uses_abele = "abele" in [m.strip() for m in args.methods.split(",")]
     code = audit.main(["--input", str(DEMO_SHARD), "--model", DEMO_MODEL, "--weights", str(DEMO_WEIGHTS),
                        "--methods", args.methods, "--output", args.output, "--channels", "1",
-                       "--device", "cpu", "--limit-per-shard", str(args.limit_per_shard),
-                       *(["--aae", args.aae] if uses_abele else []),
-                       *(DEMO_SANITY if args.sanity_check else []), *threads, *rest])
+                       "--device", "cpu", "--limit-per-shard", str(limit),
+                       *(["--aae", args.aae] if "abele" in methods else []),
+                       *_demo_method_options(methods, args.method_options, args.full),
+                       *sanity, *threads, *rest])
     if code != 0 or "--dry-run" in rest:  # a dry run wrote nothing to report on
         return code
     from saliency_audit.pipelines.reporting.audit_dir import AuditDir
@@ -90,6 +113,24 @@ def cmd_demo(argv: list[str]) -> int:
     figure = save_figure(finished, example_ids(finished), storage.join(args.output, "figure.png"))
     print(f"report: {report}\nfigure: {figure}")
     return 0
+
+
+def _demo_method_options(methods: list[str], given: str | None, full: bool) -> list[str]:
+    """--method-options for the demo's run: the small budgets of the methods it runs (none with
+    --full), the user's options over them. Text that is not a JSON object goes to run as it is, to be
+    refused there in run's one line."""
+    import json
+    options = {} if full else {m: dict(DEMO_BUDGETS[m]) for m in methods if m in DEMO_BUDGETS}
+    if given is not None:
+        try:
+            user = json.loads(given)
+        except ValueError:
+            return ["--method-options", given]
+        if not isinstance(user, dict):
+            return ["--method-options", given]
+        for name, values in user.items():  # run refuses what is wrong here (a method not run, not an object)
+            options[name] = {**options.get(name, {}), **values} if isinstance(values, dict) else values
+    return ["--method-options", json.dumps(options)] if options else []
 
 
 def cmd_shards(argv: list[str]) -> int:
@@ -149,7 +190,7 @@ def cmd_train_classifier(argv: list[str]) -> int:
 
 
 def cmd_train_aae(argv: list[str]) -> int:
-    from saliency_audit.pipelines.config.options import _floats, _size
+    from saliency_audit.pipelines.config.kinds import floats, size
     parser = _Parser("train-aae", "Train the adversarial autoencoder that abele needs (--aae).")
     parser.add_argument("--input", required=True, help="glob of image shards (labels are not needed)")
     parser.add_argument("--output", required=True, help="checkpoint path; written every epoch, resumed from")
@@ -170,9 +211,9 @@ def cmd_train_aae(argv: list[str]) -> int:
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if --output exists")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--channels", type=int, choices=(1, 3), help="as for run: prepare images as the model does")
-    parser.add_argument("--resize", type=_size)
-    parser.add_argument("--mean", type=_floats)
-    parser.add_argument("--std", type=_floats)
+    parser.add_argument("--resize", type=size)
+    parser.add_argument("--mean", type=floats)
+    parser.add_argument("--std", type=floats)
     parser.add_argument("--to-grayscale", action="store_true")
     _storage_options(parser)
     args = parser.parse_args(argv)
@@ -225,7 +266,7 @@ def _reading(*places: str):
 def cmd_report(argv: list[str]) -> int:
     parser = _Parser("report", "Write one self-contained HTML page about a finished audit.")
     parser.add_argument("directory", type=_location, help="the audit's --output directory")
-    parser.add_argument("--output", required=True, help="where to write the HTML file")
+    parser.add_argument("--output", type=_location, required=True, help="where to write the HTML file")
     parser.add_argument("--per-class", type=int, default=3, help="gallery images per class (default 3)")
     _storage_options(parser)
     args = parser.parse_args(argv)
@@ -240,7 +281,7 @@ def cmd_figure(argv: list[str]) -> int:
     parser = _Parser("figure", "A PNG grid: one row per image, one column per method.")
     parser.add_argument("directory", type=_location, help="the audit's --output directory")
     parser.add_argument("--ids", required=True, help="comma list of image ids, one row each")
-    parser.add_argument("--output", required=True, help="where to write the PNG")
+    parser.add_argument("--output", type=_location, required=True, help="where to write the PNG")
     parser.add_argument("--methods", help="comma list of methods, in column order (default: the run's)")
     parser.add_argument("--cell", type=int, default=112, help="cell size in pixels (default 112)")
     parser.add_argument("--overlay", action="store_true", help="draw the maps over the images")
@@ -260,7 +301,8 @@ def cmd_diff(argv: list[str]) -> int:
     parser = _Parser("diff", "Compare two audits of the same images, map by map.")
     parser.add_argument("directory_a", type=_location, help="the first audit (e.g. the current model)")
     parser.add_argument("directory_b", type=_location, help="the second audit (e.g. the candidate model)")
-    parser.add_argument("--output", required=True, help="output directory: diff/ Parquet and diff.html")
+    parser.add_argument("--output", type=_location, required=True,
+                        help="output directory: diff/ Parquet and diff.html")
     parser.add_argument("--top-k", type=float, default=0.1,
                         help="top-k overlap: a fraction of the pixels (< 1) or a pixel count (default 0.1)")
     parser.add_argument("--show", type=int, default=12, help="images shown in diff.html (default 12)")
@@ -280,12 +322,12 @@ def cmd_check(argv: list[str]) -> int:
     parser.add_argument("directory", type=_location, help="the audit's --output directory")
     parser.add_argument("--config", action=OneSpec, metavar="SPEC",
                         help="an audit spec: its [gates] and [baseline] tables")
-    parser.add_argument("--verdict", help="where to write verdict.json (default DIRECTORY/verdict.json)")
+    parser.add_argument("--verdict", type=_location, help="where to write verdict.json (default DIRECTORY/verdict.json)")
     _storage_options(parser)
     from saliency_audit.pipelines.checks import gates
     from saliency_audit.pipelines.config import spec
     from saliency_audit.pipelines.config.options import UsageError
-    gates.add_gate_arguments(parser)  # --baseline, --gate NAME=VALUE: as run reads them
+    spec.gate_parser(parser)  # --baseline, --gate NAME=VALUE: as run reads them
     try:
         args = parser.parse_args(argv)
         if args.config:  # the spec's [gates] and [baseline] first, so the flags override them

@@ -183,3 +183,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_s3_clients():
+    """fsspec reuses a filesystem made with the same arguments, and the S3 endpoint a test puts in the
+    environment (AWS_ENDPOINT_URL) is no argument: without this, a later test would get a client
+    for an earlier test's endpoint."""
+    yield
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is not None:
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -86,7 +86,7 @@ class Snapshot:
 
 def publish(output: str, run_id: str, manifest: dict, storage_options: dict | None = None,
             stale_after_s: float = publication.DEFAULT_STALE_S) -> None:
-    """The tail of saliency_audit.pipelines.job.phases.run from the commit on: publication.publish."""
+    """The tail of saliency_audit.pipelines.audit.run from the commit on: publication.publish."""
     publication.publish(Run(output, run_id, storage_options), manifest, stale_after_s)
 
 

@@ -18,15 +18,16 @@ from saliency_audit.transforms.read import ERRORS, ReadShardBatches
 
 
 def shard_ids(url: str, reader: ReadShardBatches):
-    """(image_id, shard url, content sha256) once for every id the reader would explain from this
-    shard (the hash is for an audit history: saliency_audit.transforms.skip_explained)."""
+    """(image_id, shard url, record sha256) once for every id the reader would explain from this
+    shard (the hash of its image, label and ground truth, for an audit history:
+    saliency_audit.transforms.skip_explained)."""
     records = read_shard(url, reader.storage_options, max_pixels=reader.prep.max_pixels)
     if reader.limit_per_shard is not None:
         records = itertools.islice(records, reader.limit_per_shard)
     first = {}
     for record in records:
         if isinstance(record, RawImage):
-            first.setdefault(record.image_id, record.content_sha256)
+            first.setdefault(record.image_id, record.record_sha256)
     for image_id, content in first.items():
         yield image_id, url, content
 
@@ -54,7 +55,7 @@ class _FirstShard(beam.CombineFn):
 
 
 class ListShardIds(beam.PTransform):
-    """Shard urls -> (image_id, shard url, content sha256) for every id the reader would explain
+    """Shard urls -> (image_id, shard url, record sha256) for every id the reader would explain
     (read, not decoded)."""
 
     def __init__(self, reader: ReadShardBatches):

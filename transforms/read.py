@@ -17,9 +17,8 @@ from saliency_audit.transforms.io.preprocess import (
     resize_mask,
 )
 from saliency_audit.transforms.io.readers import read_shard
-from saliency_audit.transforms.io.records import ErrorRecord, ImageBatch, RawImage
+from saliency_audit.transforms.io.records import ERRORS, ErrorRecord, ImageBatch, RawImage
 
-ERRORS = "errors"
 READ = "read"
 
 
@@ -99,4 +98,5 @@ def _to_batch(group) -> ImageBatch:
         masks=masks,
         has_mask=has_mask if masks is not None else None,
         content_sha256=[r.content_sha256 for r, _, _, _ in group],
+        record_sha256=[r.record_sha256 for r, _, _, _ in group],
     )

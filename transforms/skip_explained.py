@@ -5,8 +5,11 @@ before and says, per shard it reads, which methods are still to run there. Withi
 an image the history already explained (for this model, with the same method options) is found
 by a join of two id listings, the shards' and the history's saliency files', so the side input
 the main pass reads holds only the ids that are in both: the repeats, not the dataset. An image
-counts by its id and its content (the sha256 of its bytes): the history's newest map of the id
-must be of the image read now, else it is explained again.
+counts by its id and its record (``record_sha256``: the sha256 of its bytes, its label and its
+ground truth): the history's newest map of the id must be of the record read now, else it is
+explained again, so a relabelled image (or one whose mask or boxes changed) gets maps of its new
+target, label and localisation. (``content_sha256``, the image bytes' hash alone, is what the
+gates compare a baseline's images by.)
 
 Every (image, method) pair a read record reaches is explained, an error, or skipped here, and the
 skipped ones are counted (tag ``skipped``: ((method, shard), n)), so read = explained + errors +
@@ -22,19 +25,18 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 
 from saliency_audit.transforms.io import storage
-from saliency_audit.transforms.io.records import ImageBatch
+from saliency_audit.transforms.io.records import SKIPPED, ImageBatch
 
-SKIPPED = "skipped"
-CONTENT = "content_sha256"  # the saliency rows' column (saliency_audit.transforms.io.rows)
-NO_CONTENT = ""  # a recorded map without a content hash: it matches no image read
+CONTENT = "record_sha256"  # the saliency rows' column (saliency_audit.transforms.io.rows): the skip key
+NO_CONTENT = ""  # a recorded map without a record hash: it matches no image read
 log = logging.getLogger("saliency_audit")
 
 
 def explained_ids(url: str, run_id: str, methods: tuple[str, ...], storage_options: dict[str, Any] | None):
-    """(image_id, method, content sha256, run id) for each row of one recorded saliency file whose
+    """(image_id, method, record sha256, run id) for each row of one recorded saliency file whose
     method counts. A file that is gone or unreadable holds nothing: its images are explained
-    again. A file written before content hashes were recorded gives NO_CONTENT, which matches no
-    image read: whether its maps are of the images read now is unknown."""
+    again. A file written before record hashes were recorded gives NO_CONTENT, which matches no
+    image read: whether its maps are of the records read now (image, label, ground truth) is unknown."""
     try:
         fs, path = storage.filesystem(url, storage_options)
         with fs.open(path, "rb") as f:
@@ -90,7 +92,7 @@ class _NewestContent(beam.CombineFn):
 
 
 class ExplainedBefore(beam.PTransform):
-    """(image_id, shard url, content) of the shards read -> ((image_id, content), methods whose
+    """(image_id, shard url, content: the record's hash) of the shards read -> ((image_id, content), methods whose
     newest recorded map in the history is of that very content). An id whose image changed since
     (another content under the same id) is explained again, and so is one whose image changed and
     changed back: the newest map is of the other image."""
@@ -126,7 +128,7 @@ class SkipExplained(beam.DoFn):
     def process(self, batch: ImageBatch, done: dict[tuple[str, str], tuple[str, ...]]):
         everything = frozenset(self.methods)
         shard_done = everything - frozenset(self.needed.get(batch.sources[0], self.methods))
-        contents = batch.content_sha256 or [None] * len(batch.image_ids)
+        contents = batch.record_sha256 or [None] * len(batch.image_ids)
         skip = [shard_done | frozenset(done.get((image_id, content), ()))
                 for image_id, content in zip(batch.image_ids, contents)]
         keep = [i for i, s in enumerate(skip) if not everything <= s]

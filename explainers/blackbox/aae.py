@@ -199,7 +199,8 @@ def save_aae(aae: AdversarialAutoencoder, path: str, training: dict[str, Any] | 
 def read_checkpoint(path_or_file, storage_options: dict | None = None) -> dict[str, Any]:
     """The checkpoint dict, loaded with weights_only=True; ValueError if it is not an AAE checkpoint.
     A path with a scheme (s3://, gs://, ...) is read through fsspec with ``storage_options``."""
-    name = path_or_file if isinstance(path_or_file, str) else getattr(path_or_file, "name", "the AAE file")
+    from saliency_audit.explainers.core.paths import shown, unquoted
+    name = shown(path_or_file) if isinstance(path_or_file, str) else getattr(path_or_file, "name", "the AAE file")
     try:
         if isinstance(path_or_file, str) and "://" in path_or_file:
             import fsspec
@@ -209,8 +210,9 @@ def read_checkpoint(path_or_file, storage_options: dict | None = None) -> dict[s
     except FileNotFoundError:
         raise ValueError(f"AAE file not found: {name} (train one with saliency-audit train-aae)") from None
     except Exception as e:
-        raise ValueError(f"cannot load AAE {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                         ) from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot load AAE {name}: {type(e).__name__}: "
+                         f"{unquoted(first, path_or_file) if isinstance(path_or_file, str) else first}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{name} is not a saliency-audit AAE checkpoint (train one with saliency-audit train-aae)")
     if state.get("version") != VERSION:

@@ -26,6 +26,7 @@ from scipy.special import ndtr, ndtri
 
 from saliency_audit.explainers.blackbox import rules as rules
 from saliency_audit.explainers.blackbox.aae import AdversarialAutoencoder, load_aae
+from saliency_audit.explainers.core.options import Option
 from saliency_audit.explainers.blackbox.genetic import evolve, mutate, resample_genes
 from saliency_audit.explainers.blackbox.search import EvaluationMemo, image_seeds, run_searches
 from saliency_audit.explainers.core.base import (
@@ -254,6 +255,8 @@ class Abele(Explainer):
     """
 
     name = "abele"
+    assets = (Option("aae", "location", spec="explain.aae",
+                     help="adversarial autoencoder for abele (train one with saliency-audit train-aae)"),)
     needs_gradients = False
     extras = {"rule": "string", "rule_features": "int32[]", "rule_lower": "float32[]", "rule_upper": "float32[]",
               "counterfactuals": "string", "counterfactual_classes": "int32[]", "fidelity": "float32",

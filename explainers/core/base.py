@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from saliency_audit.explainers.core.options import Option
+
 
 @dataclasses.dataclass
 class Explanation:
@@ -128,7 +130,7 @@ class Explainer:
     carries a sign), ``passes`` (forward/backward passes per image, for cost and the
     compute floor), ``extras`` (name -> column type: "float32", "int64", "string",
     "float32[]", "int32[]"), ``needs_gradients`` (False when forward passes are all it
-    takes) and implement ``explain``.  Keyword arguments of
+    takes), ``assets`` (files it needs, as run options) and implement ``explain``.  Keyword arguments of
     ``__init__`` are the method's options; ``options()`` reports their resolved values
     so a run can record them.
     """
@@ -140,6 +142,10 @@ class Explainer:
     needs_gradients: ClassVar[bool] = True
     # True for a control map (random, sobel): not an explanation, the level an explanation must beat.
     control: ClassVar[bool] = False
+    # Files the method needs, as run options (abele's autoencoder, --aae): each names a parameter of
+    # __init__ that the run fills from its option when --method-options leaves it out; one the
+    # method cannot do without (no default) and the run lacks is refused before any work.
+    assets: ClassVar[tuple[Option, ...]] = ()
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model

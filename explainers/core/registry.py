@@ -38,6 +38,15 @@ def method_parameters(name: str) -> dict[str, object]:
     return {k: p.default for k, p in params.items() if k not in ("self", "model")}
 
 
+def asset_options() -> list:
+    """The files the registered methods need, as run options (each name once: methods may share one)."""
+    options = {}
+    for cls in _REGISTRY.values():
+        for option in cls.assets:
+            options.setdefault(option.name, option)
+    return list(options.values())
+
+
 def get_explainer(name: str, model: torch.nn.Module, **options) -> Explainer:
     """Build the explainer registered as ``name`` for ``model`` with ``options``.
 

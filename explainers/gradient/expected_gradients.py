@@ -14,19 +14,26 @@ BACKGROUNDS = ("uniform", "zeros")
 
 def read_background(path: str) -> torch.Tensor:
     """Background images [N,C,H,W] float32 from a .npy file (never unpickled: a file from outside
-    the run must not run code), local or on object storage through fsspec."""
+    the run must not run code), local or on object storage through fsspec. Whatever stops the
+    read (storage clients raise errors of their own types) is a ValueError in one line, naming
+    the file without its query (a presigned signature)."""
     import fsspec
+
+    from saliency_audit.explainers.core.paths import shown, unquoted
+    name = shown(path)
     try:
         with fsspec.open(path, "rb") as f:
             array = np.load(f, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"expected_gradients: cannot read background {path!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - botocore's, aiohttp's... are no OSError
+        message = " ".join(unquoted(e, path).split())[:200]
+        raise ValueError(f"expected_gradients: cannot read background {name!r}: {type(e).__name__}: {message}"
+                         ) from None
     if array.ndim != 4 or not array.shape[0] or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"expected_gradients: background {path!r} must hold numeric images [N,C,H,W], "
+        raise ValueError(f"expected_gradients: background {name!r} must hold numeric images [N,C,H,W], "
                          f"got {array.dtype} {array.shape}")
     background = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if not torch.isfinite(background).all():
-        raise ValueError(f"expected_gradients: background {path!r} holds NaN or infinite values")
+        raise ValueError(f"expected_gradients: background {name!r} holds NaN or infinite values")
     return background
 
 

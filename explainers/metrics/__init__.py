@@ -17,7 +17,19 @@ random depends only on each image's seed, never on the rest of the batch.
 - localisation: pointing game, relevance mass and rank accuracy against ground-truth masks.
 - sanity: Adebayo et al.'s cascading randomisation, the random logit test's classes, Spearman rank
   correlation, SSIM.
+
+The explain step's per-image metrics plug in through one registry (registry.py): each is a class
+beside its computation (causal.DeletionInsertion, abele_protocol.AbeleMetrics, road.Road,
+localisation.Localisation) that declares its columns, options, cost and convention.
 """
+# The per-image metrics register in this order, the order of their columns in the rows.
+from saliency_audit.explainers.metrics import causal  # noqa: F401,I001
+from saliency_audit.explainers.metrics import abele_protocol  # noqa: F401,I001
+from saliency_audit.explainers.metrics import road as _road  # noqa: F401,I001  (the module; `road` is its function)
+from saliency_audit.explainers.metrics import localisation  # noqa: F401,I001
+from saliency_audit.explainers.metrics.registry import (Metric, MetricBatch, enabled_metrics, metric_class,
+                                                        metric_classes, metric_columns, metric_options,
+                                                        register_metric)
 from saliency_audit.explainers.metrics.abele import (
     ABELE_PERCENTILES,
     lipschitz_ratios,
@@ -63,6 +75,8 @@ from saliency_audit.explainers.metrics.sanity import (
 )
 
 __all__ = [
+    "Metric", "MetricBatch", "enabled_metrics", "metric_class", "metric_classes", "metric_columns", "metric_options",
+    "register_metric",
     "ABELE_PERCENTILES", "DEFAULT_PERCENTAGES", "LocalisationScores", "RoadCurves", "linear_imputation",
     "noisy_linear_imputation", "pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy", "road", "SUBSTRATES", "auc", "average_ranks", "blur_substrate", "cascading_randomization",
     "default_steps", "deletion_auc", "deletion_curve", "gini", "insertion_auc", "insertion_curve",

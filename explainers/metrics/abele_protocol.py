@@ -1,4 +1,4 @@
-"""ABELE's evaluation protocol inside the explain step (opt-in, ``--abele-metrics``).
+"""ABELE's evaluation protocol, a metric of the explain step (opt-in, ``--abele-metrics``).
 
 Per image and method, next to the RISE metrics, so our numbers compare with the paper's
 (methods.md 15.1):
@@ -27,7 +27,10 @@ import dataclasses
 
 import torch
 
-from saliency_audit.explainers import metrics as quality
+from saliency_audit.explainers.core.options import Option
+from saliency_audit.explainers.metrics.abele import (lipschitz_ratios, prediction_unchanged, relevance_flip_rate,
+                                                     salt_and_pepper)
+from saliency_audit.explainers.metrics.registry import Metric, MetricBatch, register_metric
 
 FILL_VALUES = (0, 127, 255)  # ABELE's colours, as 8-bit pixel values
 SCALAR_COLUMNS = tuple(f"relevance_{v}" for v in FILL_VALUES) + (
@@ -53,7 +56,7 @@ class AbeleProtocol:
 
 def relevance(model, images, maps, targets, protocol: AbeleProtocol) -> dict[str, torch.Tensor]:
     channels = images.shape[1]
-    curves = [quality.relevance_flip_rate(model, images, maps, targets,
+    curves = [relevance_flip_rate(model, images, maps, targets,
                                           fill=protocol.model_value(v, channels),
                                           max_forward_batch=protocol.max_forward_batch)
               for v in FILL_VALUES]
@@ -66,10 +69,10 @@ def stability(model, explain, images, maps, targets, seeds, protocol: AbeleProto
               chunk: int) -> dict[str, torch.Tensor]:
     """``explain(images, targets, seeds) -> maps`` is the method under test."""
     batch, channels = images.shape[:2]
-    copies = quality.salt_and_pepper(images, seeds, n_copies=protocol.neighbours,
+    copies = salt_and_pepper(images, seeds, n_copies=protocol.neighbours,
                                      low=protocol.model_value(0, channels),
                                      high=protocol.model_value(255, channels))
-    valid = quality.prediction_unchanged(model, images, copies, max_forward_batch=protocol.max_forward_batch)
+    valid = prediction_unchanged(model, images, copies, max_forward_batch=protocol.max_forward_batch)
     n = protocol.neighbours
     flat_valid = valid.reshape(-1).nonzero().squeeze(1)        # only copies that count get explained
     copy_maps = torch.zeros(batch * n, *maps.shape[1:], device=maps.device)
@@ -79,7 +82,7 @@ def stability(model, explain, images, maps, targets, seeds, protocol: AbeleProto
         idx = flat_valid[start:start + chunk]
         who = owner[idx]
         copy_maps[idx] = explain(flat[idx], targets[who], seeds[who.cpu()]).to(maps.device).float()
-    mean, worst = quality.lipschitz_ratios(maps, copy_maps.view(batch, n, *maps.shape[1:]), images, copies,
+    mean, worst = lipschitz_ratios(maps, copy_maps.view(batch, n, *maps.shape[1:]), images, copies,
                                            valid=valid)
     return {"stability_mean": mean, "stability_max": worst}
 
@@ -98,7 +101,7 @@ def coherence(images, maps, targets, predicted, protocol: AbeleProtocol) -> dict
     nearest = distance.topk(n, dim=1, largest=False)
     valid = torch.isfinite(nearest.values)
     index = nearest.indices
-    mean, worst = quality.lipschitz_ratios(maps, maps[index], images, images[index], valid=valid)
+    mean, worst = lipschitz_ratios(maps, maps[index], images, images[index], valid=valid)
     return {"coherence_mean": mean, "coherence_max": worst}
 
 
@@ -108,3 +111,44 @@ def abele_metrics(model, explain, images, maps, targets, predicted, seeds, proto
     return {**relevance(model, images, maps, targets, protocol),
             **stability(model, explain, images, maps, targets, seeds, protocol, chunk),
             **coherence(images, maps, targets, predicted, protocol)}
+
+
+@register_metric
+class AbeleMetrics(Metric):
+    """ABELE's relevance, coherence and stability of every map (--abele-metrics)."""
+
+    name = "abele"
+    title = "ABELE's evaluation protocol"
+    columns = {"relevance_0": "float32", "relevance_127": "float32", "relevance_255": "float32",
+               "relevance_curve": "float32[]", "coherence_mean": "float32", "coherence_max": "float32",
+               "stability_mean": "float32", "stability_max": "float32"}
+    options = (
+        Option("abele_metrics", "switch", spec="metrics.abele", fingerprint=True,
+               help="also ABELE's relevance, coherence and stability per image (costly: about --abele-neighbours "
+                    "times each method's own cost)"),
+        Option("abele_neighbours", "integer", default=20, low=1, spec="metrics.abele_neighbours", fingerprint=True,
+               help="salt-and-pepper copies for stability, and at most this many same-class batch images for "
+                    "coherence (default 20, as ABELE)"),
+    )
+    switch = "abele_metrics"
+
+    @property
+    def protocol(self) -> AbeleProtocol:  # pixel values turn into model input by the run's normalisation
+        return AbeleProtocol(self.settings["abele_neighbours"], self.settings.get("mean"), self.settings.get("std"))
+
+    def score(self, batch: MetricBatch, maps: torch.Tensor, reference: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        return abele_metrics(batch.model, lambda x, t, s: batch.explain(x, t, s), batch.images, maps, batch.targets,
+                             batch.predicted, batch.seeds, self.protocol, chunk=batch.chunk)
+
+    def passes(self, height: int, width: int) -> dict[str, int]:
+        neighbours = self.settings["abele_neighbours"]
+        return {"per_map": len(FILL_VALUES) * 21 + neighbours, "per_image": 0, "explanations": neighbours}
+
+    def convention(self) -> str:
+        return ("ABELE's protocol (methods.md 15.1): relevance_V = label-flip rate averaged over the percentiles "
+                "min,5,...,95,max as pixels below each percentile of the map become pixel value V (0, 127, 255); "
+                "relevance_curve = the 3 x 21 flips, fill-major; stability_* = mean/max Lipschitz ratio against "
+                f"{self.settings['abele_neighbours']} salt-and-pepper copies (1/11 + 1/11) that keep the label; "
+                f"coherence_* = the same against up to {self.settings['abele_neighbours']} nearest images of the same "
+                "batch with the same target and predicted class (null if none)")

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from saliency_audit.explainers.core.base import chunk_within_budget
+from saliency_audit.explainers.core.options import Option
 from saliency_audit.explainers.metrics._utils import (
     STREAM_RANDOM_MAP,
     STREAM_TIE_BREAK,
@@ -24,6 +25,8 @@ from saliency_audit.explainers.metrics._utils import (
     separable_filter,
     target_probability,
 )
+from saliency_audit.explainers.metrics.complexity import gini
+from saliency_audit.explainers.metrics.registry import Metric, MetricBatch, register_metric
 
 DEFAULT_MAX_FORWARD_BATCH = 256
 SUBSTRATES = ("zero", "blur", "mean")
@@ -248,3 +251,58 @@ def random_maps(shape: Sequence[int], seeds: torch.Tensor | Sequence[int] | None
     maps = [torch.rand(height, width, generator=generator(s, STREAM_RANDOM_MAP)) for s in seed_list]
     out = torch.stack(maps) if maps else torch.empty(shape)
     return out.to(device) if device is not None else out
+
+
+@register_metric
+class DeletionInsertion(Metric):
+    """RISE deletion and insertion AUCs of every map, their random-order reference, and the map's
+    Gini sparsity: on by default (--no-metrics turns them off)."""
+
+    name = "deletion"
+    title = "Deletion and insertion"
+    columns = {"deletion_auc": "float32", "insertion_auc": "float32", "deletion_auc_random": "float32",
+               "insertion_auc_random": "float32", "gini": "float32"}
+    options = (
+        Option("metrics", "switch", default=True, spec="metrics.enabled", fingerprint=True,
+               help="compute explanation-quality metrics: deletion and insertion AUC, their random-order "
+                    "reference, Gini sparsity (default on)"),
+        Option("metric_steps", "integer", default=16, low=1, spec="metrics.steps", fingerprint=True,
+               help="deletion/insertion steps (default 16: 2 x 17 forward passes per map)"),
+        Option("metric_substrate", "choice", default="zero", choices=SUBSTRATES, spec="metrics.substrate",
+               fingerprint=True, help="what deleted pixels become in deletion/insertion (default zero)"),
+    )
+    switch = "metrics"
+
+    def _aucs(self, batch: MetricBatch, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {"steps": self.settings["metric_steps"], "substrate": self.settings["metric_substrate"],
+                  "seeds": batch.seeds}
+        return (deletion_auc(batch.model, batch.images, maps, batch.targets, **kwargs),
+                insertion_auc(batch.model, batch.images, maps, batch.targets, **kwargs))
+
+    def reference(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
+        """The AUCs of a random pixel order: the level a map must beat."""
+        shape = batch.images.shape[:1] + batch.images.shape[2:]
+        deletion, insertion = self._aucs(batch, random_maps(shape, batch.seeds, device=batch.images.device))
+        return {"deletion_auc_random": deletion, "insertion_auc_random": insertion}
+
+    def score(self, batch: MetricBatch, maps: torch.Tensor, reference: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        deletion, insertion = self._aucs(batch, maps)
+        return {"deletion_auc": deletion, "insertion_auc": insertion, "gini": gini(maps), **reference}
+
+    def check(self, height: int, width: int) -> str | None:
+        steps, pixels = self.settings["metric_steps"], height * width
+        if steps > pixels:  # each step changes at least one pixel: it would fail on every image
+            return (f"--metric-steps {steps} is more than the {pixels} pixels of the model input ({height}x{width}); "
+                    f"deletion and insertion change at least one pixel per step: use at most {pixels}")
+        return None
+
+    def passes(self, height: int, width: int) -> dict[str, int]:
+        curve = self.settings["metric_steps"] + 1
+        return {"per_map": 2 * curve, "per_image": 2 * curve, "explanations": 0}
+
+    def convention(self) -> str:
+        return ("RISE deletion/insertion AUC of the target's softmax probability, pixels ranked by signed map "
+                f"value (ties broken by the image's seed), substrate {self.settings['metric_substrate']!r}, "
+                f"{self.settings['metric_steps']} equal steps; *_random: the same for a random order; gini: Gini "
+                "index of |map|")

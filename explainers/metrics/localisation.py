@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from saliency_audit.explainers.metrics.registry import Metric, MetricBatch, register_metric
+
 EMPTY_MASK = "empty mask"
 BAD_MAP = "map has NaN or infinite values"
 NO_RELEVANCE = "no positive relevance"
@@ -139,3 +141,31 @@ def relevance_rank_accuracy(maps: torch.Tensor, masks: torch.Tensor, *,
     hits = (above & inside).sum(dim=1) + (k - n_above) * (tied & inside).sum(dim=1) / tied.sum(dim=1)
     values = hits / k.clamp_min(1)
     return _scores(values, _undefined(inside, finite))
+
+
+@register_metric
+class Localisation(Metric):
+    """Pointing game, relevance mass and relevance rank against the ground truth the shards carry
+    (docs/ground_truth.md); null for an image without ground truth. No option: on wherever there
+    is ground truth."""
+
+    name = "localisation"
+    title = "Localisation (images with ground truth)"
+    columns = {"pointing_game": "float32", "relevance_mass": "float32", "relevance_rank": "float32"}
+
+    def score(self, batch: MetricBatch, maps: torch.Tensor, reference: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        if batch.masks is None:
+            return {}
+        nan = torch.tensor(float("nan"), device=maps.device)
+        scores = {"pointing_game": pointing_game(maps, batch.masks),
+                  "relevance_mass": relevance_mass_accuracy(maps, batch.masks),
+                  "relevance_rank": relevance_rank_accuracy(maps, batch.masks)}
+        return {key: torch.where(batch.has_mask, score.values.to(maps.device).float(), nan)
+                for key, score in scores.items()}
+
+    def convention(self) -> str:
+        return ("against the ground truth the shards carry (a KEY.mask.png or KEY.json member, a mask or boxes "
+                "column; see docs/ground_truth.md), at the model input's size: pointing_game, relevance_mass "
+                "(positive relevance only), relevance_rank; ties count as a random pick among the tied pixels; null "
+                "without ground truth")

@@ -29,6 +29,7 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 from saliency_audit.explainers.core.base import alone, chunk_within_budget, decision_tolerance, stable_argmax
+from saliency_audit.explainers.core.options import Option
 from saliency_audit.explainers.metrics._utils import (
     as_seed_list,
     check_images,
@@ -39,6 +40,7 @@ from saliency_audit.explainers.metrics._utils import (
     target_probability,
 )
 from saliency_audit.explainers.metrics.causal import pixel_ranks
+from saliency_audit.explainers.metrics.registry import Metric, MetricBatch, register_metric
 
 DEFAULT_MAX_FORWARD_BATCH = 256
 # Quantus's (and road_evaluation's) defaults: remove 1%, 3%, ..., 99% of the pixels and add
@@ -307,3 +309,31 @@ def road(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor, targe
         out[order + "_auc"] = curve_auc(prob, percentages) if prob.shape[1] else torch.full((batch,), nan.item())
     reasons = tuple(None if ok else "map has NaN or infinite values" for ok in finite.tolist())
     return RoadCurves(percentages=percentages, reasons=reasons, **out)
+
+
+@register_metric
+class Road(Metric):
+    """ROAD's MoRF and LeRF AUCs and their gap, per map (--road: costly, so opt-in)."""
+
+    name = "road"
+    title = "ROAD"
+    columns = {"road_morf_auc": "float32", "road_lerf_auc": "float32", "road_gap": "float32"}
+    options = (Option("road", "switch", spec="metrics.road", fingerprint=True,
+                      help="also ROAD per image (Rong et al. 2022): the target's probability as 1-99%% of the pixels "
+                           "are removed most and least relevant first and filled by noisy linear imputation (costly: "
+                           "100 forward passes and 100 sparse solves per image and method)"),)
+    switch = "road"
+
+    def score(self, batch: MetricBatch, maps: torch.Tensor, reference: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        curves = road(batch.model, batch.images, maps, batch.targets, seeds=batch.seeds)
+        return {"road_morf_auc": curves.morf_auc, "road_lerf_auc": curves.lerf_auc, "road_gap": curves.gap}
+
+    def passes(self, height: int, width: int) -> dict[str, int]:
+        return {"per_map": len(ORDERS) * len(DEFAULT_PERCENTAGES), "per_image": 0, "explanations": 0}
+
+    def convention(self) -> str:
+        return ("ROAD (Rong et al. 2022): target softmax probability after removing 1, 3, ..., 99% of the pixels, "
+                "most relevant first (road_morf_auc) and least relevant first (road_lerf_auc), ties broken by the "
+                "image's seed; removed pixels filled by noisy linear imputation (8-neighbour weights 1/6 and 1/12, "
+                "noise std 0.01 in model-input space); AUC = the curve's mean height; road_gap = LeRF - MoRF")

@@ -16,10 +16,10 @@ at a time with the diff's reader (``saliency_audit.pipelines.reporting.diff``). 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import os
 from collections import defaultdict
@@ -120,23 +120,6 @@ def check_value(name: str, value: Any) -> float | bool:
     if not (math.isfinite(number) and low <= number <= high) or (name == "top_k" and number <= 0):
         raise GateError(f"{name}: must be a finite number between {low:g} and {high:g}, got {value}")
     return number
-
-
-def gate_argument(text: str) -> tuple[str, float | bool]:
-    """``--gate``'s argparse type."""
-    try:
-        return parse_gate(text)
-    except GateError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
-    """--baseline and --gate, for run (read from [baseline] and [gates] in a spec) and check."""
-    from saliency_audit.pipelines.config.options import location
-    parser.add_argument("--baseline", type=location, metavar="PREVIOUS",
-                        help="a published audit to compare with (its directory)")
-    parser.add_argument("--gate", dest="gates", action="append", type=gate_argument, metavar="NAME=VALUE",
-                        help="a gate's threshold, or NAME=off; repeatable (docs/gates.md)")
 
 
 def thresholds(given: Iterable[tuple[str, float | bool]] | None) -> dict[str, float | None | bool]:
@@ -721,11 +704,14 @@ def smallest_map(side: Side) -> int | None:
 
 
 def check_top_k(top_k: float, pixels: int | None) -> None:
-    """top_k as a pixel count must leave some pixels out: at or above a map's pixels every overlap
-    is 1 and the gate could never fail. A fraction (below 1) always does."""
-    if top_k >= 1 and pixels is not None and top_k >= pixels:
-        raise GateError(f"top_k: {top_k:g} pixels is every pixel of a {pixels}-pixel map or more, so top_k_overlap "
-                        f"could never fail; give fewer than {pixels} pixels, or a fraction below 1")
+    """top_k must leave some pixels of a map out, as the drift gates count it (diff's
+    ``pixels_for``: a fraction of the pixels, rounded, or a count): at every pixel each overlap
+    is 1 and the gate could never fail. A fraction close to 1 can round to every pixel too."""
+    from saliency_audit.pipelines.reporting.diff import pixels_for
+    if pixels is not None and pixels_for(top_k, pixels) >= pixels:
+        raise GateError(f"top_k: {top_k:g} is {pixels_for(top_k, pixels)} of the {pixels} pixels of a map, every "
+                        f"pixel, so top_k_overlap could never fail; give fewer than {pixels} pixels, or a "
+                        f"fraction that rounds to fewer")
 
 
 def evaluate(audit, baseline=None, given: Iterable[tuple[str, float | bool]] | None = None) -> dict[str, Any]:
@@ -736,7 +722,7 @@ def evaluate(audit, baseline=None, given: Iterable[tuple[str, float | bool]] | N
         raise GateError(f"the baseline is the audit itself (run {audit.manifest.get('run_id')}); "
                         f"compare with a copy of an earlier audit, or give each run its own --output")
     mine = Side.read(audit)
-    if limits["top_k"] >= 1:
+    if "top_k" in dict(given or ()):  # as given: the default (a tenth) leaves pixels out of any map of 2 or more
         check_top_k(limits["top_k"], smallest_map(mine))
     theirs = Side.read(baseline) if baseline is not None else None
     pairs = pair_up(mine, theirs) if theirs is not None else None
@@ -757,6 +743,10 @@ def evaluate(audit, baseline=None, given: Iterable[tuple[str, float | bool]] | N
             continue  # turned off
         results += step()
     asked = asked_for(given)
+    for name in sorted(asked - {r.name for r in results}):  # asked for, yet no result at all: no method it applies to
+        results.append(Result(name, None, None, _number_or_none(limits[name]), FAIL, [],
+                              f"{CANNOT_JUDGE} no method of the audit to judge (control maps such as random and "
+                              f"sobel are the levels to beat, not judged)"))
     for r in results:
         if too_few and r.name in COMPARING and r.reason == NO_BASELINE:
             r.reason = too_few
@@ -777,6 +767,32 @@ def evaluate(audit, baseline=None, given: Iterable[tuple[str, float | bool]] | N
     }
 
 
+def _damaged_file(error: BaseException, output: str, baseline: str | None,
+                  storage_options: dict | None) -> BaseException:
+    """Why the gates could not be evaluated, naming the damaged file where one is: a read that
+    fails in the middle of the gates (a file damaged after the run's checks) names none, so the
+    audit and the baseline are read whole to find it. ``error`` when none is found."""
+    for path, what in ((baseline, "baseline"), (output, "audit")):
+        if path is None:
+            continue
+        try:
+            open_audit(path, storage_options, what, deep=True)
+        except (ValueError, OSError) as found:
+            return found
+        except Exception:  # noqa: BLE001, S112 - the diagnosis must not hide the error it explains
+            continue
+    return error
+
+
+def _run_id(path: str, storage_options: dict | None) -> str | None:
+    """The run id an audit's manifest names, or None where it cannot be read."""
+    try:
+        run_id = json.loads(storage.read_bytes(storage.join(path, "manifest.json"), storage_options)).get("run_id")
+    except Exception:  # noqa: BLE001 - whatever makes it unreadable, there is no run id to name
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
 def unjudged(audit: dict, baseline: str | None, given, error: BaseException) -> dict[str, Any]:
     """The verdict of a run whose gates could not be evaluated: a failed check, with the reason."""
     return {"status": FAIL, "failed": [], "asked": sorted(asked_for(given)),
@@ -785,9 +801,10 @@ def unjudged(audit: dict, baseline: str | None, given, error: BaseException) -> 
             "settings": None, "unshared_content": None, "gates": []}
 
 
-def open_audit(path: str, storage_options: dict | None, what: str):
+def open_audit(path: str, storage_options: dict | None, what: str, deep: bool = False):
     """An AuditDir whose files the gates can read, or ValueError in one line naming ``what`` when
-    the path is not a published audit or its files are damaged (``check_files``)."""
+    the path is not a published audit or its files are damaged (``check_files``; ``deep``: every
+    value read, not only the footers)."""
     from saliency_audit.pipelines.reporting.audit_dir import AuditDir
     try:
         audit = AuditDir(path, storage_options)
@@ -797,7 +814,7 @@ def open_audit(path: str, storage_options: dict | None, what: str):
         raise ValueError(f"{what} {path}: unreadable manifest.json ({' '.join(str(e).split())[:120]})") from None
     if not isinstance(audit.manifest, dict) or not isinstance(audit.manifest.get("run_id"), str):
         raise ValueError(f"{what} {path}: manifest.json is not an audit's manifest (no run_id)")
-    check_files(audit, what)
+    check_files(audit, what, deep)
     return audit
 
 
@@ -805,17 +822,29 @@ def open_audit(path: str, storage_options: dict | None, what: str):
 NEEDED_COLUMNS = {"saliency": ("image_id", "method", "height", "width", "saliency")}
 
 
-def check_files(audit, what: str) -> None:
+def check_files(audit, what: str, deep: bool = False) -> None:
     """Every file the manifest names (or, for older manifests, each output folder holds) exists and
     is Parquet with the columns the gates need: one footer read per file, no rows, so a damaged
-    audit or baseline fails in seconds, before a run starts, not after it is published."""
+    audit or baseline fails in seconds, before a run starts, not after it is published.
+
+    ``deep``: every value of every file is read too (streamed, a batch of about MAP_BATCH_BYTES at a
+    time, so memory stays flat), so a file damaged in the middle, its footer intact, fails here,
+    named, before any work (a run's --baseline) or instead of a verdict (``check``): the gates read
+    maps, scalars, errors, sanity and findings rows, and a pass must never rest on a page that was
+    never read."""
+    from saliency_audit.pipelines.reporting.audit_dir import MAP_BATCH_BYTES, rows_for
     for name in publication.OUTPUTS:
         for url in audit.files(name):
             relative = url.removeprefix(audit.path.rstrip("/") + "/")
             try:
                 fs, path = storage.filesystem(url, audit.storage_options)
                 with fs.open(path, "rb") as f:
-                    columns = pq.ParquetFile(f).schema_arrow.names
+                    parquet = pq.ParquetFile(f)
+                    columns = parquet.schema_arrow.names
+                    batches = parquet.iter_batches(batch_size=rows_for(parquet.metadata, MAP_BATCH_BYTES),
+                                                   use_threads=False) if deep else ()
+                    for _ in batches:
+                        pass
             except FileNotFoundError:
                 raise ValueError(f"{what} {audit.path}: {relative} is missing (its manifest.json names it)") from None
             except (OSError, pa.ArrowException) as e:
@@ -869,29 +898,30 @@ def check(audit_path: str, baseline_path: str | None, given, verdict_url: str | 
           storage_options: dict | None, manifest: dict | None = None) -> tuple[dict, str]:
     """Evaluate and write the verdict; returns it and where it went. ``manifest``: the run's own,
     so a run judges itself even if another run of the same output publishes meanwhile."""
-    audit = open_audit(audit_path, storage_options, "audit")
+    deep = manifest is None  # check: every value read (a run's --baseline was read whole at plan)
+    audit = open_audit(audit_path, storage_options, "audit", deep)
     if manifest is not None:
         audit.manifest = manifest
-    baseline = open_audit(baseline_path, storage_options, "baseline") if baseline_path else None
+    baseline = open_audit(baseline_path, storage_options, "baseline", deep) if baseline_path else None
     verdict = evaluate(audit, baseline, given)
     url = verdict_url or storage.join(audit_path, VERDICT)
     write_verdict(verdict, url, storage_options)
     return verdict, url
 
 
-def gated(args: argparse.Namespace) -> bool:
+def gated(args) -> bool:
     """Whether a run names a gate or a baseline: it then writes a verdict next to its manifest."""
     return bool(getattr(args, "gates", None) or getattr(args, "baseline", None))
 
 
-def decide(manifest: dict, args: argparse.Namespace, storage_options: dict | None) -> int:
+def decide(manifest: dict, args, storage_options: dict | None) -> int:
     """The end of ``run``: when the invocation names a gate or a baseline, the gates on the
     published run; the verdict goes next to the manifest. 0 all hold (or no gates), 1 one fails
     or the gates could not be evaluated (the run is published all the same)."""
     return judge_run(manifest, args, storage_options)[0]
 
 
-def judge_run(manifest: dict, args: argparse.Namespace, storage_options: dict | None) -> tuple[int, dict | None]:
+def judge_run(manifest: dict, args, storage_options: dict | None) -> tuple[int, dict | None]:
     """``decide``'s exit code and the verdict (None without gates).
 
     Which verdict belongs to which run: the manifest says whether its run writes one (``verdict``:
@@ -907,8 +937,10 @@ def judge_run(manifest: dict, args: argparse.Namespace, storage_options: dict | 
     try:
         verdict, url = check(output, baseline, given, None, storage_options, manifest)
     except Exception as e:  # published all the same: a check that cannot be made fails, it is no usage error
-        verdict, url = unjudged({"path": output, "run_id": manifest["run_id"]}, baseline, given, e), \
-            storage.join(output, VERDICT)
+        verdict, url = unjudged({"path": output, "run_id": manifest["run_id"]}, baseline, given,
+                                _damaged_file(e, output, baseline, storage_options)), storage.join(output, VERDICT)
+        if verdict["baseline"] is not None:
+            verdict["baseline"]["run_id"] = _run_id(baseline, storage_options)
         write_verdict(verdict, url, storage_options)
     for line in summary_lines(verdict):
         print(line)

@@ -1,118 +1,162 @@
-"""Command-line options of the audit job; everything not listed here goes to Beam."""
+"""The run's options, each declared once, and the one frozen, typed run configuration they make.
+
+Every option is an ``Option`` (saliency_audit.explainers.core.options): its name, kind, default,
+range, help, spec key, whether it enters a method's fingerprint and whether it may hold a secret.
+The core options are listed here; each metric declares its own (explainers.metrics) and each
+method the files it needs (abele's --aae). From the declarations come the command line's flags
+(``add_options``), the range checks, the spec's keys (saliency_audit.pipelines.config.spec), the
+methods' fingerprints (``fingerprint_values``) and the manifest's record (``recorded_options``).
+Everything on the command line that is not ours goes to Beam (saliency_audit.pipelines.config.beam).
+"""
 from __future__ import annotations
 
 import argparse
-import difflib
+import dataclasses
 import functools
-import json
-import math
-import re
+from typing import Any, Iterable
 
+from saliency_audit.explainers import asset_options
+from saliency_audit.explainers.core.options import Option
+from saliency_audit.explainers.metrics import metric_options
+from saliency_audit.pipelines.config import UsageError
+from saliency_audit.pipelines.config.beam import (
+    BEAM_LOCATIONS,
+    BEAM_RECORDED,
+    REDACTED,
+    beam_option_parser,
+    beam_value,
+    carries_credentials,
+    check_beam_args,
+    closest,
+)
+from saliency_audit.pipelines.config.kinds import KINDS, location
 from saliency_audit.transforms.io.publication import MIN_STALE_S
 
+__all__ = ["BEAM_LOCATIONS", "BEAM_RECORDED", "DEFAULT_METHODS", "OPTIONS", "REDACTED", "RunConfig", "UsageError",
+           "add_options", "add_run_arguments", "all_options", "beam_option_parser", "carries_credentials",
+           "fingerprint_values", "location", "parse_run_args", "range_problem", "recorded_options", "redact_argv",
+           "run_parser"]
+
 DEFAULT_METHODS = "sal,grad,intg,deeplift"
-REDACTED = "<redacted>"
-# Our flags whose values are free-form JSON that may hold credentials (fsspec keys, an endpoint's
-# headers, abele's storage_options): the recorded command line hides them; the manifest's resolved
-# spec keeps what is safe of them (saliency_audit.pipelines.config.spec).
-_FREE_FORM = ("--storage-options", "--endpoint-options", "--method-options")
-# The Beam options whose values the manifest (and so the report) records, by any of their flag
-# names: where and how the job ran. Every other Beam option's value is recorded as <redacted>:
-# Beam has options that hold credentials under plain names (--azure_connection_string,
-# --hdfs_user, --s3_endpoint_url with a key in it), so no pattern of names can find them all.
-# Free-form options (experiments, labels, environment_config, resource_hints) are left out: any
-# text can go there.
-BEAM_RECORDED = frozenset({
-    "runner", "project", "region", "zone", "worker_region", "worker_zone", "job_name", "machine_type",
-    "network", "subnetwork", "disk_type", "min_cpu_platform", "flexrs_goal", "autoscaling_algorithm",
-    "environment_type", "direct_running_mode", "pickle_library", "type_check_strictness", "flink_version",
-    "spark_version", "sdk_container_image", "worker_harness_container_image",  # image references hold no password
-    # counts Beam itself parses as numbers
-    "num_workers", "max_num_workers", "disk_size_gb", "number_of_worker_harness_threads", "direct_num_workers",
-    "parallelism", "max_parallelism", "dask_npartitions", "dask_partition_size",
-})
-# Addresses and storage locations: recorded unless they carry credentials (user:password@host, a
-# ?query such as an Azure SAS token or a presigned signature, a #fragment), then <redacted>.
-BEAM_LOCATIONS = frozenset({"temp_location", "staging_location", "job_endpoint", "flink_master", "spark_master_url",
-                            "dask_client_address"})
+
+OPTIONS: tuple[Option, ...] = (
+    Option("config", "spec", metavar="SPEC",
+           help="audit spec (.toml, .yaml or .yml) giving any of these options; flags given on the command line "
+                "override it (docs/spec.md)"),
+    Option("input", "location", required=True, spec="input.path",
+           help="glob of shards on any fsspec URL (.tar, .parquet, .png/.jpg/.npy)"),
+    Option("model", "location", required=True, spec="model.path",
+           help="TorchScript file, torch.export .pt2 archive, ONNX file, http(s):// endpoint, or module:Callable"),
+    Option("weights", "location", spec="model.weights",
+           help="state dict for --model module:Callable (loaded with weights_only=True)"),
+    Option("trust_model", "switch", spec="model.trust", help="allow model files that need arbitrary unpickling"),
+    Option("methods", "names", default=DEFAULT_METHODS, spec="explain.methods",
+           help=f"comma list of methods (default {DEFAULT_METHODS})"),
+    Option("output", "location", required=True, spec="output.path", help="output directory (any fsspec URL)"),
+    Option("target", "target", default="predicted", spec="explain.target", fingerprint=True,
+           help="predicted | label | INT (default predicted)"),
+    Option("batch_size", "integer", default=32, low=1, spec="explain.batch_size", help="images per batch (default 32)"),
+    Option("limit_per_shard", "integer", low=1, spec="input.limit_per_shard", metavar="N",
+           help="read only the first N records of every shard (a deterministic sample)"),
+    Option("device", "text", default="auto", spec="model.device", help="cpu | cuda | auto (default auto)"),
+    Option("torch_threads", "threads", low=1, high=1024, spec="explain.torch_threads", metavar="N|auto",
+           help="torch threads per worker process, also the size of the methods' own thread pools (default auto: "
+                "the cores the worker may use divided by the SDK worker processes the runner starts per machine, "
+                "e.g. --direct_num_workers with --direct_running_mode multi_processing; at least 1)"),
+    Option("sanity_check", "switch", spec="sanity_check.enabled",
+           help="after the job: cascading randomisation of the model's layers (Adebayo et al. 2018) on a sample"),
+    Option("sanity_images", "integer", default=16, low=1, spec="sanity_check.images",
+           help="images in the sanity check: the first N decodable ones in shard order (default 16)"),
+    Option("sanity_threshold", "number", default=0.5, low=-1, high=1, spec="sanity_check.threshold",
+           help="flag a method whose mean rank correlation with the fully randomised model's maps stays above "
+                "this (default 0.5)"),
+    Option("method_options", "method_options", default={}, spec="explain.options",
+           help='per-method options, e.g. \'{"intg": {"n_steps": 32}}\''),
+    Option("seed", "integer", default=0, spec="explain.seed", fingerprint=True,
+           help="base seed; each image's seed derives from it and the image id"),
+    Option("endpoint_options", "json", default={}, spec="model.endpoint", secret=True,
+           help="for a --model http(s):// endpoint: max_batch, max_in_flight, rate, timeout, retries, backoff, "
+                "output (logits|probabilities), headers, token_env (docs/inputs.md; never in the manifest)"),
+    Option("storage_options", "json", default={}, spec="storage.options", secret=True,
+           help='fsspec storage options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\''),
+    Option("resize", "size", spec="preprocessing.resize", fingerprint=True,
+           help="resize images to H,W (bilinear, antialiased)"),
+    Option("mean", "numbers", spec="preprocessing.mean", fingerprint=True,
+           help="per-channel mean subtracted after scaling to [0,1]"),
+    Option("std", "numbers", spec="preprocessing.std", fingerprint=True,
+           help="per-channel std divided by after subtracting the mean"),
+    Option("channels", "integer", choices=(1, 3), spec="preprocessing.channels", fingerprint=True,
+           help="channels the model takes"),
+    Option("to_grayscale", "switch", spec="preprocessing.to_grayscale", fingerprint=True,
+           help="convert RGB images for a 1-channel model"),
+    Option("max_pixels", "integer", default=4096 * 4096, low=1, spec="input.max_pixels", fingerprint=True,
+           help="reject larger images (default 4096*4096)"),
+    Option("output_files", "integer", low=1, hidden=True),  # accepted for old scripts: files now roll by size
+    Option("map_dtype", "choice", default="float32", choices=("float32", "float16"), spec="output.map_dtype",
+           fingerprint=True,
+           help="stored form of the saliency maps: float32 (default) or float16 (half the bytes; 3 significant "
+                "digits, values beyond +-65504 clipped; the row's saliency_min/max keep the exact range)"),
+    Option("dry_run", "switch",
+           help="print the plan (shards, records, methods, passes and seconds per image, estimated time from a "
+                "short calibration on sample images) and exit without running"),
+    Option("reclaim_after", "number", default=30.0, low=MIN_STALE_S / 60, spec="output.reclaim_after",
+           metavar="MINUTES",
+           help="remove the folders of an earlier run of this --output whose heartbeat is older than this "
+                "(a killed run; default 30)"),
+    Option("incremental", "switch", spec="history.incremental",
+           help="keep every run of --output as an audit history and explain only the (image, method) pairs it "
+                "lacks for this model and these method options (docs/history.md)"),
+    Option("slot", "slot", spec="history.slot", metavar="NAME",
+           help="the schedule slot this run fills in the history (e.g. 2026-11-30); a rerun of a slot replaces "
+                "its earlier run, so reruns are idempotent (default: the run's own id, a new slot)"),
+    Option("baseline", "location", spec="baseline.path", metavar="PREVIOUS",
+           help="a published audit to compare with (its directory)"),
+    Option("gates", "gates", spec="gates", flag="--gate", metavar="NAME=VALUE",
+           help="a gate's threshold, or NAME=off; repeatable (docs/gates.md)"),
+)
+GATE_OPTIONS = ("baseline", "gates")  # what `check` reads too
 
 
-class UsageError(Exception):
-    """A bad invocation: reported in one line, before any work starts."""
+def all_options() -> tuple[Option, ...]:
+    """The core options, then every metric's, then the files the methods need."""
+    return _ALL
 
+
+def _collect() -> tuple[Option, ...]:
+    options = (*OPTIONS, *metric_options(), *asset_options())
+    names = [o.name for o in options]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise TypeError(f"option(s) declared twice: {', '.join(twice)}")
+    return options
+
+
+def _default(opt: Option) -> Any:
+    return bool(opt.default) if opt.kind == "switch" else opt.default
+
+
+def _field(opt: Option) -> tuple[str, Any, Any]:
+    python = KINDS[opt.kind].python
+    default = _default(opt)
+    if isinstance(default, (dict, list)):  # a mutable default: a fresh one per config
+        return opt.name, python, dataclasses.field(default_factory=lambda d=default: type(d)(d))
+    return opt.name, python if default is not None else python | None, dataclasses.field(default=default)
+
+
+_ALL = _collect()
+RunConfig = dataclasses.make_dataclass("RunConfig", [_field(o) for o in _ALL], frozen=True)
+RunConfig.__module__ = __name__  # (make_dataclass takes module= only from Python 3.12) for pickling
+RunConfig.__doc__ = "A run's options, checked and typed, one field per declared option (all_options)."
+
+
+# --- the command line ------------------------------------------------------------------------------
 
 class _OneLineParser(argparse.ArgumentParser):
-    """Reports a bad command line as a UsageError (one line, exit 2 in main) instead of
-    printing the whole usage."""
+    """Reports a bad command line as a UsageError (one line, exit 2 in main) instead of printing the
+    whole usage."""
 
     def error(self, message: str):
         raise UsageError(message)
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    return values
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected H,W, got {text!r}") from None
-    return h, w
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"invalid JSON ({e.msg} at column {e.colno}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
-def _target(text: str) -> str:
-    if text in ("predicted", "label") or (text.isascii() and text.isdigit()):
-        return str(int(text)) if text.isdigit() else text
-    raise argparse.ArgumentTypeError(f"must be predicted, label or a class index >= 0, got {text!r}")
-
-
-def _threads(text: str) -> int | None:
-    """--torch-threads: ``auto`` (None: each worker's share of its cores) or a count."""
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a number of threads, got {text!r}") from None
-
-
-_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
-
-
-def location(text: str) -> str:
-    """A path or URL of ours (--input, --output, --model, --weights, --aae, --baseline, an audit's
-    directory): refused with credentials in it (``s3://key:secret@bucket/``, ``https://token@host``),
-    which would reach the manifest, the verdict and the report. They belong in --storage-options
-    or the environment, which are never recorded."""
-    if _USERINFO.match(text):
-        raise argparse.ArgumentTypeError("a URL with credentials in it (user:password@host) is refused: "
-                                         "give them in --storage-options or the environment")
-    return text
-
-
-def _slot(text: str) -> str:
-    from saliency_audit.transforms.io.history import check_slot
-    try:
-        return check_slot(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class OneSpec(argparse.Action):
@@ -124,170 +168,44 @@ class OneSpec(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--config", action=OneSpec, metavar="SPEC",
-        help="audit spec (.toml, .yaml or .yml) giving any of these options; flags given on the command line "
-             "override it (docs/spec.md)")
-    add("--input", type=location, required=True, help="glob of shards on any fsspec URL (.tar, .parquet, .png/.jpg/.npy)")
-    add("--model", type=location, required=True, help="TorchScript file, torch.export .pt2 archive, or module:Callable")
-    add("--weights", type=location, help="state dict for --model module:Callable (loaded with weights_only=True)")
-    add("--trust-model", action="store_true", help="allow model files that need arbitrary unpickling")
-    _add_off_switch(parser, "trust-model")
-    add("--methods", default=DEFAULT_METHODS, help=f"comma list of methods (default {DEFAULT_METHODS})")
-    add("--output", type=location, required=True, help="output directory (any fsspec URL)")
-    add("--target", type=_target, default="predicted", help="predicted | label | INT (default predicted)")
-    add("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    add("--limit-per-shard", type=int, metavar="N",
-        help="read only the first N records of every shard (a deterministic sample)")
-    add("--device", default="auto", help="cpu | cuda | auto (default auto)")
-    add("--torch-threads", type=_threads, default=None, metavar="N|auto",
-        help="torch threads per worker process, also the size of the methods' own thread pools (default auto: "
-             "the cores the worker may use divided by the SDK worker processes the runner starts per machine, "
-             "e.g. --direct_num_workers with --direct_running_mode multi_processing; at least 1)")
-    add("--metrics", dest="metrics", action="store_true", default=True,
-        help="compute explanation-quality metrics (default on)")
-    add("--no-metrics", dest="metrics", action="store_false", help="skip the metrics")
-    add("--metric-steps", type=int, default=16,
-        help="deletion/insertion steps (default 16: 2 x 17 forward passes per map)")
-    add("--metric-substrate", default="zero", choices=("zero", "blur", "mean"),
-        help="what deleted pixels become in deletion/insertion (default zero)")
-    add("--abele-metrics", action="store_true",
-        help="also ABELE's relevance, coherence and stability per image (costly: about --abele-neighbours "
-             "times each method's own cost)")
-    _add_off_switch(parser, "abele-metrics")
-    add("--road", action="store_true",
-        help="also ROAD per image (Rong et al. 2022): the target's probability as 1-99%% of the pixels are "
-             "removed most and least relevant first and filled by noisy linear imputation (costly: 100 forward "
-             "passes and 100 sparse solves per image and method)")
-    _add_off_switch(parser, "road")
-    add("--abele-neighbours", type=int, default=20,
-        help="salt-and-pepper copies for stability, and at most this many same-class batch images for "
-             "coherence (default 20, as ABELE)")
-    add("--sanity-check", action="store_true",
-        help="after the job: cascading randomisation of the model's layers (Adebayo et al. 2018) on a sample")
-    _add_off_switch(parser, "sanity-check")
-    add("--sanity-images", type=int, default=16,
-        help="images in the sanity check: the first N decodable ones in shard order (default 16)")
-    add("--sanity-threshold", type=float, default=0.5,
-        help="flag a method whose mean rank correlation with the fully randomised model's maps stays "
-             "above this (default 0.5)")
-    add("--method-options", type=_json_object, default={},
-        help='per-method options, e.g. \'{"intg": {"n_steps": 32}}\'')
-    add("--aae", type=location, help="adversarial autoencoder for abele")
-    add("--seed", type=int, default=0, help="base seed; each image's seed derives from it and the image id")
-    add("--endpoint-options", type=_json_object, default={},
-        help="for a --model http(s):// endpoint: max_batch, max_in_flight, rate, timeout, retries, backoff, "
-             "output (logits|probabilities), headers, token_env (docs in README; never in the manifest)")
-    add("--storage-options", type=_json_object, default={},
-        help='fsspec storage options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
-    add("--resize", type=_size, help="resize images to H,W (bilinear, antialiased)")
-    add("--mean", type=_floats, help="per-channel mean subtracted after scaling to [0,1]")
-    add("--std", type=_floats, help="per-channel std divided by after subtracting the mean")
-    add("--channels", type=int, choices=(1, 3), help="channels the model takes")
-    add("--to-grayscale", action="store_true", help="convert RGB images for a 1-channel model")
-    _add_off_switch(parser, "to-grayscale")
-    add("--max-pixels", type=int, default=4096 * 4096, help="reject larger images (default 4096*4096)")
-    add("--output-files", type=int, help=argparse.SUPPRESS)  # accepted for old scripts: files now roll by size
-    add("--map-dtype", choices=("float32", "float16"), default="float32",
-        help="stored form of the saliency maps: float32 (default) or float16 (half the bytes; 3 significant "
-             "digits, values beyond +-65504 clipped; the row's saliency_min/max keep the exact range)")
-    add("--dry-run", action="store_true",
-        help="print the plan (shards, records, methods, passes and seconds per image, estimated time from a "
-             "short calibration on sample images) and exit without running")
-    add("--reclaim-after", type=float, default=30.0, metavar="MINUTES",
-        help="remove the folders of an earlier run of this --output whose heartbeat is older than this "
-             "(a killed run; default 30)")
-    add("--incremental", action="store_true",
-        help="keep every run of --output as an audit history and explain only the (image, method) pairs it "
-             "lacks for this model and these method options (docs/history.md)")
-    _add_off_switch(parser, "incremental")
-    add("--slot", type=_slot, metavar="NAME",
-        help="the schedule slot this run fills in the history (e.g. 2026-11-30); a rerun of a slot replaces "
-             "its earlier run, so reruns are idempotent (default: the run's own id, a new slot)")
-    # here, not at the top: gates reads audits (heavier imports)
-    from saliency_audit.pipelines.checks.gates import add_gate_arguments
-    add_gate_arguments(parser)  # --baseline, --gate NAME=VALUE: decided after the run is published
-
-
-def _add_off_switch(parser: argparse.ArgumentParser, flag: str) -> None:
-    """--no-FLAG, so that a command line can turn off a switch that a --config spec turns on."""
-    parser.add_argument(f"--no-{flag}", dest=flag.replace("-", "_"), action="store_false",
-                        help=f"turn --{flag} off (where a --config spec turns it on)")
-
-
-# (flag, lowest, highest) for the numeric options; None where unbounded.
-_RANGES = (("batch_size", 1, None), ("limit_per_shard", 1, None), ("metric_steps", 1, None),
-           ("abele_neighbours", 1, None), ("sanity_images", 1, None), ("sanity_threshold", -1, 1),
-           ("max_pixels", 1, None), ("output_files", 1, None), ("torch_threads", 1, 1024),
-           ("reclaim_after", MIN_STALE_S / 60, None))
-
-
-def range_problem(name: str, value) -> str | None:
-    """Why ``value`` is out of range for the option ``name`` (its dest), or None; also used for
-    the values of a --config spec."""
-    for option, low, high in _RANGES:
-        if option != name or value is None:  # None: an optional flag left out
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
+    """One flag per option (and --no-FLAG for a switch, so a command line can turn off what a
+    spec turns on)."""
+    for opt in options:
+        kind = KINDS[opt.kind]
+        shown = argparse.SUPPRESS if opt.hidden else opt.help
+        if opt.kind == "switch":
+            parser.add_argument(opt.flag_name, dest=opt.name, action="store_true", default=bool(opt.default),
+                                help=shown)
+            parser.add_argument(f"--no-{opt.flag_name[2:]}", dest=opt.name, action="store_false",
+                                help=argparse.SUPPRESS if opt.hidden else f"turn {opt.flag_name} off")
             continue
-        if not (low <= value if high is None else low <= value <= high):  # NaN fails both
-            bound = f"at least {low}" if high is None else f"between {low} and {high}"
-            return f"must be {bound}, got {value}"
+        if opt.kind == "spec":  # given at most once
+            parser.add_argument(opt.flag_name, dest=opt.name, action=OneSpec, metavar=opt.metavar, help=shown)
+            continue
+        extra: dict[str, Any] = {"action": "append"} if opt.kind == "gates" else {}
+        if opt.choices:
+            extra["choices"] = opt.choices
+        parser.add_argument(opt.flag_name, dest=opt.name, type=kind.flag, default=_default(opt),
+                            required=opt.required, metavar=opt.metavar, help=shown, **extra)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, all_options())
+
+
+def range_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is out of range for the option ``name``, or None; also used for the values of
+    a --config spec."""
+    opt = next((o for o in all_options() if o.name == name), None)
+    if opt is None or value is None or (opt.low is None and opt.high is None):
+        return None
+    low, high = opt.low, opt.high
+    if not (low <= value if high is None else value <= high if low is None else low <= value <= high):
+        bound = f"at least {low:g}" if high is None else f"at most {high:g}" if low is None \
+            else f"between {low:g} and {high:g}"
+        return f"must be {bound}, got {value}"  # NaN fails every comparison
     return None
-
-
-def _check_ranges(args: argparse.Namespace) -> None:
-    for name, _, _ in _RANGES:
-        problem = range_problem(name, getattr(args, name, None))
-        if problem:
-            raise UsageError(f"--{name.replace('_', '-')} {problem}")
-
-
-def _flag_name(token: str) -> str:
-    return token.split("=", 1)[0]
-
-
-@functools.lru_cache(maxsize=1)
-def beam_option_parser() -> argparse.ArgumentParser:
-    """A parser of every Beam pipeline option (as PipelineOptions.get_all_options builds it)."""
-    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
-    try:  # registers the Dask options (--dask_client_address...) when dask is installed
-        import apache_beam.runners.dask.dask_runner  # noqa: F401  pylint: disable=unused-import
-    except (ImportError, AttributeError):  # without dask, Beam's module fails on ddist.Client
-        pass
-
-    class Parser(_BeamArgumentParser):
-        def error(self, message: str):
-            raise UsageError(f"Beam option: {message}")
-
-    parser = Parser(allow_abbrev=False, add_help=False)
-    classes: dict[str, type] = {}
-    for cls in PipelineOptions.__subclasses__():
-        classes.setdefault(str(cls), cls)  # a class seen twice (e.g. via the main session) counts once
-    for cls in classes.values():
-        cls._add_argparse_args(parser)  # pylint: disable=protected-access
-    return parser
-
-
-def _check_beam_args(beam_args: list[str], ours: list[str]) -> None:
-    """Beam only logs arguments it cannot parse and runs on, so anything that is neither ours
-    nor a Beam option fails here, with the nearest known flag."""
-    beam = beam_option_parser()
-    _, unknown = beam.parse_known_args(beam_args)
-    flags = [t for t in unknown if t.startswith("-") and t != "--"]
-    if flags:
-        name = _flag_name(flags[0])
-        close = _closest(name, ours + [f for f in beam._option_string_actions if f.startswith("--")])
-        raise UsageError(f"unknown option {name}" + (f"; did you mean {close}?" if close else ""))
-    if unknown:
-        raise UsageError(f"unexpected argument {unknown[0][:60]!r} (every value follows its flag)")
-
-
-def _closest(name: str, known: list[str]) -> str | None:
-    """The flag a prefix spelling stands for (the shortest that starts with it), else the most
-    similar known flag."""
-    extended = sorted((f for f in known if f.startswith(name) and len(name) > 2), key=len)
-    close = extended or difflib.get_close_matches(name, known, n=1)
-    return close[0] if close else None
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -297,14 +215,44 @@ def run_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Our options and the remaining arguments, which must be Beam pipeline options.
+def parse_run_args(argv: list[str]):
+    """The run configuration and the remaining arguments, which must be Beam pipeline options.
     Raises UsageError for a bad command line."""
     parser = run_parser()
     args, beam_args = parser.parse_known_args(argv)
-    _check_ranges(args)
-    _check_beam_args(beam_args, [f for f in parser._option_string_actions if f.startswith("--")])
-    return args, beam_args
+    for opt in all_options():
+        problem = range_problem(opt.name, getattr(args, opt.name))
+        if problem:
+            raise UsageError(f"{opt.flag_name} {problem}")
+    check_beam_args(beam_args, [f for f in parser._option_string_actions if f.startswith("--")])
+    config = RunConfig(**{o.name: getattr(args, o.name) for o in all_options()})
+    return config, beam_args
+
+
+# --- what the options change and what the manifest records -------------------------------------------
+
+def fingerprint_values(config) -> dict[str, Any]:
+    """The values of the options that change the rows a method writes (its fingerprint's part)."""
+    return {o.name: getattr(config, o.name) for o in all_options() if o.fingerprint}
+
+
+def recorded_method_options(value: Any) -> Any:
+    """Method options as the manifest records them. They are the explainers' own parameters
+    (preflight refuses any other): numbers, names, a layer, abele's aae path, so they are kept;
+    but abele's storage_options (fsspec credentials) and any text carrying credentials (a URL
+    with user:password@ or a ?query) read <redacted>."""
+    if isinstance(value, dict):
+        return {k: REDACTED if k == "storage_options" else recorded_method_options(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [recorded_method_options(v) for v in value]
+    return REDACTED if isinstance(value, str) and carries_credentials(value) else value
+
+
+def recorded_options(config) -> dict[str, Any]:
+    """The run's options for the manifest: the secret ones left out, method options as
+    recorded_method_options keeps them."""
+    return {o.name: recorded_method_options(value) if o.kind == "method_options" else value
+            for o in all_options() if not o.secret for value in [getattr(config, o.name)]}
 
 
 @functools.lru_cache(maxsize=1)
@@ -313,8 +261,8 @@ def _own_actions() -> dict[str, argparse.Action]:
 
 
 def _takes_value(flag: str) -> bool:
-    """Whether a known flag reads the next argument (booleans do not); unknown flags are
-    assumed to, so that a secret after one is still hidden."""
+    """Whether a known flag reads the next argument (booleans do not); unknown flags are assumed to,
+    so that a secret after one is still hidden."""
     for actions in (_own_actions(), beam_option_parser()._option_string_actions):
         action = actions.get(flag)
         if action is not None:
@@ -322,28 +270,20 @@ def _takes_value(flag: str) -> bool:
     return True
 
 
-def carries_credentials(text: str) -> bool:
-    """Whether a URL or address may hold credentials: user:password@host, a ?query (an Azure SAS
-    token, a presigned signature) or a #fragment."""
-    return any(mark in text for mark in "@?#")
-
-
 def recorded_value(flag: str, value: str) -> str:
-    """``value`` as the manifest records it for ``flag``: as given for our own flags (but the
-    free-form JSON ones) and for the Beam options on the allow-list; <redacted> for any other
-    flag, a prefix spelling or a flag of no parser included."""
-    if flag in _own_actions():
-        return REDACTED if flag in _FREE_FORM else value
-    action = beam_option_parser()._option_string_actions.get(flag)
-    names = {f[2:] for f in action.option_strings} if action is not None else set()
-    if names & BEAM_RECORDED or (names & BEAM_LOCATIONS and not carries_credentials(value)):
-        return value
-    return REDACTED
+    """``value`` as the manifest records it for ``flag``: as given for our own flags but the ones that
+    may hold credentials (secret options, free-form method options), and for the Beam options on
+    the allow-list; <redacted> for any other flag, a prefix spelling or a flag of no parser included."""
+    action = _own_actions().get(flag)
+    if action is not None:
+        opt = next((o for o in all_options() if o.name == action.dest), None)
+        return REDACTED if opt is not None and (opt.secret or opt.kind == "method_options") else value
+    return beam_value(flag, value)
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """The command line as the manifest records it: every flag's value through recorded_value,
-    in both the ``--flag VALUE`` and ``--flag=VALUE`` forms."""
+    """The command line as the manifest records it: every flag's value through recorded_value, in
+    both the ``--flag VALUE`` and ``--flag=VALUE`` forms."""
     out: list[str] = []
     pending = None  # a flag whose value is the next argument
     for token in argv:
@@ -359,3 +299,6 @@ def redact_argv(argv: list[str]) -> list[str]:
             pending = flag
         out.append(token)
     return out
+
+
+_closest = closest  # the spec's suggestions use the same nearest-flag rule

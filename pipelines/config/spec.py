@@ -1,16 +1,16 @@
 """The audit spec: ``saliency-audit run --config audit.toml`` (or .yaml/.yml).
 
-A spec is a file of tables whose keys stand for the run's flags (SCHEMA below, the one place that
-maps them) plus a ``[beam]`` table of Beam pipeline options. It is turned into flags that go
+A spec is a file of tables whose keys stand for the run's flags (SCHEMA, generated from each option's
+declared ``spec`` key: saliency_audit.pipelines.config.options) plus a ``[beam]`` table of Beam
+pipeline options. It is turned into flags that go
 before the command line's, so a flag given on the command line overrides the file. Every key and
 value is checked here, with the flags' own conversions and range checks, and a bad one fails in
 one line that names the key. The manifest records the resolved spec (after the overrides), with
 the secrets redacted as in its ``command``.
 
-To add a table later: add its keys to SCHEMA, each naming the flag it stands for; loading,
-checking, path resolution and the manifest's resolved spec follow. ``[gates]`` and ``[baseline]``
-stand for ``--gate NAME=VALUE`` and ``--baseline`` (saliency_audit.pipelines.checks.gates), which ``check`` reads from
-the same file.
+An option with a ``spec`` key is a spec key; loading, checking, path resolution and the
+manifest's resolved spec follow. ``[gates]`` and ``[baseline]`` stand for ``--gate NAME=VALUE`` and
+``--baseline``, which ``check`` reads from the same file.
 """
 from __future__ import annotations
 
@@ -26,18 +26,20 @@ from typing import Any, Callable
 import tomllib
 
 from saliency_audit.pipelines.checks import gates
+from saliency_audit.pipelines.config import UsageError
+from saliency_audit.pipelines.config.beam import REDACTED, beam_option_parser, check_one_spelling, closest, repeats
+from saliency_audit.pipelines.config.kinds import KINDS, Bad, expect, is_number, kind_name, spec_gate, spec_switch
 from saliency_audit.pipelines.config.options import (
     DEFAULT_METHODS,
-    REDACTED,
+    GATE_OPTIONS,
     OneSpec,
-    UsageError,
-    _closest,
     _OneLineParser,
     _takes_value,
-    beam_option_parser,
-    carries_credentials,
+    add_options,
+    all_options,
     parse_run_args,
     range_problem,
+    recorded_method_options,
     recorded_value,
     run_parser,
 )
@@ -52,136 +54,19 @@ GATE_FLAG = "--gate"
 def gate_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """--baseline and --gate: the gates the run decides with after it is published."""
     parser = parser or _OneLineParser(add_help=False, allow_abbrev=False)
-    gates.add_gate_arguments(parser)
+    add_options(parser, [o for o in all_options() if o.name in GATE_OPTIONS])
     return parser
 
 
 _flags = functools.lru_cache(maxsize=1)(run_parser)  # the run's flags (the gates' included), built once
 SUFFIXES = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
-
-
-class _Bad(Exception):
-    """A value of the wrong kind; the message says what was expected. ``plain``: the same without
-    the value itself, for secrets."""
-
-    def __init__(self, message: str, plain: str | None = None):
-        super().__init__(message)
-        self.plain = plain or message
-
-
-def _kind_name(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-             dict: "a table", type(None): "an empty value"}
-    return names.get(type(value), f"a {type(value).__name__}")
-
-
-def _expect(what: str, value: Any) -> _Bad:
-    plain = f"expected {what}, got {_kind_name(value)}"
-    shown = repr(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
-    return _Bad(plain + (f" ({shown[:40]})" if shown else ""), plain)
-
-
-def _first_bad(values: list, good: Callable[[Any], bool]) -> Any:
-    return next((v for v in values if not good(v)), values)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# Each kind checks a spec value and returns the text its flag takes.
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _expect("a string", value)
-    return value
-
-
-def _integer(value: Any) -> str:
-    if not _is_int(value):
-        raise _expect("an integer", value)
-    return str(value)
-
-
-def _number(value: Any) -> str:
-    if not _is_number(value):
-        raise _expect("a number", value)
-    return repr(float(value))
-
-
-def _numbers(value: Any) -> str:
-    if not isinstance(value, list) or not value or not all(_is_number(v) for v in value):
-        raise _expect("a list of numbers, e.g. [0.5, 0.5, 0.5]",
-                      _first_bad(value, _is_number) if isinstance(value, list) and value else value)
-    return ",".join(repr(float(v)) for v in value)
-
-
-def _size(value: Any) -> str:
-    if not isinstance(value, list) or len(value) != 2 or not all(_is_int(v) for v in value):
-        raise _expect("[height, width]", value)
-    return f"{value[0]},{value[1]}"
-
-
-def _names(value: Any) -> str:
-    def name(v: Any) -> bool:
-        return isinstance(v, str) and bool(v) and "," not in v
-
-    if not isinstance(value, list) or not all(name(v) for v in value):
-        raise _expect('a list of method names, e.g. ["grad", "intg"]',
-                      _first_bad(value, name) if isinstance(value, list) else value)
-    return ",".join(value)
-
-
-def _target(value: Any) -> str:
-    if not (isinstance(value, str) or _is_int(value)):
-        raise _expect('"predicted", "label" or a class index', value)
-    return str(value)
-
-
-def _threads(value: Any) -> str:
-    if value != "auto" and not _is_int(value):
-        raise _expect('"auto" or a number of threads', value)
-    return str(value)
-
-
-def _switch(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _expect("true or false", value)
-    return value
-
-
-def _table(value: Any) -> str:
-    if not isinstance(value, dict):
-        raise _expect("a table", value)
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):  # a TOML/YAML date or the like: the options are JSON values
-        raise _Bad("expected plain values (strings, numbers, booleans, lists, tables)") from None
-
-
-def _gate(name: str) -> Callable[[Any], str]:
-    """A [gates] key: a threshold, true (on at its default) or false (off) -> --gate NAME=VALUE."""
-    def kind(value: Any) -> str:
-        if not (isinstance(value, bool) or _is_number(value)):
-            raise _expect("a number, true (its default) or false (off)", value)
-        return f"{name}={'on' if value is True else 'off' if value is False else repr(float(value))}"
-    return kind
-
-
-def _tables(value: Any) -> str:
-    """Method options: one table per method (each checked in _method_options, naming its key)."""
-    if not isinstance(value, dict):
-        raise _expect("a table with one table per method", value)
-    return _table(value)
+_Bad, _expect, _kind_name = Bad, expect, kind_name
 
 
 @dataclasses.dataclass(frozen=True)
 class Key:
-    """One spec key: the run flag it stands for, the kind of value it takes, and whether it is a
-    path that resolves relative to the spec file's folder."""
+    """One spec key: the run flag it stands for, how its value is checked, whether it is a path
+    that resolves relative to the spec file's folder, whether it may hold a secret."""
 
     flag: str
     kind: Callable[[Any], Any]
@@ -189,32 +74,22 @@ class Key:
     secret: bool = False  # recorded as <redacted> in the manifest
 
 
-SCHEMA: dict[str, dict[str, Key]] = {
-    "input": {"path": Key("--input", _text, path=True), "limit_per_shard": Key("--limit-per-shard", _integer),
-              "max_pixels": Key("--max-pixels", _integer)},
-    "model": {"path": Key("--model", _text, path=True), "weights": Key("--weights", _text, path=True),
-              "trust": Key("--trust-model", _switch), "device": Key("--device", _text),
-              "endpoint": Key("--endpoint-options", _table, secret=True)},
-    "preprocessing": {"resize": Key("--resize", _size), "channels": Key("--channels", _integer),
-                      "mean": Key("--mean", _numbers), "std": Key("--std", _numbers),
-                      "to_grayscale": Key("--to-grayscale", _switch)},
-    "explain": {"methods": Key("--methods", _names), "options": Key("--method-options", _tables),
-                "target": Key("--target", _target), "seed": Key("--seed", _integer),
-                "batch_size": Key("--batch-size", _integer), "aae": Key("--aae", _text, path=True),
-                "torch_threads": Key("--torch-threads", _threads)},
-    "metrics": {"enabled": Key("--metrics", _switch), "steps": Key("--metric-steps", _integer),
-                "substrate": Key("--metric-substrate", _text), "abele": Key("--abele-metrics", _switch),
-                "road": Key("--road", _switch),
-                "abele_neighbours": Key("--abele-neighbours", _integer)},
-    "sanity_check": {"enabled": Key("--sanity-check", _switch), "images": Key("--sanity-images", _integer),
-                     "threshold": Key("--sanity-threshold", _number)},
-    "output": {"path": Key("--output", _text, path=True), "map_dtype": Key("--map-dtype", _text),
-               "reclaim_after": Key("--reclaim-after", _number)},
-    "storage": {"options": Key("--storage-options", _table, secret=True)},
-    "gates": {name: Key(GATE_FLAG, _gate(name)) for name in [*gates.GATES, *gates.SETTINGS]},
-    "baseline": {"path": Key("--baseline", _text, path=True)},
-    "history": {"incremental": Key("--incremental", _switch), "slot": Key("--slot", _text)},
-}
+def _schema() -> dict[str, dict[str, Key]]:
+    """table -> key -> Key, from every option's declared spec key; [gates] has a key per gate."""
+    schema: dict[str, dict[str, Key]] = {}
+    for opt in all_options():
+        if opt.spec is None:
+            continue
+        if opt.kind == "gates":
+            schema[opt.spec] = {name: Key(opt.flag_name, spec_gate(name)) for name in [*gates.GATES, *gates.SETTINGS]}
+            continue
+        table, key = opt.spec.split(".")
+        kind = KINDS[opt.kind]
+        schema.setdefault(table, {})[key] = Key(opt.flag_name, kind.spec, path=kind.path, secret=opt.secret)
+    return schema
+
+
+SCHEMA = _schema()
 METHOD_OPTIONS = ("explain", "options")
 
 
@@ -367,7 +242,7 @@ def _suggest(name: str, known: list[str], prefix: str = "") -> str:
     elsewhere = [f"{table}.{name}" for table, keys in SCHEMA.items() if name in keys and f"{table}." != prefix]
     if elsewhere and not (prefix and name in known):
         return f"; did you mean {elsewhere[0]}?"
-    close = _closest(name, known)
+    close = closest(name, known)
     return f"; did you mean {prefix}{close}?" if close else f"; known keys: {', '.join(prefix + k for k in known)}"
 
 
@@ -424,7 +299,7 @@ def _method_options(value: Any, document: dict, path: str, cli_methods: str | No
     for name in value:
         if name not in listed:
             raise UsageError(f"{path}: {dotted(*METHOD_OPTIONS, name)}: {name} is not in explain.methods"
-                             + (f"; did you mean {_closest(name, listed)}?" if _closest(name, listed) else ""))
+                             + (f"; did you mean {closest(name, listed)}?" if closest(name, listed) else ""))
     return value
 
 
@@ -449,20 +324,16 @@ def _beam_arguments(values: Any, path: str) -> list[str]:
         except UsageError as e:
             raise UsageError(f"{path}: {where}: {_one_line(str(e).split(': ', 1)[-1])}") from None
         argv += tokens
+    check_one_spelling(argv, f"{path}: {BEAM}")
     return argv
-
-
-def _repeats(action: argparse.Action | None) -> bool:
-    """Whether a Beam option adds up over repeats (append, comma lists, dict unions)."""
-    return action is not None and action.nargs != 0 and not isinstance(action, argparse._StoreAction)
 
 
 def _beam_tokens(name: str, action: argparse.Action, value: Any) -> list[str]:
     if action.nargs == 0:
-        return [f"--{name}"] if _switch(value) else []
-    values = value if isinstance(value, list) and _repeats(action) else [value]
-    if not all(isinstance(v, str) or _is_number(v) for v in values):
-        raise _expect("a string or a number" + (" (or a list of them)" if _repeats(action) else ""), value)
+        return [f"--{name}"] if spec_switch(value) else []
+    values = value if isinstance(value, list) and repeats(action) else [value]
+    if not all(isinstance(v, str) or is_number(v) for v in values):
+        raise _expect("a string or a number" + (" (or a list of them)" if repeats(action) else ""), value)
     if any(isinstance(v, float) and not math.isfinite(v) for v in values):
         raise _Bad(f"expected a finite number, got {value!r}")
     return [f"--{name}={v}" for v in values]
@@ -481,10 +352,11 @@ def _command_line(argv: list[str]) -> argparse.Namespace:
     return parser.parse_known_args(argv)[0]
 
 
-def parse_invocation(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse_invocation(argv: list[str]) -> tuple[Any, list[str]]:
     """``parse_run_args`` with --config: the spec's flags first, so the command line's override
     them. Raises UsageError for a bad spec or command line."""
     given = _command_line(argv)
+    check_one_spelling(argv, "the command line")
     if given.config is not None:
         from_spec = spec_arguments(load(given.config), given.config, given.methods)
         if given.incremental is False:  # --no-incremental turns the spec's history off, its slot with it
@@ -495,54 +367,38 @@ def parse_invocation(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 # --- the resolved spec, for the manifest ----------------------------------------------------
 
-def resolved(args: argparse.Namespace, beam_args: list[str]) -> dict[str, Any]:
-    """The spec the run used, after the command line's overrides: every key of SCHEMA that has a
-    value and the Beam options given, anything that may be a secret as <redacted> (storage and
+def resolved(config, beam_args: list[str]) -> dict[str, Any]:
+    """The spec the run used, after the command line's overrides: every option with a spec key that
+    has a value and the Beam options given, anything that may be a secret as <redacted> (storage and
     endpoint options, Beam options off the allow-list, credentials in method options). Fed back
     as a spec, it runs the same audit (unless something was redacted)."""
-    actions = _flags()._option_string_actions
     out: dict[str, Any] = {}
-    for table, keys in SCHEMA.items():
-        for name, key in keys.items():
-            value = getattr(args, actions[key.flag].dest, None)
-            if key.flag == GATE_FLAG:
-                value = dict(value or ()).get(name)  # this gate's own value, the last one given
-            if value is None:
-                continue  # TOML has no null: an unset optional key is left out
-            if key.kind is _names:
-                value = [m.strip() for m in value.split(",") if m.strip()]
-            elif key.kind is _target:
-                value = int(value) if value.isdigit() else value
-            elif isinstance(value, tuple):
-                value = list(value)
-            if key.secret and value:
-                value = REDACTED
-            elif (table, name) == METHOD_OPTIONS:
-                value = recorded_method_options(value)
-            out.setdefault(table, {})[name] = value
+    for opt in all_options():
+        value = getattr(config, opt.name)
+        if opt.spec is None or value is None:
+            continue  # TOML has no null: an unset optional key is left out
+        if opt.kind == "gates":
+            given = dict(value)  # each gate's own value, the last one given
+            for name in [*gates.GATES, *gates.SETTINGS]:
+                if name in given:
+                    out.setdefault(opt.spec, {})[name] = given[name]
+            continue
+        if opt.kind == "names":
+            value = [m.strip() for m in value.split(",") if m.strip()]
+        elif opt.kind == "target":
+            value = int(value) if value.isdigit() else value
+        elif isinstance(value, tuple):
+            value = list(value)
+        if opt.secret and value:
+            value = REDACTED
+        elif opt.kind == "method_options":
+            value = recorded_method_options(value)
+        table, key = opt.spec.split(".")
+        out.setdefault(table, {})[key] = value
     beam = _beam_table(beam_args)
     if beam:
         out[BEAM] = beam
     return out
-
-
-def recorded_method_options(value: Any) -> Any:
-    """Method options as the manifest records them. They are the explainers' own parameters
-    (preflight refuses any other): numbers, names, a layer, abele's aae path, so they are kept;
-    but abele's storage_options (fsspec credentials) and any text carrying credentials (a URL
-    with user:password@ or a ?query) read <redacted>."""
-    if isinstance(value, dict):
-        return {k: REDACTED if k == "storage_options" else recorded_method_options(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [recorded_method_options(v) for v in value]
-    return REDACTED if isinstance(value, str) and carries_credentials(value) else value
-
-
-def recorded_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's own options for the manifest: storage and endpoint options left out (they hold
-    credentials), method options as recorded_method_options keeps them."""
-    return {name: recorded_method_options(value) if name == "method_options" else value
-            for name, value in vars(args).items() if name not in ("storage_options", "endpoint_options")}
 
 
 def _beam_table(beam_args: list[str]) -> dict[str, Any]:
@@ -555,14 +411,14 @@ def _beam_table(beam_args: list[str]) -> dict[str, Any]:
         if not eq:
             value = next(tokens, "") if _takes_value(flag) else True  # a switch: no value to hide
         if value is not True:
-            value = recorded_value(flag, value)  # by the allow-list of Beam options (saliency_audit.pipelines.config.options)
+            value = recorded_value(flag, value)  # by the allow-list of Beam options (config.beam)
         name = flag[2:]
-        if _repeats(beam_option_parser()._option_string_actions.get(flag)):
+        if repeats(beam_option_parser()._option_string_actions.get(flag)):
             table.setdefault(name, []).append(value)
         else:
             table[name] = value
     return table
 
 
-def manifest_entry(args: argparse.Namespace, beam_args: list[str]) -> dict[str, Any]:
-    return {"file": getattr(args, "config", None), "resolved": resolved(args, beam_args)}
+def manifest_entry(config, beam_args: list[str]) -> dict[str, Any]:
+    return {"file": config.config, "resolved": resolved(config, beam_args)}

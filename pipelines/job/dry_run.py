@@ -5,13 +5,11 @@ import dataclasses
 import itertools
 import time
 
-from apache_beam.utils import shared
 
 from saliency_audit.pipelines.job.plan import Plan
-from saliency_audit.transforms.explain import ExplainBatches
 from saliency_audit.transforms.io.readers import read_shard
 from saliency_audit.transforms.io.records import ImageBatch
-from saliency_audit.transforms.model.handler import build_explainers
+from saliency_audit.transforms.model.handler import BatchHandler, build_explainers
 
 
 def shards_to_read(plan: Plan) -> list[str]:
@@ -24,7 +22,7 @@ def count_records(plan: Plan) -> int:
     total = 0
     for url in shards_to_read(plan):
         records = read_shard(url, plan.storage_options, max_pixels=plan.prep.max_pixels)
-        total += sum(1 for _ in itertools.islice(records, plan.args.limit_per_shard))
+        total += sum(1 for _ in itertools.islice(records, plan.options.limit_per_shard))
     return total
 
 
@@ -45,13 +43,13 @@ def calibrate(plan: Plan, images: int = 8) -> dict[str, float]:
     def seconds(methods: dict, n: int = len(ids)) -> float:
         batch = ImageBatch(ids[:n], ["calibration"] * n, labels[:n], [tuple(pixels.shape[2:])] * n,
                            pixels[:n].numpy())
-        step = ExplainBatches(dataclasses.replace(plan.config, methods=methods), shared.Shared())
-        # The step runs every explainer its state holds, so it gets only the measured ones
+        # The handler runs every explainer its state holds, so it gets only the measured ones
         # (with all of them, every figure was the cost of all the methods).
-        step._state = copy.copy(loaded)
-        step._state.explainers = {name: loaded.explainers[name] for name in methods}
+        state = copy.copy(loaded)
+        state.explainers = {name: loaded.explainers[name] for name in methods}
+        handler = BatchHandler(dataclasses.replace(plan.config, methods=methods), state)
         start = time.perf_counter()
-        list(step.process(batch))
+        list(handler.process(batch))
         return (time.perf_counter() - start) / n
 
     seconds(plan.methods, 1)  # warm-up: first calls allocate and compile (one image is enough)
@@ -66,8 +64,8 @@ def print_plan(plan: Plan) -> None:
     """``run --dry-run``: what the job would do and about how long it would take here."""
     records = count_records(plan)
     seconds = calibrate(plan)
-    print(f"input: {plan.args.input}: {len(plan.shards)} shard(s), {records} record(s)"
-          + (f" (at most {plan.args.limit_per_shard} per shard)" if plan.args.limit_per_shard else "")
+    print(f"input: {plan.options.input}: {len(plan.shards)} shard(s), {records} record(s)"
+          + (f" (at most {plan.options.limit_per_shard} per shard)" if plan.options.limit_per_shard else "")
           + (f" in the {len(plan.work.needed)} shard(s) to read" if plan.work is not None else ""))
     if plan.work is not None:
         work = plan.work
@@ -76,8 +74,8 @@ def print_plan(plan: Plan) -> None:
               f"of this model count; {len(work.skipped_shards)} shard(s) skipped (every method explained them), "
               f"{len(work.needed)} to read; images the history holds are skipped there too, so the estimate is "
               f"an upper bound")
-    print(f"model: {plan.args.model} on {plan.resolved['device']}, {plan.resolved['num_classes']} classes; "
-          f"batch size {plan.args.batch_size}; metrics {'on' if plan.args.metrics else 'off'}")
+    print(f"model: {plan.options.model} on {plan.resolved['device']}, {plan.resolved['num_classes']} classes; "
+          f"batch size {plan.options.batch_size}; metrics {'on' if plan.options.metrics else 'off'}")
     print(f"{'method':>12}  {'passes / image':>16}  {'s / image':>10}  {'estimate':>10}")
     total = seconds.get(None, 0.0) * records
     for name, info in plan.resolved["methods"].items():

@@ -25,6 +25,7 @@ import logging
 import math
 from typing import Any
 
+from saliency_audit.pipelines.config.options import fingerprint_values
 from saliency_audit.transforms.io import history, storage
 from saliency_audit.transforms.model.load import file_sha256, model_identity
 
@@ -58,15 +59,14 @@ class Work:
                 "shards_skipped": len(self.skipped_shards)}
 
 
-def method_fingerprints(args, resolved: dict[str, Any], prep,
+def method_fingerprints(options, resolved: dict[str, Any],
                         storage_options: dict[str, Any] | None = None) -> dict[str, str]:
-    """method -> sha256 (16 hex) of everything that makes its rows, but the model and the image.
+    """method -> sha256 (16 hex) of everything that makes its rows, but the model and the image:
+    its own options, and every run option declared to change rows (saliency_audit.pipelines.config.
+    options.fingerprint_values: target, seed, preprocessing, map storage, every metric's options).
     An option naming a file (abele's autoencoder) counts by the file's contents, not its name;
     storage credentials do not count."""
-    common = {"target": str(args.target), "seed": args.seed, "preprocessing": dataclasses.asdict(prep),
-              "metrics": [args.metrics, args.metric_steps, args.metric_substrate],
-              "abele_metrics": [args.abele_metrics, args.abele_neighbours], "map_dtype": args.map_dtype,
-              "road": getattr(args, "road", False)}
+    common = fingerprint_values(options)
     out = {}
     for name, info in resolved["methods"].items():
         options = {key: _content(value, storage_options) for key, value in (info["options"] or {}).items()
@@ -128,10 +128,10 @@ def _last_seen(runs: list[dict[str, Any]]) -> dict[str, str | None]:
     return {url: fingerprint for url, (_, fingerprint) in newest.items()}
 
 
-def plan_work(root: str, slot: str | None, model_spec, state_sha: str, args, resolved: dict[str, Any], prep,
+def plan_work(root: str, slot: str | None, model_spec, state_sha: str, args, resolved: dict[str, Any],
               shards: list[str], storage_options: dict[str, Any] | None) -> Work:
     model = model_identity(model_spec, state_sha)
-    fingerprints = method_fingerprints(args, resolved, prep, storage_options)
+    fingerprints = method_fingerprints(args, resolved, storage_options)
     methods = list(fingerprints)
     found = shard_fingerprints(shards, storage_options)
     rows = history.read(root, storage_options)

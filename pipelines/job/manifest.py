@@ -12,8 +12,9 @@ from typing import Any, Iterable
 import pyarrow.parquet as pq
 
 from saliency_audit.pipelines.checks.findings import SCORE_THRESHOLD
-from saliency_audit.pipelines.config.options import redact_argv
-from saliency_audit.pipelines.config.spec import manifest_entry, recorded_method_options, recorded_options
+from saliency_audit.explainers.metrics import metric_classes
+from saliency_audit.pipelines.config.options import recorded_method_options, recorded_options, redact_argv
+from saliency_audit.pipelines.config.spec import manifest_entry
 from saliency_audit.pipelines.job.plan import Plan
 from saliency_audit.pipelines.job.preflight import worker_device_entry
 from saliency_audit.pipelines.runners.beam import runner_name
@@ -21,14 +22,6 @@ from saliency_audit.transforms.io import map_storage, publication, storage
 from saliency_audit.transforms.io.publication import Run
 from saliency_audit.transforms.model.handler import ALL, HTTP, NOT_COUNTED
 from saliency_audit.transforms.model.load import model_hashes
-
-ABELE_CONVENTION = (
-    "ABELE's protocol (methods.md 15.1): relevance_V = label-flip rate averaged over the percentiles "
-    "min,5,...,95,max as pixels below each percentile of the map become pixel value V (0, 127, 255); "
-    "relevance_curve = the 3 x 21 flips, fill-major; stability_* = mean/max Lipschitz ratio against "
-    "{n} salt-and-pepper copies (1/11 + 1/11) that keep the label; coherence_* = the same against up "
-    "to {n} nearest images of the same batch with the same target and predicted class (null if none)")
-
 
 OUTPUTS = publication.OUTPUTS  # sanity: empty unless --sanity-check
 
@@ -71,9 +64,23 @@ def findings_entry(run: Run, storage_options: dict[str, Any], files: dict[str, d
     return entry
 
 
+def metric_conventions(options) -> dict[str, str]:
+    """Each metric's convention under its switch's name (or its own), or how to turn it on or off."""
+    settings = vars(options)
+    out = {}
+    for cls in metric_classes():
+        if cls.enabled(settings):
+            out[cls.switch or cls.name] = cls(settings).convention()
+            continue
+        switch = next(o for o in cls.options if o.name == cls.switch)
+        turn_on = f"--no-{switch.flag_name[2:]}" if switch.default else f"{switch.flag_name} to compute it"
+        out[cls.switch] = f"off ({turn_on})"
+    return out
+
+
 def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dict | None,
                    files: dict[str, dict[str, int]]) -> dict:
-    args = plan.args
+    args = plan.options
     saliency_rows = sum(c["explained"] for c in counts.values())
     return {
         "run_id": run.run_id, "started": started, "finished": now(), "status": "succeeded",
@@ -97,22 +104,7 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
             "map_storage": map_storage.convention(args.map_dtype),
             "image_ids": ("unique per audit: a record whose id was already read from an earlier shard (in shard "
                           "order) or earlier in the same shard is an error (stage read), not explained twice"),
-            "metrics": ("RISE deletion/insertion AUC of the target's softmax probability, pixels ranked by "
-                        "signed map value (ties broken by the image's seed), substrate "
-                        f"{args.metric_substrate!r}, {args.metric_steps} equal steps; "
-                        "*_random: the same for a random order; gini: Gini index of |map|"
-                        if args.metrics else "off (--no-metrics)"),
-            "road": ("ROAD (Rong et al. 2022): target softmax probability after removing 1, 3, ..., 99% of the "
-                     "pixels, most relevant first (road_morf_auc) and least relevant first (road_lerf_auc), "
-                     "ties broken by the image's seed; removed pixels filled by noisy linear imputation "
-                     "(8-neighbour weights 1/6 and 1/12, noise std 0.01 in model-input space); AUC = the "
-                     "curve's mean height; road_gap = LeRF - MoRF" if args.road else "off (--road to compute it)"),
-            "localisation": ("against the ground truth the shards carry (a KEY.mask.png or KEY.json member, a "
-                             "mask or boxes column; see docs/ground_truth.md), at the model input's size: "
-                             "pointing_game, relevance_mass (positive relevance only), relevance_rank; ties count "
-                             "as a random pick among the tied pixels; null without ground truth"),
-            "abele_metrics": (ABELE_CONVENTION.format(n=args.abele_neighbours) if args.abele_metrics
-                              else "off (--abele-metrics to compute them)"),
+            **metric_conventions(plan.options),
             "seed": "first 32 bits of sha256('{--seed}:{image_id}')",
         },
         "runner": runner_name(plan.beam_args),

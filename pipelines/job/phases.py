@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import Any
 
 import apache_beam as beam
@@ -17,7 +16,7 @@ from saliency_audit.pipelines.checks.sanity import SANITY_SCHEMA, run_sanity_che
 from saliency_audit.pipelines.job import incremental
 from saliency_audit.pipelines.job.graph import build_pipeline
 from saliency_audit.pipelines.job.manifest import OUTPUTS, build_manifest, now, read_rows
-from saliency_audit.pipelines.job.plan import Plan, plan
+from saliency_audit.pipelines.job.plan import Plan
 from saliency_audit.pipelines.runners.beam import beam_pipeline_options, runner_name
 from saliency_audit.transforms.io import history, progress, publication, storage
 from saliency_audit.transforms.io.publication import Heartbeat, Run
@@ -33,8 +32,8 @@ FAILED = 3  # main's exit code for a run that failed (0 done, 1 a gate failed, 2
 def execute(plan: Plan, run: Run) -> dict | None:
     """Run the Beam job and, if asked, the sanity check, into the run's own folders; returns the
     sanity check's manifest entry."""
-    args = plan.args
-    options, runner = beam_pipeline_options(plan.beam_args)
+    args = plan.options
+    beam_options, runner = beam_pipeline_options(plan.beam_args)
     log.info("run %s: %d shard(s), methods %s, runner %s", run.run_id, len(plan.shards), ",".join(plan.methods),
              runner_name(plan.beam_args))
     shards = len(plan.work.needed) if plan.work is not None else len(plan.shards)
@@ -42,7 +41,7 @@ def execute(plan: Plan, run: Run) -> dict | None:
         log.info("incremental: model %s, %d of %d shard(s) to read (%d run(s) of the history count), slot %s",
                  plan.work.model[:12], shards, len(plan.shards), len(plan.work.runs), plan.work.slot or run.run_id)
     display = progress.Display(progress.sink_for(run), shards, args.limit_per_shard)
-    with display, beam.Pipeline(runner=runner, options=options) as p:  # the job runs as this block ends
+    with display, beam.Pipeline(runner=runner, options=beam_options) as p:  # the job runs as this block ends
         build_pipeline(p, shards=plan.shards, run=run, config=plan.config, prep=plan.prep,
                        batch_size=args.batch_size, storage_options=plan.storage_options, schema=plan.schema,
                        map_dtype=args.map_dtype, limit_per_shard=args.limit_per_shard, work=plan.work)
@@ -69,7 +68,7 @@ def commit_files(plan: Plan, run: Run) -> None:
                 fs.rm_file(path)
         if not committed:
             write_table(run.folder(name), schema.empty_table(), plan.storage_options)
-    if not plan.args.sanity_check:
+    if not plan.options.sanity_check:
         write_table(run.folder("sanity"), SANITY_SCHEMA.empty_table(), plan.storage_options)
 
 
@@ -143,24 +142,12 @@ def verify(plan: Plan, run: Run, files: dict[str, dict[str, int]]) -> dict[str, 
     return counts
 
 
-def run(argv: list[str] | None = None) -> dict:
-    """Run the audit; returns the manifest. Raises UsageError for bad invocations.
-
-    Phases: plan (checks, preflight, and for an incremental run what the history lacks), execute
-    (the job, into this run's own folders), verify (the counts reconcile), publish (the manifest
-    becomes the pointer, in one put), judge (the gates) and record (the history's row), reclaim
-    (folders of runs that can no longer be the result). A failure before publishing leaves the
-    previous result as it was and removes this run's files."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run_plan(plan(argv))[0]
-
-
 def run_plan(audit_plan: Plan) -> tuple[dict, int]:
     """The phases after ``plan`` (see ``run``); returns the manifest and the gates' exit code."""
     started = now()
-    current = Run(audit_plan.args.output, publication.new_run_id(), audit_plan.storage_options,
+    current = Run(audit_plan.options.output, publication.new_run_id(), audit_plan.storage_options,
                   audit_plan.work.model if audit_plan.work is not None else None)
-    stale_after = 60.0 * audit_plan.args.reclaim_after
+    stale_after = 60.0 * audit_plan.options.reclaim_after
     publication.reclaim(current.output, current.storage_options, stale_after, keep=current.run_id)
     try:
         with Heartbeat(current):
@@ -168,7 +155,7 @@ def run_plan(audit_plan: Plan) -> tuple[dict, int]:
             files = run_files(current, audit_plan.storage_options)
             counts = verify(audit_plan, current, files)
             manifest = build_manifest(audit_plan, current, started, counts, sanity, files)
-            manifest["verdict"] = gates.VERDICT if gates.gated(audit_plan.args) else None  # see gates.judge_run
+            manifest["verdict"] = gates.VERDICT if gates.gated(audit_plan.options) else None  # see gates.judge_run
     except BaseException as e:
         try:
             publication.abandon(current, f"{type(e).__name__}: {e}")
@@ -180,7 +167,7 @@ def run_plan(audit_plan: Plan) -> tuple[dict, int]:
     def judge_and_record() -> None:  # after the pointer, before the marker says published
         with Heartbeat(current):
             decision["exit"] = gates.FAILED_CHECK  # published: until the gates have decided, the check failed
-            decision["exit"], verdict = gates.judge_run(manifest, audit_plan.args, audit_plan.storage_options)
+            decision["exit"], verdict = gates.judge_run(manifest, audit_plan.options, audit_plan.storage_options)
             if audit_plan.work is not None:
                 gated = decision["exit"]
                 decision["exit"] = FAILED  # published, not recorded: a scheduler must hear of it

@@ -3,12 +3,12 @@ starts; a bad run fails here, in seconds, with UsageError."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
-from saliency_audit.explainers import list_methods, method_parameters
-from saliency_audit.explainers.metrics.abele_protocol import AbeleProtocol
+from saliency_audit.explainers import explainer_class, list_methods, method_parameters
 from saliency_audit.pipelines.checks import gates
-from saliency_audit.pipelines.config.options import UsageError
+from saliency_audit.pipelines.config.options import RunConfig, UsageError, fingerprint_values
 from saliency_audit.pipelines.config.spec import parse_invocation
 from saliency_audit.pipelines.job import incremental
 from saliency_audit.pipelines.job.preflight import (check_forward_only, check_shards, first_sample, preflight,
@@ -20,31 +20,60 @@ from saliency_audit.transforms.model.handler import ExplainConfig
 from saliency_audit.transforms.model.load import ModelSpec
 
 
-def parse_methods(text: str, method_options: dict[str, Any], aae: str | None,
-                  storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
+def parse_methods(options) -> dict[str, dict[str, Any]]:
+    """Each method of --methods with its options: --method-options, then the files it needs (its
+    assets, e.g. abele's --aae) from their run options, and the run's storage options for a method
+    that reads such files, unless --method-options gives its own."""
+    names = [m.strip() for m in options.methods.split(",") if m.strip()]
     if not names:
         raise UsageError("--methods is empty")
     known = list_methods()
     unknown = [m for m in names if m not in known]
     if unknown:
         raise UsageError(f"unknown method(s) {', '.join(unknown)}; known methods: {', '.join(known)}")
-    stray = sorted(set(method_options) - set(names))
+    stray = sorted(set(options.method_options) - set(names))
     if stray:
         raise UsageError(f"--method-options names method(s) not in --methods: {', '.join(stray)}")
     methods = {}
     for name in dict.fromkeys(names):
-        options = method_options.get(name, {})
-        if not isinstance(options, dict):
+        given = options.method_options.get(name, {})
+        if not isinstance(given, dict):
             raise UsageError(f"--method-options for {name} must be a JSON object")
-        if name == "abele":
-            if not aae and "aae" not in options:
-                raise UsageError("abele needs --aae PATH (train one with saliency-audit train-aae)")
-            options = {"aae": aae, **options}
-            if storage_options and "storage_options" not in options:  # read the AAE where the data is
-                options["storage_options"] = storage_options
-        methods[name] = options
+        check_option_locations(name, given)
+        methods[name] = {**_assets(name, given, options), **given}
     return methods
+
+
+def _assets(name: str, given: dict[str, Any], options) -> dict[str, Any]:
+    """The files method ``name`` needs that --method-options does not give, from their run options."""
+    assets = explainer_class(name).assets
+    parameters = method_parameters(name)
+    found = {}
+    for asset in assets:
+        value = getattr(options, asset.name)
+        if asset.name in given or value is None:
+            if asset.name not in given and parameters.get(asset.name) is inspect.Parameter.empty:
+                raise UsageError(f"{name} needs {asset.flag_name} {asset.metavar or 'PATH'}: {asset.help}")
+            continue
+        found[asset.name] = value
+    if assets and options.storage_options and "storage_options" in parameters:
+        found["storage_options"] = options.storage_options  # read its files where the data is
+    return found
+
+
+def check_option_locations(name: str, given: dict[str, Any]) -> None:
+    """A method option's text may be a path or URL (abele's aae, expected_gradients' background):
+    refused with credentials in it, as --aae is, before any work and without repeating it (errors
+    about the file would quote it; the manifest records method options)."""
+    from argparse import ArgumentTypeError
+
+    from saliency_audit.pipelines.config.options import location
+    for key, value in given.items():
+        if isinstance(value, str):
+            try:
+                location(value)
+            except ArgumentTypeError as e:
+                raise UsageError(f"--method-options {name}.{key}: {e}") from None
 
 
 def set_input_bounds(methods: dict[str, dict[str, Any]], prep: Preprocessing) -> None:
@@ -66,7 +95,7 @@ class Plan:
     """Everything the run needs, checked before any work starts."""
 
     argv: list[str]
-    args: Any
+    options: RunConfig
     beam_args: list[str]
     methods: dict[str, dict[str, Any]]
     prep: Preprocessing
@@ -78,61 +107,59 @@ class Plan:
 
     @property
     def storage_options(self) -> dict[str, Any]:
-        return self.args.storage_options
+        return self.options.storage_options
 
 
 def plan(argv: list[str]) -> Plan:
     """Parse and check the invocation (a --config spec, then the flags that override it), find
     the shards and run preflight (the model on a sample image with every method): a bad run fails
     here, in seconds, with UsageError."""
-    args, beam_args = parse_invocation(argv)
-    if args.slot and not args.incremental:
+    options, beam_args = parse_invocation(argv)  # the run's options (a RunConfig) and Beam's
+    if options.slot and not options.incremental:
         raise UsageError("--slot names a slot of an audit history: it needs --incremental")
-    if args.baseline:  # a bad baseline fails now, not after the run; never the run's own output
-        if gates.same_place(args.baseline, args.output):
-            raise UsageError(f"--baseline {args.baseline} is the run's own --output: the run would be compared "
+    if options.baseline:  # a bad baseline fails now, not after the run; never the run's own output
+        if gates.same_place(options.baseline, options.output):
+            raise UsageError(f"--baseline {options.baseline} is the run's own --output: the run would be compared "
                              f"with itself once published; use a copy of the earlier audit, or an --output per run")
-        try:  # its manifest, and the footers of the files it names: cheap, and flat in its size
-            gates.open_audit(args.baseline, args.storage_options, "--baseline")
+        try:  # its manifest and every value of the files it names (streamed: flat in its size), before any work
+            gates.open_audit(options.baseline, options.storage_options, "--baseline", deep=True)
         except (ValueError, OSError) as e:
             raise UsageError(" ".join(str(e).split())) from None
-    methods = parse_methods(args.methods, args.method_options, args.aae, args.storage_options)
+    methods = parse_methods(options)
     try:
-        prep = Preprocessing(resize=args.resize, channels=args.channels, mean=args.mean, std=args.std,
-                             to_grayscale=args.to_grayscale, max_pixels=args.max_pixels)
-        shards = check_shards(storage.expand_glob(args.input, args.storage_options), args.input)
+        prep = Preprocessing(resize=options.resize, channels=options.channels, mean=options.mean, std=options.std,
+                             to_grayscale=options.to_grayscale, max_pixels=options.max_pixels)
+        shards = check_shards(storage.expand_glob(options.input, options.storage_options), options.input)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
-    check_top_k(args.gates, shards, prep, args.storage_options)
+    check_top_k(options.gates, shards, prep, options.storage_options)
     set_input_bounds(methods, prep)
-    spec = ModelSpec(args.model, args.weights, args.trust_model, args.storage_options or None,
-                     args.endpoint_options or None)
-    check_forward_only(spec, list(methods), args.sanity_check)
-    config = ExplainConfig(model=spec, methods=methods, device=args.device, target=args.target, seed=args.seed,
-                           metrics=args.metrics, metric_steps=args.metric_steps,
-                           metric_substrate=args.metric_substrate,
-                           abele=AbeleProtocol(args.abele_neighbours, prep.mean, prep.std)
-                           if args.abele_metrics else None, road=args.road,
-                           threads=thread_budget(args.torch_threads, beam_args))
-    resolved = preflight(config, shards, prep, args.storage_options, beam_args)
+    spec = ModelSpec(options.model, options.weights, options.trust_model, options.storage_options or None,
+                     options.endpoint_options or None)
+    check_forward_only(spec, list(methods), options.sanity_check)
+    config = ExplainConfig(model=spec, methods=methods, device=options.device, target=options.target,
+                           seed=options.seed, settings=fingerprint_values(options),
+                           threads=thread_budget(options.torch_threads, beam_args))
+    resolved = preflight(config, shards, prep, options.storage_options, beam_args)
     # the workers' model must answer as many classes as preflight's did (an endpoint redeployed meanwhile)
     config = dataclasses.replace(config, model=dataclasses.replace(spec, num_classes=resolved["num_classes"]))
-    schema = map_storage.saliency_schema(saliency_schema(methods), args.map_dtype)
+    schema = map_storage.saliency_schema(saliency_schema(methods), options.map_dtype)
     work = None
-    if args.incremental:
+    if options.incremental:
         try:
-            work = incremental.plan_work(args.output, args.slot, spec, resolved["model_state_sha256"], args, resolved,
-                                         prep, shards, args.storage_options)
+            work = incremental.plan_work(options.output, options.slot, spec, resolved["model_state_sha256"], options,
+                                         resolved, shards, options.storage_options)
         except OSError as e:
             raise UsageError(f"--incremental: cannot read the history or the shards: {e}") from None
-    return Plan(argv, args, beam_args, methods, prep, shards, config, resolved, schema, work)
+    return Plan(argv, options, beam_args, methods, prep, shards, config, resolved, schema, work)
 
 
 def check_top_k(given, shards: list[str], prep: Preprocessing, storage_options: dict[str, Any]) -> None:
-    """--gate top_k=N as a pixel count must be under the pixels of a map (the model input's, from
-    the first decodable image), or the top-k overlap gate could never fail."""
+    """--gate top_k=N (a pixel count, or a fraction as the gates round it) must leave pixels of a map
+    out (the model input's, from the first decodable image), or the top-k overlap gate could never
+    fail."""
     top_k = gates.thresholds(given)["top_k"]
-    sample = first_sample(shards, prep, storage_options) if top_k >= 1 else None
+    sample = first_sample(shards, prep, storage_options) if "top_k" in dict(given or ()) else None
     if sample is not None:
         try:
             gates.check_top_k(top_k, sample[1].shape[-2] * sample[1].shape[-1])

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import torch
 
+from saliency_audit.explainers.metrics import enabled_metrics
 from saliency_audit.pipelines.config.options import UsageError
 from saliency_audit.transforms.io.preprocess import BadImage, Preprocessing, decode, preprocess
 from saliency_audit.transforms.io.readers import SHARD_SUFFIXES, read_shard, shard_kind
@@ -192,7 +193,8 @@ def check_shards(shards: list[str], pattern: str | None = None) -> list[str]:
     if not supported:
         found = sorted({_suffix(url) for url in shards})
         listed = ", ".join(found[:8]) + (", ..." if len(found) > 8 else "")
-        raise UsageError(f"no image shards among the {len(shards)} file(s) matching {pattern or '--input'} "
+        from saliency_audit.transforms.io.storage import shown
+        raise UsageError(f"no image shards among the {len(shards)} file(s) matching {shown(pattern or '--input')} "
                          f"(found: {listed}); supported: {', '.join(SHARD_SUFFIXES)}")
     return shards
 
@@ -230,14 +232,13 @@ def first_sample(shards: list[str], prep: Preprocessing, storage_options: dict) 
     return None
 
 
-def check_metric_steps(config: ExplainConfig, size: tuple[int, int], image_id: str) -> None:
-    """Deletion and insertion change at least one pixel of the model input per step: more steps
-    than it has pixels would fail on every image, after the job started."""
-    pixels = size[0] * size[1]
-    if config.metrics and config.metric_steps is not None and config.metric_steps > pixels:
-        raise UsageError(f"--metric-steps {config.metric_steps} is more than the {pixels} pixels of the model input "
-                         f"({size[0]}x{size[1]}, sample image {image_id}); deletion and insertion change at least "
-                         f"one pixel per step: use at most {pixels}")
+def check_metrics(config: ExplainConfig, size: tuple[int, int], image_id: str) -> None:
+    """Each metric the run turns on, on model inputs of the sample image's size: a setting it cannot
+    run with would fail on every image, after the job started."""
+    for metric in enabled_metrics(config.settings):
+        problem = metric.check(*size)
+        if problem:
+            raise UsageError(f"{problem} (sample image {image_id})")
 
 
 def check_forward_only(spec: ModelSpec, methods: list[str], sanity_check: bool) -> None:
@@ -282,7 +283,7 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
     if sample is None:
         return report  # nothing decodable up front: every record will reach errors/ with its reason
     image_id, image = sample
-    check_metric_steps(config, tuple(image.shape[-2:]), image_id)
+    check_metrics(config, tuple(image.shape[-2:]), image_id)
     image = image.to(loaded.device)
     graph_input = getattr(loaded.model, "input", None)  # an ONNX graph's own input spec
     problem = graph_input.problem(tuple(image.shape)) if graph_input is not None else None

@@ -18,13 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from saliency_audit.explainers.metrics import metric_columns
 from saliency_audit.pipelines.reporting.audit_dir import AuditDir
 from saliency_audit.pipelines.reporting.plots import Bins
-from saliency_audit.transforms.io.rows import ABELE_COLUMNS, LOCALISATION_COLUMNS, ROAD_COLUMNS
 
 # The metrics the page draws as histograms, in its order; "<metric>_random" is the random order's.
-DISTRIBUTED = ("deletion_auc", "insertion_auc", "gini", *ABELE_COLUMNS, *ROAD_COLUMNS, *LOCALISATION_COLUMNS,
-               "time_ms")
+DISTRIBUTED = (*(c for c in metric_columns() if not c.endswith("_random")), "time_ms")
 GAIN_COLUMNS = ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random")
 IDS_PER_PASS = 1 << 20  # rows whose image ids one pass of the distinct count holds (~16 bytes an id)
 

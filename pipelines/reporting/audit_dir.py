@@ -116,15 +116,7 @@ class AuditDir:
         if dataset is None or not dataset.files:
             return BATCH_ROWS
         with dataset.filesystem.open_input_file(dataset.files[0]) as f:
-            metadata = pq.ParquetFile(f).metadata
-        if metadata.num_row_groups == 0 or metadata.row_group(0).num_rows == 0:
-            return BATCH_ROWS
-        group = metadata.row_group(0)
-        decoded = 0
-        for i in range(group.num_columns):
-            chunk, width = group.column(i), metadata.schema.column(i).length or 0  # length: fixed-size binary (float16)
-            decoded += max(chunk.num_values * _WIDTH.get(chunk.physical_type, width), chunk.total_uncompressed_size)
-        return max(1, min(BATCH_ROWS, budget * group.num_rows // max(decoded, 1)))
+            return rows_for(pq.ParquetFile(f).metadata, budget)
 
     @cached_property
     def methods(self) -> list[str]:
@@ -205,6 +197,18 @@ class AuditDir:
                     "shard %s unreadable, %d image(s) shown as placeholders: %s", source,
                     len(ids - found.keys()), " ".join(problem.split()))
         return found
+
+
+def rows_for(metadata: pq.FileMetaData, budget: int) -> int:
+    """AuditDir.rows_within for one file, from its footer (its first row group)."""
+    if metadata.num_row_groups == 0 or metadata.row_group(0).num_rows == 0:
+        return BATCH_ROWS
+    group = metadata.row_group(0)
+    decoded = 0
+    for i in range(group.num_columns):
+        chunk, width = group.column(i), metadata.schema.column(i).length or 0  # length: fixed-size binary (float16)
+        decoded += max(chunk.num_values * _WIDTH.get(chunk.physical_type, width), chunk.total_uncompressed_size)
+    return max(1, min(BATCH_ROWS, budget * group.num_rows // max(decoded, 1)))
 
 
 def _groups_holding(reader: pq.ParquetFile, ids: pa.Array) -> list[int]:

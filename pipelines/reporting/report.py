@@ -18,12 +18,12 @@ from collections import defaultdict
 
 import numpy as np
 
+from saliency_audit.explainers.metrics import metric_classes, metric_columns
 from saliency_audit.pipelines.reporting import aggregate, render
 from saliency_audit.pipelines.reporting.audit_dir import AuditDir, saliency_map
 from saliency_audit.pipelines.reporting.html import Raw, details, img, markup, number, page, paragraph, table
 from saliency_audit.pipelines.reporting.plots import histogram, line_chart
 from saliency_audit.transforms.io import history, storage
-from saliency_audit.transforms.io.rows import ABELE_COLUMNS, LOCALISATION_COLUMNS, RISE_COLUMNS, ROAD_COLUMNS
 
 VERDICT = "verdict.json"  # written by saliency_audit.pipelines.checks.gates next to the manifest
 FINDINGS_SHOWN = 2    # findings per method when none is flagged
@@ -32,6 +32,8 @@ FINDING_IMAGES = 5    # prototype images per finding
 THUMB = 84            # CSS width of a gallery image
 LONGEST = 128         # stored images are shrunk to at most this many pixels a side
 RULE_EXTRAS = ("rule", "counterfactuals", "weights", "precision", "coverage", "fidelity", "r2")
+# The metric columns the methods table shows; every other metric gets a table of its own.
+MAIN_TABLE = ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random", "gini")
 METRIC_NOTES = {
     "deletion_auc": "RISE deletion AUC: the target's probability as the most salient pixels are removed "
                     "first; lower is better. The random order's value (in brackets) is the level to beat.",
@@ -399,16 +401,10 @@ class Report:
             "Means over all explained images. Empty maps are all zero, constant maps one value everywhere "
             "(empty included): they point nowhere. Control maps (random: noise; sobel: the image's edges) "
             "explain nothing: they are the levels an explanation must beat.")]
-        abele = [m for m in ABELE_COLUMNS if self._present(m)]
-        if abele:
-            parts += ["<h3>ABELE's evaluation protocol</h3>",
-                      table(["method", *(m.replace("_", " ") for m in abele)],
-                            [[method, *(self.overall.get(method, {}).get(f"mean_{m}") for m in abele)]
-                             for method in self.methods])]
-        for title, group in (("ROAD", ROAD_COLUMNS), ("Localisation (images with ground truth)", LOCALISATION_COLUMNS)):
-            present = [m for m in group if self._present(m)]
+        for metric in metric_classes():  # each metric whose columns the table above does not show
+            present = [m for m in metric_columns(metric.name) if self._present(m) and m not in MAIN_TABLE]
             if present:
-                parts += [markup("<h3>{}</h3>", title),
+                parts += [markup("<h3>{}</h3>", metric.title or metric.name),
                           table(["method", *(m.replace("_", " ") for m in present)],
                                 [[method, *(self.overall.get(method, {}).get(f"mean_{m}") for m in present)]
                                  for method in self.methods])]
@@ -416,7 +412,7 @@ class Report:
                   if self._present(metric)]
         stats = [(method, metric, s.get(f"mean_{metric}"), s.get(f"p10_{metric}"), s.get(f"median_{metric}"),
                   s.get(f"p90_{metric}")) for method, s in self.overall.items()
-                 for metric in (*RISE_COLUMNS, *ABELE_COLUMNS, *ROAD_COLUMNS, *LOCALISATION_COLUMNS)
+                 for metric in metric_columns()
                  if s.get(f"mean_{metric}") is not None]
         parts.append(details("Mean and quantiles of every metric",
                              table(["method", "metric", "mean", "p10", "median", "p90"], stats)))

@@ -25,6 +25,7 @@ def bundled():
     return load_aae(str(BUNDLED))
 
 
+@pytest.mark.slow
 def test_training_loss_falls_and_an_interrupted_run_resumes_exactly(demo_images, tmp_path, monkeypatch):
     images = demo_images[0].numpy()
     kwargs = dict(epochs=6, batch_size=16, lr=3e-3, progress=False, holdout=0.1)
@@ -153,6 +154,7 @@ def test_same_seed_same_output_alone_or_in_any_batch(demo_model, demo_images, bu
     assert torch.equal(alone.maps[0], inside.maps[2]) and torch.equal(alone.maps[0], again.maps[0])
 
 
+@pytest.mark.slow
 def test_tree_search_trades_a_pure_tree_for_a_simpler_one(demo_model, demo_images, bundled):
     images, _ = demo_images
     with torch.inference_mode():
@@ -200,6 +202,7 @@ def small_shard(tmp_path_factory, demo_shard):
     return root / "few.tar"
 
 
+@pytest.mark.slow
 def test_pipeline_runs_abele_end_to_end(small_shard, demo_model_args, tmp_path):
     manifest = audit.run(["--input", str(small_shard), *demo_model_args, "--methods", "abele,grad",
                           "--aae", str(BUNDLED), "--output", str(tmp_path), "--channels", "1",
@@ -254,6 +257,7 @@ def test_train_aae_command(small_shard, tmp_path, capsys):
     assert aae.config.preprocessing["channels"] is None
 
 
+@pytest.mark.slow
 def test_abele_maps_are_faithful_on_the_demo_cnn(demo_model, demo_images, bundled):
     """Deleting the pixels abele's map ranks first lowers the class probability far sooner than a
     random order (the benchmark's 50 digits: 0.27 against 0.60); the tree is checked on a few

@@ -114,6 +114,7 @@ def held_out_digits():
     return model, images, targets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["anchor", "lore"])
 def test_defaults_explain_almost_every_digit(held_out_digits, method):
     """With quickshift (~8 superpixels a digit) and each superpixel hidden under its own mean,

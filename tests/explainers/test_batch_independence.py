@@ -173,6 +173,7 @@ def same_outputs(results: dict, rows: dict, names) -> None:
         assert torch.equal(alone_result.maps[0], result.maps[rows[key]]), key
 
 
+@pytest.mark.slow
 def test_abele_outputs_are_the_same_alone_or_in_any_batch(two_cpu_paths, demo_model, demo_images, aae):
     images, _ = demo_images
     noisy = BatchNoise(demo_model, 0.05)  # large: abele's codes never share a pass with another image's
@@ -195,6 +196,7 @@ def superpixel_case():
 
 # A 3x3 grid (the region is cell 0): at most 2^9 distinct masked images per image, most of them exact
 # ties that are decided alone; the default 16 cells made anchor ~50 s a path for the same check.
+@pytest.mark.slow
 @pytest.mark.parametrize("method, options", [
     ("anchor", dict(segmentation="grid", segmentation_options={"n_segments": 9}, batch_size=20,
                     min_samples_start=20, coverage_samples=200, delta=0.3, max_anchor_size=2)),

@@ -91,6 +91,7 @@ def keras_cnn():
     return trained_keras_style_cnn(MNIST)
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_default_gradcam_beats_a_random_map_on_a_keras_style_cnn(keras_cnn):
     x, seeds = test_digits()
@@ -103,6 +104,7 @@ def test_default_gradcam_beats_a_random_map_on_a_keras_style_cnn(keras_cnn):
     assert ratio < 0.65 and all_zero(maps) <= 2
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_gradcam_mean_weights_on_the_activated_output_beat_the_pre_activation(keras_cnn):
     x, seeds = test_digits()

@@ -53,6 +53,7 @@ def train_aae_peak(pattern: str, output: Path, cwd: Path = ROOT) -> float:
     return peak
 
 
+@pytest.mark.slow
 def test_train_aae_memory_does_not_grow_with_the_dataset(tmp_path):
     # Before streaming the peak grew by 19% from 2,000 to 16,000 images (500 -> 595 MB: the
     # decoded list, the stacked array and the training copy, ~7 KB per 3 KB image); streamed
@@ -126,6 +127,7 @@ EXPLAIN = textwrap.dedent("""
 # is ~350 MB of it), before -> after bounding the chunks: occlusion 3,312 -> 397 (one image:
 # 12,321 windows, whose masks were all built at once), deletion 840 -> 436 and smoothgrad
 # 1,142 -> 497 (8 images: up to 256 perturbed 224 px images per chunk).
+@pytest.mark.slow
 @pytest.mark.parametrize("method, batch", [("occlusion", 1), ("deletion", 8), ("smoothgrad", 8)])
 def test_perturbation_memory_follows_the_chunk_not_the_image_size(method, batch):
     peak, _ = peak_rss_mb(EXPLAIN.format(method=method, batch=batch))

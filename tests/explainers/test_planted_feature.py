@@ -80,7 +80,7 @@ def on_patch(maps, corners):
 OPTIONS = {"rise": {"n_masks": 1000}}
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if m == "rise" else m for m in METHODS])
 def test_method_finds_the_planted_patch(trained, name):
     model, x, corners = trained
     targets = torch.ones(len(x), dtype=torch.long)
@@ -89,7 +89,7 @@ def test_method_finds_the_planted_patch(trained, name):
     assert on_patch(maps, corners) >= 0.9
 
 
-@pytest.mark.parametrize("name", ["anchor", "lore"])
+@pytest.mark.parametrize("name", ["anchor", pytest.param("lore", marks=pytest.mark.slow)])
 def test_superpixel_method_points_at_the_planted_patch(trained, name):
     """A binary superpixel map is a plateau, so its maximum "lies on the patch" whenever the
     patch's superpixel is in the rule, however much background that superpixel or the rule
@@ -101,6 +101,7 @@ def test_superpixel_method_points_at_the_planted_patch(trained, name):
     assert np.mean(mass_on_patch(maps, corners) >= 0.5) >= 0.85
 
 
+@pytest.mark.slow
 def test_xrai_top_region_covers_the_planted_patch(trained):
     """XRAI's map is flat per region, so: the first region (the map's maximum) lies on the patch
     and its rim, and half of the patch lies in the best regions covering at most twice the patch's

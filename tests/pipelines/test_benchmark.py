@@ -1,6 +1,7 @@
 """The benchmark's bookkeeping (never its timings)."""
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -14,6 +15,7 @@ def test_floor_counts_backward_pairs_and_extra_forwards():
     assert math.isclose(floor_images_per_s({"forward": 2, "backward": 1}, 100.0, 40.0), 1 / (1 / 40 + 1 / 100))
 
 
+@pytest.mark.slow
 def test_benchmark_rows_for_the_model_and_each_method():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
@@ -31,6 +33,7 @@ def test_benchmark_rows_for_the_model_and_each_method():
     assert table.count("\n") == len(rows) + 1 and "| occlusion |" in table and "error:" in table
 
 
+@pytest.mark.slow
 def test_main_prints_a_markdown_table(capsys):
     assert main(["--methods", "sal,elrp", "--batch-size", "4", "--repeats", "1"]) == 0
     out = capsys.readouterr().out

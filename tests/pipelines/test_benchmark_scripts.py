@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").exists
                                 reason="needs the MNIST files in ../shared/data/mnist")
 
 
+@pytest.mark.slow
 def test_pipeline_vs_loop_same_maps_and_figures(tmp_path):
     import pipeline_vs_loop
     out = tmp_path / "figures.json"
@@ -36,6 +37,7 @@ def test_pipeline_vs_loop_rejects_an_unknown_mode():
         pipeline_vs_loop.parse_args(["--modes", "loop,spark"])
 
 
+@pytest.mark.slow
 def test_load_counts_reconcile_and_memory_is_reported(tmp_path):
     import load
     # --no-loop: the bare loop is checked above; one subprocess less keeps this test short

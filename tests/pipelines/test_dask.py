@@ -15,6 +15,8 @@ from test_runners import PER_SHARD, assert_same_values, audit_with, direct_refer
 
 from saliency_audit.pipelines import audit  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a Dask cluster per test
+
 
 @pytest.fixture(scope="module")
 def cluster():

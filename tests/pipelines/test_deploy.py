@@ -135,6 +135,7 @@ def test_installed_and_file_models_need_no_shipping(shard, tmp_path):
                         model_args=["--model", str(scripted)]))
 
 
+@pytest.mark.slow
 def test_manifest_records_the_workers_device_on_directrunner(shard, tmp_path):
     manifest = audit.run(run_argv(shard, tmp_path / "out", "--device", "auto", "--no-metrics"))
     model = manifest["model"]
@@ -291,6 +292,7 @@ def _worker_pool_port(command: list[str]) -> int:
     return int(_option(command, "--service_port"))
 
 
+@pytest.mark.slow
 def test_worker_pool_command_is_one_the_module_accepts():
     """The flag is --service_port (worker_pool_main exits without it); there is no --worker_port."""
     help_text = subprocess.run([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", "--help"],

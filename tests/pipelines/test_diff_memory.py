@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SIDE = 112
@@ -61,6 +62,7 @@ def peak_rss_mb(tmp_path: Path, n_images: int) -> float:
     return int(peak_kb) / 1024
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_audit(tmp_path):
     """One chunk against four (the budget is lowered so the test stays quick; the default is 64 MB):
     160 maps of 112 x 112 a side are 8 MB as float32, 130 MB as the Python floats diff used to hold,

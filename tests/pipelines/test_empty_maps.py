@@ -2,6 +2,7 @@
 import tarfile
 
 import numpy as np
+import pytest
 from conftest import add_member, png_bytes
 
 from saliency_audit.pipelines import audit
@@ -9,6 +10,7 @@ from saliency_audit.pipelines.reporting.audit_dir import AuditDir
 from saliency_audit.pipelines.reporting.report import write_report
 
 
+@pytest.mark.slow
 def test_empty_maps_are_counted_and_reported(demo_shard, demo_model_args, tmp_path):
     # gradient x input is exactly 0 on a black image, whatever the model: 4 empty grad maps of 8
     with tarfile.open(demo_shard) as src, tarfile.open(tmp_path / "s.tar", "w") as dst:

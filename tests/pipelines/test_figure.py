@@ -34,6 +34,7 @@ def test_default_columns_are_the_runs_methods_in_order(audit):
     assert image.size == figure_size(1, 4, 64)
 
 
+@pytest.mark.slow
 def test_unknown_ids_and_methods_fail_with_one_line(audit, tmp_path):
     with pytest.raises(ValueError, match="image id\\(s\\) nope not in"):
         comparison_figure(audit, ["mnist-test-000001", "nope"])

@@ -45,6 +45,7 @@ def experiment(mnist_dir, tmp_path_factory):
     return prepared, findings, control, workdir
 
 
+@pytest.mark.slow
 def test_watermark_class_is_the_top_finding_with_its_images(experiment):
     prepared, findings, _, _ = experiment
     top = findings.to_pylist()[0]
@@ -60,6 +61,7 @@ def test_watermark_class_is_the_top_finding_with_its_images(experiment):
     assert mean_map[:2, :2].sum() > 0.5  # the watermark's cells hold most of the cluster's mass
 
 
+@pytest.mark.slow
 def test_benchmark_outcome_reads_the_same(experiment):
     prepared, findings, control, _ = experiment
     outcome = clever_hans.outcome(findings, control, METHOD, prepared.marked_ids)
@@ -68,6 +70,7 @@ def test_benchmark_outcome_reads_the_same(experiment):
     assert outcome.score >= SCORE_THRESHOLD > outcome.control_max
 
 
+@pytest.mark.slow
 def test_control_model_raises_no_finding(experiment):
     _, _, control, _ = experiment
     assert control.num_rows > 10 and set(control.column("method").to_pylist()) == {METHOD}
@@ -75,6 +78,7 @@ def test_control_model_raises_no_finding(experiment):
     assert not any(control.column("flagged").to_pylist())
 
 
+@pytest.mark.slow
 def test_random_maps_raise_no_finding(experiment, tmp_path):
     """The watermarked model's rows with their maps replaced by noise: nothing stands out."""
     _, _, _, workdir = experiment
@@ -201,6 +205,7 @@ def test_no_files_no_findings_and_bad_invocations_fail_in_one_line(tmp_path):
         find_clever_hans([str(tmp_path / "other.parquet")])
 
 
+@pytest.mark.slow
 def test_the_run_publishes_its_findings_and_the_gate_and_report_use_them(experiment, tmp_path):
     """audit.run writes findings/ itself; the findings gate fails on the watermarked model and
     holds on the control; the report shows the flagged finding with its prototypes."""
@@ -227,6 +232,7 @@ def test_the_run_publishes_its_findings_and_the_gate_and_report_use_them(experim
     assert section.count("<img") >= 1 + 5  # the mean map and the prototypes
 
 
+@pytest.mark.slow
 def test_a_failing_analysis_never_costs_the_run(tmp_path, monkeypatch, demo_shard, demo_model_args):
     """findings/ is an analysis of the committed maps: if it fails, the run is still published,
     with an empty findings/ and the error in the manifest."""

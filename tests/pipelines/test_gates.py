@@ -529,6 +529,7 @@ def _copy_with_verdict(folder: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_an_ungated_run_leaves_no_verdict_of_the_run_before(audits, tmp_path):
     out = _copy_with_verdict(audits.same, tmp_path / "out")
     assert verdict_of(out)["status"] == "pass"  # the earlier, gated run's
@@ -538,6 +539,7 @@ def test_an_ungated_run_leaves_no_verdict_of_the_run_before(audits, tmp_path):
     assert _manifest(out)["verdict"] is None  # this run has no gates: no verdict belongs to it
 
 
+@pytest.mark.slow
 def test_a_run_whose_gates_crash_fails_with_its_own_verdict(audits, tmp_path, monkeypatch, capsys):
     out = _copy_with_verdict(audits.same, tmp_path / "out")
 
@@ -564,6 +566,7 @@ def test_report_ignores_a_verdict_of_another_run(audits, tmp_path):
     assert verdict["gates"][0]["reason"] not in page
 
 
+@pytest.mark.slow
 def test_an_asked_for_gate_that_cannot_be_judged_fails_the_run(audits, tmp_path, capsys):
     config = tmp_path / "gates.toml"
     config.write_text("[gates]\nsanity = true\nerror_rate = 0.1\n")  # sanity asked for; the run has no sanity check
@@ -677,6 +680,7 @@ def _with_content_hashes(folder: Path, shard: Path) -> None:
             pq.write_table(table.append_column("content_sha256", pa.array(hashes, pa.string())), folder / f)
 
 
+@pytest.mark.slow
 def test_a_baseline_with_other_images_under_the_same_ids_is_not_blamed_on_the_model(audits, tmp_path, capsys):
     shard = _swapped_shard(tmp_path / "shards", N_IMAGES, swapped=4)
     other = tmp_path / "other"
@@ -707,6 +711,7 @@ def test_a_baseline_with_other_images_under_the_same_ids_is_not_blamed_on_the_mo
     assert only(by_id, "rank_correlation", "sal")["status"] == "fail"
 
 
+@pytest.mark.slow
 def test_the_gates_never_hold_an_audits_rows(tmp_path, monkeypatch):
     """``check`` scans an audit a record batch of a few columns at a time: the Python heap's peak
     (tracemalloc, which sees numpy's buffers too) while the gates judge 20,000 rows is about that of

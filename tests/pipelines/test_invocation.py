@@ -137,6 +137,7 @@ ITEM = st.one_of(flag_with_value(OUR_FLAGS), flag_with_value(BEAM_FLAGS),
                  st.sampled_from(VALUES).map(lambda v: [v]))
 
 
+@pytest.mark.slow
 @settings(derandomize=True, max_examples=300, deadline=None)
 @given(st.lists(ITEM, max_size=5), st.sampled_from([1, 2, 3, 4, 5, 6, None]))
 def test_fuzzed_command_lines_parse_or_fail_cleanly(items, base_at):
@@ -156,6 +157,7 @@ def test_fuzzed_command_lines_parse_or_fail_cleanly(items, base_at):
     assert args.batch_size >= 1 and args.max_pixels >= 1 and -1 <= args.sanity_threshold <= 1
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_exits_3_not_a_gates_1(tmp_path, demo_shard, demo_model_args, monkeypatch, capfd):
     """Exit codes a scheduler can act on: 1 means published with a failed gate, 3 that the run
     itself failed and nothing was published."""

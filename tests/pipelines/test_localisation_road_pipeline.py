@@ -12,6 +12,8 @@ from PIL import Image
 from saliency_audit.pipelines import audit
 from saliency_audit.pipelines.reporting.report import write_report
 
+pytestmark = pytest.mark.slow  # end-to-end audit with ground truth
+
 METHODS = ["grad", "lrp", "random", "sobel"]
 N = 16
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds the wheel
+
 REPO = Path(__file__).resolve().parents[2]
 FOLDERS = ("explainers", "transforms", "pipelines")
 

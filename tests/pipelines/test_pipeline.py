@@ -15,6 +15,8 @@ from conftest import DEMO_DATA, add_member, png_bytes, read_output
 from saliency_audit.explainers import explainer_class, list_methods, method_parameters
 from saliency_audit.pipelines import audit
 
+pytestmark = pytest.mark.slow  # end-to-end audits of every method
+
 rng = np.random.default_rng(0)
 N_GOOD = 20
 

@@ -115,6 +115,7 @@ def test_demo_sample_is_the_first_test_digits():
     np.testing.assert_array_equal(sample_labels, labels[:300])
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_training_from_scratch_on_train5k_reaches_97_percent():
     train_images, train_labels = load_mnist_split(MNIST_DIR / "train5k-images-idx3-ubyte.gz",

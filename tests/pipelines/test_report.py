@@ -121,11 +121,24 @@ def test_demo_defaults_run_the_literature_s_methods_with_the_bundled_aae(tmp_pat
     assert methods[:6] == ["abele", "lime", "sal", "elrp", "grad", "intg"]  # ABELE's figure's columns
     assert {"anchor", "lore", "deeplift"} <= set(methods)
     assert value(seen[0], "--aae") == str(cli.DEMO_AAE) and cli.DEMO_AAE.is_file()
-    assert value(seen[0], "--limit-per-shard") == "100" and "--sanity-check" in seen[0]
+    # the default demo is small: 24 digits, a sanity check on 4, the black-box methods at small budgets
+    assert value(seen[0], "--limit-per-shard") == "24" and value(seen[0], "--sanity-images") == "4"
+    assert json.loads(value(seen[0], "--method-options")) == cli.DEMO_BUDGETS
+    assert set(cli.DEMO_BUDGETS) == {"abele", "lime", "anchor", "lore"}
     assert cli.main(["demo", "--output", str(tmp_path), "--methods", "sal", "--limit-per-shard", "300"]) == 3
     assert "--aae" not in seen[1] and value(seen[1], "--limit-per-shard") == "300"
+    assert "--method-options" not in seen[1]  # no budget for a method that is not run: run would refuse it
+    # --full: today's comparison, every method at its defaults
+    assert cli.main(["demo", "--output", str(tmp_path), "--full"]) == 3
+    assert value(seen[2], "--limit-per-shard") == "100" and value(seen[2], "--sanity-images") == "8"
+    assert "--method-options" not in seen[2] and value(seen[2], "--methods") == cli.DEMO_METHODS
+    # the user's --method-options go over the demo's budgets, method by method
+    assert cli.main(["demo", "--output", str(tmp_path), "--method-options", '{"lime": {"n_samples": 50}}']) == 3
+    assert json.loads(value(seen[3], "--method-options"))["lime"] == {"n_samples": 50}
+    assert json.loads(value(seen[3], "--method-options"))["abele"] == cli.DEMO_BUDGETS["abele"]
 
 
+@pytest.mark.slow
 def test_demo_ends_with_a_report_and_a_figure(tmp_path, capsys):
     assert cli.main(["demo", "--output", str(tmp_path), "--methods", "sal,grad", "--no-metrics",
                      "--no-sanity-check"]) == 0

@@ -16,6 +16,8 @@ from saliency_audit.pipelines.reporting.html import number
 from saliency_audit.pipelines.reporting.report import HISTORY_STATISTICS, write_report
 from saliency_audit.transforms.io import history, storage
 
+pytestmark = pytest.mark.slow  # several incremental audits
+
 SLOTS = ("2026-11-01", "2026-11-02", "2026-11-03")
 METHODS = ("sal", "grad")
 SCRIPT = "<script>alert(1)</script>"

@@ -32,6 +32,7 @@ def python_peak_mb(directory: Path) -> float:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_report_does_not_hold_the_rows(tmp_path, monkeypatch):
     """Ten times the rows, in batches of 500 (the default, 8,192, would hold the smaller in one):
     the Python heap's peak stays put (9.2 and 9.6 MB when written). Holding the rows as dicts, as
@@ -136,6 +137,7 @@ def test_scan_reads_a_column_a_file_lacks_as_null_and_skips_row_groups_without_t
     assert decoded == [[], [1]]  # new.parquet: none of its groups; old.parquet: its second
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_in_its_reduced_mode(tmp_path, capsys):
     """The script keeps working (sizes, not timings: CI machines vary)."""
     figures = bench.main(["--rows", "60,2000", "--commands", "report", "--scratch", str(tmp_path), "--keep"])

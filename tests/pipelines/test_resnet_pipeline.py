@@ -12,6 +12,8 @@ from skimage import data as photos
 from saliency_audit.pipelines import audit, cli
 from saliency_audit.pipelines.training.reference_model import resnet18
 
+pytestmark = pytest.mark.slow  # every method on photographs through the pipeline
+
 METHODS = ["sal", "grad", "intg", "deeplift", "elrp", "lrp", "occlusion", "mask", "smoothgrad", "gradcam", "lime",
            "abele", "gradcampp", "hirescam", "xgradcam", "layercam", "scorecam", "ablationcam", "eigencam", "rise",
            "xrai", "expected_gradients", "random", "sobel"]

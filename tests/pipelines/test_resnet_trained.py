@@ -19,6 +19,8 @@ from torch import nn
 from saliency_audit.pipelines import audit
 from saliency_audit.pipelines.training.reference_model import resnet18
 
+pytestmark = pytest.mark.slow  # trains a ResNet
+
 # gradient-based maps with a faithfulness floor on this task
 FAITHFUL = ["sal", "grad", "intg", "deeplift", "elrp", "occlusion", "gradcam"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -14,6 +14,8 @@ from conftest import add_member, read_output
 
 from saliency_audit.pipelines import audit
 
+pytestmark = pytest.mark.slow  # multiprocessing, portable and SDK worker pool runners
+
 PER_SHARD = 16  # digits: batches of 5 leave a partial last batch in each shard
 # The shards and the DirectRunner's values, made once per session: test_dask compares with them too.
 _SHARED: dict = {}

@@ -6,7 +6,10 @@ import pytest
 from audit_fixtures import METHODS, N_IMAGES, shared_audit
 from conftest import read_output
 
-from saliency_audit.transforms.io.rows import ABELE_COLUMNS, LOCALISATION_COLUMNS, METRIC_COLUMNS, ROAD_COLUMNS
+from saliency_audit.explainers.metrics import metric_columns
+from saliency_audit.transforms.io.rows import METRIC_COLUMNS
+
+ABELE_COLUMNS, ROAD_COLUMNS, LOCALISATION_COLUMNS = (metric_columns(name) for name in ("abele", "road", "localisation"))
 
 
 @pytest.fixture(scope="module")

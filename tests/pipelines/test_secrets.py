@@ -19,6 +19,7 @@ from saliency_audit.pipelines.config.options import (
     BEAM_RECORDED,
     REDACTED,
     beam_option_parser,
+    recorded_options,
     redact_argv,
 )
 
@@ -81,6 +82,7 @@ def spec_with_beam_table(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("given", ["flags", "spec"])
 def test_no_credential_in_beam_options_reaches_any_output_log_or_report(given, tmp_path, capsys, caplog):
     """A run with every credential-carrying Beam option (as flags, or as a spec's [beam] table)
@@ -155,7 +157,7 @@ def test_method_options_keep_their_settings_and_hide_credentials(tmp_path):
     assert SECRET not in json.dumps(entry) and SECRET not in json.dumps(redact_argv(argv))
     recorded = {"abele": {"aae": REDACTED, "neighbours": 50, "storage_options": REDACTED},
                 "lime": {"n_samples": 100, "segmentation": "slic"}}
-    assert entry["resolved"]["explain"]["options"] == spec.recorded_options(args)["method_options"] == recorded
+    assert entry["resolved"]["explain"]["options"] == recorded_options(args)["method_options"] == recorded
 
 
 LOCATION = f"s3://AKIA:{SECRET}@bucket/audit"

@@ -70,6 +70,7 @@ def rows(output: Path, name: str, drop: tuple[str, ...] = ()) -> list[dict]:
     return sorted(table.to_pylist(), key=lambda r: json.dumps(r, sort_keys=True, default=str))
 
 
+@pytest.mark.slow
 def test_a_spec_runs_the_same_audit_as_its_flags(spec_file, tmp_path):
     by_spec = audit.run(["--config", str(spec_file)])
     flags_out = tmp_path / "flags-out"
@@ -296,12 +297,14 @@ def outcome(name: str, text: str) -> str:
     return "plan"
 
 
+@pytest.mark.slow
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents)
 def test_fuzzed_toml_documents_give_a_plan_or_one_line(document):
     outcome("audit.toml", toml_document(document))
 
 
+@pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents)
 def test_fuzzed_yaml_documents_give_a_plan_or_one_line(document):
@@ -345,7 +348,7 @@ def test_no_incremental_on_the_command_line_also_drops_the_specs_slot(spec_file,
     spec_file.write_text(spec_file.read_text() + HISTORY)
     assert spec.parse_invocation(["--config", str(spec_file)])[0].slot == "2026-11-30"
     plan = audit.plan(["--config", str(spec_file), "--no-incremental"])
-    assert (plan.args.incremental, plan.args.slot, plan.work) == (False, None, None)
+    assert (plan.options.incremental, plan.options.slot, plan.work) == (False, None, None)
     args, _ = spec.parse_invocation(["--config", str(spec_file), "--no-incremental", "--incremental"])
     assert (args.incremental, args.slot) == (True, "2026-11-30")  # the last switch wins, with the spec's slot
     # a slot asked for on the command line with --no-incremental still contradicts it

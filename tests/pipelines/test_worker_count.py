@@ -3,6 +3,10 @@ with 2 SDK worker processes, the counts reconcile, and each worker gets its shar
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two SDK worker processes
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 

@@ -188,6 +188,7 @@ def assert_same_maps(rows: dict, reference: dict, keys=None) -> None:
         assert rows[key]["predicted"] == reference[key]["predicted"]
 
 
+@pytest.mark.slow
 def test_a_kserve_endpoint_gives_the_in_process_models_maps(endpoint, in_process, tmp_path):
     manifest = audit.run(audit_args(["--model", f"{endpoint.base}/v2/models/cnn"], tmp_path / "out"))
     assert_same_maps(rows_of(tmp_path / "out"), in_process)
@@ -200,6 +201,7 @@ def test_a_kserve_endpoint_gives_the_in_process_models_maps(endpoint, in_process
     assert endpoint.posts >= calls["http"]["requests"]  # the rest: preflight, on the launcher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("endpoint", [{"fail_every": 3, "slow_every": 7, "slow_s": 0.5, "token": TOKEN}],
                          indirect=True)
 def test_429s_500s_and_slow_answers_are_retried_and_cost_nothing(endpoint, in_process, tmp_path, monkeypatch):
@@ -227,6 +229,7 @@ def poisoned(in_process):
     server.close()
 
 
+@pytest.mark.slow
 def test_a_record_the_endpoint_keeps_refusing_costs_that_record(poisoned, in_process, tmp_path):
     endpoint, victim = poisoned
     out = tmp_path / "out"
@@ -238,6 +241,7 @@ def test_a_record_the_endpoint_keeps_refusing_costs_that_record(poisoned, in_pro
     assert_same_maps(rows_of(out), in_process, {k for k in in_process if k[0] != victim})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("endpoint", [{"probabilities": True}], indirect=True)
 def test_a_plain_json_endpoint_that_answers_probabilities(endpoint, in_process, tmp_path):
     out = tmp_path / "out"
@@ -291,6 +295,7 @@ def test_bad_endpoint_invocations_fail_in_one_line(endpoint, tmp_path, capsys, e
     assert re.search(expected, one_line(capsys))
 
 
+@pytest.mark.slow
 def test_credentials_in_the_options_never_reach_the_manifest(endpoint, tmp_path):
     endpoint.faults["token"] = TOKEN
     out = tmp_path / "out"
@@ -324,7 +329,8 @@ def test_an_answer_that_trickles_in_is_cut_off_at_the_timeout(endpoint):
     start = time.monotonic()
     with pytest.raises(ModelCallError, match="no whole answer within 1 s"):
         model(torch.zeros(1, 1, 28, 28))
-    assert time.monotonic() - start < 5
+    # a deadline, not a speed: without it the answer (200-odd bytes, one every 0.2 s) takes some 45 s
+    assert time.monotonic() - start < 15
 
 
 @pytest.mark.parametrize("url", ["http://user:pw@127.0.0.1:9/v2/models/cnn", "http://127.0.0.1:9/predict?api_key=k1",
@@ -378,6 +384,7 @@ def test_an_error_sending_a_request_never_carries_a_secret(endpoint, monkeypatch
     assert SECRET not in str(raised.value) and "control character" in str(raised.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("endpoint", [{"redeployed_classes": 12}], indirect=True)
 def test_answers_with_another_class_count_than_preflights_cost_their_records(endpoint, tmp_path):
     out = tmp_path / "out"
@@ -390,6 +397,7 @@ def test_answers_with_another_class_count_than_preflights_cost_their_records(end
     assert len(errors) == IMAGES and all(e["stage"] == "model" and "10" in e["reason"] for e in errors), errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("endpoint", [{"trickle_headers": True}], indirect=True)
 def test_headers_that_trickle_in_are_cut_off_at_the_timeout(endpoint):
     """urllib's timeout is per socket read: a server that sends a header line every 0.5 s would hold
@@ -400,4 +408,4 @@ def test_headers_that_trickle_in_are_cut_off_at_the_timeout(endpoint):
     start = time.monotonic()
     with pytest.raises(ModelCallError, match=f"no whole answer within {timeout} s"):
         model(torch.zeros(1, 1, 28, 28))
-    assert time.monotonic() - start < timeout * 2 + 1
+    assert time.monotonic() - start < timeout + 15  # the headers alone would take 40 s

@@ -129,6 +129,7 @@ def plain(growing, tmp_path_factory) -> dict:
             for r in read_output(out / "saliency")}
 
 
+@pytest.mark.slow
 def test_three_runs_over_a_growing_input_explain_each_image_once(growing):
     manifests, table, shard_ids = growing["manifests"], growing["table"], growing["shard_ids"]
     assert [r["slot"] for r in table] == list(SLOTS)
@@ -151,6 +152,7 @@ def test_three_runs_over_a_growing_input_explain_each_image_once(growing):
     assert {r["model"] for r in growing["maps"]} == {table[0]["model"]}
 
 
+@pytest.mark.slow
 def test_history_maps_equal_a_plain_audit_to_the_bit(growing, plain):
     history_values = {(r["image_id"], r["method"]): (r["saliency"], r["score"], r["predicted"])
                       for r in growing["maps"]}
@@ -159,6 +161,7 @@ def test_history_maps_equal_a_plain_audit_to_the_bit(growing, plain):
         assert values == plain[key], key
 
 
+@pytest.mark.slow
 def test_rerun_of_a_slot_replaces_its_run(growing):
     before, after, out = growing["table"], growing["table_after"], growing["out"]
     replaced, rerun = before[1]["run_id"], growing["rerun"]
@@ -195,6 +198,7 @@ def rewritten(growing, plain, digits):  # plain: the shards as they were, before
             "maps": maps(out)}
 
 
+@pytest.mark.slow
 def test_only_new_ids_of_rewritten_and_new_shards_are_explained(growing, rewritten):
     manifest = rewritten["manifest"]
     assert_reconciles(manifest)
@@ -227,6 +231,7 @@ def failed_once(tmp_path_factory, digits):
     return {"ids": ids, "first": first, "second": incremental(shards, out, "2026-11-02"), "maps": maps(out)}
 
 
+@pytest.mark.slow
 def test_an_image_that_failed_is_explained_once_its_shard_is_read_again(failed_once):
     first, second, ids = failed_once["first"], failed_once["second"], failed_once["ids"]
     assert counts(first, "errors") == {m: 1 for m in SAL_GRAD}
@@ -272,6 +277,7 @@ def options_history(tmp_path_factory, digits, perturbed_weights):
             "maps": maps(out)}
 
 
+@pytest.mark.slow
 def test_a_spec_with_a_history_table_runs_incrementally(options_history):
     limited, out = options_history["runs"]["limited"], options_history["out"]
     assert options_history["spec_code"] == 0
@@ -281,6 +287,7 @@ def test_a_spec_with_a_history_table_runs_incrementally(options_history):
     assert (out / "saliency" / f"model={row['model']}" / f"run={limited['run_id']}").is_dir()
 
 
+@pytest.mark.slow
 def test_a_limited_read_does_not_cover_a_whole_read(options_history):
     limited, whole, a = options_history["runs"]["limited"], options_history["runs"]["whole"], options_history["a"]
     assert counts(limited, "explained") == {m: 3 for m in SAL_GRAD}
@@ -293,6 +300,7 @@ def test_a_limited_read_does_not_cover_a_whole_read(options_history):
     assert explained_in(rows, whole["run_id"]) == {m: set(a[3:]) for m in SAL_GRAD}
 
 
+@pytest.mark.slow
 def test_a_method_added_or_with_new_options_explains_only_that_method(options_history):
     runs, rows = options_history["runs"], options_history["maps"]
     old, new = set(options_history["a"]), set(options_history["b"])
@@ -312,6 +320,7 @@ def test_a_method_added_or_with_new_options_explains_only_that_method(options_hi
     assert {m: fingerprints[0][m] for m in SAL_GRAD} == {m: fingerprints[1][m] for m in SAL_GRAD}
 
 
+@pytest.mark.slow
 def test_other_weights_explain_everything_again_in_their_own_partition(options_history):
     runs, rows = options_history["runs"], options_history["maps"]
     everything = set(options_history["a"]) | set(options_history["b"])
@@ -328,6 +337,7 @@ def test_other_weights_explain_everything_again_in_their_own_partition(options_h
     assert set(per_key.values()) == {len(everything)}
 
 
+@pytest.mark.slow
 def test_maps_carry_the_method_fingerprint_that_tells_option_changes_apart(options_history):
     """intg with default options (slot 3) and with n_steps 8 (slot 4): both sets of maps are in
     the history, each image twice for intg, told apart by the fingerprint the history recorded."""
@@ -343,6 +353,7 @@ def test_maps_carry_the_method_fingerprint_that_tells_option_changes_apart(optio
     assert per_fingerprint == {(fp, i): 1 for fp in expected for i in everything}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [["--seed", "1"], ["--target", "label"]])
 def test_another_seed_or_target_needs_every_pair_again(options_history, change):
     """The plan, not a run: every shard to read with every method, and no recorded file whose ids
@@ -372,6 +383,7 @@ def test_slot_without_incremental_fails_with_one_line(demo_shard, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_of_an_incremental_run_counts_only_the_shards_to_read(options_history, digits, capsys):
     """Shards A and B are in the history; a new one, C, beside them is all the run would read."""
     root, out = options_history["root"], options_history["out"]
@@ -389,6 +401,7 @@ def test_dry_run_of_an_incremental_run_counts_only_the_shards_to_read(options_hi
             (out / "manifest.json").read_text()) == before
 
 
+@pytest.mark.slow
 def test_rerunning_an_older_slot_loses_no_pair_another_slot_skipped_through_it(tmp_path, digits):
     """Slot 1 explains shard a; the input is re-sharded into b (a's ids and new ones), which slot
     2 reads, skipping a's ids through slot 1's maps. Rerunning slot 1 replaces those maps: slot 2's

@@ -112,6 +112,7 @@ def hostile_rows(row: dict) -> dict[str, list[dict] | pa.Table | bytes]:
     }
 
 
+@pytest.mark.slow
 def test_hostile_rows_are_left_out_and_their_images_explained_again(root, seeded, shards, caplog):
     caplog.set_level(logging.WARNING, logger="saliency_audit")
     row = seeded[1]
@@ -134,6 +135,7 @@ def test_hostile_rows_are_left_out_and_their_images_explained_again(root, seeded
     assert run_folders(root) == {manifest["run_id"], row["run_id"]}
 
 
+@pytest.mark.slow
 def test_a_recorded_run_whose_maps_are_gone_is_explained_again(root, seeded, shards, caplog):
     """The row is well formed, but its saliency files were deleted: the run must neither skip
     its shard nor fail; the images are explained again."""
@@ -149,6 +151,7 @@ def test_a_recorded_run_whose_maps_are_gone_is_explained_again(root, seeded, sha
     assert recorded == {r["run_id"] for r in history.read(str(root))} | {seeded[1]["run_id"]}
 
 
+@pytest.mark.slow
 def test_missing_history_file_costs_its_ids_not_the_run(root, seeded, shards, tmp_path, monkeypatch, caplog):
     """The same digits in a shard the history has not seen (so they are looked up by id), while
     the recorded maps are gone: explained_ids warns and the digits are explained again."""
@@ -172,6 +175,7 @@ def test_missing_history_file_costs_its_ids_not_the_run(root, seeded, shards, tm
 
 # --- 2. faults while recording and while running ---------------------------------------------
 
+@pytest.mark.slow
 def test_a_failed_record_loses_nothing(root, seeded, shards, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("storage went away while recording")
@@ -196,6 +200,7 @@ def test_a_failed_record_loses_nothing(root, seeded, shards, monkeypatch):
     assert [r["slot"] for r in assert_recorded_runs_complete(root)] == ["a", "c"]
 
 
+@pytest.mark.slow
 def test_a_job_that_fails_leaves_the_history_as_it_was(root, shards, monkeypatch):
     before = {p.name: p.read_bytes() for p in (root / "history").iterdir()}
     folders, pointer = run_folders(root), (root / "manifest.json").read_bytes()
@@ -218,6 +223,7 @@ def start(root: Path, pattern: Path, slot: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_concurrent_runs_of_two_slots_and_of_one_slot(root, seeded, shards):
     """Three runs at once over the same history: slots b, c and c again. A run does not see the
     rows of runs that record after it plans, so when they overlap (as they usually do) each
@@ -285,6 +291,7 @@ def s3(monkeypatch):
         yield server
 
 
+@pytest.mark.slow
 def test_history_on_object_storage(s3, shards):
     fs, endpoint = s3
     for name in "xy":
@@ -337,6 +344,7 @@ def test_a_copied_row_does_not_count_its_run_twice(root, seeded, caplog):
     assert history.saliency_dataset(str(root)).count_rows() == PER_SHARD
 
 
+@pytest.mark.slow
 def test_a_same_size_rewrite_that_keeps_the_mtime_is_read_again(root, shards, tmp_path):
     """x.tar replaced in place by other digits of the same size, its mtime set back (cp -p,
     rsync -t, tar -x do that): the inode change time tells, so the new digits are explained."""
@@ -359,19 +367,16 @@ def test_a_same_size_rewrite_that_keeps_the_mtime_is_read_again(root, shards, tm
 def test_a_file_option_counts_by_its_contents(tmp_path):
     """abele's autoencoder: retrained under the same path, its maps are new; the same file under
     another path, they are not. Credentials never count."""
-    import argparse
-
+    from saliency_audit.pipelines.config.options import RunConfig
     from saliency_audit.pipelines.job.incremental import method_fingerprints
-    from saliency_audit.transforms.io.preprocess import Preprocessing
-    args = argparse.Namespace(target="predicted", seed=0, metrics=True, metric_steps=16, metric_substrate="zero",
-                              abele_metrics=False, abele_neighbours=20, map_dtype="float32")
+    args = RunConfig(input="x", model="m", output="o", channels=1)
     aae, copy = tmp_path / "aae.pt", tmp_path / "copy.pt"
     aae.write_bytes(b"weights one")
     copy.write_bytes(b"weights one")
 
     def fingerprint(path, **extra):
         resolved = {"methods": {"abele": {"options": {"aae": str(path), "n_samples": 100, **extra}}}}
-        return method_fingerprints(args, resolved, Preprocessing(channels=1))["abele"]
+        return method_fingerprints(args, resolved)["abele"]
 
     before = fingerprint(aae)
     assert fingerprint(copy) == before
@@ -383,16 +388,13 @@ def test_a_file_option_counts_by_its_contents(tmp_path):
 def test_road_counts_in_the_fingerprint():
     """A run with --road must not skip images that a run without it explained: their ROAD columns
     would stay null (the reverse too)."""
-    import argparse
-
+    from saliency_audit.pipelines.config.options import RunConfig
     from saliency_audit.pipelines.job.incremental import method_fingerprints
-    from saliency_audit.transforms.io.preprocess import Preprocessing
     resolved = {"methods": {"grad": {"options": {}}}}
 
     def fingerprint(road):
-        args = argparse.Namespace(target="predicted", seed=0, metrics=True, metric_steps=16, metric_substrate="zero",
-                                  abele_metrics=False, abele_neighbours=20, map_dtype="float32", road=road)
-        return method_fingerprints(args, resolved, Preprocessing(channels=1))["grad"]
+        args = RunConfig(input="x", model="m", output="o", channels=1, road=road)
+        return method_fingerprints(args, resolved)["grad"]
 
     assert fingerprint(True) != fingerprint(False)
 
@@ -469,6 +471,7 @@ def test_each_reader_records_the_sha256_of_the_image_bytes_it_read(shards, tmp_p
         assert [r.content_sha256 for r in records] == [expected[i.removesuffix(".png")] for i in ids], url
 
 
+@pytest.mark.slow
 def test_a_shard_rewritten_in_place_with_other_images_under_the_same_ids_is_explained_again(root, seeded, shards,
                                                                                              tmp_path):
     """x.tar at a new place (read: its ids skip through run a), then rewritten in place with y's
@@ -493,6 +496,7 @@ def test_a_shard_rewritten_in_place_with_other_images_under_the_same_ids_is_expl
                                                                   png_hashes(new).items()])
 
 
+@pytest.mark.slow
 def test_content_that_changes_back_is_explained_again_where_the_storage_tags_content_only(root, seeded, shards,
                                                                                           tmp_path, monkeypatch):
     """A storage whose listing tags a shard by its content alone (an ETag that is the MD5, as an
@@ -526,11 +530,14 @@ def test_content_that_changes_back_is_explained_again_where_the_storage_tags_con
     assert unchanged["incremental"]["shards_skipped"] == 1 and unchanged["counts"]["sal"]["explained"] == 0
 
 
+@pytest.mark.slow
 def test_a_map_recorded_without_a_content_hash_never_skips_its_image(root, seeded, shards, tmp_path):
     """Maps of a release before content hashes: whether their images are the ones read now is
     unknown, so they are explained again (their shard, unchanged, is still not read)."""
     for relative in seeded[1]["files"]:
-        pq.write_table(pq.read_table(root / relative).drop_columns(["content_sha256"]), root / relative)
+        table = pq.read_table(root / relative)
+        pq.write_table(table.drop_columns([c for c in ("content_sha256", "record_sha256") if c in table.column_names]),
+                       root / relative)
     unchanged = audit.run(audit_args(root, shards / "x.tar", "b"))
     assert unchanged["incremental"]["shards_skipped"] == 1
     moved = tmp_path / "moved" / "x.tar"
@@ -547,6 +554,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[:len(data) // 2])
 
 
+@pytest.mark.slow
 def test_a_truncated_history_file_keeps_every_run_it_may_name(root, seeded, shards, caplog):
     """a.parquet cut in half between two runs: it may name any run, so the next run's reclaim
     removes none of the history's runs (run a's maps are not lost), and says which file holds

@@ -69,6 +69,7 @@ def outcomes(url: str, **kwargs) -> list:
 
 # 1. Labels are validated per record in the reader.
 
+@pytest.mark.slow
 def test_cls_label_beyond_int64_is_an_error_row_and_the_other_shards_survive(tmp_path):
     write_tar(tmp_path / "good.tar", good_members())
     write_tar(tmp_path / "bad.tar", [("big.png", png_bytes(DIGITS[0])), ("big.cls", str(2 ** 70).encode())])
@@ -99,6 +100,7 @@ def test_parquet_labels_are_checked_per_record(tmp_path, values, pa_type, expect
             assert isinstance(record, RawImage) and record.label == want and type(record.label) in (int, type(None))
 
 
+@pytest.mark.slow
 def test_parquet_uint64_labels_do_not_kill_the_run(tmp_path):
     images = [png_bytes(d) for d in DIGITS]
     pq.write_table(pa.table({"image_id": ["a", "b", "c"], "image": images,
@@ -113,6 +115,7 @@ def extreme_shard(tmp_path):
     write_tar(tmp_path / "x.tar", good_members() + [("huge.npy", npy_bytes(np.full((28, 28), 3e38, np.float32)))])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metrics", [True, False])
 def test_extreme_npy_is_a_model_error_and_the_summary_stays_finite(tmp_path, metrics):
     extreme_shard(tmp_path)
@@ -140,16 +143,15 @@ class _InfForSecondImage:
 
 def explain_one_batch(model, method) -> tuple[list[dict], list[ErrorRecord]]:
     """Rows and errors of the explain step on three digits with ``method`` as the only method."""
-    from saliency_audit.transforms.explain import ExplainBatches
     from saliency_audit.transforms.io.records import ImageBatch
-    from saliency_audit.transforms.model.handler import ExplainConfig
+    from saliency_audit.transforms.model.handler import BatchHandler, ExplainConfig
     from saliency_audit.transforms.model.load import ModelSpec
 
     pixels = np.stack([d[None].astype(np.float32) / 255 for d in DIGITS])
     batch = ImageBatch(["a", "b", "c"], ["s"] * 3, [None] * 3, [(28, 28)] * 3, pixels)
-    step = ExplainBatches(ExplainConfig(ModelSpec("unused"), {"m": {}}), None)
-    step._state = type("State", (), {"device": torch.device("cpu"), "model": model, "explainers": {"m": method}})()
-    out = [getattr(o, "value", o) for o in step._explain_batch(batch)]
+    state = type("State", (), {"device": torch.device("cpu"), "model": model, "explainers": {"m": method}})()
+    handler = BatchHandler(ExplainConfig(ModelSpec("unused"), {"m": {}}), state)
+    out = [value for _, value in handler.explain_batch(batch)]
     return [o for o in out if isinstance(o, dict)], [o for o in out if isinstance(o, ErrorRecord)]
 
 
@@ -162,8 +164,8 @@ def test_a_non_finite_map_costs_that_image_and_method_only(demo_model):
 
 
 def test_a_metric_that_fails_on_one_image_costs_only_its_values(demo_model, monkeypatch):
-    from saliency_audit.explainers import metrics as quality
-    gini = quality.gini
+    from saliency_audit.explainers.metrics import causal
+    gini = causal.gini
 
     def fragile_gini(maps):  # fails on any batch holding b's map (the one with an odd first pixel)
         if bool((maps[:, 0, 0] == 7).any()):
@@ -177,7 +179,7 @@ def test_a_metric_that_fails_on_one_image_costs_only_its_values(demo_model, monk
             maps[:, 0, 0] = torch.tensor([1.0, 7.0, 1.0])[:len(maps)] if len(maps) == 3 else 1.0
             return Explanation(maps)
 
-    monkeypatch.setattr(quality, "gini", fragile_gini)
+    monkeypatch.setattr(causal, "gini", fragile_gini)  # the deletion metric's sparsity column
     rows, errors = explain_one_batch(demo_model, Marked())
     assert not errors and [r["image_id"] for r in rows] == ["a", "b", "c"]
     assert [r.get("gini") is None for r in rows] == [False, True, False]
@@ -245,6 +247,7 @@ def shard_peak_rss_mb(url: str) -> tuple[float, str]:
     return after - before, rest
 
 
+@pytest.mark.slow
 def test_an_oversized_npy_in_a_tar_gz_is_rejected_from_its_header(tmp_path):
     side = 8192  # 256 MiB of float32, 4x the default --max-pixels
     path = tmp_path / "bomb.tar.gz"

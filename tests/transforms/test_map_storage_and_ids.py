@@ -3,10 +3,13 @@ import tarfile
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from conftest import add_member
 
 from saliency_audit.pipelines import audit
 from saliency_audit.pipelines.reporting.audit_dir import AuditDir, saliency_map
+
+pytestmark = pytest.mark.slow  # end-to-end audits
 
 
 def _shard(path, demo_shard, members):

@@ -52,6 +52,7 @@ def run(tmp_path, model_args, name, methods=BLACK_BOX, *extra) -> dict:
     return {(r["image_id"], r["method"]): r for r in read_output(out / "saliency")}
 
 
+@pytest.mark.slow
 def test_forward_only_methods_give_the_torch_models_maps(onnx_file, tmp_path):
     torch_rows = run(tmp_path, TORCH_MODEL, "torch")
     onnx_rows = run(tmp_path, ["--model", onnx_file], "onnx")
@@ -137,6 +138,7 @@ print(json.dumps(outcomes))
 """
 
 
+@pytest.mark.slow
 def test_truncated_and_mutated_onnx_files_are_refused_in_one_line_or_load(onnx_file, tmp_path):
     """onnxruntime parses the file in C++: a separate process, so that a crash is a failure here,
     not the end of the test session."""
@@ -163,6 +165,7 @@ def default_export(tmp_path_factory):
     return folder / "model.onnx"
 
 
+@pytest.mark.slow
 def test_the_exporters_default_output_runs_from_another_directory(default_export, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -190,6 +193,7 @@ def test_the_model_hash_covers_the_external_data(default_export, tmp_path):
     assert model_identity(mine, "state") != model_identity(theirs, "state")
 
 
+@pytest.mark.slow
 def test_an_onnx_model_with_external_data_loads_from_s3(default_export, tmp_path, monkeypatch):
     from conftest import moto_s3
 

@@ -18,7 +18,7 @@ from saliency_audit.transforms.explain import ExplainBatches
 from saliency_audit.transforms.io import progress
 from saliency_audit.transforms.io.preprocess import Preprocessing
 from saliency_audit.transforms.io.rows import ERROR_SCHEMA
-from saliency_audit.transforms.model.handler import DEVICE, ExplainConfig
+from saliency_audit.transforms.model.handler import DEVICE, ExplainConfig, default_settings
 from saliency_audit.transforms.model.load import ModelSpec
 from saliency_audit.transforms.parquet_sink import WriteParquet
 from saliency_audit.transforms.read import ERRORS, READ, ReadShardBatches
@@ -149,7 +149,8 @@ def shards(tmp_path_factory):
 def explain_job(p, shards, sink, errors_dir):
     """The audit's read and explain steps (one cheap method), reporting to ``sink``."""
     config = ExplainConfig(ModelSpec("saliency_audit.pipelines.training.reference_model:mnist_cnn", str(DEMO_DATA / "mnist_cnn.pt")),
-                           {"sal": {}}, device="cpu", metrics=False, progress=sink)
+                           {"sal": {}}, device="cpu", settings={**default_settings(), "metrics": False},
+                           progress=sink)
     reader = ReadShardBatches(Preprocessing(channels=1), 5, progress=sink)
     batched = (p | beam.Create(shards) | beam.Reshuffle()
                | "Read" >> beam.ParDo(reader).with_outputs(ERRORS, READ, main="batches"))
@@ -159,6 +160,7 @@ def explain_job(p, shards, sink, errors_dir):
      | WriteParquet(errors_dir, ERROR_SCHEMA))
 
 
+@pytest.mark.slow
 def test_two_worker_processes_report_what_they_read_and_explained(shards, tmp_path):
     sink = progress.Sink(str(tmp_path / "progress"))
     options = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])

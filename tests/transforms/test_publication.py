@@ -7,7 +7,6 @@ output reads back as exactly one complete run, P's or R's, through its manifest.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -53,7 +52,7 @@ def prepare(root: Path, shard: Path, model_args: list[str]) -> Prepared:
         return plans[argv[argv.index("--output") + 1]]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(phases, "plan", capture)
+        mp.setattr(audit, "plan", capture)
         for name, methods, limit in (("P", "sal", "5"), ("R", "grad", "3")):
             audit.run(["--input", str(root / "s.tar"), *model_args, "--channels", "1", "--no-metrics",
                        "--limit-per-shard", limit, "--methods", methods, "--output", str(root / name)])
@@ -113,9 +112,9 @@ def place(request, tmp_path):
 
 
 def plan_for(plan: audit.Plan, output: str, storage_options: dict, reclaim_after: float) -> audit.Plan:
-    args = argparse.Namespace(**{**vars(plan.args), "output": output, "storage_options": storage_options,
-                                 "reclaim_after": reclaim_after})
-    return dataclasses.replace(plan, args=args)
+    options = dataclasses.replace(plan.options, output=output, storage_options=storage_options,
+                                  reclaim_after=reclaim_after)
+    return dataclasses.replace(plan, options=options)
 
 
 class AuditRun:
@@ -136,7 +135,7 @@ class AuditRun:
             self.storage.armed = True
 
         plan = plan_for(self.prepared.plans[data], output, storage_options, reclaim_after)
-        self.monkeypatch.setattr(phases, "plan", lambda argv: plan)
+        self.monkeypatch.setattr(audit, "plan", lambda argv: plan)
         self.monkeypatch.setattr(phases, "execute", execute)
         try:
             audit.run([])
@@ -190,6 +189,7 @@ def sweep(run: AuditRun, prepared: Prepared, new_output, options: dict,
     return trials, faults, published_but_failed
 
 
+@pytest.mark.slow
 def test_a_fault_at_any_storage_call_of_the_publish_step_never_loses_or_mixes_results(prepared, place, monkeypatch):
     new_output, options = place
     storage = Storage().install(monkeypatch.setattr)
@@ -246,6 +246,7 @@ def kill_trial(prepared: Prepared, output: str, options: dict, folder: Path, del
     return seconds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kills", [8])
 def test_a_run_killed_at_a_random_moment_of_publishing_never_loses_or_mixes_results(prepared, place, tmp_path,
                                                                                     kills):
@@ -279,6 +280,7 @@ def race_trial(prepared: Prepared, output: str, options: dict, folder: Path, see
     return winner, codes, outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tries", [8])
 def test_two_runs_publishing_at_once_leave_one_complete_result(prepared, place, tmp_path, tries):
     new_output, options = place
@@ -289,6 +291,7 @@ def test_two_runs_publishing_at_once_leave_one_complete_result(prepared, place, 
         assert codes == [0, 0], outcomes
 
 
+@pytest.mark.slow
 def test_a_run_whose_counts_do_not_reconcile_is_never_published(prepared, place, monkeypatch):
     new_output, options = place
     output, P = new_output(), publication.new_run_id()
@@ -303,6 +306,7 @@ def test_a_run_whose_counts_do_not_reconcile_is_never_published(prepared, place,
     assert leftovers(output, {P}, options) == []
 
 
+@pytest.mark.slow
 def test_two_reclaims_removing_the_same_run_at_once_both_succeed(prepared, place, monkeypatch):
     """Two runs that publish at once both reclaim the run they superseded; the one that finds
     a folder already gone (removed by the other between its check and its delete) must go on,
@@ -336,6 +340,7 @@ def test_two_reclaims_removing_the_same_run_at_once_both_succeed(prepared, place
     assert leftovers(output, {P}, options) == []
 
 
+@pytest.mark.slow
 def test_reclaim_removes_the_temporary_pointer_of_a_writer_killed_before_its_rename(prepared, tmp_path):
     """On local disks the pointer is written to manifest.json.tmp-<random> and renamed; a run
     killed in between leaves that file for good (seen in the kill trials above)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -28,6 +29,8 @@ from PIL import Image
 from saliency_audit.transforms.io.preprocess import Preprocessing
 from saliency_audit.transforms.io.records import ErrorRecord, ImageBatch
 from saliency_audit.transforms.read import ERRORS, READ, ReadShardBatches
+
+pytestmark = pytest.mark.slow  # fuzz
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 KINDS = ("tar", "tar.gz", "png", "jpg", "npy", "parquet")

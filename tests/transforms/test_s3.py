@@ -23,6 +23,7 @@ def monkeypatch_module():
         yield mp
 
 
+@pytest.mark.slow
 def test_s3_round_trip(s3, demo_shard, demo_model_args, tmp_path):
     fs, endpoint = s3
     with tarfile.open(demo_shard) as src, tarfile.open(tmp_path / "s.tar", "w") as dst:
@@ -65,6 +66,7 @@ def test_s3_round_trip(s3, demo_shard, demo_model_args, tmp_path):
     assert Image.open(tmp_path / "fig.png").size == figure_size(1, 2, 112)
 
 
+@pytest.mark.slow
 def test_abele_reads_its_aae_from_s3_with_the_run_s_storage_options(s3, demo_shard, demo_model_args, tmp_path):
     fs, endpoint = s3
     with tarfile.open(demo_shard) as src, tarfile.open(tmp_path / "few.tar", "w") as dst:

@@ -16,8 +16,9 @@ names is never reclaimed and a recorded run's files are complete and verified.
 Rows come from the history's own storage, which other runs write; a file that does not read as a
 row, names another slot than its file name, or points outside the root is left out with a
 warning: its images are then explained again, never wrongly skipped. A file that does not parse
-at all (truncated, corrupt) may name any run: while one is there, reclaim removes no run of the
-history.
+at all (truncated, corrupt), or whose row ``read`` leaves out for any other reason (a malformed
+run id or model...), may be the record of any run: while one is there, reclaim removes no run of
+the history.
 """
 from __future__ import annotations
 
@@ -223,15 +224,16 @@ def _conform(table: pa.Table) -> pa.Table:
 
 class Recorded(NamedTuple):
     runs: set[str]  # every run id a file of the history names
-    unreadable: list[str]  # files that do not parse: they may name any run
+    unreadable: list[str]  # files that do not parse, or whose row read() leaves out: they may name any run
 
 
 def recorded_runs(root: str, storage_options: dict[str, Any] | None = None) -> Recorded:
     """Every run id any file of the history names, however strict ``read`` is with the file
     (publication.reclaim keeps their folders: a row of another release, or one whose files are
-    partly gone, must not cost what is left), and the files that do not parse: those may name any
-    run, so reclaim keeps every run of the history while one is there. A Parquet file without a
-    run_id column names no run; a storage error raises, so that reclaim removes nothing."""
+    partly gone, must not cost what is left), and the files that do not parse or whose row ``read``
+    leaves out for any reason (a malformed run id or model, another slot's name, files outside its
+    run...): those may be the record of any run, so reclaim keeps every run of the history while one
+    is there. A storage error raises, so that reclaim removes nothing."""
     fs, path = storage.filesystem(storage.join(root, FOLDER), storage_options)
     fs.invalidate_cache()
     try:
@@ -249,11 +251,17 @@ def recorded_runs(root: str, storage_options: dict[str, Any] | None = None) -> R
             log.warning("history %s: %s is unreadable (%s): %s", root, name, e, HOLDS_RECLAIM)
             unreadable.append(name)
             continue
-        if "run_id" not in table.column_names:
-            log.warning("history %s: %s names no run (no run_id column)", root, name)
-            continue
-        found |= {str(v) for v in table.column("run_id").to_pylist() if RUN_ID.fullmatch(str(v))}
-    return Recorded(found, unreadable)
+        if "run_id" in table.column_names:
+            found |= {str(v) for v in table.column("run_id").to_pylist() if RUN_ID.fullmatch(str(v))}
+    # read() is the judge of which rows count: any file it leaves out holds reclaim (a row it does
+    # not trust may be the only record of a run whose id it does not spell right)
+    left_out: dict[str, str] = {}
+    read(root, storage_options, left_out)
+    for name, why in sorted(left_out.items()):
+        if name not in unreadable:
+            log.warning("history %s: %s is left out (%s): %s", root, name, why, HOLDS_RECLAIM)
+            unreadable.append(name)
+    return Recorded(found, sorted(unreadable))
 
 
 def saliency_dataset(root: str, storage_options: dict[str, Any] | None = None,

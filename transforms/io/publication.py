@@ -250,8 +250,8 @@ def reclaim(output: str, storage_options: dict[str, Any] | None = None, stale_af
         current = published_run(read_pointer(output, storage_options))
         recorded = history.recorded_runs(output, storage_options) if markers else history.Recorded(set(), [])
         if recorded.unreadable:
-            log.warning("reclaim of %s keeps every run of the history: %s in %s/ unreadable (repair or remove it)",
-                        output, ", ".join(recorded.unreadable), history.FOLDER)
+            log.warning("reclaim of %s keeps every run of the history: %s in %s/ unreadable or left out "
+                        "(repair or remove it)", output, ", ".join(recorded.unreadable), history.FOLDER)
         for run_id, marker in sorted(markers.items()):
             model = marker.get("model")
             model = model if history.MODEL.fullmatch(str(model)) else None  # a history's run, by model

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 
 import numpy as np
+
+# The side outputs that several steps emit (Beam tags; plain names, so the Beam-free handler emits them too).
+ERRORS = "errors"    # ErrorRecord: a record that costs itself, never the run
+SKIPPED = "skipped"  # ((method, shard), n): pairs an audit history already holds
 
 # Preprocessing's default --max-pixels; here so the readers can size-check without importing torch.
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -32,6 +37,14 @@ class RawImage:
         """The image's identity beyond its id: sha256 (hex) of its encoded bytes as the shard holds
         them, so an id whose image was replaced is not taken for the one explained before."""
         return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def record_sha256(self) -> str:
+        """Everything that makes the record's rows: sha256 (hex) over its image bytes, its label and
+        its ground truth (mask bytes, boxes). An audit history skips an image only when this matches
+        (saliency_audit.transforms.skip_explained): a relabelled image, or one whose ground truth
+        changed, is explained again (its target, label and localisation metrics change)."""
+        return record_sha256(self.content_sha256, self.label, self.mask, self.boxes)
 
 
 @dataclasses.dataclass
@@ -66,6 +79,7 @@ class ImageBatch:
     masks: np.ndarray | None = None
     has_mask: list[bool] | None = None
     content_sha256: list[str] | None = None  # per image, RawImage.content_sha256
+    record_sha256: list[str] | None = None  # per image, RawImage.record_sha256 (an audit history's skip key)
 
     def take(self, rows: list[int]) -> "ImageBatch":
         """The batch of these rows only, in this order."""
@@ -73,11 +87,22 @@ class ImageBatch:
         if not any(has_mask or ()):  # keep "masks is None" meaning "no ground truth here"
             has_mask = None
         hashes = None if self.content_sha256 is None else [self.content_sha256[i] for i in rows]
+        records = None if self.record_sha256 is None else [self.record_sha256[i] for i in rows]
         return ImageBatch(image_ids=[self.image_ids[i] for i in rows], sources=[self.sources[i] for i in rows],
                           labels=[self.labels[i] for i in rows], sizes=[self.sizes[i] for i in rows],
                           pixels=self.pixels[rows], skip=None if self.skip is None else [self.skip[i] for i in rows],
                           masks=None if has_mask is None or self.masks is None else self.masks[rows],
-                          has_mask=has_mask, content_sha256=hashes)
+                          has_mask=has_mask, content_sha256=hashes, record_sha256=records)
+
+
+def record_sha256(content_sha256: str, label: int | None, mask: bytes | None,
+                  boxes: list[list[float]] | None) -> str:
+    """RawImage.record_sha256 from its parts: a canonical JSON of the image's hash, the label, the
+    mask's hash and the boxes (None where absent)."""
+    body = {"image": content_sha256, "label": None if label is None else int(label),
+            "mask": None if mask is None else hashlib.sha256(mask).hexdigest(),
+            "boxes": None if boxes is None else [[float(v) for v in box] for box in boxes]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def seed_for(image_id: str, base_seed: int = 0) -> int:

@@ -1,12 +1,14 @@
 """Arrow schemas of the outputs and the conversion of explanations to rows."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 
 from saliency_audit.explainers import explainer_class
+from saliency_audit.explainers.metrics import metric_classes, metric_columns
 
 _TYPES = {
     "float32": pa.float32(), "float64": pa.float64(), "int32": pa.int32(), "int64": pa.int64(),
@@ -14,66 +16,61 @@ _TYPES = {
     "float32[]": pa.list_(pa.float32()), "int32[]": pa.list_(pa.int32()), "string[]": pa.list_(pa.string()),
 }
 
-SALIENCY_FIELDS = [
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("source", pa.string()),
-    pa.field("content_sha256", pa.string()),      # hex sha256 of the image's encoded bytes in the shard
-    pa.field("label", pa.int64()),
-    pa.field("method", pa.string(), nullable=False),
-    pa.field("method_fingerprint", pa.string()),  # in an audit history: what made the map but the model and image
-    pa.field("target", pa.int64()),
-    pa.field("predicted", pa.int64()),
-    pa.field("score", pa.float32()),           # softmax probability of the target
-    pa.field("predicted_score", pa.float32()), # softmax probability of the predicted class
-    pa.field("height", pa.int32()),            # of the map = of the model input
-    pa.field("width", pa.int32()),
-    pa.field("original_height", pa.int32()),
-    pa.field("original_width", pa.int32()),
-    pa.field("saliency", pa.list_(pa.float32())),  # row-major height*width raw values
-    pa.field("saliency_min", pa.float32()),
-    pa.field("saliency_max", pa.float32()),
-    pa.field("saliency_sum", pa.float32()),
-    pa.field("saliency_abs_mean", pa.float32()),
-    pa.field("time_ms", pa.float32()),         # explanation time per image (batch time / batch size)
-    pa.field("seed", pa.int64()),
-    # Quality metrics (null with --no-metrics): RISE deletion/insertion AUC of the target's
-    # probability, the same for a random pixel order as the reference, and Gini sparsity.
-    pa.field("deletion_auc", pa.float32()),
-    pa.field("insertion_auc", pa.float32()),
-    pa.field("deletion_auc_random", pa.float32()),
-    pa.field("insertion_auc_random", pa.float32()),
-    pa.field("gini", pa.float32()),
-    # ABELE's protocol (null unless --abele-metrics; see saliency_audit.explainers.metrics.abele_protocol): mean
-    # label-flip rate as the least relevant pixels become 0 / 127 / 255, the 3 x 21 flips
-    # (fill-major, percentiles min, 5, ..., 95, max), and local Lipschitz ratios against
-    # same-class images of the batch (coherence) and salt-and-pepper copies (stability).
-    pa.field("relevance_0", pa.float32()),
-    pa.field("relevance_127", pa.float32()),
-    pa.field("relevance_255", pa.float32()),
-    pa.field("relevance_curve", pa.list_(pa.float32())),
-    pa.field("coherence_mean", pa.float32()),
-    pa.field("coherence_max", pa.float32()),
-    pa.field("stability_mean", pa.float32()),
-    pa.field("stability_max", pa.float32()),
-    # ROAD (null unless --road): mean of the target's probability as 1%, 3%, ..., 99% of the pixels
-    # are removed most relevant first (MoRF, lower is better) or least relevant first (LeRF, higher
-    # is better), removed pixels filled by noisy linear imputation; road_gap = LeRF - MoRF.
-    pa.field("road_morf_auc", pa.float32()),
-    pa.field("road_lerf_auc", pa.float32()),
-    pa.field("road_gap", pa.float32()),
-    # Localisation (null where the image has no ground-truth mask or boxes): the map's maximum in
-    # the mask (pointing game; ties: the share of tied maxima inside), the share of positive
-    # relevance inside (relevance mass), the share of the |mask| top pixels inside (relevance rank).
-    pa.field("pointing_game", pa.float32()),
-    pa.field("relevance_mass", pa.float32()),
-    pa.field("relevance_rank", pa.float32()),
-]
-RISE_COLUMNS = ("deletion_auc", "insertion_auc", "deletion_auc_random", "insertion_auc_random", "gini")
-ABELE_COLUMNS = ("relevance_0", "relevance_127", "relevance_255", "coherence_mean", "coherence_max",
-                 "stability_mean", "stability_max")
-ROAD_COLUMNS = ("road_morf_auc", "road_lerf_auc", "road_gap")
-LOCALISATION_COLUMNS = ("pointing_game", "relevance_mass", "relevance_rank")
-METRIC_COLUMNS = RISE_COLUMNS + ABELE_COLUMNS + ROAD_COLUMNS + LOCALISATION_COLUMNS  # per-image scalars the summary aggregates
+
+
+def _arrow(arrow: pa.DataType, doc: str = "", nullable: bool = True):
+    return dataclasses.field(metadata={"arrow": arrow, "doc": doc, "nullable": nullable})
+
+
+@dataclasses.dataclass
+class BaseRow:
+    """The columns every saliency row has, in their order, each with its Arrow type: the one
+    definition of the row (the schema below is made from it, the explain step fills it). The
+    metrics' columns follow (explainers.metrics registry), then the run's methods' extras."""
+
+    image_id: str = _arrow(pa.string(), nullable=False)
+    source: str = _arrow(pa.string(), "the shard's URL")
+    content_sha256: str | None = _arrow(pa.string(), "hex sha256 of the image's encoded bytes in the shard")
+    record_sha256: str | None = _arrow(pa.string(), "hex sha256 of those bytes, the label and the ground truth")
+    label: int | None = _arrow(pa.int64())
+    method: str = _arrow(pa.string(), nullable=False)
+    method_fingerprint: str | None = _arrow(pa.string(), "in an audit history: what made the map but the model and image")
+    target: int = _arrow(pa.int64())
+    predicted: int = _arrow(pa.int64())
+    score: float = _arrow(pa.float32(), "softmax probability of the target")
+    predicted_score: float = _arrow(pa.float32(), "softmax probability of the predicted class")
+    height: int = _arrow(pa.int32(), "of the map = of the model input")
+    width: int = _arrow(pa.int32())
+    original_height: int = _arrow(pa.int32())
+    original_width: int = _arrow(pa.int32())
+    saliency: Any = _arrow(pa.list_(pa.float32()), "row-major height*width raw values")
+    saliency_min: float = _arrow(pa.float32())
+    saliency_max: float = _arrow(pa.float32())
+    saliency_sum: float = _arrow(pa.float32())
+    saliency_abs_mean: float = _arrow(pa.float32())
+    time_ms: float = _arrow(pa.float32(), "explanation time per image (batch time / batch size)")
+    seed: int = _arrow(pa.int64())
+
+
+def base_row(*, batch, index: int, method: str, fingerprint: str | None, target: int, predicted: int,
+             probabilities, saliency: np.ndarray, time_ms: float, seed: int, statistics: dict) -> dict[str, Any]:
+    """The BaseRow of image ``index`` of ``batch`` (an ImageBatch) for one method's map, as a dict."""
+    return vars(BaseRow(
+        image_id=batch.image_ids[index], source=batch.sources[index],
+        content_sha256=batch.content_sha256[index] if batch.content_sha256 else None,
+        record_sha256=batch.record_sha256[index] if batch.record_sha256 else None,
+        label=batch.labels[index], method=method, method_fingerprint=fingerprint, target=target, predicted=predicted,
+        score=float(probabilities[target]), predicted_score=float(probabilities[predicted]),
+        height=saliency.shape[0], width=saliency.shape[1],
+        original_height=batch.sizes[index][0], original_width=batch.sizes[index][1],
+        saliency=saliency.reshape(-1), time_ms=float(time_ms), seed=seed,
+        **{key: float(value) for key, value in statistics.items()}))
+
+
+SALIENCY_FIELDS = [pa.field(f.name, f.metadata["arrow"], nullable=f.metadata["nullable"])
+                   for f in dataclasses.fields(BaseRow)]
+SALIENCY_FIELDS += [pa.field(column, _TYPES[kind]) for cls in metric_classes() for column, kind in cls.columns.items()]
+METRIC_COLUMNS = metric_columns()  # per-image scalars the summary aggregates
 SUMMARY_STATISTICS = ("mean", "median", "p10", "p90")
 
 ERROR_SCHEMA = pa.schema([

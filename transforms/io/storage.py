@@ -9,6 +9,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from saliency_audit.explainers.core.paths import has_query, shown, unquoted  # noqa: F401  (storage's messages use them)
+
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None):
     """(fs, path) for a URL; storage_options go to the fsspec backend (e.g. S3 endpoint_url)."""
@@ -35,9 +37,9 @@ def expand_glob(pattern: str, storage_options: dict[str, Any] | None = None) -> 
     except (FileNotFoundError, PermissionError):
         raise
     except Exception as e:  # the backends raise many types; reduce them to one clear message
-        raise OSError(f"cannot list {pattern}: {type(e).__name__}: {e}") from e
+        raise OSError(f"cannot list {shown(pattern)}: {type(e).__name__}: {unquoted(e, pattern)}") from None
     if not matches:
-        raise FileNotFoundError(f"no input files match {pattern}")
+        raise FileNotFoundError(f"no input files match {shown(pattern)}")
     return sorted(full_url(fs, p) for p in matches)
 
 

@@ -16,11 +16,16 @@ request that still fails raises ``ModelCallError``: the images it carried cost o
 (stage ``model``), never the run. Credentials: ``headers`` in the endpoint options, or a bearer
 token from the environment variable named by ``token_env`` (default
 ``SALIENCY_AUDIT_ENDPOINT_TOKEN``); neither reaches the manifest, and no error text quotes them.
+An error answer is kept as its status code and the code's standard phrase only: never its body
+or its reason phrase, which a gateway may use to echo the request's headers in any form (JSON- or
+URL-encoded, escaped, base64, cut short) that no scrubbing could be sure to find.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import http
 import http.client
 import json
 import os
@@ -44,6 +49,7 @@ BREAKER = 3, 30.0  # after 3 requests in a row that exhausted their retries, fai
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP token (RFC 9110)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 REDACTED = "<redacted>"
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")  # a version as the manifest records it
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -120,11 +126,18 @@ class _HTTPSHandler(_WatchedConnections, urllib.request.HTTPSHandler):
 
 
 class _ErrorStatus(Exception):
-    """An answer with an error status: its code, the start of its body, its Retry-After."""
+    """An answer with an error status: its code and its Retry-After. Nothing else the server sent
+    is kept (not its body, not its reason phrase): a gateway may echo the request's headers in any
+    form (JSON- or URL-encoded, escaped, base64, cut short), which no scrubbing can find for sure,
+    and errors reach errors/, the report and the terminal. ``text`` is the code's standard phrase."""
 
-    def __init__(self, code: int, text: str, retry_after: str | None):
+    def __init__(self, code: int, retry_after: str | None):
         super().__init__(code)
-        self.code, self.text, self.retry_after = code, text, retry_after
+        self.code, self.retry_after = code, retry_after
+        try:
+            self.text = http.HTTPStatus(code).phrase
+        except ValueError:
+            self.text = "(a status with no standard phrase)"
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect, _HTTPHandler, _HTTPSHandler)
@@ -152,16 +165,28 @@ def header_problem(name: str, value: str) -> str | None:
 
 
 def scrubbed(text: str, secrets) -> str:
-    """``text`` with every secret replaced, in each form an error may quote it: as is, stripped,
-    escaped (repr, as in b'Bearer tok\\n'), and its long words (a message whose whitespace was
-    folded no longer holds the whole value; the short ones are scheme names such as Bearer)."""
+    """``text`` with every secret replaced, in each form an error of this process may quote it: as
+    is, stripped, escaped (repr, as in b'Bearer tok\\n'; JSON, with and without escaped slashes),
+    URL-encoded, and its long words (a message whose whitespace was folded no longer holds the whole
+    value; the short ones are scheme names such as Bearer). Text from the server is never scrubbed
+    and kept: no error quotes it (``_ErrorStatus``), since an echo may take any form, or be cut."""
     forms = set()
     for secret in filter(None, secrets):
-        forms |= {secret, secret.strip(), repr(secret)[1:-1], *(word for word in secret.split() if len(word) >= 8),
-                  *(repr(secret.encode(codec, "replace"))[2:-1] for codec in ("latin-1", "utf-8"))}
+        for value in {secret, secret.strip(), *(word for word in secret.split() if len(word) >= 8)}:
+            escaped = json.dumps(value)[1:-1]
+            forms |= {value, repr(value)[1:-1], escaped, escaped.replace("/", "\\/"),
+                      urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value, safe=""),
+                      *(repr(value.encode(codec, "replace"))[2:-1] for codec in ("latin-1", "utf-8"))}
     for form in sorted(filter(None, forms), key=len, reverse=True):
         text = text.replace(form, REDACTED)
     return text
+
+
+# Header names whose values are credentials whatever their length; any other header value counts as
+# one from SECRET_LENGTH characters (a short value such as "2" or "json" is none, and replacing it
+# would garble every error text that holds it).
+SECRET_HEADER = re.compile(r"auth|token|key|secret|password|passwd|cookie|session|signature|credential", re.IGNORECASE)
+SECRET_LENGTH = 8
 
 
 def _shown(url: str) -> str:
@@ -291,8 +316,17 @@ class EndpointModel(torch.nn.Module):
             if isinstance(inputs, list) and inputs and isinstance(inputs[0], dict) and isinstance(inputs[0].get("name"), str):
                 self.input_name = inputs[0]["name"]
             versions = metadata.get("versions") if isinstance(metadata, dict) else None
-            self.version = str(metadata.get("version") or (versions[-1] if isinstance(versions, list) and versions else "")) \
-                or None
+            self.version = self._recorded_version(
+                str(metadata.get("version") or (versions[-1] if isinstance(versions, list) and versions else "")))
+
+    def _recorded_version(self, version: str) -> str | None:
+        """The version the server reports, as the manifest may record it: a plain version name as
+        it is; anything else (a gateway's echo of the request may hold the token) by its hash."""
+        if not version:
+            return None
+        if _VERSION.fullmatch(version) and scrubbed(version, self._secrets()) == version:
+            return version
+        return "sha256:" + hashlib.sha256(version.encode("utf-8", "replace")).hexdigest()[:16]
 
     def identity(self) -> str:
         """What names the model behind the endpoint (the manifest's and the history's model)."""
@@ -351,10 +385,22 @@ class EndpointModel(torch.nn.Module):
         return headers
 
     def _secrets(self) -> list[str]:
-        return [os.environ.get(self.options.token_env, ""), *self.options.headers.values()]
+        """What an error must not quote: the token, the values of headers named like credentials,
+        and any other header value of SECRET_LENGTH characters or more."""
+        return [os.environ.get(self.options.token_env, ""),
+                *(value for name, value in self.options.headers.items()
+                  if SECRET_HEADER.search(name) or len(value.strip()) >= SECRET_LENGTH)]
 
     def _described(self, error: BaseException) -> str:
-        """An exception as one line that holds no secret (errors of the HTTP library quote headers)."""
+        """An exception as one line that holds no secret (errors of the HTTP library quote headers).
+        The HTTP library's errors about the answer (http.client.HTTPException: a bad status line, a
+        header line too long...) quote what the server sent: only their kind is kept."""
+        if isinstance(error, http.client.RemoteDisconnected):
+            return f"{type(error).__name__}: the endpoint closed the connection without an answer"
+        if isinstance(error, http.client.IncompleteRead):
+            return f"{type(error).__name__}: the answer was cut short"
+        if isinstance(error, http.client.HTTPException):
+            return f"{type(error).__name__}: the answer is not valid HTTP"
         return f"{type(error).__name__}: {' '.join(scrubbed(str(error), self._secrets()).split())[:200]}"
 
     def _call(self, method: str, url: str, body: dict | None, images: int) -> Any:
@@ -382,8 +428,7 @@ class EndpointModel(torch.nn.Module):
             except ModelCallError:
                 raise
             except _ErrorStatus as e:
-                text = scrubbed(e.text, self._secrets())  # a gateway may echo the request's headers
-                last = f"HTTP {e.code} {' '.join(text.split())[:120]}"
+                last = f"HTTP {e.code} {e.text}"  # the standard phrase: never the server's words
                 if e.code not in RETRY_STATUS:
                     raise ModelCallError(f"{method} {_shown(url)}: {last}") from None
                 if e.retry_after and e.retry_after.strip().isdigit():
@@ -415,10 +460,9 @@ class EndpointModel(torch.nn.Module):
         """The answer's body, at most ``limit`` bytes; _ErrorStatus for an error status."""
         try:
             response = _OPENER.open(request, timeout=self.options.timeout)
-        except urllib.error.HTTPError as e:  # its body is read here, within the deadline too
+        except urllib.error.HTTPError as e:  # its body is never read: no error may quote it
             with e:
-                raise _ErrorStatus(e.code, e.read(300).decode("utf-8", "replace"),
-                                   e.headers.get("Retry-After") if e.headers else None) from None
+                raise _ErrorStatus(e.code, e.headers.get("Retry-After") if e.headers else None) from None
         with response:
             parts, size = [], 0
             while chunk := response.read1(1 << 16):  # what has arrived: read() would wait for it all

@@ -11,7 +11,9 @@ import os
 import pickle
 import posixpath
 import re
+import shutil
 import tempfile
+import urllib.parse
 import warnings
 import zipfile
 from typing import Any
@@ -127,11 +129,21 @@ def model_identity(spec: ModelSpec, state: str) -> str:
 
 
 def check_model_files(spec: ModelSpec) -> None:
-    """Fail fast, before any work, if a model file is missing."""
+    """Fail fast, before any work, if a model file is missing, or named by a URL with a query (a
+    presigned signature, a SAS token: a credential the manifest would record with the URL)."""
     for url in spec.files():
-        fs, path = fsspec.core.url_to_fs(url, **(spec.storage_options or {}))
-        if not fs.isfile(path):
-            raise ModelLoadError(f"model file not found: {url}")
+        if storage.has_query(url):
+            raise ModelLoadError(f"{storage.shown(url)}: a model file URL with a query (a presigned signature, a SAS "
+                                 f"token) is refused: it would reach the manifest; give credentials in "
+                                 f"--storage-options or the environment")
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **(spec.storage_options or {}))
+            found = fs.isfile(path)
+        except Exception as e:  # noqa: BLE001 - storage clients raise errors of their own types
+            raise ModelLoadError(f"cannot read model file {storage.shown(url)}: {type(e).__name__}: "
+                                 f"{' '.join(storage.unquoted(e, url).split())[:200]}") from None
+        if not found:
+            raise ModelLoadError(f"model file not found: {storage.shown(url)}")
     if spec.weights and not spec.is_callable():
         raise ModelLoadError("--weights needs --model in the module:Callable form")
     if spec.endpoint and not spec.is_endpoint():
@@ -362,7 +374,9 @@ def _needs_full_unpickling(data: bytes) -> bool:
 
 
 class _local_copy:
-    """A local path for a URL: the path itself for local files, else a temporary copy."""
+    """A local path for a URL: the path itself for local files, else a temporary copy, named by the
+    URL's path only (never its query), and removed whatever happens, a failed copy included. The
+    copy is streamed from one open file: ``fs.get`` would take a ``?`` (a query) for a glob."""
 
     def __init__(self, url: str, storage_options: dict | None):
         self.url, self.storage_options, self.tmp = url, storage_options or {}, None
@@ -371,12 +385,21 @@ class _local_copy:
         fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
         if storage.is_local(fs):
             return path
-        suffix = os.path.splitext(path)[1]
-        fd, self.tmp = tempfile.mkstemp(suffix=suffix)
-        os.close(fd)
-        fs.get(path, self.tmp)
+        suffix = os.path.splitext(urllib.parse.urlsplit(storage.shown(self.url)).path)[1]
+        fd, self.tmp = tempfile.mkstemp(suffix=suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else "")
+        try:
+            with os.fdopen(fd, "wb") as local, fs.open(path, "rb") as remote:
+                shutil.copyfileobj(remote, local, 1 << 20)
+        except BaseException as e:
+            self.__exit__()
+            if isinstance(e, Exception):
+                raise ModelLoadError(f"cannot read {storage.shown(self.url)}: {type(e).__name__}: "
+                                     f"{' '.join(storage.unquoted(e, self.url).split())[:200]}") from None
+            raise
         return self.tmp
 
     def __exit__(self, *exc):
         if self.tmp:
-            os.unlink(self.tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+            self.tmp = None
