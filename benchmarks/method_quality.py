@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", help="keep the shards, models and audits here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    from saliency_audit.explainers import list_methods
-    every = list(list_methods()) if args.methods == "all" else args.methods.split(",")
+    from saliency_audit.explainers import explainer_class, list_methods
+    every = ([m for m in list_methods() if not explainer_class(m).needs_attention]  # CNNs: no attention layers
+             if args.methods == "all" else args.methods.split(","))
     loaders = {"mnist": mnist, "photos": photos}
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(args.workdir or scratch)

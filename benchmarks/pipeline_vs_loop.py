@@ -13,8 +13,15 @@ errors, count verification, manifest) on:
 
     inprocess  DirectRunner (Beam's in-process FnApiRunner), torch threads = --threads
     mp1, mp2   --direct_running_mode=multi_processing --direct_num_workers 1 / 2; each SDK worker
-               is a subprocess whose torch threads come from OMP_NUM_THREADS, set here to
-               --threads, so mp2 may use twice the cores of mp1 (the scaling question)
+               is a subprocess with --threads torch threads (--torch-threads, and OMP_NUM_THREADS
+               for its OpenMP pool), so mp2 may use twice the cores of mp1 (the scaling question)
+
+The pipeline gets the loop's threads (--torch-threads --threads); --auto-threads leaves it the
+audit's default instead (auto: the cores it may use, divided among its worker processes), which
+on a 2-core machine busy with other work made its CPU time 3x the same run's with 1 thread. Torch
+threads are set back to --threads before every run, since an in-process run leaves its own behind.
+Where the process has cores that --threads leaves, the pipeline's reader also decodes ahead in one
+of them while the model runs (docs/performance.md; benchmarks/decode_model_pipeline.py measures that).
 
 --threads defaults to 1: on a 2-core machine shared with other work, 2 OpenMP threads per process
 made the same loop 7x slower (20 against 150 images/s), so 1 thread per process is the
@@ -202,10 +209,11 @@ MODE_ARGS = {"inprocess": [], "mp1": ["--direct_running_mode=multi_processing", 
              "mp2": ["--direct_running_mode=multi_processing", "--direct_num_workers", "2"]}
 
 
-def audit_argv(work: Work, pattern: str, output: Path, mode: str = "inprocess") -> list[str]:
+def audit_argv(work: Work, pattern: str, output: Path, mode: str = "inprocess",
+               threads: int | None = None) -> list[str]:
     methods = ",".join(work.methods)
     argv = ["--input", pattern, "--model", work.model, "--methods", methods, "--batch-size", str(work.batch_size),
-            "--device", "cpu", "--output", str(output)]
+            "--device", "cpu", "--output", str(output)] + (["--torch-threads", str(threads)] if threads else [])
     if work.weights:
         argv += ["--weights", work.weights]
     if any(work.methods.values()):
@@ -217,12 +225,13 @@ def workers(mode: str) -> int:
     return int(mode[2:]) if mode.startswith("mp") else 0
 
 
-def run_pipeline(work: Work, pattern: str, output: Path, mode: str, threads: int) -> dict:
-    """audit.run in ``mode``; SDK worker subprocesses take their torch threads from OMP_NUM_THREADS."""
+def run_pipeline(work: Work, pattern: str, output: Path, mode: str, threads: int, auto_threads: bool = False) -> dict:
+    """audit.run in ``mode`` with ``threads`` torch threads per process (the audit's own choice
+    with ``auto_threads``); SDK worker subprocesses size their OpenMP pool from OMP_NUM_THREADS."""
     from saliency_audit.pipelines import audit
     if workers(mode):  # read by torch when a worker starts
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    return audit.run(audit_argv(work, pattern, output, mode))
+    return audit.run(audit_argv(work, pattern, output, mode, None if auto_threads else threads))
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -233,28 +242,30 @@ def cpu_seconds() -> float:
                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def run_once(mode: str, work: Work, pattern: str, scratch: Path, threads: int) -> tuple[float, float, dict]:
+def run_once(mode: str, work: Work, pattern: str, scratch: Path, threads: int,
+             auto_threads: bool = False) -> tuple[float, float, dict]:
     """(wall seconds, CPU seconds, counts) of one run. CPU time is what to compare on a machine
     shared with other work: their load stretches wall time far more than it does CPU time."""
+    torch.set_num_threads(threads)  # an in-process run leaves its own thread count behind
     output = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{mode}-"))
     cpu, start = cpu_seconds(), time.perf_counter()
     if mode == "loop":
         counts = bare_loop(work, output / "part-0.parquet")
     else:
-        counts = run_pipeline(work, pattern, output, mode, threads)["counts"]
+        counts = run_pipeline(work, pattern, output, mode, threads, auto_threads)["counts"]
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     shutil.rmtree(output, ignore_errors=True)
     return seconds, cpu, counts
 
 
 def compare(modes: list[str], repeats: int, work: Work, pattern: str, scratch: Path, threads: int,
-            n_images: int) -> dict:
+            n_images: int, auto_threads: bool = False) -> dict:
     times: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     counts = {}
     for r in range(repeats):
         for mode in modes:
-            seconds, cpu_s, counts[mode] = run_once(mode, work, pattern, scratch, threads)
+            seconds, cpu_s, counts[mode] = run_once(mode, work, pattern, scratch, threads, auto_threads)
             times[mode].append(seconds)
             cpu[mode].append(cpu_s)
             print(f"  round {r + 1} {mode:>9}: {seconds:7.2f} s  {n_images / seconds:8.1f} images/s  "
@@ -290,6 +301,11 @@ STAGES = {
     "duplicate-id pass (shard_ids)": [("transforms/duplicates.py", "shard_ids")],
     "preflight": [("pipelines/job/preflight.py", "preflight")],
     "verify counts (reads Parquet back)": [("pipelines/job/phases.py", "verify")],
+    "findings statistics (in the job)": [("pipelines/job/findings_step.py", "_entries"),
+                                         ("pipelines/job/findings_step.py", "add_input"),
+                                         ("pipelines/job/findings_step.py", "merge_accumulators"),
+                                         ("pipelines/job/findings_step.py", "_write")],
+    "findings (launcher, from the statistics)": [("pipelines/job/phases.py", "write_findings")],
     "manifest + commit + publish": [("pipelines/job/manifest.py", "build_manifest"), ("pipelines/job/phases.py", "commit_files"),
                                     ("transforms/io/publication.py", "commit"), ("transforms/io/publication.py", "reclaim")],
     "model load (explainers built)": [("transforms/model/handler.py", "build_explainers")],
@@ -309,11 +325,12 @@ def stage_seconds(stats: pstats.Stats) -> dict[str, float]:
     return out
 
 
-def profile(mode: str, work: Work, pattern: str, scratch: Path, threads: int, top: int) -> dict:
+def profile(mode: str, work: Work, pattern: str, scratch: Path, threads: int, top: int,
+            auto_threads: bool = False) -> dict:
     profiler = cProfile.Profile()
     profiler.enable()
     start = time.perf_counter()
-    run_once(mode, work, pattern, scratch, threads)
+    run_once(mode, work, pattern, scratch, threads, auto_threads)
     total = time.perf_counter() - start
     profiler.disable()
     stats = pstats.Stats(profiler)
@@ -367,6 +384,7 @@ def parse_args(argv=None):
     add("--batch-size", type=int, default=32)
     add("--metrics", action="store_true", help="compute the audit's metrics on both sides (default off)")
     add("--threads", type=int, default=1, help="torch threads per process, SDK workers included (default 1)")
+    add("--auto-threads", action="store_true", help="the pipeline chooses its torch threads (the audit's default)")
     add("--repeats", type=int, default=3)
     add("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     add("--profile", action="store_true", help="also cProfile one loop and one in-process run")
@@ -393,14 +411,17 @@ def main(argv=None) -> dict:
         work = Work(shards, methods, args.batch_size, args.metrics)
         pattern = str(scratch / "shards/*.tar")
         print(f"{args.images} digits in {len(shards)} shards, methods {args.methods}, batch {args.batch_size}, "
-              f"metrics {'on' if args.metrics else 'off'}; torch threads {args.threads} in this process "
-              f"(loop, inprocess), OMP_NUM_THREADS={args.threads} in each SDK worker", flush=True)
+              f"metrics {'on' if args.metrics else 'off'}; torch threads {args.threads} in the loop, "
+              f"{'the audit default (auto)' if args.auto_threads else args.threads} in each pipeline process",
+              flush=True)
         figures: dict[str, Any] = {"images": args.images, "shards": len(shards), "methods": args.methods,
                                    "batch_size": args.batch_size, "metrics": args.metrics, "threads": args.threads}
         if args.check:
             figures["checked_rows"] = check_same_maps(work, pattern, scratch)
             print(f"check: the loop and the pipeline wrote the same {figures['checked_rows']} rows", flush=True)
-        figures.update(compare(args.modes, args.repeats, work, pattern, scratch, args.threads, args.images))
+        figures["auto_threads"] = args.auto_threads
+        figures.update(compare(args.modes, args.repeats, work, pattern, scratch, args.threads, args.images,
+                               args.auto_threads))
         print("\n| mode | median s | images/s | ratio to loop | median CPU s | CPU ratio (loop CPU / mode CPU) |"
               "\n|---|---:|---:|---:|---:|---:|")
         nan = float("nan")
@@ -409,7 +430,7 @@ def main(argv=None) -> dict:
                   f"| {m['median_cpu_s']:.2f} | {m.get('cpu_ratio_to_loop', nan):.2f} |")
         if args.profile:
             os.environ["OMP_NUM_THREADS"] = str(args.threads)
-            figures["profile"] = {mode: profile(mode, work, pattern, scratch, args.threads, args.top)
+            figures["profile"] = {mode: profile(mode, work, pattern, scratch, args.threads, args.top, args.auto_threads)
                                   for mode in ("loop", "inprocess")}
             print_stages(figures["profile"])
         if args.json:

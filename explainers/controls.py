@@ -22,6 +22,7 @@ class Control(Explainer):
     signed = False
     needs_gradients = False
     control = True
+    autocast = False  # no model: the same map at every precision
 
     def passes(self):
         return {"forward": 0, "backward": 0}

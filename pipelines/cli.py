@@ -160,10 +160,13 @@ def cmd_shards(argv: list[str]) -> int:
 
 
 def cmd_train_classifier(argv: list[str]) -> int:
-    parser = _Parser("train-classifier", "Train the small reference CNN on 28x28 grayscale shards.")
+    parser = _Parser("train-classifier", "Train a small reference classifier (a CNN, a ViT or a ConvNeXt) on 28x28 "
+                                         "grayscale shards.")
     parser.add_argument("--input", required=True, help="glob of labelled training shards")
     parser.add_argument("--output", required=True, help="where to write the state dict")
     parser.add_argument("--test", help="glob of labelled test shards to report accuracy on")
+    parser.add_argument("--architecture", choices=("cnn", "vit", "convnext"), default="cnn",
+                        help="cnn (default), vit or convnext (these two need transformers)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seed", type=int, default=0)
     _storage_options(parser)
@@ -178,14 +181,15 @@ def cmd_train_classifier(argv: list[str]) -> int:
     images, labels, skipped = load_labelled(args.input, prep, options)
     print(f"training on {len(images)} images" + (f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""))
     kwargs = {"epochs": args.epochs} if args.epochs else {}
-    model = train_classifier(images, labels, seed=args.seed, **kwargs)
+    model = train_classifier(images, labels, seed=args.seed, architecture=args.architecture, **kwargs)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.output)
     print(f"training accuracy {evaluate(model, images, labels):.4f}")
     if args.test:
         test_images, test_labels, _ = load_labelled(args.test, prep, options)
         print(f"test accuracy {evaluate(model, test_images, test_labels):.4f} on {len(test_images)} images")
-    print(f"saved {args.output}; use it with --model {DEMO_MODEL} --weights {args.output}")
+    factory = DEMO_MODEL.replace(":mnist_cnn", f":mnist_{args.architecture}")
+    print(f"saved {args.output}; use it with --model {factory} --weights {args.output}")
     return 0
 
 

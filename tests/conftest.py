@@ -127,7 +127,19 @@ ZENNIT_INSTALL = "pip install --no-deps zennit==0.5.1"
 
 
 TORCHVISION_NAMES = ("torchvision", "torchvision.models", "torchvision.models.resnet", "torchvision.transforms",
-                     "torchvision.transforms.functional")
+                     "torchvision.transforms.functional",
+                     # what timm imports (its models' norm layers, its data transforms and datasets)
+                     "torchvision.ops", "torchvision.ops.misc", "torchvision.models.feature_extraction",
+                     "torchvision.datasets")
+
+
+class _StandInType(type):
+    """A stand-in class's own attributes (timm reads InterpolationMode.BICUBIC at import) are names."""
+
+    def __getattr__(cls, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return f"{cls.__name__}.{attr}"
 
 
 def _stand_in_module(name: str) -> types.ModuleType:
@@ -138,9 +150,20 @@ def _stand_in_module(name: str) -> types.ModuleType:
     def attribute(attr: str):
         if attr.startswith("__"):
             raise AttributeError(attr)
-        return type(attr, (nn.Module,), {})
+        return _StandInType(attr, (nn.Module,), {})
     module.__getattr__ = attribute
     return module
+
+
+def _stand_in_modules() -> dict[str, types.ModuleType]:
+    """The stand-in modules, each also an attribute of its parent (``import torchvision.ops.misc``
+    walks from the top)."""
+    modules = {n: _stand_in_module(n) for n in TORCHVISION_NAMES}
+    for name, module in modules.items():
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(modules[parent], child, module)
+    return modules
 
 
 @contextlib.contextmanager
@@ -148,7 +171,7 @@ def torchvision_stand_in():
     """Stand-in torchvision modules in sys.modules while a reference imports (torchvision has no
     usable CPU wheel here: it would pull a CUDA build of torch), removed again after so no other
     code sees them; nothing where torchvision is installed."""
-    stand_in = {} if importlib.util.find_spec("torchvision") else {n: _stand_in_module(n) for n in TORCHVISION_NAMES}
+    stand_in = {} if importlib.util.find_spec("torchvision") else _stand_in_modules()
     sys.modules.update(stand_in)
     try:
         yield
@@ -173,6 +196,22 @@ def zennit():
         import zennit.torchvision
         import zennit.types
     return zennit
+
+
+TIMM_INSTALL = "pip install --no-deps timm==1.0.31"
+
+
+@pytest.fixture(scope="session")
+def timm():
+    """timm, imported once under the torchvision stand-in (its layers and data transforms import
+    torchvision names at import time; the tests never call them)."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip(f"timm is not installed ({TIMM_INSTALL})")
+    with torchvision_stand_in():
+        import timm
+        import timm.data
+        import timm.layers
+    return timm
 
 
 @pytest.fixture

@@ -12,19 +12,19 @@ from apache_beam.utils import shared
 from saliency_audit.transforms.io import progress
 from saliency_audit.transforms.io.records import ImageBatch
 from saliency_audit.transforms.model.handler import BatchHandler, ExplainConfig, build_explainers
-from saliency_audit.transforms.model.threads import apply_threads
+from saliency_audit.transforms.model.threads import apply_threads, device_type
 
 
 class ExplainBatches(beam.DoFn):
     """ImageBatch -> one saliency row per (image, method); the side outputs by their tags
-    (ERRORS, SKIPPED, MODEL_CALLS, DEVICE)."""
+    (ERRORS, SKIPPED, TARGETS, MODEL_CALLS, DEVICE, ADAPTED)."""
 
     def __init__(self, config: ExplainConfig, shared_handle: shared.Shared):
         self.config, self._shared = config, shared_handle
 
     def setup(self):
         config = self.config
-        apply_threads(config.threads.resolve())
+        apply_threads(config.threads.split(device_type(config.device))[0])  # the reader's decode pool has the rest
         self.handler = BatchHandler(config, self._shared.acquire(lambda: build_explainers(config), tag=repr(config)))
 
     def process(self, batch: ImageBatch):

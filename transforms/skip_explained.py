@@ -1,4 +1,5 @@
-"""Incremental audits in the Beam job: explain only the (image, method) pairs the history lacks.
+"""Incremental audits in the Beam job: explain only the (image, method, target class) triples the
+history lacks.
 
 The launcher (saliency_audit.pipelines.job.incremental) has already left out the shards every method explained
 before and says, per shard it reads, which methods are still to run there. Within those shards
@@ -25,7 +26,8 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 
 from saliency_audit.transforms.io import storage
-from saliency_audit.transforms.io.records import SKIPPED, ImageBatch
+from saliency_audit.transforms.io.records import SKIPPED, TARGETS, ImageBatch
+from saliency_audit.transforms.model.targets import PREDICTED, held_classes, parse_targets
 
 CONTENT = "record_sha256"  # the saliency rows' column (saliency_audit.transforms.io.rows): the skip key
 NO_CONTENT = ""  # a recorded map without a record hash: it matches no image read
@@ -33,37 +35,47 @@ log = logging.getLogger("saliency_audit")
 
 
 def explained_ids(url: str, run_id: str, methods: tuple[str, ...], storage_options: dict[str, Any] | None):
-    """(image_id, method, record sha256, run id) for each row of one recorded saliency file whose
-    method counts. A file that is gone or unreadable holds nothing: its images are explained
-    again. A file written before record hashes were recorded gives NO_CONTENT, which matches no
-    image read: whether its maps are of the records read now (image, label, ground truth) is unknown."""
+    """(image_id, method, record sha256, run id, target class, its rank) for each row of one recorded
+    saliency file whose method counts. A file that is gone or unreadable holds nothing: its images
+    are explained again. A file written before record hashes were recorded gives NO_CONTENT, which
+    matches no image read: whether its maps are of the records read now (image, label, ground
+    truth) is unknown. A row written before ranks were has rank 1 if its target is its prediction,
+    else an unknown rank (None)."""
     try:
         fs, path = storage.filesystem(url, storage_options)
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            columns = [c for c in ("image_id", "method", CONTENT) if c in parquet.schema_arrow.names]
+            columns = [c for c in ("image_id", "method", CONTENT, "target", "target_rank", "predicted")
+                       if c in parquet.schema_arrow.names]
             table = parquet.read(columns=columns)
     except Exception as e:  # noqa: BLE001 - the history's files are another run's output
         log.warning("history file %s unreadable (%s: %s); its images will be explained again", url,
                     type(e).__name__, " ".join(str(e).split())[:120])
         return
     wanted = set(methods)
-    contents = table.column(CONTENT).to_pylist() if CONTENT in table.column_names else [None] * table.num_rows
-    for image_id, method, content in zip(table.column("image_id").to_pylist(), table.column("method").to_pylist(),
-                                         contents):
-        if method in wanted and isinstance(image_id, str):
-            yield image_id, method, content or NO_CONTENT, run_id
+
+    def column(name: str) -> list:
+        return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+    for image_id, method, content, target, rank, predicted in zip(
+            column("image_id"), column("method"), column(CONTENT), column("target"), column("target_rank"),
+            column("predicted")):
+        if method in wanted and isinstance(image_id, str) and isinstance(target, int):
+            rank = rank if rank is not None else 1 if target == predicted else None
+            yield image_id, method, content or NO_CONTENT, run_id, target, rank
 
 
-def _newer(seen: tuple[str, str], other: tuple[str, str] | None) -> tuple[str, str]:
-    """Of two (run id, content): the later run's (run ids sort by start time); ties by content,
-    so that every runner picks the same."""
-    return seen if other is None or seen > other else other
+def _newer(seen: tuple, other: tuple | None) -> tuple:
+    """Of two (run id, content, rank): the later run's (run ids sort by start time); ties by
+    content, so that every runner picks the same."""
+    return seen if other is None or seen[:2] > other[:2] else other
 
 
 class _NewestContent(beam.CombineFn):
-    """Of one image id: the contents this run's shards hold under it, and per method the newest
-    recorded run's (run id, content)."""
+    """Of one image id: the contents this run's shards hold under it, and per (method, target class)
+    the newest recorded run's (run id, content, rank), and under (method, None) the newest of any
+    class: an image the newest run saw with other content (replaced, or replaced and put back)
+    holds no map of the content read now, whichever classes that run explained."""
 
     def create_accumulator(self):
         return set(), {}
@@ -73,29 +85,39 @@ class _NewestContent(beam.CombineFn):
         if value[0] == "input":
             contents.add(value[1])
         else:
-            _, method, content, run_id = value
-            newest[method] = _newer((run_id, content), newest.get(method))
+            _, method, content, run_id, target, rank = value
+            for key in ((method, target), (method, None)):
+                newest[key] = _newer((run_id, content, rank), newest.get(key))
         return acc
 
     def merge_accumulators(self, accumulators):
         contents, newest = set(), {}
         for more, seen in accumulators:
             contents |= more
-            for method, run_content in seen.items():
-                newest[method] = _newer(run_content, newest.get(method))
+            for key, run_content in seen.items():
+                newest[key] = _newer(run_content, newest.get(key))
         return contents, newest
 
     def extract_output(self, acc):
-        """content read -> the methods whose newest recorded map is of that content."""
+        """content read -> method -> the (class, rank) pairs whose newest recorded map is of that content."""
         contents, newest = acc
-        return {content: tuple(sorted(m for m, (_, done) in newest.items() if done == content)) for content in contents}
+        out = {}
+        classes = sorted((key for key in newest if key[1] is not None), key=lambda key: (key[0], key[1]))
+        for content in contents:
+            held: dict[str, list] = {}
+            for method, target in classes:
+                _, done, rank = newest[(method, target)]
+                if done == content and newest[(method, None)][1] == content:
+                    held.setdefault(method, []).append((target, rank))
+            out[content] = {method: tuple(pairs) for method, pairs in held.items()}
+        return out
 
 
 class ExplainedBefore(beam.PTransform):
-    """(image_id, shard url, content: the record's hash) of the shards read -> ((image_id, content), methods whose
-    newest recorded map in the history is of that very content). An id whose image changed since
-    (another content under the same id) is explained again, and so is one whose image changed and
-    changed back: the newest map is of the other image."""
+    """(image_id, shard url, content: the record's hash) of the shards read -> ((image_id, content),
+    method -> the (target class, rank) pairs whose newest recorded map in the history is of that very
+    content). An id whose image changed since (another content under the same id) is explained
+    again, and so is one whose image changed and changed back: the newest map is of the other image."""
 
     def __init__(self, history_files: dict[str, tuple[str, tuple[str, ...]]],
                  storage_options: dict[str, Any] | None):
@@ -119,24 +141,43 @@ class ExplainedBefore(beam.PTransform):
 
 class SkipExplained(beam.DoFn):
     """Batches -> the same batches, each image marked with the methods it skips (the shard's
-    methods already explained, and the history's for its id and content); images that skip every method
-    are dropped here, before the model sees them."""
+    methods already explained, and those whose maps of every class the run's --target names the
+    history holds for its id and content) and, per other method, the classes the history holds
+    (those targets only are skipped, after the forward pass). Images that skip every method are
+    dropped here, before the model sees them, their (image, target) pairs counted as skipped."""
 
-    def __init__(self, methods: list[str], needed: dict[str, tuple[str, ...]]):
-        self.methods, self.needed = list(methods), needed
+    def __init__(self, methods: list[str], needed: dict[str, tuple[str, ...]], target: str = PREDICTED):
+        self.methods, self.needed, self.requests = list(methods), needed, parse_targets(target)
 
-    def process(self, batch: ImageBatch, done: dict[tuple[str, str], tuple[str, ...]]):
+    def process(self, batch: ImageBatch, done: dict[tuple[str, str], dict[str, tuple]]):
         everything = frozenset(self.methods)
         shard_done = everything - frozenset(self.needed.get(batch.sources[0], self.methods))
         contents = batch.record_sha256 or [None] * len(batch.image_ids)
-        skip = [shard_done | frozenset(done.get((image_id, content), ()))
-                for image_id, content in zip(batch.image_ids, contents)]
+        skip, held, pairs = [], [], []
+        for image_id, content, label in zip(batch.image_ids, contents, batch.labels):
+            found, skipping, partly, classes = done.get((image_id, content), {}), set(shard_done), {}, None
+            for method, recorded in found.items():
+                if method in skipping or method not in everything:
+                    continue
+                whole = held_classes(self.requests, dict(recorded), label)
+                if whole is None:
+                    partly[method] = frozenset(cls for cls, _ in recorded)
+                else:
+                    skipping.add(method)
+                    classes = whole
+            skip.append(frozenset(skipping))
+            held.append(partly)
+            pairs.append(len(classes) if classes else 1)
         keep = [i for i, s in enumerate(skip) if not everything <= s]
-        dropped = len(skip) - len(keep)
+        dropped = [i for i, s in enumerate(skip) if everything <= s]
         if dropped:
             for method in self.methods:
-                yield beam.pvalue.TaggedOutput(SKIPPED, ((method, batch.sources[0]), dropped))
+                yield beam.pvalue.TaggedOutput(SKIPPED, ((method, batch.sources[0]), sum(pairs[i] for i in dropped)))
+            extra = sum(pairs[i] - 1 for i in dropped)
+            if extra:
+                yield beam.pvalue.TaggedOutput(TARGETS, extra)
         if not keep:
             return
-        marks = [skip[i] for i in keep]
-        yield dataclasses.replace(batch.take(keep) if dropped else batch, skip=marks if any(marks) else None)
+        marks, partial = [skip[i] for i in keep], [held[i] for i in keep]
+        yield dataclasses.replace(batch.take(keep) if dropped else batch, skip=marks if any(marks) else None,
+                                  held=partial if any(partial) else None)

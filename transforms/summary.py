@@ -1,4 +1,5 @@
-"""Run-level summaries: per (method, target class) and per method over all classes."""
+"""Run-level summaries: per (method, --target request, target class) and per (method, request) over
+all classes."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import apache_beam as beam
 from datasketches import kll_doubles_sketch
 
 from saliency_audit.transforms.io.rows import METRIC_COLUMNS, SUMMARY_STATISTICS
+from saliency_audit.transforms.model.targets import PREDICTED, satisfies, summary_requests
 
 _MEANS = ("score", "time_ms", "saliency_abs_mean", "saliency_sum")
 
@@ -135,16 +137,24 @@ def summary_row(acc: SummaryAccumulator) -> dict:
 
 
 class Summarize(beam.PTransform):
-    """Saliency rows -> summary rows per (method, target class), and per method (target None)
-    from the merged per-class accumulators: each row is added once."""
+    """Saliency rows -> summary rows per (method, request, target class), and per (method, request)
+    (target None) from the merged per-class accumulators. A row counts under each request it
+    answers (targets.satisfies), once per request; with one --target, under that one."""
+
+    def __init__(self, target: str = PREDICTED):
+        super().__init__()
+        self.requests = summary_requests(target)
 
     def expand(self, rows):
+        requests = self.requests
         per_class = (rows
-                     | "KeyByClass" >> beam.Map(lambda r: ((r["method"], r["target"]), r))
+                     | "KeyByClass" >> beam.FlatMap(lambda r: [((r["method"], q, r["target"]), r)
+                                                               for q in requests if satisfies(q, r)])
                      | "Combine" >> beam.CombinePerKey(_SummaryFn(rows=False)))
         overall = (per_class
-                   | "KeyByMethod" >> beam.MapTuple(lambda key, acc: ((key[0], None), acc))
+                   | "KeyByMethod" >> beam.MapTuple(lambda key, acc: ((key[0], key[1], None), acc))
                    | "Merge" >> beam.CombinePerKey(_MergeSummaries()))
         classes = per_class | "ClassRows" >> beam.MapTuple(lambda key, acc: (key, summary_row(acc)))
         return ((classes, overall) | "Both" >> beam.Flatten()
-                | "ToRow" >> beam.MapTuple(lambda key, stats: {"method": key[0], "target": key[1], **stats}))
+                | "ToRow" >> beam.MapTuple(lambda key, stats: {"method": key[0], "target_source": key[1],
+                                                               "target": key[2], **stats}))

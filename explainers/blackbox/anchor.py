@@ -208,7 +208,10 @@ class Anchor(SuperpixelExplainer):
     16 patch anchors). The price: hidden background is no longer identical to the black
     background, so ~900 distinct masks per digit instead of ~65 (about 0.6 s per digit on
     one core instead of 0.05 s).
-    Map: 1 on the anchor's superpixels, 0 elsewhere (unsigned).
+    Map: 1 on the anchor's superpixels, 0 elsewhere (unsigned). An empty anchor is an answer: the
+    class holds with nothing kept. On the ResNet of tests/pipelines/test_resnet_trained.py (class:
+    the colour of a planted square; class 0: no square) every image of class 0 got one, and no
+    image with a square (8 of each); the report says so next to its empty-maps warning.
     Cost: adaptive, typically 10^3-10^4 forward passes per image; all images' arm pulls of a
     round go through the model together.
 
@@ -219,6 +222,11 @@ class Anchor(SuperpixelExplainer):
 
     name = "anchor"
     signed = False
+    caveats = {"constant": (
+        "An empty anchor is an answer, not a failure: the model kept the class with no superpixel held "
+        "fixed (its precision reached the threshold however the superpixels were hidden), so nothing in "
+        "particular of the image is needed for that class, as for a class that means the absence of "
+        "something.")}
     extras = {"anchor": "int32[]", "precision": "float32", "coverage": "float32",
               "segments": "int32[]", "rule": "string", "model_calls": "int64"}
 

@@ -117,6 +117,20 @@ def tree_rules(tree, x: np.ndarray, max_counterfactuals: int, collapse: bool = F
     return factual, label, best[:max_counterfactuals]
 
 
+def path_to_class(tree, x: np.ndarray, cls: int, collapse: bool = False) -> list[Condition] | None:
+    """The root-to-end path of a fitted tree that ends in class ``cls`` and whose conditions x [d]
+    violates fewest (x's own path when it ends there; the first in depth-first order among ties),
+    or None when no end of the tree predicts ``cls``: what the tree says about a class that may not
+    be x's, for a method asked to explain another class than its prediction."""
+    best = None
+    for conditions, leaf_class in tree_paths(tree, collapse):
+        if leaf_class == cls:
+            violated = satisfied(conditions, x).count(False)
+            if best is None or violated < best[0]:
+                best = (violated, conditions)
+    return None if best is None else best[1]
+
+
 def box(conditions: list[Condition], n_features: int) -> tuple[np.ndarray, np.ndarray]:
     """The hyper-rectangle of a conjunction: lower, upper [d] (x in it iff lower < x <= upper)."""
     lower = np.full(n_features, -np.inf)

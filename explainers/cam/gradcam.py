@@ -10,9 +10,11 @@ from saliency_audit.explainers.core.registry import register
 class GradCAM(GradientCAM):
     """ReLU(sum_k w_k A^k) at one layer's output A [B,K,h,w], upsampled to the input. Unsigned.
 
-    layer: name of the module whose output is A (as in ``model.named_modules()``). Default
-        None: the last conv block's activated output, found in each forward (see
-        activated_block_output; ``layer_used`` names it after a call). The old default, the last
+    layer: name of the module whose output is A (as in ``model.named_modules()``); a transformer's
+        tokens or a channels-last output are read as maps (CAMBase). Default None: the last
+        representation of the grid that the target reads (see choose_layer: a CNN's last conv
+        block's activated output, a ViT's last block's first norm; ``layer_used`` and
+        ``layer_reshape`` name it and its reshape after a call). The old default, the last
         Conv2d's own output, is its pre-activation: its negative values, which the model's ReLU
         discards, entered the sum, so on a Keras-style MNIST CNN (three conv+ReLU+pool blocks,
         two dense layers, 10 epochs on 5,000 digits; first 100 test digits, deletion AUC with a
@@ -33,6 +35,8 @@ class GradCAM(GradientCAM):
     """
 
     name = "gradcam"
+    # rank correlation with float32's maps 0.9996 or more at the default weighting (docs/performance.md)
+    agrees_at = ("bf16",)
 
     def __init__(self, model, layer: str | None = None, weighting: str = "elementwise"):
         super().__init__(model, layer)

@@ -1,9 +1,10 @@
 """The CAM family beside gradcam: Grad-CAM++, HiResCAM, XGradCAM, LayerCAM (gradient-weighted),
 ScoreCAM and AblationCAM (forward passes with the layer's channels masked or ablated) and EigenCAM
 (the activations' first principal component). Each shares gradcam's layer option, default layer
-(activated_block_output), hooked forward and upsampling (explainers/cam/gradcam.py: CAMBase), and each
-stores the raw map: pytorch-grad-cam min-max scales every map to [0,1]; ours equal its maps after
-that scaling (tests/explainers/test_cam_family.py)."""
+(choose_layer), reading of token and channels-last outputs as maps, hooked forward and upsampling
+(explainers/cam/base.py: CAMBase), and each stores the raw map: pytorch-grad-cam min-max scales
+every map to [0,1]; ours equal its maps after that scaling (tests/explainers/test_cam_family.py,
+tests/explainers/test_cam_tokens.py)."""
 from __future__ import annotations
 
 import torch
@@ -45,6 +46,7 @@ class GradCAMPlusPlus(GradientCAM):
     zero where g is 0; map ReLU(sum_k w_k A^k). g: the target logit's gradient at the layer."""
 
     name = "gradcampp"
+    agrees_at = ("bf16",)  # rank correlation with float32's maps 0.999 or more (docs/performance.md)
 
     def _cam(self, a, grads):
         g2 = grads ** 2
@@ -77,9 +79,10 @@ class LayerCAM(GradientCAM):
 
 class ChannelCAM(CAMBase):
     """A CAM whose channel weights come from forward passes, one per (image, channel) row: the layer's
-    output A [B,K,h,w] from one forward, then ``_row_scores`` over the B*K rows in chunks of at most
-    ``max_forward_batch`` (default None: 32 on CPU, 1024 on an accelerator; fewer for large images),
-    which bounds memory whatever the batch, image size and channel count; map ReLU(sum_k w_k A^k).
+    output A [B,K,h,w] (as maps: see CAMBase) from one forward, then ``_row_scores`` over the B*K rows
+    in chunks of at most ``max_forward_batch`` (default None: 32 on CPU, 1024 on an accelerator; fewer
+    for large images), which bounds memory whatever the batch, image size and channel count; map
+    ReLU(sum_k w_k A^k).
     Rows of several images share a chunk, so a map equals its image's map alone up to float rounding
     (the model is run with a layer's output replaced, no decision is taken on it).
 
@@ -98,8 +101,9 @@ class ChannelCAM(CAMBase):
     def passes(self):
         return {"forward": 1 + self._channels, "backward": 0}
 
-    def _row_scores(self, images, targets, a, logits, rows):
-        """Per row (image b = rows // K, channel k = rows % K) the number the weight is made of."""
+    def _row_scores(self, images, targets, a, raw, logits, rows):
+        """Per row (image b = rows // K, channel k = rows % K) the number the weight is made of; ``a``:
+        the layer's output as maps [B,K,h,w], ``raw``: as the layer gives it."""
         raise NotImplementedError
 
     def _weights(self, scores, logits, targets):
@@ -109,11 +113,12 @@ class ChannelCAM(CAMBase):
     def explain(self, images, targets, seeds=None):
         images = check_batch(images, targets).detach()
         targets = targets.to(images.device).long()
-        logits, self.layer_used, a = self._forward(images, grad=False)
+        logits, raw, grid = self._forward(images, targets, grad=False)
+        a = self._wide(grid.maps(raw))
         batch, self._channels = a.shape[:2]
         chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, images.device), images.shape[1:])
         rows = torch.arange(batch * self._channels, device=images.device)
-        scores = torch.cat([self._row_scores(images, targets, a, logits, rows[i:i + chunk])
+        scores = torch.cat([self._row_scores(images, targets, a, raw, logits, rows[i:i + chunk])
                             for i in range(0, len(rows), chunk)])
         weights = self._weights(scores.reshape(batch, self._channels), logits, targets)
         cam = torch.relu((weights[:, :, None, None] * a).sum(dim=1))
@@ -147,7 +152,7 @@ class ScoreCAM(ChannelCAM):
         check_score(score)
         self.score = score
 
-    def _row_scores(self, images, targets, a, logits, rows):
+    def _row_scores(self, images, targets, a, raw, logits, rows):
         b, k = rows // a.shape[1], rows % a.shape[1]
         masks = self._upsample(a[b, k], images.shape[2:])
         low, high = masks.amin(dim=(1, 2), keepdim=True), masks.amax(dim=(1, 2), keepdim=True)
@@ -169,15 +174,20 @@ class AblationCAM(ChannelCAM):
     (every post-ReLU layer in practice) and otherwise writes min - 1e7, which this does not follow.
     pytorch-grad-cam's ratio_channels_to_ablate (an experimental cap: it ablates only channels an
     EigenCAM mask ranks high or low, giving the others weight 0; default 1.0, all channels) is not
-    offered: the cost is 1 + K forwards per image. max_forward_batch: see ChannelCAM."""
+    offered: the cost is 1 + K forwards per image. max_forward_batch: see ChannelCAM.
+
+    On a transformer's tokens the channel is ablated on the patch grid, the map it weighs; the class,
+    distillation and register tokens keep theirs. pytorch-grad-cam's AblationLayerVit ablates the
+    channel on every token, the class token's included, and at min - 1e7 (a LayerNorm's output is
+    negative somewhere), which removes more than the map."""
 
     name = "ablationcam"
 
-    def _row_scores(self, images, targets, a, logits, rows):
+    def _row_scores(self, images, targets, a, raw, logits, rows):
         b, k = rows // a.shape[1], rows % a.shape[1]
         ablated = a[b].clone()
         ablated[torch.arange(len(rows), device=a.device), k] = 0
-        return self._forward_replacing(images[b], ablated).gather(1, targets[b, None]).squeeze(1).float()
+        return self._forward_replacing(images[b], ablated, raw[b]).gather(1, targets[b, None]).squeeze(1).float()
 
     def _weights(self, scores, logits, targets):
         y = logits.gather(1, targets[:, None]).float()
@@ -196,13 +206,15 @@ class EigenCAM(CAMBase):
     Cost: 1 forward, no backward; the module hook still rules out black boxes (needs_gradients)."""
 
     name = "eigencam"
+    agrees_at = ("bf16",)  # rank correlation with float32's maps 0.99999 or more (docs/performance.md)
 
     def passes(self):
         return {"forward": 1, "backward": 0}
 
     def explain(self, images, targets, seeds=None):
         images = check_batch(images, targets).detach()
-        _, self.layer_used, a = self._forward(images, grad=False)
+        _, raw, grid = self._forward(images, targets, grad=False)
+        a = grid.maps(raw)
         batch, _, h, w = a.shape
         positions = a.float().flatten(2).transpose(1, 2)  # [B, h*w, K]
         positions = positions - positions.mean(dim=1, keepdim=True)

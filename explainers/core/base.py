@@ -118,6 +118,17 @@ def stable_argmax(logits: torch.Tensor, recompute, rtol: float | None = DECISION
     return classes, len(ties)
 
 
+class UnsupportedModel(ValueError):
+    """The method cannot explain this model at all, whatever the image: its rules do not cover
+    the model's operations, or it cannot see them. Raised before any work, with ``reason`` (why,
+    and what to use instead, in one line); a run refuses the method at preflight with
+    "method NAME cannot explain this model: REASON" instead of failing on every image."""
+
+    def __init__(self, method: str, reason: str):
+        self.method, self.reason = method, " ".join(reason.split())
+        super().__init__(f"{method} cannot explain this model: {self.reason}")
+
+
 def check_chunk(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
@@ -146,6 +157,29 @@ class Explainer:
     # __init__ that the run fills from its option when --method-options leaves it out; one the
     # method cannot do without (no default) and the run lacks is refused before any work.
     assets: ClassVar[tuple[Option, ...]] = ()
+    # Whether the method's model forwards may run under the run's autocast (--precision bf16/fp16).
+    # False for a method that recomputes the model's layers by its own rules (relevance): it runs
+    # float32 whatever the run's precision, and says so in the manifest.
+    autocast: ClassVar[bool] = True
+    # The reduced precisions at which the method's maps were measured to keep float32's ranking
+    # (Spearman rank correlation at least 0.98 on every image, ResNet-50 and ViT-S/16 at 224 px:
+    # docs/performance.md, benchmarks/precision_agreement.py). At any other the run warns that its
+    # maps only approximate float32's.
+    agrees_at: ClassVar[tuple[str, ...]] = ()
+    # Whether the method may run on the torch.compile'd model (--compile). False for one that hooks
+    # the model's layers: a compiled graph fuses them, so a hooked activation and its gradient are
+    # not there to take.
+    compiles: ClassVar[bool] = True
+    # True for a method that reads attention matrices (rollout, attngrad): a model without global
+    # attention (a CNN, Swin's windows) is refused on its first explain, so runs over every method on
+    # a CNN (the demo, the golden outputs) leave it out.
+    needs_attention: ClassVar[bool] = False
+    # Plain words for an auditor, shown by the report next to a flag this method raises by its
+    # nature rather than by a defect, keyed by the flag: "cascading" (maps alike once the model is
+    # randomised), "random_logit" (alike for another class), "constant" (maps that point nowhere).
+    # An instance may set its own where an option changes the nature (sal's absolute). The run
+    # records them in the manifest.
+    caveats: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 # The kinds of value an option takes (their parsers are in saliency_audit.pipelines.config.kinds).
-KINDS = ("text", "location", "integer", "number", "numbers", "size", "names", "target", "threads", "switch",
+KINDS = ("text", "location", "integer", "number", "numbers", "size", "names", "target", "threads", "batch", "switch",
          "choice", "json", "method_options", "slot", "gates", "spec")
 
 

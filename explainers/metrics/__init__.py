@@ -10,7 +10,8 @@ Model-based metrics push all perturbed copies through the model in chunks of at 
 ``max_forward_batch`` images, under torch.inference_mode, on ``images.device``. Anything
 random depends only on each image's seed, never on the rest of the batch.
 
-- causal: RISE deletion / insertion curves and AUCs, the random-order reference.
+- causal: RISE deletion / insertion curves and AUCs (several methods' in shared forward chunks), the
+  random-order reference.
 - complexity: Gini sparsity.
 - abele: ABELE's relevance flip rate, Lipschitz coherence / stability, salt-and-pepper copies.
 - road: ROAD (Rong et al. 2022), MoRF and LeRF curves with noisy linear imputation.
@@ -28,8 +29,8 @@ from saliency_audit.explainers.metrics import abele_protocol  # noqa: F401,I001
 from saliency_audit.explainers.metrics import road as _road  # noqa: F401,I001  (the module; `road` is its function)
 from saliency_audit.explainers.metrics import localisation  # noqa: F401,I001
 from saliency_audit.explainers.metrics.registry import (Metric, MetricBatch, enabled_metrics, metric_class,
-                                                        metric_classes, metric_columns, metric_options,
-                                                        register_metric)
+                                                        metric_classes, metric_columns, metric_costs,
+                                                        metric_forward_passes, metric_options, register_metric)
 from saliency_audit.explainers.metrics.abele import (
     ABELE_PERCENTILES,
     lipschitz_ratios,
@@ -41,6 +42,7 @@ from saliency_audit.explainers.metrics.causal import (
     SUBSTRATES,
     auc,
     blur_substrate,
+    causal_curves,
     default_steps,
     deletion_auc,
     deletion_curve,
@@ -75,10 +77,10 @@ from saliency_audit.explainers.metrics.sanity import (
 )
 
 __all__ = [
-    "Metric", "MetricBatch", "enabled_metrics", "metric_class", "metric_classes", "metric_columns", "metric_options",
-    "register_metric",
+    "Metric", "MetricBatch", "enabled_metrics", "metric_class", "metric_classes", "metric_columns", "metric_costs",
+    "metric_forward_passes", "metric_options", "register_metric",
     "ABELE_PERCENTILES", "DEFAULT_PERCENTAGES", "LocalisationScores", "RoadCurves", "linear_imputation",
-    "noisy_linear_imputation", "pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy", "road", "SUBSTRATES", "auc", "average_ranks", "blur_substrate", "cascading_randomization",
+    "noisy_linear_imputation", "pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy", "road", "SUBSTRATES", "auc", "average_ranks", "blur_substrate", "cascading_randomization", "causal_curves",
     "default_steps", "deletion_auc", "deletion_curve", "gini", "insertion_auc", "insertion_curve",
     "lipschitz_ratios", "make_substrate", "parameterised_layers", "pixel_ranks", "prediction_unchanged",
     "random_maps", "random_other_classes", "reinitialise_", "relevance_flip_rate", "salt_and_pepper", "spearman_rank_correlation",

@@ -18,7 +18,7 @@ Per image and method, next to the RISE metrics, so our numbers compare with the 
   per shard in shard order, so the value still reproduces; an image without such a
   neighbour gets null.
 
-Cost per image and method: 63 + 21 forward passes plus explaining up to ``neighbours`` copies,
+Cost per image and method: 3 x 22 + 21 forward passes plus explaining up to ``neighbours`` copies,
 i.e. about ``neighbours`` times the method's own cost: hence opt-in.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ import dataclasses
 import torch
 
 from saliency_audit.explainers.core.options import Option
-from saliency_audit.explainers.metrics.abele import (lipschitz_ratios, prediction_unchanged, relevance_flip_rate,
-                                                     salt_and_pepper)
+from saliency_audit.explainers.metrics.abele import (ABELE_PERCENTILES, lipschitz_ratios, prediction_unchanged,
+                                                     relevance_flip_rate, salt_and_pepper)
 from saliency_audit.explainers.metrics.registry import Metric, MetricBatch, register_metric
 
 FILL_VALUES = (0, 127, 255)  # ABELE's colours, as 8-bit pixel values
@@ -142,8 +142,9 @@ class AbeleMetrics(Metric):
                              batch.predicted, batch.seeds, self.protocol, chunk=batch.chunk)
 
     def passes(self, height: int, width: int) -> dict[str, int]:
-        neighbours = self.settings["abele_neighbours"]
-        return {"per_map": len(FILL_VALUES) * 21 + neighbours, "per_image": 0, "explanations": neighbours}
+        neighbours = self.settings["abele_neighbours"]  # each fill and the copies: the image too, for its label
+        return {"per_map": len(FILL_VALUES) * (len(ABELE_PERCENTILES) + 1) + neighbours + 1, "per_image": 0,
+                "explanations": neighbours}
 
     def convention(self) -> str:
         return ("ABELE's protocol (methods.md 15.1): relevance_V = label-flip rate averaged over the percentiles "

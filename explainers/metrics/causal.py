@@ -37,6 +37,10 @@ _RISE_SIZE, _RISE_SIGMA = 224, 5.0
 # Cap of the default step count: one image row per step (RISE's setting) up to this many
 # rows, so large images do not cost hundreds of forwards per curve.
 _MAX_DEFAULT_STEPS = 64
+# The job's steps (--metric-steps), at every image size: the fewest (a power of two) whose deletion and
+# insertion AUCs at 224 px stay within 0.005 of the 224-step curve's on average and order the methods
+# as it does, for 2 x 17 forward passes per map (docs/performance.md, benchmarks/metric_steps.py).
+JOB_STEPS = 16
 
 
 def default_steps(height: int) -> int:
@@ -45,7 +49,7 @@ def default_steps(height: int) -> int:
     One image row per step, as RISE's official setting (224 steps at 224x224) and as
     methods.md 15.3 recommends for 28 and 32 px images (28 and 32 steps), capped at 64 so
     large images cost at most 65 forwards per curve. Pass ``steps=224`` for RISE's exact
-    ImageNet setting.
+    ImageNet setting. (The job's metric takes --metric-steps, JOB_STEPS at every size.)
     """
     return max(1, min(int(height), _MAX_DEFAULT_STEPS))
 
@@ -116,37 +120,83 @@ def pixel_ranks(maps: torch.Tensor, seeds: torch.Tensor | Sequence[int] | None =
     return ranks.view(batch, height, width)
 
 
-def _causal_curve(mode: str, model, images, maps, targets, *, steps, substrate, seeds,
-                  max_forward_batch, blur_sigma) -> torch.Tensor:
-    check_inputs(images, maps, targets)
+Part = tuple  # (images [B,C,H,W], maps [B,H,W], targets [B], seeds [B] or None)
+MODES = ("deletion", "insertion")
+
+
+def causal_curves(model: torch.nn.Module, parts: Sequence[Part], *, modes: Sequence[str] = MODES,
+                  steps: int | None = None, substrate: str | float = "zero",
+                  max_forward_batch: int = DEFAULT_MAX_FORWARD_BATCH,
+                  blur_sigma: float | None = None) -> list[dict[str, torch.Tensor]]:
+    """The deletion and/or insertion curves of several sets of maps in shared forward chunks.
+
+    parts: (images, maps, targets, seeds) per set, as deletion_curve takes them, e.g. every
+        method's maps of one batch; all images of one size. Parts that hold the same images
+        tensor share its substrate.
+    Every perturbed input of every part and mode goes through the model in one stream of
+    chunks of at most ``max_forward_batch`` (within CHUNK_BUDGET_BYTES): k sets of curves cost
+    about k times fewer calls than one call stream each, the same forward passes in all.
+    Returns per part {mode: [B, steps+1]}, equal to the part's own deletion_curve /
+    insertion_curve up to the rounding of other batch compositions (bit-equal for one part
+    and one mode).
+    """
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"modes must be some of {', '.join(MODES)}, got {list(modes)}")
     check_max_forward_batch(max_forward_batch)
-    batch, _, height, width = images.shape
+    if not parts:
+        return []
+    for images, maps, targets, _ in parts:
+        check_inputs(images, maps, targets)
+    shape = parts[0][0].shape[1:]
+    if any(part[0].shape[1:] != shape for part in parts):
+        raise ValueError(f"every part's images must be {tuple(shape)} (C,H,W), got "
+                         f"{sorted({tuple(part[0].shape[1:]) for part in parts})}")
+    height, width = shape[1:]
     n_pixels = height * width
     steps = default_steps(height) if steps is None else int(steps)
     if not 1 <= steps <= n_pixels:
         raise ValueError(f"steps must be between 1 and H*W={n_pixels}, got {steps}")
-    device = images.device
-    images = images.detach()
-    targets = targets.to(device)
-    ranks = pixel_ranks(maps.detach().to(device), seeds).unsqueeze(1)   # [B,1,H,W]
-    base = make_substrate(substrate, images, blur_sigma)
+    device = parts[0][0].device
     # Step k has changed the first floor(k*HW/steps) pixels: `steps` chunks whose sizes
     # differ by at most one pixel, and step k sits at x = k/steps on the AUC's axis.
     n_changed = torch.arange(steps + 1, device=device) * n_pixels // steps
-    # Deletion puts the substrate where the mask is set; insertion puts the image there.
-    inside, outside = (base, images) if mode == "deletion" else (images, base)
+    substrates: dict[int, torch.Tensor] = {}
+    blocks = []  # per (part, mode): (inside, outside, ranks [B,1,H,W], targets [B]), B*(steps+1) inputs
+    for images, maps, targets, seeds in parts:
+        if id(images) not in substrates:
+            substrates[id(images)] = make_substrate(substrate, images.detach(), blur_sigma)
+        base, images = substrates[id(images)], images.detach()
+        ranks = pixel_ranks(maps.detach().to(device), seeds).unsqueeze(1)
+        for mode in modes:  # deletion puts the substrate where the mask is set; insertion the image
+            inside, outside = (base, images) if mode == "deletion" else (images, base)
+            blocks.append((inside, outside, ranks, targets.to(device)))
+    offsets = [0]
+    for block in blocks:
+        offsets.append(offsets[-1] + len(block[3]) * (steps + 1))
+    owners = torch.cat([block[3].repeat_interleave(steps + 1) for block in blocks])  # each input's target
 
-    def build(idx):
-        b, k = idx // (steps + 1), idx % (steps + 1)
-        mask = ranks[b] < n_changed[k].view(-1, 1, 1, 1)               # all channels at once
-        return torch.where(mask, inside[b], outside[b])
+    def build(idx):  # idx: a contiguous range of inputs (forward_in_chunks' chunks)
+        lo, hi, pieces = int(idx[0]), int(idx[-1]) + 1, []
+        for (inside, outside, ranks, _), first, last in zip(blocks, offsets, offsets[1:]):
+            if lo < last and first < hi:
+                local = torch.arange(max(lo, first) - first, min(hi, last) - first, device=device)
+                b, k = local // (steps + 1), local % (steps + 1)
+                mask = ranks[b] < n_changed[k].view(-1, 1, 1, 1)       # all channels at once
+                pieces.append(torch.where(mask, inside[b], outside[b]))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def reduce(logits, idx):
-        return target_probability(logits, targets[idx // (steps + 1)])
+        return target_probability(logits, owners[idx])
 
-    chunk = chunk_within_budget(max_forward_batch, images.shape[1:])  # memory follows one chunk
-    probs = forward_in_chunks(model, batch * (steps + 1), build, reduce, chunk, device)
-    return probs.view(batch, steps + 1)
+    chunk = chunk_within_budget(max_forward_batch, shape)  # memory follows one chunk
+    probs = forward_in_chunks(model, offsets[-1], build, reduce, chunk, device)
+    curves = iter(probs[first:last].view(-1, steps + 1) for first, last in zip(offsets, offsets[1:]))
+    return [{mode: next(curves) for mode in modes} for _ in parts]
+
+
+def _causal_curve(mode: str, model, images, maps, targets, *, seeds, **kwargs) -> torch.Tensor:
+    return causal_curves(model, [(images, maps, targets, seeds)], modes=(mode,), **kwargs)[0][mode]
 
 
 def deletion_curve(model: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
@@ -266,29 +316,39 @@ class DeletionInsertion(Metric):
         Option("metrics", "switch", default=True, spec="metrics.enabled", fingerprint=True,
                help="compute explanation-quality metrics: deletion and insertion AUC, their random-order "
                     "reference, Gini sparsity (default on)"),
-        Option("metric_steps", "integer", default=16, low=1, spec="metrics.steps", fingerprint=True,
-               help="deletion/insertion steps (default 16: 2 x 17 forward passes per map)"),
+        Option("metric_steps", "integer", default=JOB_STEPS, low=1, spec="metrics.steps", fingerprint=True,
+               help="deletion/insertion steps (default 16 at every image size: 2 x 17 forward passes per map, and "
+                    "as many per image for the random order; docs/performance.md)"),
         Option("metric_substrate", "choice", default="zero", choices=SUBSTRATES, spec="metrics.substrate",
                fingerprint=True, help="what deleted pixels become in deletion/insertion (default zero)"),
     )
     switch = "metrics"
 
-    def _aucs(self, batch: MetricBatch, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kwargs = {"steps": self.settings["metric_steps"], "substrate": self.settings["metric_substrate"],
-                  "seeds": batch.seeds}
-        return (deletion_auc(batch.model, batch.images, maps, batch.targets, **kwargs),
-                insertion_auc(batch.model, batch.images, maps, batch.targets, **kwargs))
+    def _aucs(self, items: Sequence[tuple[MetricBatch, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(deletion AUC, insertion AUC) [N] of each (batch, maps), all curves in shared forward chunks."""
+        curves = causal_curves(items[0][0].model, [(batch.images, maps, batch.targets, batch.seeds)
+                                                   for batch, maps in items],
+                               steps=self.settings["metric_steps"], substrate=self.settings["metric_substrate"])
+        return [(auc(curve["deletion"]), auc(curve["insertion"])) for curve in curves]
 
     def reference(self, batch: MetricBatch) -> dict[str, torch.Tensor]:
         """The AUCs of a random pixel order: the level a map must beat."""
         shape = batch.images.shape[:1] + batch.images.shape[2:]
-        deletion, insertion = self._aucs(batch, random_maps(shape, batch.seeds, device=batch.images.device))
+        [(deletion, insertion)] = self._aucs([(batch, random_maps(shape, batch.seeds, device=batch.images.device))])
         return {"deletion_auc_random": deletion, "insertion_auc_random": insertion}
 
     def score(self, batch: MetricBatch, maps: torch.Tensor, reference: dict[str, torch.Tensor]
               ) -> dict[str, torch.Tensor]:
-        deletion, insertion = self._aucs(batch, maps)
-        return {"deletion_auc": deletion, "insertion_auc": insertion, "gini": gini(maps), **reference}
+        return self.score_all([(batch, maps, reference)])[0]
+
+    def score_all(self, items: Sequence[tuple[MetricBatch, torch.Tensor, dict[str, torch.Tensor]]]
+                  ) -> list[dict[str, torch.Tensor]]:
+        """Every method's deletion and insertion curves of a batch in one stream of forward chunks."""
+        if not items:
+            return []
+        aucs = self._aucs([(batch, maps) for batch, maps, _ in items])
+        return [{"deletion_auc": deletion, "insertion_auc": insertion, "gini": gini(maps), **reference}
+                for (_, maps, reference), (deletion, insertion) in zip(items, aucs)]
 
     def check(self, height: int, width: int) -> str | None:
         steps, pixels = self.settings["metric_steps"], height * width

@@ -16,11 +16,14 @@ new metric touches no other file.
 
         def score(self, batch, maps, reference):
             return {"sparsity": ...}  # [N]
+
+        def passes(self, height, width):  # it asks the model nothing
+            return {"per_map": 0, "per_image": 0, "explanations": 0}
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -60,8 +63,9 @@ class Metric:
 
     Subclasses set ``name``, ``columns`` (column -> type, see COLUMN_TYPES), ``options`` (their run
     options; each must be declared fingerprint=True, since it changes the metric's columns), ``switch`` (the option that turns the metric
-    on; None: always on, e.g. where its inputs exist), and implement ``score``; ``reference``
-    computes, once per batch, columns every method of the batch shares.
+    on; None: always on, e.g. where its inputs exist), and implement ``score`` and ``passes`` (its
+    cost: the plan, the manifest and the report read it there); ``reference`` computes, once per
+    batch, columns every method of the batch shares; ``score_all`` may share work between methods.
     """
 
     name: ClassVar[str] = ""
@@ -88,15 +92,26 @@ class Metric:
         ``reference``: this metric's reference() of the same images. NaN stores a null."""
         raise NotImplementedError
 
+    def score_all(self, items: Sequence[tuple[MetricBatch, torch.Tensor, dict[str, torch.Tensor]]]
+                  ) -> list[dict[str, torch.Tensor]]:
+        """score() of several (batch, maps, reference) at once, e.g. every method's maps of one batch,
+        so that a metric can share work between them (deletion and insertion share forward chunks).
+        Must equal ``[self.score(*item) for item in items]`` within float rounding; the items' batches
+        share the model."""
+        return [self.score(*item) for item in items]
+
     def check(self, height: int, width: int) -> str | None:
         """Why the metric cannot run on model inputs of this size with these settings, or None
         (checked in preflight on a sample image, so it fails before the job starts)."""
         return None
 
     def passes(self, height: int, width: int) -> dict[str, int]:
-        """Forward passes per image: ``per_map`` for each method's map, ``per_image`` shared by the
-        batch's methods (the reference), ``explanations`` per map (the method run again)."""
-        return {"per_map": 0, "per_image": 0, "explanations": 0}
+        """The cost per image on model inputs of ``height`` x ``width`` with these settings, counted
+        as the model sees it: ``per_map`` forward passes for each method's map, ``per_image`` forward
+        passes shared by the batch's methods (the reference), ``explanations`` per map (the method
+        run again, at the method's own cost; an upper bound where some are skipped). Every metric
+        declares it (register_metric checks); tests/explainers/test_metric_costs.py counts it."""
+        raise NotImplementedError(f"metric {self.name!r} declares no cost")
 
     def convention(self) -> str:
         """What the columns mean, for the manifest."""
@@ -118,6 +133,8 @@ def register_metric(cls: type[Metric]) -> type[Metric]:
     bad = {column: kind for column, kind in cls.columns.items() if kind not in COLUMN_TYPES}
     if bad:
         raise TypeError(f"metric {cls.name!r}: column types {bad} not in {COLUMN_TYPES}")
+    if cls.passes is Metric.passes:  # the plan, the manifest and the report print its cost
+        raise TypeError(f"metric {cls.name!r} declares no cost: define passes(height, width)")
     taken = {column: other.name for other in _REGISTRY.values() if other is not cls for column in other.columns}
     clash = sorted(set(cls.columns) & set(taken))
     if clash:
@@ -152,3 +169,16 @@ def metric_columns(name: str | None = None, scalar: bool = True) -> tuple[str, .
 def enabled_metrics(settings: Mapping[str, Any]) -> list[Metric]:
     """The metrics a run's settings turn on, built for it."""
     return [cls(settings) for cls in metric_classes() if cls.enabled(settings)]
+
+
+def metric_costs(settings: Mapping[str, Any], height: int, width: int) -> dict[str, dict[str, int]]:
+    """Each metric the settings turn on -> its passes() on model inputs of this size."""
+    return {metric.name: metric.passes(height, width) for metric in enabled_metrics(settings)}
+
+
+def metric_forward_passes(costs: Mapping[str, Mapping[str, int]], method_forwards: Sequence[int]) -> int:
+    """The metrics' forward passes per image and target for methods of ``method_forwards`` forward
+    passes each: every reference once, every per-map cost once per method, and each explanation
+    again at its method's forwards."""
+    return sum(cost["per_image"] + sum(cost["per_map"] + cost["explanations"] * forwards for forwards in method_forwards)
+               for cost in costs.values())

@@ -49,6 +49,7 @@ class RISE(Explainer):
     """
 
     name = "rise"
+    agrees_at = ("bf16",)  # rank correlation with float32's maps 0.99999 or more (docs/performance.md)
     signed = False
     needs_gradients = False
 

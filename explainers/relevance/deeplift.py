@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from saliency_audit.explainers.core.base import Explainer, Explanation, check_batch
+from saliency_audit.explainers.core.base import Explainer, Explanation, UnsupportedModel, check_batch
 from saliency_audit.explainers.core.baselines import make_baseline
 from saliency_audit.explainers.core.maps import sum_channels
 from saliency_audit.explainers.core.registry import register
@@ -130,12 +130,15 @@ class DeepLift(Explainer):
     One forward on the reference, one on the images, one backward. The map sums to
     f(x) - f(baseline) for the target logit, up to what max pooling moves where x and the
     reference have different winners; ``convergence_delta`` records
-    the gap.  The model must be traceable by torch.fx (see elrp); anything else raises
-    ValueError naming the layer.
+    the gap.  The model must be traceable by torch.fx (see elrp); anything else is refused
+    before any work (UnsupportedModel, naming the layers). LayerNorm mixes a position's
+    channels nonlinearly and has no Rescale multiplier, so ConvNeXt and transformers are refused
+    (intg explains them, with the same summation to f(x) - f(baseline)).
     """
 
     name = "deeplift"
     extras = {"convergence_delta": "float32"}
+    autocast = compiles = False  # its rules rerun the model's FX graph: float32, eager
 
     def __init__(self, model, baseline: float | str = 0.0):
         super().__init__(model)
@@ -157,7 +160,7 @@ class DeepLift(Explainer):
         with torch.enable_grad():
             logits, _ = _run(gm, plan, x, reference)
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-                raise ValueError("deeplift needs a model that returns one logits tensor [B,K]")
+                raise UnsupportedModel("deeplift", "it needs a model that returns one logits tensor [B,K]")
             index = targets.to(logits.device).long().unsqueeze(1)
             chosen = logits.gather(1, index).squeeze(1)
             (grad,) = torch.autograd.grad(chosen.sum(), x)

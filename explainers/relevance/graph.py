@@ -15,8 +15,10 @@ a graph and every node gets a role:
 ``input``  the model's input.
 
 BatchNorm that directly follows a Conv/Linear is folded into it (on a copy), which leaves
-the outputs unchanged and makes the pair one linear layer.  Anything else raises a
-ValueError that names the layer.
+the outputs unchanged and makes the pair one linear layer.  A model with anything else
+(LayerNorm, attention, a product of two activations, a forward torch.fx cannot trace) is
+refused before any work with :class:`UnsupportedModel`, which names what the rules do not
+cover and what to use instead.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from saliency_audit.explainers.core.base import UnsupportedModel
+from saliency_audit.explainers.core.registry import list_methods
 
 # --- what each op does to relevance -----------------------------------------------
 
@@ -142,7 +147,8 @@ class _ConcreteTracer(fx.Tracer):
                 return self.example
             if args:
                 return args[0]
-            raise ValueError(f"{self.method} explains models with one tensor input; forward() also requires {target!r}")
+            raise UnsupportedModel(self.method, f"it explains models with one tensor input, and forward() also "
+                                                f"requires {target!r}: {instead(self.method)}")
         if kind == "get_attr":
             value = self.root
             for atom in target.split("."):
@@ -159,8 +165,9 @@ class _ConcreteTracer(fx.Tracer):
     def to_bool(self, obj):
         if obj.node in self.shape_only:
             return bool(self.values[obj.node])
-        raise ValueError(f"{self.method} cannot trace the model: its forward branches on tensor values "
-                         f"(node {obj.node.name!r}); only conditions on shapes can be traced")
+        raise UnsupportedModel(self.method, f"its forward branches on tensor values (node {obj.node.name!r}), so "
+                                            f"torch.fx cannot trace one graph for every image (only conditions on "
+                                            f"shapes can be traced): {instead(self.method)}")
 
 
 def _is_shape_op(node: fx.Node) -> bool:
@@ -245,12 +252,33 @@ def _remove_inplace(gm: fx.GraphModule) -> None:
             node.target = node.target[:-1]
 
 
+COVERED = "its rules cover convolutions, linear layers, batch norm, pooling, sums and elementwise activations"
+
+
+def attention_layer(model: nn.Module) -> str | None:
+    """The class of the model's first attention layer, or None. softmax(QK^T)V multiplies two
+    activations and normalises across tokens, which no rule here covers."""
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention"):
+            return type(module).__name__
+    return None
+
+
+def instead(method: str) -> str:
+    """What to run instead of ``method``: the last words of a refusal."""
+    if method == "deeplift":
+        return "use intg, whose map also sums to f(x) - f(baseline)"
+    if "attnlrp" in list_methods():  # registered with explainers.transformer
+        return "use attnlrp (LRP with rules for LayerNorm and attention) or intg"
+    return "use intg (integrated gradients) or grad"
+
+
 def check_model(model, method: str) -> None:
     if isinstance(model, torch.jit.ScriptModule):
-        raise ValueError(f"{method} needs the model's Python code to trace its graph; TorchScript models "
-                         "cannot be traced. Load the model as module:Callable with --weights instead")
+        raise UnsupportedModel(method, "it needs the model's Python code to trace its graph, and a TorchScript "
+                                       "model cannot be traced: load the model as module:Callable with --weights")
     if not isinstance(model, nn.Module):
-        raise ValueError(f"{method} needs a torch.nn.Module, got {type(model).__name__}")
+        raise UnsupportedModel(method, f"it needs a torch.nn.Module, got {type(model).__name__}")
 
 
 def _drop_inplace_flag(node: fx.Node) -> None:
@@ -269,7 +297,7 @@ def trace_model(model: nn.Module, example: torch.Tensor, method: str) -> fx.Grap
 
     Works on a deep copy in eval mode, with frozen parameters, BatchNorm folded into the
     layer before it and in-place ops made out-of-place; ``model`` is left untouched.
-    Raises ValueError for TorchScript models and for forward()s that cannot be traced.
+    Raises UnsupportedModel for TorchScript models and for forward()s that cannot be traced.
     """
     check_model(model, method)
     model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -277,11 +305,16 @@ def trace_model(model: nn.Module, example: torch.Tensor, method: str) -> fx.Grap
     try:
         with torch.no_grad():
             graph = tracer.trace(model)
-    except ValueError:
+    except UnsupportedModel:
         raise
-    except Exception as e:
-        raise ValueError(f"{method} cannot trace the model with torch.fx: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    except Exception as e:  # noqa: BLE001 - torch.fx fails in many ways on code written for eager mode
+        layer = attention_layer(model)
+        if layer:  # transformers fail to trace long before the rules would refuse their attention
+            reason = f"{COVERED}; this model uses attention ({layer}), which they do not"
+        else:
+            reason = (f"it needs the model's torch.fx graph, and tracing fails ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''})")
+        raise UnsupportedModel(method, f"{reason}: {instead(method)}") from None
     gm = fx.GraphModule(model, graph)
     _remove_inplace(gm)
     _fold_batchnorm(gm)
@@ -299,13 +332,24 @@ def _op_label(node: fx.Node, gm: fx.GraphModule) -> str:
     return f"{kind} {name!r} (node {node.name!r})"
 
 
+def _op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+SHOWN_KINDS = 3  # unsupported ops a refusal names, one node of each kind
+
+
 def plan_rules(gm: fx.GraphModule, method: str) -> dict[fx.Node, str]:
-    """The rule of every node that carries relevance; ValueError for anything else."""
+    """The rule of every node that carries relevance; UnsupportedModel naming the ops of the
+    kinds no rule covers (the first node of each kind), if there are any."""
     plan: dict[fx.Node, str] = {}
     live: set[fx.Node] = set()
+    unsupported: dict[str, str] = {}  # kind -> the first such node's label
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if not placeholders:
-        raise ValueError(f"{method}: the traced model has no input")
+        raise UnsupportedModel(method, f"the traced model has no input: {instead(method)}")
     live.add(placeholders[0])
     plan[placeholders[0]] = "input"
     for node in gm.graph.nodes:
@@ -319,8 +363,14 @@ def plan_rules(gm: fx.GraphModule, method: str) -> dict[fx.Node, str]:
         live.add(node)
         rule = _rule(node, gm, inputs, plan)
         if rule is None:
-            raise ValueError(f"{method} does not support {_op_label(node, gm)}")
-        plan[node] = rule
+            unsupported.setdefault(_op_kind(node, gm), _op_label(node, gm))
+        else:
+            plan[node] = rule
+    if unsupported:
+        shown = list(unsupported.values())
+        more = f" and {len(shown) - SHOWN_KINDS} more kinds" if len(shown) > SHOWN_KINDS else ""
+        raise UnsupportedModel(method, f"{COVERED}; this model uses {', '.join(shown[:SHOWN_KINDS])}{more}, "
+                                       f"which they do not: {instead(method)}")
     return plan
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from saliency_audit.explainers.core.base import Explainer, Explanation, check_batch
+from saliency_audit.explainers.core.base import Explainer, Explanation, UnsupportedModel, check_batch
 from saliency_audit.explainers.core.maps import sum_channels
 from saliency_audit.explainers.core.registry import register
 from saliency_audit.explainers.relevance.graph import TracedGraphs, call_node, check_model, input_nodes, trace_model
@@ -190,7 +190,7 @@ def propagate(gm: fx.GraphModule, plan: dict[fx.Node, str], x: torch.Tensor, tar
                 env[node] = call_node(node, gm, args, kwargs)
     if not isinstance(output, fx.Node) or not isinstance(env.get(output), torch.Tensor) \
             or env[output].dim() != 2 or plan.get(output) in (None, "shape"):
-        raise ValueError("elrp needs a model that returns one logits tensor [B,K] computed from its input")
+        raise UnsupportedModel("elrp", "it needs a model that returns one logits tensor [B,K] computed from its input")
     logits = env[output]
     index = targets.to(logits.device).long().unsqueeze(1)
     target_logits = logits.gather(1, index)
@@ -263,8 +263,8 @@ class EpsilonLRP(Explainer):
         for the z-box rule; default [0, 1]. The pipeline sets it from --mean and --std.
 
     The model must be traceable by torch.fx (Python code, not TorchScript; no branches on
-    tensor values) and built from supported ops; anything else raises ValueError naming
-    the layer.  The graph is traced once per input shape (C,H,W), on a copy in eval mode,
+    tensor values) and built from supported ops; anything else (LayerNorm, attention) is
+    refused before any work with UnsupportedModel, naming the layers.  The graph is traced once per input shape (C,H,W), on a copy in eval mode,
     with the batch's first image: branches on shapes are resolved for that example, so a
     forward() that branches on the batch size would keep the one-image branch.
 
@@ -274,6 +274,7 @@ class EpsilonLRP(Explainer):
 
     name = "elrp"
     extras = {"relevance_sum": "float32"}
+    autocast = compiles = False  # its rules rerun the model's FX graph: float32, eager
     default_composite = "epsilon"
 
     def __init__(self, model, epsilon: float = 1e-6, composite: str | None = None, gamma: float = 0.25,

@@ -27,9 +27,15 @@ class as a whole does not; a class with one cluster gets one unscored row.
 
 Memory holds one record batch and, per (method, class), one grid of sums and at most twice
 ``sample`` pooled maps: it depends on the number of classes, never on the number of images.
+
+A run gathers the same per-(method, class) statistics inside its job
+(saliency_audit.pipelines.job.findings_step) and the launcher computes the findings from them
+(``findings_from_statistics``), without reading a map back: equal to ``find_clever_hans`` on the
+run's files, since the statistics merge in any order to the same state (docs/findings.md).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -37,6 +43,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+from threadpoolctl import threadpool_limits
 
 from saliency_audit.transforms.io import storage
 
@@ -83,10 +90,13 @@ def id_hash(image_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8", "replace"), digest_size=8).digest(), "big")
 
 
+@functools.lru_cache(maxsize=64)  # the job pools a few maps at a time: build each matrix once
 def pool_matrix(size: int, grid: int) -> np.ndarray:
     """[grid, size] 0/1: pixel i belongs to cell floor(i * grid / size) (cells differ by one pixel at most)."""
     cells = (np.arange(size) * grid) // size
-    return (cells[None, :] == np.arange(grid)[:, None]).astype(np.float32)
+    matrix = (cells[None, :] == np.arange(grid)[:, None]).astype(np.float32)
+    matrix.flags.writeable = False  # shared by every caller
+    return matrix
 
 
 def pooled(maps: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,25 +137,57 @@ def regions(grid: int, window: int, height: int, width: int) -> list[Region]:
     return found
 
 
+def _fixed_point(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cells in [0, 1] [N, grid, grid] -> their sum as two integer limbs (hi / 2^32 + lo / 2^64 per
+    cell). Integer sums are exact, so a class's total is the same in any order of rows, bundles and
+    merges (a float sum is not). Scaling a float32 by 2^32 in float64 and taking the floor and the
+    remainder are exact; lo is rounded only below 2^-64. int64 holds 2^31 maps per (method, class)."""
+    scaled = cells.astype(np.float64) * 2.0 ** 32
+    high = np.floor(scaled)
+    low = np.rint((scaled - high) * 2.0 ** 32)
+    return high.astype(np.int64).sum(axis=0), low.astype(np.int64).sum(axis=0)
+
+
 @dataclass
 class ClassMaps:
-    """One (method, class): the streamed sum of its maps and a bounded, order-independent sample."""
+    """One (method, class): the exact sum of its maps and a bounded, order-independent sample (the
+    ``sample_size`` smallest (hash, id)). Accumulators merge in any order to the same state, so the
+    job can build them bundle by bundle (saliency_audit.pipelines.job.findings_step) and the launcher
+    reads only them."""
     sample_size: int
     count: int = 0
-    total: np.ndarray | None = None
+    high: Any = 0  # the sum of the maps' cells in fixed point (_fixed_point)
+    low: Any = 0
+    shape: tuple[int, int] | None = None  # the maps' height and width: that of the smallest (hash, id)
+    shape_key: tuple[int, str] | None = None
     hashes: list[int] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     maps: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, image_ids: list[str], cells: np.ndarray) -> None:
-        self.count += len(cells)
-        summed = cells.sum(axis=0, dtype=np.float64)
-        self.total = summed if self.total is None else self.total + summed
-        self.hashes += [id_hash(i) for i in image_ids]
-        self.ids += image_ids
-        self.maps += list(cells)
+    def add(self, image_ids: list[str], cells: np.ndarray, shape: tuple[int, int]) -> None:
+        high, low = _fixed_point(cells)
+        hashes = [id_hash(i) for i in image_ids]
+        self._absorb(len(cells), high, low, min(zip(hashes, image_ids)), shape, hashes, list(image_ids), list(cells))
+
+    def merge(self, other: ClassMaps) -> None:
+        if other.count:
+            self._absorb(other.count, other.high, other.low, other.shape_key, other.shape, other.hashes, other.ids,
+                         other.maps)
+
+    def _absorb(self, count, high, low, shape_key, shape, hashes, ids, maps) -> None:
+        self.count += count
+        self.high, self.low = self.high + high, self.low + low
+        if self.shape_key is None or shape_key < self.shape_key:
+            self.shape_key, self.shape = shape_key, tuple(shape)
+        self.hashes.extend(hashes)
+        self.ids.extend(ids)
+        self.maps.extend(maps)
         if len(self.ids) > 2 * self.sample_size:
             self._trim()
+
+    def mean(self) -> np.ndarray:
+        """The class's mean map [grid, grid]: a function of the exact total, so the same in any order."""
+        return (self.high.astype(np.float64) + self.low.astype(np.float64) / 2.0 ** 32) / 2.0 ** 32 / self.count
 
     def _trim(self) -> None:
         order = sorted(range(len(self.ids)), key=lambda i: (self.hashes[i], self.ids[i]))[: self.sample_size]
@@ -155,6 +197,15 @@ class ClassMaps:
         self._trim()
         order = sorted(range(len(self.ids)), key=lambda i: self.ids[i])  # a stable order for clustering
         return [self.ids[i] for i in order], np.stack([self.maps[i] for i in order])
+
+    def __getstate__(self) -> dict:  # Beam pickles accumulators between stages: the maps as one array
+        state = dict(self.__dict__)
+        state["maps"] = np.stack(self.maps) if self.maps else None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        maps = state.pop("maps")
+        self.__dict__.update(state, maps=list(maps) if maps is not None else [])
 
 
 def _dataset(source: ds.Dataset | str | Iterable[str], storage_options: dict[str, Any] | None) -> ds.Dataset | None:
@@ -166,6 +217,13 @@ def _dataset(source: ds.Dataset | str | Iterable[str], storage_options: dict[str
         return None
     fs, _ = storage.filesystem(files[0], storage_options)
     return ds.dataset([storage.filesystem(f, storage_options)[1] for f in files], format="parquet", filesystem=fs)
+
+
+def _usable(image_id, method, label, height, width, length) -> bool:
+    """A row with an id, a method, a class and a map of height x width values (the file and the job
+    paths skip the same rows)."""
+    return (image_id is not None and method is not None and label is not None and bool(height) and bool(width)
+            and height > 0 and width > 0 and length == height * width)
 
 
 def _batch_maps(batch: pa.RecordBatch) -> Iterable[tuple[str, int, list[str], np.ndarray]]:
@@ -185,33 +243,59 @@ def _batch_maps(batch: pa.RecordBatch) -> Iterable[tuple[str, int, list[str], np
     for i, (image_id, method, t, p, h, w, valid) in enumerate(meta):
         ids.append(image_id)
         label = t if t is not None else p
-        if (valid and image_id is not None and method is not None and label is not None and h and w
-                and h > 0 and w > 0 and offsets[i + 1] - offsets[i] == h * w):
+        if valid and _usable(image_id, method, label, h, w, offsets[i + 1] - offsets[i]):
             groups.setdefault((method, int(label), h, w), []).append(i)
     for (method, label, h, w), rows in groups.items():
         maps = np.stack([values[offsets[i]:offsets[i + 1]] for i in rows]).reshape(len(rows), h, w)
         yield method, label, [ids[i] for i in rows], maps
 
 
-def collect(dataset: ds.Dataset, grid: int, sample: int,
-            batch_size: int = 128) -> tuple[dict[tuple[str, int], ClassMaps], dict[str, tuple[int, int]]]:
+def collect(dataset: ds.Dataset, grid: int, sample: int, batch_size: int = 128,
+            where=None) -> dict[tuple[str, int], ClassMaps]:
     """Stream the saliency rows once: per (method, class), the sum and the sample of pooled maps."""
     names = set(dataset.schema.names)
     missing = {"image_id", "method", "target", "height", "width", "saliency"} - names
     if missing:
         raise ValueError(f"the saliency table lacks the columns {sorted(missing)}")
     groups: dict[tuple[str, int], ClassMaps] = {}
-    shapes: dict[str, tuple[int, int]] = {}
-    for batch in dataset.to_batches(columns=[c for c in _COLUMNS if c in names], batch_size=batch_size):
+    for batch in dataset.to_batches(columns=[c for c in _COLUMNS if c in names], batch_size=batch_size,
+                                    filter=where):
         for method, label, image_ids, maps in _batch_maps(batch):
-            if min(maps.shape[1:]) < grid:  # a cell would hold no pixel: too small to locate anything
-                continue
-            cells, keep = pooled(maps, grid)
-            if keep.any():
-                shapes.setdefault(method, maps.shape[1:])
-                groups.setdefault((method, label), ClassMaps(sample)).add(
-                    [i for i, k in zip(image_ids, keep) if k], cells[keep])
-    return groups, shapes
+            _add(groups, method, label, image_ids, maps, grid, sample)
+    return groups
+
+
+def _add(groups: dict[tuple[str, int], ClassMaps], method: str, label: int, image_ids: list[str], maps: np.ndarray,
+         grid: int, sample: int) -> None:
+    """Pool same-shaped maps [N,H,W] of one (method, class) into its group."""
+    cells, keep = _cells(maps, grid)
+    if keep.any():
+        groups.setdefault((method, label), ClassMaps(sample)).add(
+            [i for i, k in zip(image_ids, keep) if k], cells[keep], maps.shape[1:])
+
+
+def _cells(maps: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """``pooled``, with nothing kept of maps smaller than the grid (a cell would hold no pixel:
+    too small to locate anything) or empty ones."""
+    if min(maps.shape[1:]) < grid:
+        return maps[:, :0, :0], np.zeros(len(maps), bool)
+    return pooled(maps, grid)
+
+
+def add_rows(groups: dict[tuple[str, int], ClassMaps], rows: list[dict], grid: int, sample: int) -> None:
+    """Saliency rows (dicts, as the job stores them) into their groups, as ``collect`` adds them from
+    the files: the same rows skipped, the maps of one (method, class, shape) pooled together."""
+    batches: dict[tuple, list[dict]] = {}
+    for row in rows:
+        label = row.get("target") if row.get("target") is not None else row.get("predicted")
+        values = row.get("saliency")
+        if values is not None and _usable(row.get("image_id"), row.get("method"), label, row.get("height"),
+                                          row.get("width"), len(values)):
+            batches.setdefault((row["method"], int(label), int(row["height"]), int(row["width"])), []).append(row)
+    for (method, label, height, width), batch in batches.items():
+        maps = np.stack([np.asarray(r["saliency"]) for r in batch]).astype(np.float32, copy=False)
+        _add(groups, method, label, [r["image_id"] for r in batch], maps.reshape(len(batch), height, width),
+             grid, sample)
 
 
 def knn_affinity(x: np.ndarray, neighbours: int) -> np.ndarray:
@@ -326,33 +410,113 @@ class Context:
 def find_clever_hans(source: ds.Dataset | str | Iterable[str], storage_options: dict[str, Any] | None = None, *,
                      grid: int = DEFAULT_GRID, window: int = DEFAULT_WINDOW, sample: int = DEFAULT_SAMPLE,
                      neighbours: int = DEFAULT_NEIGHBOURS, max_clusters: int = DEFAULT_MAX_CLUSTERS,
-                     threshold: float = SCORE_THRESHOLD, max_images: int = MAX_IMAGES) -> pa.Table:
+                     threshold: float = SCORE_THRESHOLD, max_images: int = MAX_IMAGES, where=None) -> pa.Table:
     """The findings of a run's saliency files (or a pyarrow dataset of them), most suspicious first.
 
     One ``concentration`` row per (method, class) and one ``spray_cluster`` row per cluster;
-    ``flagged`` where the score is above ``threshold``."""
+    ``flagged`` where the score is above ``threshold``. ``where``: the rows to read (an audit with
+    several targets per image: its main request's, so that each image counts once per method).
+    A run computes the same from the statistics its job gathered (``findings_from_statistics``)."""
+    _check(grid, window, sample, neighbours, max_clusters)
+    dataset = _dataset(source, storage_options)
+    if dataset is None:
+        return FINDINGS_SCHEMA.empty_table()
+    return findings_table(collect(dataset, grid, sample, where=where), grid, window=window, neighbours=neighbours,
+                          max_clusters=max_clusters, threshold=threshold, max_images=max_images)
+
+
+def _check(grid: int, window: int, sample: int, neighbours: int, max_clusters: int) -> None:
     if not (grid >= 2 and 1 <= window < grid and sample >= 3 and neighbours >= 1 and max_clusters >= 1):
         raise ValueError(f"need grid >= 2, 1 <= window < grid, sample >= 3, neighbours >= 1 and max_clusters >= 1; "
                          f"got grid={grid}, window={window}, sample={sample}, neighbours={neighbours}, "
                          f"max_clusters={max_clusters}")
-    dataset = _dataset(source, storage_options)
-    if dataset is None:
-        return FINDINGS_SCHEMA.empty_table()
-    groups, shapes = collect(dataset, grid, sample)
+
+
+def findings_table(groups: dict[tuple[str, int], ClassMaps], grid: int, *, window: int = DEFAULT_WINDOW,
+                   neighbours: int = DEFAULT_NEIGHBOURS, max_clusters: int = DEFAULT_MAX_CLUSTERS,
+                   threshold: float = SCORE_THRESHOLD, max_images: int = MAX_IMAGES) -> pa.Table:
+    """The findings table of the per-(method, class) statistics, most suspicious first."""
+    shapes: dict[str, tuple[tuple[int, str], tuple[int, int]]] = {}
+    for (method, _), group in groups.items():  # per method, the shape of its smallest (hash, id): any order agrees
+        if method not in shapes or group.shape_key < shapes[method][0]:
+            shapes[method] = (group.shape_key, group.shape)
     rows: list[dict] = []
-    for method in sorted(shapes):
-        candidates = regions(grid, window, *shapes[method])
-        context = Context(method, candidates, np.stack([r.mask.ravel() for r in candidates]).astype(np.float64),
-                          threshold, max_images, grid)
-        classes = {label: g for (m, label), g in groups.items() if m == method}
-        samples = {label: g.sample() for label, g in classes.items()}
-        refs = references({c: s[1] for c, s in samples.items()}, context.masks)
-        for label in sorted(classes):
-            ids, maps = samples[label]
-            rows.append(concentration(context, label, classes[label], ids, maps, refs[label]))
-            rows += spray(context, label, classes[label].count, ids, maps, refs[label], neighbours, max_clusters)
+    # One BLAS/OpenMP thread: the eigendecompositions and k-means here are small (at most ``sample``
+    # maps), and a thread pool per core made them 10x slower on a busy 2-core machine (issue 26).
+    with threadpool_limits(1):
+        for method in sorted(shapes):
+            candidates = regions(grid, window, *shapes[method][1])
+            context = Context(method, candidates, np.stack([r.mask.ravel() for r in candidates]).astype(np.float64),
+                              threshold, max_images, grid)
+            classes = {label: g for (m, label), g in groups.items() if m == method}
+            samples = {label: g.sample() for label, g in classes.items()}
+            refs = references({c: s[1] for c, s in samples.items()}, context.masks)
+            for label in sorted(classes):
+                ids, maps = samples[label]
+                rows.append(concentration(context, label, classes[label], ids, maps, refs[label]))
+                rows += spray(context, label, classes[label].count, ids, maps, refs[label], neighbours, max_clusters)
     rows.sort(key=lambda r: (-r["score"], r["method"], r["class"], r["kind"], r["cluster"] or 0))
     return pa.Table.from_pylist(rows, schema=FINDINGS_SCHEMA)
+
+
+# --- the statistics a run's job gathers: small, whatever the number of maps -------------------------
+
+STATISTICS_SCHEMA = pa.schema([
+    pa.field("method", pa.string()),
+    pa.field("class", pa.int64()),
+    pa.field("grid", pa.int32()),
+    pa.field("sample", pa.int32()),                # the sample's cap
+    pa.field("count", pa.int64()),                 # the group's non-empty maps, all of them
+    pa.field("sum_high", pa.list_(pa.int64())),    # their cells' exact sum, grid x grid (_fixed_point)
+    pa.field("sum_low", pa.list_(pa.int64())),
+    pa.field("height", pa.int32()),                # the maps' shape, and the image it was taken from
+    pa.field("width", pa.int32()),
+    pa.field("shape_image", pa.string()),
+    pa.field("image_ids", pa.list_(pa.string())),  # the sample, by id
+    pa.field("cells", pa.list_(pa.float32())),     # its pooled maps, sample x grid x grid, row-major
+])
+
+
+def statistics_table(groups: dict[tuple[str, int], ClassMaps], grid: int) -> pa.Table:
+    """The groups as a table of one row per (method, class): the sample trimmed to its cap."""
+    rows = []
+    for (method, label), group in sorted(groups.items()):
+        ids, maps = group.sample()
+        rows.append({"method": method, "class": label, "grid": grid, "sample": group.sample_size, "count": group.count,
+                     "sum_high": group.high.ravel(), "sum_low": group.low.ravel(), "height": group.shape[0],
+                     "width": group.shape[1], "shape_image": group.shape_key[1], "image_ids": ids,
+                     "cells": maps.astype(np.float32).ravel()})
+    return pa.Table.from_pylist(rows, schema=STATISTICS_SCHEMA)
+
+
+def groups_from_statistics(table: pa.Table) -> tuple[dict[tuple[str, int], ClassMaps], int]:
+    """``statistics_table`` read back: the groups, as the job left them, and their grid."""
+    if missing := set(STATISTICS_SCHEMA.names) - set(table.column_names):
+        raise ValueError(f"the findings statistics lack the columns {sorted(missing)}")
+    grids = set(table.column("grid").to_pylist())
+    if len(grids) > 1:
+        raise ValueError(f"the findings statistics mix grids {sorted(grids)}")
+    grid = grids.pop() if grids else DEFAULT_GRID
+    groups = {}
+    for row in table.to_pylist():
+        ids = row["image_ids"]
+        cells = np.asarray(row["cells"], np.float32).reshape(len(ids), grid, grid)
+        groups[(row["method"], row["class"])] = ClassMaps(
+            row["sample"], row["count"], np.asarray(row["sum_high"], np.int64).reshape(grid, grid),
+            np.asarray(row["sum_low"], np.int64).reshape(grid, grid), (row["height"], row["width"]),
+            (id_hash(row["shape_image"]), row["shape_image"]), [id_hash(i) for i in ids], list(ids), list(cells))
+    return groups, grid
+
+
+def findings_from_statistics(table: pa.Table, *, window: int = DEFAULT_WINDOW, neighbours: int = DEFAULT_NEIGHBOURS,
+                             max_clusters: int = DEFAULT_MAX_CLUSTERS, threshold: float = SCORE_THRESHOLD,
+                             max_images: int = MAX_IMAGES) -> pa.Table:
+    """The findings of a run from the statistics its job gathered (saliency_audit.pipelines.job.findings_step):
+    the same table as ``find_clever_hans`` on the run's saliency files, without reading them."""
+    groups, grid = groups_from_statistics(table)
+    _check(grid, window, 3, neighbours, max_clusters)  # the sample's cap was the job's to choose
+    return findings_table(groups, grid, window=window, neighbours=neighbours, max_clusters=max_clusters,
+                          threshold=threshold, max_images=max_images)
 
 
 def concentration(context: Context, label: int, group: ClassMaps, ids: list[str], maps: np.ndarray,
@@ -366,7 +530,7 @@ def concentration(context: Context, label: int, group: ClassMaps, ids: list[str]
     description = (_describe(f"{context.method}, class {label}", context.regions[scored.region].name, scored)
                    if len(maps) >= MIN_SUPPORT else
                    f"{context.method}, class {label}: too few maps to call a strategy ({len(maps)} < {MIN_SUPPORT})")
-    return context.row("concentration", label, scored, carriers, group.total / group.count, size=len(carriers),
+    return context.row("concentration", label, scored, carriers, group.mean(), size=len(carriers),
                        sampled=len(ids), class_images=group.count, description=description)
 
 

@@ -220,7 +220,7 @@ class Lowest:
 
     @property
     def ids(self) -> list[str]:
-        return [image_id for _, image_id in self.kept]
+        return list(dict.fromkeys(image_id for _, image_id in self.kept))  # an image's several targets: once
 
 
 @dataclasses.dataclass
@@ -299,24 +299,32 @@ class Pairs:
     by_content: bool  # both audits hash their images
     unshared_content: int
     unshared_examples: list[str]
+    by_class: bool = False  # rows paired by (image, method, target class)
 
 
 def pair_up(audit: Side, baseline: Side) -> Pairs:
+    """With several targets per image on either side, rows pair by (image, method, target class):
+    a map is compared with the other audit's map of the same class. Otherwise by (image, method), as
+    one target per image always did: the predicted class's maps pair even where the prediction moved."""
     mine, theirs = keyed_rows(audit), keyed_rows(baseline)
+    by_class = audit.audit.several_targets or baseline.audit.several_targets
     images = _per_image(mine, [CONTENT])
     held = images.join(_per_image(theirs, [CONTENT]), "image_id", join_type="inner", right_suffix="_b",
                        use_threads=False)
     other = pc.fill_null(pc.not_equal(held[CONTENT], held[f"{CONTENT}_b"]), False)  # null: not hashed
     shared, unshared = held.filter(pc.invert(other))["image_id"], held.filter(other)["image_id"]
-    rows = mine.select(_PAIRED).join(theirs.select(_PAIRED), ["image_id", "method"], join_type="inner",
-                                     right_suffix="_b", use_threads=False)
+    keys = ["image_id", "method", "target"] if by_class else ["image_id", "method"]
+    rows = mine.select(_PAIRED).join(theirs.select(_PAIRED), keys, join_type="inner", right_suffix="_b",
+                                     use_threads=False)
+    if by_class:
+        rows = rows.append_column("target_b", rows["target"])
     predictions = _predictions(mine).join(_predictions(theirs), "image_id", join_type="inner", right_suffix="_b",
                                           use_threads=False)
     not_shared = images.filter(pc.invert(pc.is_in(images["image_id"], shared)))["image_id"]
     by_content = all(pc.any(pc.is_valid(t[CONTENT])).as_py() or False for t in (mine, theirs))
     return Pairs(rows.filter(pc.is_in(rows["image_id"], shared)),
                  predictions.filter(pc.is_in(predictions["image_id"], shared)), images.num_rows, len(shared),
-                 smallest(not_shared), by_content, len(unshared), smallest(unshared))
+                 smallest(not_shared), by_content, len(unshared), smallest(unshared), by_class)
 
 
 # --- the gates ------------------------------------------------------------------------------------
@@ -354,10 +362,12 @@ def error_gate(audit: Side, limits: dict) -> list[Result]:
             out.append(skipped(name, method, threshold, f"counts of {method} unreadable or nothing to explain: "
                                                         f"{c!r}"[:200]))
             continue
-        tried = read - skip  # an incremental run's skipped pairs were explained by an earlier run
+        # an incremental run's skipped pairs were explained by an earlier run; several targets: per pair
+        tried = (c["targets"] if isinstance(c.get("targets"), int) else read) - skip
         worst = sorted({*errors.get(None, []), *errors.get(method, [])})
-        out.append(judge(name, method, failed / tried, threshold, worst,
-                         f"{failed} error(s) of {tried} " + ("read" if not skip else f"to explain ({skip} skipped)")))
+        unit = "(image, target) pairs " if isinstance(c.get("targets"), int) else ""
+        out.append(judge(name, method, failed / tried, threshold, worst, f"{failed} error(s) of {tried} {unit}"
+                         + ("read" if not skip else f"to explain ({skip} skipped)")))
     return out
 
 
@@ -571,10 +581,12 @@ class Drift:
         return out
 
 
-def drift_chunks(rows: pa.Table, budget: int) -> Iterator[tuple[Any, dict[str, tuple]]]:
+def drift_chunks(rows: pa.Table, budget: int, by_class: bool = False) -> Iterator[tuple[Any, dict[tuple, tuple]]]:
     """The joined rows whose maps have one size on both sides, as diff's chunks (one method and
     shape, image ids in order, about ``budget`` bytes of maps), each with its images' targets
-    (audit's, baseline's). Only a chunk's ids become Python objects."""
+    (audit's, baseline's) by chunk key (image id, the chunk's target of it or None). ``by_class``:
+    a chunk names each map's class too (rows paired by class). Only a chunk's ids become Python
+    objects."""
     from saliency_audit.pipelines.reporting.diff import Chunk
     same = rows.filter(pc.and_(pc.and_(pc.equal(rows["height"], rows["height_b"]),
                                        pc.equal(rows["width"], rows["width_b"])),
@@ -583,13 +595,14 @@ def drift_chunks(rows: pa.Table, budget: int) -> Iterator[tuple[Any, dict[str, t
     for shape in sorted(shapes, key=lambda s: (s["method"], s["height"], s["width"])):
         method, height, width = shape["method"], shape["height"], shape["width"]
         group = same.filter(pc.and_(pc.equal(same["method"], method), pc.and_(
-            pc.equal(same["height"], height), pc.equal(same["width"], width)))).sort_by("image_id")
+            pc.equal(same["height"], height), pc.equal(same["width"], width)))).sort_by([("image_id", "ascending"),
+                                                                                         ("target", "ascending")])
         per_chunk = max(1, budget // (4 * height * width))
         for start in range(0, group.num_rows, per_chunk):
             part = group.slice(start, per_chunk)
-            ids = part["image_id"].to_pylist()
-            yield (Chunk(method, height, width, ids),
-                   dict(zip(ids, zip(part["target"].to_pylist(), part["target_b"].to_pylist()))))
+            ids, classes = part["image_id"].to_pylist(), part["target"].to_pylist()
+            chunk = Chunk(method, height, width, ids, classes if by_class else None)
+            yield chunk, dict(zip(chunk.keys(), zip(classes, part["target_b"].to_pylist())))
 
 
 STATS_MAPS = 256  # maps ranked at once by the drift statistics
@@ -618,7 +631,7 @@ def measure_drift(pairs: Pairs, audit: Side, baseline: Side, top_k: float) -> Dr
     targets: dict[str, tuple] = {}
 
     def chunks():  # read_paired asks for the next chunk once the last one is used: its targets stay until then
-        for chunk, chunk_targets in drift_chunks(pairs.rows, MAP_BUDGET):
+        for chunk, chunk_targets in drift_chunks(pairs.rows, MAP_BUDGET, pairs.by_class):
             targets.clear()
             targets.update(chunk_targets)
             yield chunk
@@ -634,10 +647,11 @@ def measure_drift(pairs: Pairs, audit: Side, baseline: Side, top_k: float) -> Dr
         kept = ~both_dead
         ids = pa.array(chunk.ids, pa.string()).filter(pa.array(kept))
         drift.both_constant[chunk.method] += int(both_dead.sum())
-        drift.add(chunk.method, ids, [targets[i][0] for i, k in zip(chunk.ids, kept) if k],
+        keys = chunk.keys()
+        drift.add(chunk.method, ids, [targets[i][0] for i, k in zip(keys, kept) if k],
                   np.where(no_rank, 0.0, rho)[kept], overlap[kept])
-        drift.add_class_maps(chunk.method, "audit", [targets[i][0] for i in chunk.ids], maps_a)
-        drift.add_class_maps(chunk.method, "baseline", [targets[i][1] for i in chunk.ids], maps_b)
+        drift.add_class_maps(chunk.method, "audit", [targets[i][0] for i in keys], maps_a)
+        drift.add_class_maps(chunk.method, "baseline", [targets[i][1] for i in keys], maps_b)
         drift.pairs[chunk.method] += len(chunk.ids)
     return drift
 

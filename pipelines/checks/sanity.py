@@ -44,6 +44,7 @@ from saliency_audit.transforms.io.readers import read_shard
 from saliency_audit.transforms.io.records import RawImage, seed_for
 from saliency_audit.transforms.io.rows import SUMMARY_SCHEMA
 from saliency_audit.transforms.model.handler import ExplainConfig, build_explainers, choose_targets, predict
+from saliency_audit.transforms.model.targets import main_request
 from saliency_audit.transforms.parquet_sink import write_table
 
 log = logging.getLogger("saliency_audit")
@@ -100,7 +101,8 @@ def randomisation_rows(config: ExplainConfig, ids: list[str], images: torch.Tens
     loaded = build_explainers(config)
     images = images.to(loaded.device)
     logits, _, predicted = predict(loaded.model, images)  # the run's own decision, not this batch's
-    targets, reasons = choose_targets(config.target, predicted, labels, logits.shape[1])
+    # several --target requests: the main one's class (the predicted class for a topN)
+    targets, reasons = choose_targets(main_request(config.target), predicted, labels, logits.shape[1])
     keep = [i for i, reason in enumerate(reasons) if reason is None]
     ids, images, targets = [ids[i] for i in keep], images[keep], targets[keep]
     seeds = torch.tensor([seed_for(image_id, config.seed) for image_id in ids], dtype=torch.int64)

@@ -81,9 +81,23 @@ def json_object(text: str) -> dict:
 
 
 def target(text: str) -> str:
-    if text in ("predicted", "label") or (text.isascii() and text.isdigit()):
-        return str(int(text)) if text.isdigit() else text
-    raise argparse.ArgumentTypeError(f"must be predicted, label or a class index >= 0, got {text!r}")
+    """``predicted``, ``label``, ``topN``, a class index, or a comma list of them
+    (saliency_audit.transforms.model.targets), normalised."""
+    from saliency_audit.transforms.model.targets import TargetError, normalise
+    try:
+        return normalise(text)
+    except TargetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def batch(text: str) -> int | str:
+    """``auto`` (each method's largest batch that fits) or a count of images."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of images, got {text!r}") from None
 
 
 def threads(text: str) -> int | None:
@@ -171,14 +185,27 @@ def spec_names(value: Any) -> str:
 
 
 def spec_target(value: Any) -> str:
+    """A target, or a list of them (``["predicted", "label", "top3", 7]``) -> the flag's comma text."""
+    def one(v: Any) -> bool:
+        return (isinstance(v, str) and "," not in v) or _is_int(v)
+
+    if isinstance(value, list) and value and all(one(v) for v in value):
+        return ",".join(str(v) for v in value)
     if not (isinstance(value, str) or _is_int(value)):
-        raise expect('"predicted", "label" or a class index', value)
+        raise expect('"predicted", "label", "topN", a class index or a list of them',
+                     _first_bad(value, one) if isinstance(value, list) and value else value)
     return str(value)
 
 
 def spec_threads(value: Any) -> str:
     if value != "auto" and not _is_int(value):
         raise expect('"auto" or a number of threads', value)
+    return str(value)
+
+
+def spec_batch(value: Any) -> str:
+    if value != "auto" and not _is_int(value):
+        raise expect('"auto" or a number of images', value)
     return str(value)
 
 
@@ -237,6 +264,7 @@ KINDS: dict[str, Kind] = {
     "names": Kind(str, None, spec_names),
     "target": Kind(str, target, spec_target),
     "threads": Kind(int, threads, spec_threads),
+    "batch": Kind(int | str, batch, spec_batch),
     "switch": Kind(bool, None, spec_switch),
     "choice": Kind(str, None, spec_text),
     "json": Kind(dict, json_object, spec_table),

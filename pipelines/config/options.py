@@ -31,6 +31,7 @@ from saliency_audit.pipelines.config.beam import (
 )
 from saliency_audit.pipelines.config.kinds import KINDS, location
 from saliency_audit.transforms.io.publication import MIN_STALE_S
+from saliency_audit.transforms.model.precision import PRECISIONS
 
 __all__ = ["BEAM_LOCATIONS", "BEAM_RECORDED", "DEFAULT_METHODS", "OPTIONS", "REDACTED", "RunConfig", "UsageError",
            "add_options", "add_run_arguments", "all_options", "beam_option_parser", "carries_credentials",
@@ -46,23 +47,41 @@ OPTIONS: tuple[Option, ...] = (
     Option("input", "location", required=True, spec="input.path",
            help="glob of shards on any fsspec URL (.tar, .parquet, .png/.jpg/.npy)"),
     Option("model", "location", required=True, spec="model.path",
-           help="TorchScript file, torch.export .pt2 archive, ONNX file, http(s):// endpoint, or module:Callable"),
+           help="TorchScript file, torch.export .pt2 archive, ONNX file, http(s):// endpoint, module:Callable, "
+                "hf:FOLDER (a Hugging Face model folder) or timm:NAME (docs/inputs.md)"),
     Option("weights", "location", spec="model.weights",
-           help="state dict for --model module:Callable (loaded with weights_only=True)"),
-    Option("trust_model", "switch", spec="model.trust", help="allow model files that need arbitrary unpickling"),
+           help="state dict for --model module:Callable or timm:NAME: a .safetensors file, or a torch file "
+                "(loaded with weights_only=True)"),
+    Option("model_options", "json", default={}, spec="model.options",
+           help='for --model timm:NAME: timm.create_model\'s keyword arguments, e.g. \'{"img_size": 224}\''),
+    Option("trust_model", "switch", spec="model.trust",
+           help="allow model files that need arbitrary unpickling, and an hf: folder's own code (auto_map)"),
     Option("methods", "names", default=DEFAULT_METHODS, spec="explain.methods",
            help=f"comma list of methods (default {DEFAULT_METHODS})"),
     Option("output", "location", required=True, spec="output.path", help="output directory (any fsspec URL)"),
-    Option("target", "target", default="predicted", spec="explain.target", fingerprint=True,
-           help="predicted | label | INT (default predicted)"),
-    Option("batch_size", "integer", default=32, low=1, spec="explain.batch_size", help="images per batch (default 32)"),
+    # Not in the fingerprint: an audit history keys maps by (image, method, target class) instead.
+    Option("target", "target", default="predicted", spec="explain.target",
+           help="predicted | label | topN | INT, or a comma list of them, e.g. predicted,label,top3,7: one row "
+                "per distinct class, with its rank (default predicted)"),
+    Option("batch_size", "batch", default=32, low=1, spec="explain.batch_size", metavar="N|auto",
+           help="images per batch (default 32); auto: per method, the largest batch that fits the device's memory, "
+                "found at preflight on the first image (a fixed 32 on a CPU; docs/performance.md). Whatever the "
+                "size, a method that runs out of memory halves its batch and retries"),
+    Option("precision", "choice", default="fp32", choices=PRECISIONS, spec="explain.precision", fingerprint=True,
+           help="the model's forward passes: fp32 (default), tf32 (CUDA's TensorFloat-32 matmuls; fp32 on a CPU), "
+                "bf16 or fp16 (autocast); maps and metrics are summed in float32, and the relevance methods run "
+                "fp32 (docs/performance.md)"),
+    Option("compile", "switch", spec="explain.compile",
+           help="torch.compile the model for the methods that allow it (not those that hook layers); falls back "
+                "to eager, with one warning, where compilation fails"),
     Option("limit_per_shard", "integer", low=1, spec="input.limit_per_shard", metavar="N",
            help="read only the first N records of every shard (a deterministic sample)"),
     Option("device", "text", default="auto", spec="model.device", help="cpu | cuda | auto (default auto)"),
     Option("torch_threads", "threads", low=1, high=1024, spec="explain.torch_threads", metavar="N|auto",
            help="torch threads per worker process, also the size of the methods' own thread pools (default auto: "
                 "the cores the worker may use divided by the SDK worker processes the runner starts per machine, "
-                "e.g. --direct_num_workers with --direct_running_mode multi_processing; at least 1)"),
+                "e.g. --direct_num_workers with --direct_running_mode multi_processing; at least 1, less the image "
+                "decoding pool's share: one thread in 8, on a GPU worker half; docs/performance.md)"),
     Option("sanity_check", "switch", spec="sanity_check.enabled",
            help="after the job: cascading randomisation of the model's layers (Adebayo et al. 2018) on a sample"),
     Option("sanity_images", "integer", default=16, low=1, spec="sanity_check.images",
@@ -198,7 +217,7 @@ def range_problem(name: str, value: Any) -> str | None:
     """Why ``value`` is out of range for the option ``name``, or None; also used for the values of
     a --config spec."""
     opt = next((o for o in all_options() if o.name == name), None)
-    if opt is None or value is None or (opt.low is None and opt.high is None):
+    if opt is None or value is None or isinstance(value, str) or (opt.low is None and opt.high is None):
         return None
     low, high = opt.low, opt.high
     if not (low <= value if high is None else value <= high if low is None else low <= value <= high):

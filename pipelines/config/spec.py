@@ -252,8 +252,8 @@ def _key_arguments(key: Key, value: Any, where: str, path: str, folder: Path) ->
         text = key.kind(value)
         if isinstance(text, bool):  # a switch: its flag, or the flag that turns it off
             return [_switch_flag(action.dest, text)]
-        if key.path and not _keeps_path(key, text):
-            text = str(folder / text)
+        if key.path:
+            text = _resolved_path(key, text, folder)
         converted = action.type(text) if action.type else text
         if action.choices and converted not in action.choices:
             raise _Bad(f"must be one of {', '.join(map(str, action.choices))}, got {value!r}")
@@ -275,10 +275,16 @@ def _switch_flag(dest: str, on: bool) -> str:
     raise AssertionError(f"no flag sets {dest} to {on}")  # every switch in SCHEMA has both
 
 
-def _keeps_path(key: Key, text: str) -> bool:
-    """URLs, absolute paths and a model's module:Callable stay as written."""
-    from saliency_audit.transforms.model.load import ModelSpec
-    return "://" in text or Path(text).is_absolute() or (key.flag == "--model" and ModelSpec(text).is_callable())
+def _resolved_path(key: Key, text: str, folder: Path) -> str:
+    """A relative path resolved against the spec's folder (an hf:FOLDER model's folder too); URLs,
+    absolute paths and a model's module:Callable or timm:NAME stay as written."""
+    from saliency_audit.transforms.model.load import HF, ModelSpec
+    prefix = HF if key.flag == "--model" and text.startswith(HF) else ""
+    path = text[len(prefix):]
+    model = ModelSpec(text) if key.flag == "--model" else None
+    if "://" in path or Path(path).is_absolute() or (model is not None and (model.is_callable() or model.is_timm())):
+        return text
+    return prefix + str(folder / path)
 
 
 def _method_options(value: Any, document: dict, path: str, cli_methods: str | None) -> Any:
@@ -385,8 +391,9 @@ def resolved(config, beam_args: list[str]) -> dict[str, Any]:
             continue
         if opt.kind == "names":
             value = [m.strip() for m in value.split(",") if m.strip()]
-        elif opt.kind == "target":
-            value = int(value) if value.isdigit() else value
+        elif opt.kind == "target":  # one target as before; several as a list
+            items = [int(v) if v.isdigit() else v for v in value.split(",")]
+            value = items[0] if len(items) == 1 else items
         elif isinstance(value, tuple):
             value = list(value)
         if opt.secret and value:

@@ -76,7 +76,7 @@ def print_plan(plan: Plan) -> None:
               f"an upper bound")
     print(f"model: {plan.options.model} on {plan.resolved['device']}, {plan.resolved['num_classes']} classes; "
           f"batch size {plan.options.batch_size}; metrics {'on' if plan.options.metrics else 'off'}")
-    print(f"{'method':>12}  {'passes / image':>16}  {'s / image':>10}  {'estimate':>10}")
+    print(f"{'method':>12}  {'passes / image':>16}  {'s / image':>10}  {'estimate':>10}  {'explain ms':>10}")
     total = seconds.get(None, 0.0) * records
     for name, info in plan.resolved["methods"].items():
         passes = "+".join(str(v) for v in info["passes"].values()) if isinstance(info["passes"], dict) \
@@ -85,11 +85,33 @@ def print_plan(plan: Plan) -> None:
         estimate = per_image * records if per_image is not None else None
         total += estimate or 0.0
         print(f"{name:>12}  {passes:>16}  {per_image if per_image is not None else float('nan'):>10.4f}  "
-              f"{_duration(estimate):>10}")
+              f"{_duration(estimate):>10}  {info.get('preflight_ms_per_image', float('nan')):>10.1f}")
     print(f"{'(shared)':>12}  {'1+0':>16}  {seconds.get(None, float('nan')):>10.4f}  "
           f"{_duration(seconds.get(None, 0.0) * records):>10}")
+    for line in metric_lines(plan.resolved):
+        print(line)
     print(f"estimated time: {_duration(total)} in one process on this machine (calibrated on "
-          f"{min(8, records)} image(s); the sanity check and reading are extra). Nothing was run (--dry-run).")
+          f"{min(8, records)} image(s); the sanity check and reading are extra). explain ms: one explanation of "
+          f"the sample image, warm, as preflight timed it; the run's report warns where explaining took longer "
+          f"(docs/performance.md). Nothing was run (--dry-run).")
+
+
+def metric_lines(resolved: dict) -> list[str]:
+    """The metrics' rows of the plan: each one's forward passes per image (per method's map, once
+    per image for the reference, and explanations of its copies), and the total beside the methods'."""
+    entry = resolved.get("metrics")
+    if not entry:  # no decodable sample: the input size, so the cost, is unknown
+        return []
+    height, width = entry["image_size"]
+    lines = [f"{'metric':>12}  {'passes / image':>16}  forward passes on {height}x{width} inputs: per map + per image "
+             f"(each method's map, and once for the batch's methods)"]
+    for name, cost in entry["passes"].items():
+        text = f"{cost['per_map']}/map+{cost['per_image']}"
+        more = f"  and {cost['explanations']} explanations per map at the method's cost" if cost["explanations"] else ""
+        lines.append(f"{name:>12}  {text:>16}{more}")
+    lines.append(f"forward passes per image and target: methods {entry['methods_forward_passes']}, metrics "
+                 f"{entry['forward_passes']}, in all {entry['methods_forward_passes'] + entry['forward_passes']}")
+    return lines
 
 
 def _duration(seconds: float | None) -> str:

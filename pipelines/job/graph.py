@@ -8,13 +8,15 @@ import apache_beam as beam
 from apache_beam.utils import shared
 
 from saliency_audit.pipelines.job import incremental
+from saliency_audit.pipelines.job.findings_step import STATISTICS, GatherFindingStatistics
 from saliency_audit.transforms.duplicates import DropRepeatedIds, FirstShardOfRepeatedIds, ListShardIds
 from saliency_audit.transforms.explain import ExplainBatches
 from saliency_audit.transforms.io import map_storage, progress, storage
 from saliency_audit.transforms.io.preprocess import Preprocessing
 from saliency_audit.transforms.io.publication import Run
+from saliency_audit.transforms.io.records import TARGETS
 from saliency_audit.transforms.io.rows import ERROR_SCHEMA, SUMMARY_SCHEMA, saliency_schema
-from saliency_audit.transforms.model.handler import DEVICE, MODEL_CALLS, ExplainConfig
+from saliency_audit.transforms.model.handler import ADAPTED, DEVICE, MODEL_CALLS, ExplainConfig
 from saliency_audit.transforms.parquet_sink import WriteParquet
 from saliency_audit.transforms.read import ERRORS, READ, ReadShardBatches
 from saliency_audit.transforms.skip_explained import SKIPPED, ExplainedBefore, SkipExplained
@@ -34,7 +36,9 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
     schema = schema or saliency_schema(config.methods)
     config = dataclasses.replace(config, progress=progress.sink_for(run),  # workers report to the launcher
                                  fingerprints=work.fingerprints if work is not None else {})
-    reader = ReadShardBatches(prep, batch_size, storage_options, limit_per_shard, progress=config.progress)
+    # decodes ahead in its share of the workers' threads, while the fused explain step runs (transforms.read)
+    reader = ReadShardBatches(prep, batch_size, storage_options, limit_per_shard, progress=config.progress,
+                              threads=config.threads, device=config.device)
     if work is not None:
         shards = [url for url in shards if url in work.needed]
     shard_urls = p | "Shards" >> beam.Create(shards)
@@ -51,11 +55,16 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
               | "DropRepeatedIds" >> beam.ParDo(DropRepeatedIds(), beam.pvalue.AsDict(first_shard))
               .with_outputs(ERRORS, main="batches"))
     todo = (unique.batches
-            | "SkipExplained" >> beam.ParDo(SkipExplained(list(config.methods), work.needed if work else {}),
-                                            beam.pvalue.AsDict(done)).with_outputs(SKIPPED, main="batches"))
+            | "SkipExplained" >> beam.ParDo(SkipExplained(list(config.methods), work.needed if work else {},
+                                                          config.target),
+                                            beam.pvalue.AsDict(done)).with_outputs(SKIPPED, TARGETS, main="batches"))
     explained = (todo.batches
                  | "Explain" >> beam.ParDo(ExplainBatches(config, shared.Shared()))
-                 .with_outputs(ERRORS, DEVICE, SKIPPED, MODEL_CALLS, main="rows"))
+                 .with_outputs(ERRORS, DEVICE, SKIPPED, TARGETS, MODEL_CALLS, ADAPTED, main="rows"))
+    ((todo[TARGETS], explained[TARGETS]) | "AllTargets" >> beam.Flatten()
+     | "CountTargets" >> beam.CombineGlobally(sum)
+     | "WriteTargets" >> beam.Map(lambda n: storage.write_json_atomic(run.private("targets.json"), {"extra": n},
+                                                                      storage_options)))
     (explained[MODEL_CALLS] | "KeyCalls" >> beam.Map(lambda c: (c[0], (c[1], c[2])))
      | "SumCalls" >> beam.CombinePerKey(lambda pairs: tuple(map(sum, zip(*pairs))))
      | "ListCalls" >> beam.combiners.ToList()
@@ -65,13 +74,20 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
      | "CountSkipped" >> beam.CombinePerKey(sum) | "ListSkipped" >> beam.combiners.ToList()
      | "WriteSkipped" >> beam.Map(lambda pairs: storage.write_json_atomic(
          run.private("skipped.json"), sorted([method, shard, n] for (method, shard), n in pairs), storage_options)))
+    # what the workers changed to fit: each method's smallest batch after running out of memory, a compile fallback
+    (explained[ADAPTED] | "Smallest" >> beam.CombinePerKey(min) | "ListAdapted" >> beam.combiners.ToList()
+     | "WriteAdapted" >> beam.Map(lambda pairs: storage.write_json_atomic(
+         run.private("adapted.json"), dict(sorted(pairs)), storage_options)))
     (explained[DEVICE] | "WorkerDevices" >> beam.Distinct() | "ListDevices" >> beam.combiners.ToList()
      | "WriteDevices" >> beam.Map(_write_sorted_list, run.private("devices.json"), storage_options))
     rows = explained.rows
+    stored = rows | "StoredMaps" >> beam.Map(map_storage.stored_row, map_dtype)
+    # the findings' statistics, from the maps as stored: the launcher reads them, not the maps
+    stored | "FindingStatistics" >> GatherFindingStatistics(run.private(STATISTICS), config.target, storage_options)
     files = {
-        "saliency": (rows | "StoredMaps" >> beam.Map(map_storage.stored_row, map_dtype)
+        "saliency": (stored
                      | "WriteSaliency" >> WriteParquet(run.folder("saliency"), schema, storage_options=storage_options)),
-        "summary": (rows | "Summarize" >> Summarize()
+        "summary": (rows | "Summarize" >> Summarize(config.target)
                     | "WriteSummary" >> WriteParquet(run.folder("summary"), SUMMARY_SCHEMA,
                                                      storage_options=storage_options)),
         "errors": ((batched.errors, unique.errors, explained.errors) | "AllErrors" >> beam.Flatten()

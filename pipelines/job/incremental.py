@@ -28,6 +28,7 @@ from typing import Any
 from saliency_audit.pipelines.config.options import fingerprint_values
 from saliency_audit.transforms.io import history, storage
 from saliency_audit.transforms.model.load import file_sha256, model_identity
+from saliency_audit.transforms.model.targets import PREDICTED, covers, main_summary, parse_targets
 
 log = logging.getLogger("saliency_audit")
 
@@ -47,6 +48,7 @@ class Work:
     history_files: dict[str, tuple[str, tuple[str, ...]]]
     runs: tuple[str, ...]  # recorded runs of this model (other slots) that the plan counts
     replaces: str | None  # the run that holds this slot now, if any
+    targets: str = PREDICTED  # the run's --target, normalised
 
     @property
     def skipped_shards(self) -> list[str]:
@@ -63,10 +65,17 @@ def method_fingerprints(options, resolved: dict[str, Any],
                         storage_options: dict[str, Any] | None = None) -> dict[str, str]:
     """method -> sha256 (16 hex) of everything that makes its rows, but the model and the image:
     its own options, and every run option declared to change rows (saliency_audit.pipelines.config.
-    options.fingerprint_values: target, seed, preprocessing, map storage, every metric's options).
+    options.fingerprint_values: seed, preprocessing, map storage, every metric's options).
     An option naming a file (abele's autoencoder) counts by the file's contents, not its name;
     storage credentials do not count."""
-    common = fingerprint_values(options)
+    # The target keys the maps (their class), not the fingerprint; fingerprints of releases that hashed
+    # it hashed "predicted" by default, kept here so that their histories still count.
+    common = {**fingerprint_values(options), "target": PREDICTED}
+    # The precision the maps were made at (tf32 off CUDA is fp32); fp32 is left out, so fingerprints
+    # made before --precision existed still match an fp32 run's.
+    common["precision"] = resolved.get("precision", common.get("precision", "fp32"))
+    if common["precision"] == "fp32":
+        del common["precision"]
     out = {}
     for name, info in resolved["methods"].items():
         options = {key: _content(value, storage_options) for key, value in (info["options"] or {}).items()
@@ -140,11 +149,14 @@ def plan_work(root: str, slot: str | None, model_spec, state_sha: str, args, res
     standing = {r["run_id"] for r in counted}
     covered: dict[str, list[tuple[str, int | None, set[str]]]] = {}
     history_files: dict[str, tuple[str, tuple[str, ...]]] = {}
+    requests = parse_targets(args.target)
     for r in counted:
         same = {m["method"] for m in r["methods"] or [] if fingerprints.get(m["method"]) == m["fingerprint"]}
         if not same:
             continue
-        for s in r["shard_list"] or []:
+        # A shard is done only if the run asked for every class this one asks for; its maps still
+        # count per (image, method, class) below.
+        for s in (r["shard_list"] or []) if _asked_for(r, requests) else []:
             if set(s["relies_on"] or []) <= standing:  # else a run it skipped through is gone
                 covered.setdefault(s["url"], []).append((s["fingerprint"], s["limit"], same & set(s["methods"] or [])))
         for relative in r["files"] or []:
@@ -159,7 +171,16 @@ def plan_work(root: str, slot: str | None, model_spec, state_sha: str, args, res
         if todo:
             needed[url] = todo
     return Work(root, slot, model, fingerprints, found, args.limit_per_shard, needed, history_files,
-                tuple(r["run_id"] for r in counted), replaces)
+                tuple(r["run_id"] for r in counted), replaces, ",".join(requests))
+
+
+def _asked_for(row: dict[str, Any], requests: tuple[str, ...]) -> bool:
+    """Whether a recorded run's --target named every class ``requests`` name (a row of a release
+    before several targets: ``predicted``, the only target its fingerprints match)."""
+    try:
+        return covers(parse_targets(row.get("targets") or PREDICTED), requests)
+    except ValueError:
+        return False
 
 
 # --- the history's row for a published run ---------------------------------------------------
@@ -193,7 +214,7 @@ def shard_list(work: Work, errors: list[dict], skipped: dict[tuple[str, str], in
 def row(work: Work, manifest: dict[str, Any], verdict: dict | None, summary: list[dict],
         findings: list[dict], errors: list[dict], skipped: dict[tuple[str, str], int]) -> dict[str, Any]:
     """The history's row: the run, its counts and the statistics the gates judge, per method."""
-    overall = {r["method"]: r for r in summary if r.get("target") is None}
+    overall = {r["method"]: r for r in main_summary(summary, work.targets) if r.get("target") is None}
     counts = manifest["counts"]
     methods = []
     for name, fingerprint in work.fingerprints.items():
@@ -222,6 +243,7 @@ def row(work: Work, manifest: dict[str, Any], verdict: dict | None, summary: lis
         "verdict": None if verdict is None else verdict["status"],
         "gates_failed": None if verdict is None else verdict["failed"],
         "findings_flagged": (manifest.get("findings") or {}).get("flagged"),
+        "targets": work.targets,
         "methods": methods,
         "shard_list": shard_list(work, errors, skipped),
         "files": list(manifest["files"]["saliency"]),

@@ -20,7 +20,7 @@ from saliency_audit.pipelines.job.preflight import worker_device_entry
 from saliency_audit.pipelines.runners.beam import runner_name
 from saliency_audit.transforms.io import map_storage, publication, storage
 from saliency_audit.transforms.io.publication import Run
-from saliency_audit.transforms.model.handler import ALL, HTTP, NOT_COUNTED
+from saliency_audit.transforms.model.handler import ALL, COMPILE, HTTP, NOT_COUNTED
 from saliency_audit.transforms.model.load import model_hashes
 
 OUTPUTS = publication.OUTPUTS  # sanity: empty unless --sanity-check
@@ -90,12 +90,15 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
         "input": {"pattern": args.input, "shards": len(plan.shards)},
         "model": {"model": args.model, "weights": args.weights, "sha256": model_hashes(plan.config.model),
                   **worker_device_entry(plan.resolved, _worker_devices(run, plan.storage_options)),
-                  "num_classes": plan.resolved["num_classes"]},
+                  "num_classes": plan.resolved["num_classes"], **plan.resolved.get("model_loading", {})},
         "torch_threads": plan.resolved["torch_threads"],  # per worker process; per_process None: decided there
+        "execution": execution_entry(plan, run),  # precision, compile, batch sizes; per method in "methods"
         "methods": {name: {**info, "options": recorded_method_options(info["options"])}
                     for name, info in plan.resolved["methods"].items()},
+        # the metrics' forward passes per image at the model input's size (preflight's sample), beside the methods'
+        "metric_passes": plan.resolved.get("metrics"),
         "options": recorded_options(args),  # our own flags; Beam's are in spec.resolved.beam and beam_args
-        "preprocessing": dataclasses.asdict(plan.prep),
+        "preprocessing": {**dataclasses.asdict(plan.prep), "sources": plan.prep_sources},
         "conventions": {
             "explained_output": "logit of the target class (pre-softmax)",
             "score": "softmax probability of the target class",
@@ -120,6 +123,20 @@ def build_manifest(plan: Plan, run: Run, started: str, counts: dict, sanity: dic
         "files": {name: list(sizes) for name, sizes in files.items()},
         "map_bytes_per_row": round(sum(files["saliency"].values()) / saliency_rows, 1) if saliency_rows else None,
     }
+
+
+def execution_entry(plan: Plan, run: Run) -> dict[str, Any]:
+    """How the model ran: the precision (as requested, and as the maps were made: tf32 off CUDA is
+    fp32), --compile and whether a worker fell back to eager, the reader's batch size, and each
+    method's smallest batch after running out of memory (the workers' side output)."""
+    try:
+        adapted = json.loads(storage.read_bytes(run.private("adapted.json"), plan.storage_options))
+    except FileNotFoundError:
+        adapted = {}
+    return {"precision_requested": plan.options.precision, "precision": plan.resolved.get("precision"),
+            "compile": plan.options.compile, "compile_failed": adapted.pop(COMPILE, None),
+            "batch_size_requested": plan.options.batch_size, "batch_size": plan.resolved.get("batch_size"),
+            "batch_sizes_after_out_of_memory": adapted}
 
 
 def model_calls_entry(run: Run, storage_options: dict[str, Any], counts: dict) -> dict:

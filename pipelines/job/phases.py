@@ -3,6 +3,7 @@
 and record (an incremental run's history row)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -11,9 +12,10 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 
 from saliency_audit.pipelines.checks import gates
-from saliency_audit.pipelines.checks.findings import FINDINGS_SCHEMA, find_clever_hans
+from saliency_audit.pipelines.checks.findings import FINDINGS_SCHEMA, findings_from_statistics
 from saliency_audit.pipelines.checks.sanity import SANITY_SCHEMA, run_sanity_check
 from saliency_audit.pipelines.job import incremental
+from saliency_audit.pipelines.job.findings_step import STATISTICS, read_statistics
 from saliency_audit.pipelines.job.graph import build_pipeline
 from saliency_audit.pipelines.job.manifest import OUTPUTS, build_manifest, now, read_rows
 from saliency_audit.pipelines.job.plan import Plan
@@ -21,6 +23,7 @@ from saliency_audit.pipelines.runners.beam import beam_pipeline_options, runner_
 from saliency_audit.transforms.io import history, progress, publication, storage
 from saliency_audit.transforms.io.publication import Heartbeat, Run
 from saliency_audit.transforms.io.rows import ERROR_SCHEMA, SUMMARY_SCHEMA
+from saliency_audit.transforms.model.targets import several
 from saliency_audit.transforms.parquet_sink import write_table
 
 log = logging.getLogger("saliency_audit")
@@ -43,13 +46,15 @@ def execute(plan: Plan, run: Run) -> dict | None:
     display = progress.Display(progress.sink_for(run), shards, args.limit_per_shard)
     with display, beam.Pipeline(runner=runner, options=beam_options) as p:  # the job runs as this block ends
         build_pipeline(p, shards=plan.shards, run=run, config=plan.config, prep=plan.prep,
-                       batch_size=args.batch_size, storage_options=plan.storage_options, schema=plan.schema,
+                       batch_size=plan.resolved["batch_size"], storage_options=plan.storage_options, schema=plan.schema,
                        map_dtype=args.map_dtype, limit_per_shard=args.limit_per_shard, work=plan.work)
     commit_files(plan, run)
     write_findings(plan, run)
     if not args.sanity_check:
         return None
-    return run_sanity_check(plan.config, plan.shards, plan.prep, sanity_dir=run.folder("sanity"),
+    # float32 and eager: the randomised models' maps it compares with are made so
+    config = dataclasses.replace(plan.config, precision="fp32", compile=False)
+    return run_sanity_check(config, plan.shards, plan.prep, sanity_dir=run.folder("sanity"),
                             summary_dir=run.folder("summary"), images=args.sanity_images,
                             threshold=args.sanity_threshold, storage_options=plan.storage_options)
 
@@ -74,10 +79,11 @@ def commit_files(plan: Plan, run: Run) -> None:
 
 def write_findings(plan: Plan, run: Run) -> None:
     """Clever-Hans discovery on the committed maps (saliency_audit.pipelines.checks.findings): per method and class,
-    attribution concentrated where other classes put none, and SpRAy's clusters."""
-    urls = json.loads(storage.read_bytes(run.private("files-saliency.json"), plan.storage_options))
+    attribution concentrated where other classes put none, and SpRAy's clusters. From the statistics
+    the job gathered (saliency_audit.pipelines.job.findings_step; with several targets, of the main
+    request's maps, one per image): no saliency file is read here."""
     try:
-        table = find_clever_hans(urls, plan.storage_options)
+        table = findings_from_statistics(read_statistics(run.private(STATISTICS), plan.storage_options))
     except Exception as e:  # an analysis of the maps must never cost the maps: report it, publish the run
         log.warning("Clever-Hans discovery failed (findings/ left empty): %s: %s", type(e).__name__, e)
         storage.write_json_atomic(run.private("findings-error.json"), {"error": f"{type(e).__name__}: {e}"},
@@ -100,10 +106,13 @@ def run_files(run: Run, storage_options: dict[str, Any]) -> dict[str, dict[str, 
 
 
 def count_outcomes(run: Run, methods: list[str], storage_options: dict[str, Any],
-                   files: dict[str, dict[str, int]], incremental_run: bool = False) -> dict[str, dict[str, int]]:
+                   files: dict[str, dict[str, int]], incremental_run: bool = False,
+                   several_targets: bool = False) -> dict[str, dict[str, int]]:
     """Per method: records read (counted at the reader), rows explained and errors, from the
-    files themselves; errors without a method (read, decode, preprocess, model) count
-    against every method. An incremental run adds the pairs it skipped (already explained)."""
+    files themselves; errors without a method (read, decode, preprocess, model, target) count
+    against every method. An incremental run adds the pairs it skipped (already explained).
+    With several targets, ``targets``: the (image, target) pairs the rows, errors and skips
+    account for (read + the pairs beyond one per record)."""
     read = json.loads(storage.read_bytes(run.private("read.json"), storage_options))["read"]
     skipped: dict[str, int] = {}
     for method, _, n in read_skipped(run, storage_options):
@@ -122,6 +131,10 @@ def count_outcomes(run: Run, methods: list[str], storage_options: dict[str, Any]
     explained, errors = method_counts("saliency"), method_counts("errors")
     counts = {m: {"read": read, "explained": explained.get(m, 0), "errors": errors.get(None, 0) + errors.get(m, 0)}
               for m in methods}
+    if several_targets:  # (image, target) pairs: one per distinct class and per target an image failed
+        extra = json.loads(storage.read_bytes(run.private("targets.json"), storage_options))["extra"]
+        for m in methods:
+            counts[m]["targets"] = read + int(extra)
     for m in methods:
         if incremental_run or skipped.get(m):
             counts[m]["skipped"] = int(skipped.get(m, 0))
@@ -135,9 +148,11 @@ def read_skipped(run: Run, storage_options: dict[str, Any]) -> list[tuple[str, s
 
 def verify(plan: Plan, run: Run, files: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     """The counts from the files; a run whose counts do not reconcile is never published."""
-    counts = count_outcomes(run, list(plan.methods), plan.storage_options, files, plan.work is not None)
-    if not all(c["read"] == c["explained"] + c["errors"] + c.get("skipped", 0) for c in counts.values()):
-        raise RuntimeError(f"counts do not reconcile (read != explained + errors + skipped): {counts}; "
+    counts = count_outcomes(run, list(plan.methods), plan.storage_options, files, plan.work is not None,
+                            several(plan.options.target))
+    if not all(c.get("targets", c["read"]) == c["explained"] + c["errors"] + c.get("skipped", 0)
+               for c in counts.values()):
+        raise RuntimeError(f"counts do not reconcile (read or targets != explained + errors + skipped): {counts}; "
                            "the previous results are left as they were")
     return counts
 

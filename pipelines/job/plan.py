@@ -16,8 +16,9 @@ from saliency_audit.pipelines.job.preflight import (check_forward_only, check_sh
 from saliency_audit.transforms.io import map_storage, storage
 from saliency_audit.transforms.io.preprocess import Preprocessing
 from saliency_audit.transforms.io.rows import saliency_schema
+from saliency_audit.transforms.model.fitting import CPU_AUTO_BATCH
 from saliency_audit.transforms.model.handler import ExplainConfig
-from saliency_audit.transforms.model.load import ModelSpec
+from saliency_audit.transforms.model.load import ModelSpec, model_preprocessing
 
 
 def parse_methods(options) -> dict[str, dict[str, Any]]:
@@ -104,6 +105,7 @@ class Plan:
     resolved: dict[str, Any]
     schema: Any
     work: incremental.Work | None = None  # an incremental run: what the history lacks
+    prep_sources: dict[str, str] = dataclasses.field(default_factory=dict)  # preprocessing value -> where from
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -126,23 +128,32 @@ def plan(argv: list[str]) -> Plan:
         except (ValueError, OSError) as e:
             raise UsageError(" ".join(str(e).split())) from None
     methods = parse_methods(options)
+    spec = ModelSpec(options.model, options.weights, options.trust_model, options.storage_options or None,
+                     options.endpoint_options or None, model_options=options.model_options or None)
     try:
-        prep = Preprocessing(resize=options.resize, channels=options.channels, mean=options.mean, std=options.std,
-                             to_grayscale=options.to_grayscale, max_pixels=options.max_pixels)
         shards = check_shards(storage.expand_glob(options.input, options.storage_options), options.input)
+        prep, prep_sources = resolve_preprocessing(options, spec)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
     check_top_k(options.gates, shards, prep, options.storage_options)
     set_input_bounds(methods, prep)
-    spec = ModelSpec(options.model, options.weights, options.trust_model, options.storage_options or None,
-                     options.endpoint_options or None)
     check_forward_only(spec, list(methods), options.sanity_check)
+    # the metrics read the normalisation in use (ABELE's pixel values), the model's own where it gave it
+    settings = {**fingerprint_values(options), "mean": prep.mean, "std": prep.std}
     config = ExplainConfig(model=spec, methods=methods, device=options.device, target=options.target,
-                           seed=options.seed, settings=fingerprint_values(options),
-                           threads=thread_budget(options.torch_threads, beam_args))
-    resolved = preflight(config, shards, prep, options.storage_options, beam_args)
+                           seed=options.seed, settings=settings,
+                           threads=thread_budget(options.torch_threads, beam_args),
+                           precision=options.precision, compile=options.compile)
+    auto = options.batch_size == "auto"
+    resolved = preflight(config, shards, prep, options.storage_options, beam_args, auto_batch=auto)
     # the workers' model must answer as many classes as preflight's did (an endpoint redeployed meanwhile)
     config = dataclasses.replace(config, model=dataclasses.replace(spec, num_classes=resolved["num_classes"]))
+    if auto:  # each method explains in its own batch; the reader cuts batches for the largest
+        sizes = {name: info["batch_size"] for name, info in resolved["methods"].items() if "batch_size" in info}
+        config = dataclasses.replace(config, batch_sizes=sizes)
+        resolved["batch_size"] = max(sizes.values(), default=CPU_AUTO_BATCH)
+    else:
+        resolved["batch_size"] = options.batch_size
     schema = map_storage.saliency_schema(saliency_schema(methods), options.map_dtype)
     work = None
     if options.incremental:
@@ -151,7 +162,23 @@ def plan(argv: list[str]) -> Plan:
                                          resolved, shards, options.storage_options)
         except OSError as e:
             raise UsageError(f"--incremental: cannot read the history or the shards: {e}") from None
-    return Plan(argv, options, beam_args, methods, prep, shards, config, resolved, schema, work)
+    return Plan(argv, options, beam_args, methods, prep, shards, config, resolved, schema, work, prep_sources)
+
+
+PROVENANCE = ("resize", "resize_shortest", "crop", "crop_offset", "interpolation", "channels", "mean", "std")
+
+
+def resolve_preprocessing(options, spec: ModelSpec) -> tuple[Preprocessing, dict[str, str]]:
+    """The run's preprocessing: its flags, and what they leave unset from the model's own files (an
+    hf: folder's preprocessor_config.json, a timm architecture's pretrained config); a --resize
+    replaces the model's whole geometry (its resize, crop and interpolation). With where each
+    value came from ("flag", the model's file, or "default"), for the manifest."""
+    flags = {"resize": options.resize, "mean": options.mean, "std": options.std, "channels": options.channels}
+    given = {name: value for name, value in flags.items() if value is not None}
+    values, sources = model_preprocessing(spec, {"geometry" if name == "resize" else name for name in given})
+    prep = Preprocessing(**{**values, **given}, to_grayscale=options.to_grayscale, max_pixels=options.max_pixels)
+    sources = {**sources, **dict.fromkeys(given, "flag")}
+    return prep, {name: sources.get(name, "default") for name in PROVENANCE}
 
 
 def check_top_k(given, shards: list[str], prep: Preprocessing, storage_options: dict[str, Any]) -> None:

@@ -1,6 +1,8 @@
 """Checks made before a job starts, so that a bad run fails in seconds with one clear line
 instead of on the workers: the model loads, takes the preprocessed images, and every
-method runs on a real sample image with its options.
+method runs on a real sample image with its options. A method that cannot explain the model at
+all (UnsupportedModel: the relevance rules on a transformer, attention methods on a CNN) is
+refused with one line per such method, naming why and what to use instead.
 
 On a runner whose workers run elsewhere (Dataflow, a Flink or Spark cluster, a remote job
 server or Dask scheduler) the launcher checks what it can on its own CPU and leaves the
@@ -12,27 +14,36 @@ import dataclasses
 import importlib.metadata
 import itertools
 import logging
+import time
 from typing import Any, Iterable
 
 import torch
 
-from saliency_audit.explainers.metrics import enabled_metrics
+from saliency_audit.explainers.core.base import UnsupportedModel
+from saliency_audit.explainers.metrics import enabled_metrics, metric_costs, metric_forward_passes
 from saliency_audit.pipelines.config.options import UsageError
 from saliency_audit.transforms.io.preprocess import BadImage, Preprocessing, decode, preprocess
 from saliency_audit.transforms.io.readers import SHARD_SUFFIXES, read_shard, shard_kind
 from saliency_audit.transforms.io.records import RawImage, seed_for
-from saliency_audit.transforms.model.handler import ExplainConfig, build_explainers
+from saliency_audit.transforms.model.fitting import largest_fitting
+from saliency_audit.transforms.model.handler import ExplainConfig, build_explainers, runs_compiled
 from saliency_audit.transforms.model.load import (
     ModelLoadError,
     ModelSpec,
     check_device_name,
     device_available,
+    loading_entry,
     resolve_device,
     state_sha256,
 )
+from saliency_audit.transforms.model.precision import effective_precision, precision_problem
+from saliency_audit.transforms.model.targets import TargetError, check_classes, parse_targets
 from saliency_audit.transforms.model.threads import ThreadBudget
 
 SAMPLE_SEARCH = 64  # records looked at to find one decodable sample image
+# A method whose first explanation of the sample image took less is timed again, warm, for the
+# estimate the run is held to (docs/performance.md); a slower one's first call is its estimate.
+WARM_TIMING_S = 2.0
 log = logging.getLogger("saliency_audit")
 LOCAL_MASTERS = ("[local]", "[auto]")  # Flink: an embedded cluster in the launcher's process tree
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
@@ -213,10 +224,12 @@ def _suffix(url: str) -> str:
 
 
 def check_target(target: str, num_classes: int) -> None:
-    """A class index the model does not have would only fill errors/; refuse it up front."""
-    if target.isdigit() and int(target) >= num_classes:
-        raise UsageError(f"--target {target} is not a class of the model, which has {num_classes} "
-                         f"(0 to {num_classes - 1})")
+    """A class index the model does not have, or a topN beyond its classes, would only fill
+    errors/; refuse it up front."""
+    try:
+        check_classes(parse_targets(target), num_classes)
+    except TargetError as e:
+        raise UsageError(str(e)) from None
 
 
 def first_sample(shards: list[str], prep: Preprocessing, storage_options: dict) -> tuple[str, torch.Tensor] | None:
@@ -230,6 +243,16 @@ def first_sample(shards: list[str], prep: Preprocessing, storage_options: dict) 
             except BadImage:
                 continue
     return None
+
+
+def metric_cost_entry(settings: dict[str, Any], size: tuple[int, int], methods: dict[str, dict]) -> dict[str, Any]:
+    """The metrics' cost per image (and target) on model inputs of ``size``: each one's passes
+    (explainers.metrics' Metric.passes) and their forward passes all together beside the methods'
+    (``methods``: the report's entries, with their passes). The plan prints it, the manifest keeps it."""
+    costs = metric_costs(settings, *size)
+    forwards = [info["passes"].get("forward", 0) for info in methods.values()]
+    return {"image_size": list(size), "passes": costs, "forward_passes": metric_forward_passes(costs, forwards),
+            "methods_forward_passes": sum(forwards)}
 
 
 def check_metrics(config: ExplainConfig, size: tuple[int, int], image_id: str) -> None:
@@ -259,26 +282,44 @@ def check_forward_only(spec: ModelSpec, methods: list[str], sanity_check: bool) 
 
 
 def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
-              storage_options: dict[str, Any], beam_args: list[str] | None = None) -> dict[str, Any]:
+              storage_options: dict[str, Any], beam_args: list[str] | None = None,
+              auto_batch: bool = False) -> dict[str, Any]:
     """Checks the run on this launcher; ``beam_args`` (the runner's options) decide whether the
-    worker device is checked here or left to remote workers."""
+    worker device is checked here or left to remote workers. ``auto_batch`` (--batch-size auto):
+    each method's batch, found on copies of the sample image (transforms.model.fitting)."""
     check_shards(shards)  # before the model loads: nothing to audit is the cheaper finding
     beam_args = list(beam_args or [])
     try:
         devices = plan_devices(config.device, beam_args)
         check_model_shipping(config.model, beam_args, devices.remote)
-        loaded = build_explainers(dataclasses.replace(config, device=devices.check))
+        problem = precision_problem(config.precision, devices.check, config.model.is_black_box())
+        if problem:
+            raise UsageError(problem)
+        # not compiled here: compiling takes minutes, and the workers compile their own model
+        loaded = build_explainers(dataclasses.replace(config, device=devices.check, compile=False))
     except ModelLoadError as e:
         raise UsageError(str(e)) from None
+    except UnsupportedModel as e:
+        raise UsageError(refusal(e)) from None
     except (ValueError, TypeError) as e:  # an explainer refused its options or the model
         raise UsageError(f"cannot set up the methods: {e}") from None
     report = {"device": devices.worker, "device_requested": devices.requested, "device_check": devices.check,
               "num_classes": None, "sample_image": None, "model_state_sha256": state_sha256(loaded.model),
+              "model_loading": loading_entry(config.model, loaded.model),  # its form; a transformer's attention
               "torch_threads": threads_entry(thread_budget(config.threads.threads, beam_args), beam_args,
                                              devices.remote),
+              "precision": effective_precision(config.precision, devices.worker),  # as the fingerprints see it
               "methods": {name: {"options": ex.options(), "signed": ex.signed, "passes": ex.passes(),
-                                 "extras": dict(ex.extras), "control": ex.control}
+                                 "extras": dict(ex.extras), "control": ex.control, "caveats": dict(ex.caveats),
+                                 "precision": effective_precision(config.precision, devices.worker, ex.autocast),
+                                 "compiled": runs_compiled(name, config.compile)}
                           for name, ex in loaded.explainers.items()}}
+    approximate = [name for name, ex in loaded.explainers.items()
+                   if report["methods"][name]["precision"] not in ("fp32", *ex.agrees_at)]
+    if approximate:
+        log.warning("--precision %s: the maps of %s are not known to keep float32's ranking at this precision "
+                    "(docs/performance.md); use fp32 where they must match an fp32 audit's",
+                    report["precision"], ", ".join(approximate))
     sample = first_sample(shards, prep, storage_options)
     if sample is None:
         return report  # nothing decodable up front: every record will reach errors/ with its reason
@@ -308,13 +349,56 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
     check_target(config.target, report["num_classes"])
     target = logits.argmax(dim=1)
     seeds = torch.tensor([seed_for(image_id, config.seed)])
+    refused = []  # every method that cannot explain this model, so one run names them all
+    threads = report["torch_threads"]["per_process"]
     for name, explainer in loaded.explainers.items():
         try:
-            explainer.explain(image, target, seeds)
+            seconds = _seconds(lambda: explainer.explain(image, target, seeds), loaded.device)
+        except UnsupportedModel as e:
+            refused.append(refusal(e, name))
+            continue
         except Exception as e:
             raise UsageError(f"method {name} fails on sample image {image_id}: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         if getattr(explainer, "layer_used", None):  # a default layer found by running the model (gradcam)
             report["methods"][name]["layer_used"] = explainer.layer_used
+        if getattr(explainer, "layer_reshape", None):  # how a CAM read the layer: "tokens[1:] -> 14x14 grid"
+            report["methods"][name]["layer_reshape"] = explainer.layer_reshape
+        if getattr(explainer, "captured", None):  # what a transformer method read: attention layers, grid, rules
+            report["methods"][name]["captured"] = explainer.captured
         report["methods"][name]["passes"] = explainer.passes()  # scorecam's: the channels of the layer it found
+        if seconds < WARM_TIMING_S:  # the first call paid for warming up: time one more
+            seconds = _seconds(lambda: explainer.explain(image, target, seeds), loaded.device, threads)
+        # what the dry run prints as "explain ms" and the report holds the run's own time to
+        report["methods"][name]["preflight_ms_per_image"] = round(1000 * seconds, 3)
+    if refused:
+        raise UsageError("\n".join(refused))
+    report["metrics"] = metric_cost_entry(config.settings, tuple(image.shape[-2:]), report["methods"])
+    if auto_batch:
+        for name, explainer in loaded.explainers.items():
+            report["methods"][name]["batch_size"] = largest_fitting(
+                lambda n: explainer.explain(image.repeat(n, 1, 1, 1), target.repeat(n), seeds.repeat(n)),
+                loaded.device)
     return report
+
+
+def _seconds(call, device: torch.device, threads: int | None = None) -> float:
+    """Seconds one call takes on ``device`` (at ``threads`` torch threads, a worker's, if given)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(before)
+
+
+def refusal(error: UnsupportedModel, name: str | None = None) -> str:
+    """One line: the method, why it cannot explain the model, and what to use instead."""
+    return f"method {name or error.method} cannot explain this model: {error.reason}"

@@ -6,6 +6,7 @@ audit holds a few batches, never the audit.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from functools import cached_property
@@ -21,6 +22,7 @@ from saliency_audit.transforms.io import storage
 from saliency_audit.transforms.io.preprocess import BadImage, Preprocessing, decode, preprocess
 from saliency_audit.transforms.io.readers import read_shard
 from saliency_audit.transforms.io.records import ErrorRecord, RawImage
+from saliency_audit.transforms.model import targets
 
 BATCH_ROWS = 1 << 13        # rows a scan decodes at once: about a MB of a pass's scalar columns
 MAP_BATCH_BYTES = 4 << 20   # decoded bytes of whole rows (maps, extras) a scan holds (Arrow's builders take ~4x)
@@ -35,6 +37,7 @@ class AuditDir:
     def __init__(self, path: str, storage_options: dict[str, Any] | None = None):
         self.path, self.storage_options = str(path), storage_options or {}
         self._datasets: dict[str, ds.Dataset | None] = {}  # a page scans an output several times: list it once
+        self.where = None  # a view: the saliency rows this expression keeps (see ``view``)
         try:
             self.manifest = json.loads(storage.read_bytes(storage.join(self.path, "manifest.json"),
                                                           self.storage_options))
@@ -65,7 +68,33 @@ class AuditDir:
             return pa.table({})
         if columns is not None:
             columns = [c for c in columns if c in dataset.schema.names]
+        if name == "saliency" and self.where is not None:
+            where = self.where if where is None else where & self.where
         return dataset.to_table(columns=columns, filter=where)
+
+    # --- several targets per image (--target predicted,label,top3) ---
+    @cached_property
+    def target(self) -> str:
+        """The run's --target as its manifest records it."""
+        return str((self.manifest.get("options") or {}).get("target") or targets.PREDICTED)
+
+    @cached_property
+    def several_targets(self) -> bool:
+        try:
+            return targets.several(self.target)
+        except targets.TargetError:
+            return False
+
+    def view(self, where) -> "AuditDir":
+        """The same audit, its saliency rows those the pyarrow expression ``where`` keeps."""
+        other = copy.copy(self)
+        other.where = where
+        return other
+
+    def main_view(self) -> "AuditDir":
+        """With several targets per image, the main request's rows (one per image and method: the
+        predicted class's by default, transforms.model.targets.main_request); else the audit."""
+        return self.view(targets.request_filter(targets.main_of(self.target))) if self.several_targets else self
 
     def rows(self, name: str, columns: Iterable[str] | None = None, where=None) -> list[dict]:
         """A small output (summary, findings, sanity) as dicts; scan the saliency rows instead."""
@@ -87,22 +116,31 @@ class AuditDir:
         wanted = None if image_ids is None else pa.array(sorted(set(image_ids)), pa.string())
         if wanted is not None and "image_id" not in names:
             names.append("image_id")
+        view = self.where if name == "saliency" else None
+        read = names if view is None else [*names, *(c for c in targets.FILTER_COLUMNS
+                                                     if c in dataset.schema.names and c not in names)]
         for path in dataset.files:
             with dataset.filesystem.open_input_file(path) as f:
                 reader = pq.ParquetFile(f)
-                present = [c for c in names if c in reader.schema_arrow.names]
+                present = [c for c in read if c in reader.schema_arrow.names]
                 groups = range(reader.num_row_groups) if wanted is None else _groups_holding(reader, wanted)
                 for batch in reader.iter_batches(batch_size=batch_rows or BATCH_ROWS, row_groups=groups,
                                                  columns=present, use_threads=False):
-                    if len(present) < len(names):
+                    if len(present) < len(read):
                         batch = pa.RecordBatch.from_arrays(
                             [batch.column(c) if c in present else pa.nulls(batch.num_rows, dataset.schema.field(c).type)
-                             for c in names], names=names)
+                             for c in read], names=read)
+                    if view is not None:
+                        batch = pa.Table.from_batches([batch]).filter(view).select(names).combine_chunks()
+                        batch = batch.to_batches()[0] if batch.num_rows else None
+                        if batch is None:
+                            continue
                     yield batch if wanted is None else batch.filter(pc.is_in(batch.column("image_id"), wanted))
 
     def row_count(self, name: str) -> int:
         dataset = self._dataset(name)
-        return dataset.count_rows() if dataset is not None else 0
+        where = self.where if name == "saliency" else None
+        return dataset.count_rows(filter=where) if dataset is not None else 0
 
     def columns(self, name: str) -> pa.Schema:
         dataset = self._dataset(name)
@@ -152,10 +190,13 @@ class AuditDir:
         return found
 
     def display_preprocessing(self) -> Preprocessing:
-        """The run's geometry (resize, channels) without the normalisation: what the model saw, as a picture."""
+        """The run's geometry (resize, crop, channels) without the normalisation: what the model saw, as a
+        picture."""
         prep = self.manifest.get("preprocessing") or {}
-        resize = tuple(prep["resize"]) if prep.get("resize") else None
-        return Preprocessing(resize=resize, channels=prep.get("channels"), to_grayscale=bool(prep.get("to_grayscale")),
+        pairs = {key: tuple(prep[key]) if prep.get(key) else None for key in ("resize", "crop")}
+        geometry = {key: prep[key] for key in ("resize_shortest", "interpolation", "crop_offset") if prep.get(key)}
+        return Preprocessing(**pairs, **geometry, channels=prep.get("channels"),
+                             to_grayscale=bool(prep.get("to_grayscale")),
                              max_pixels=int(prep.get("max_pixels") or 4096 * 4096))
 
     def images(self, sources: dict[str, str]) -> dict[str, np.ndarray]:

@@ -67,29 +67,40 @@ def pixels_for(top_k: float, pixels: int) -> int:
 
 @dataclasses.dataclass
 class Chunk:
-    """Images of one method whose maps share a shape and fit the memory budget together."""
+    """Maps of one method that share a shape and fit the memory budget together: images, and with
+    several targets per image the class of each (``targets``, beside ``ids``)."""
     method: str
     height: int
     width: int
     ids: list[str]
+    targets: list[int] | None = None  # None: one map per (image, method)
+
+    def keys(self) -> list[tuple[str, int | None]]:
+        """Each map's (image id, class or None)."""
+        return list(zip(self.ids, self.targets if self.targets is not None else [None] * len(self.ids)))
 
 
-def _scalars(audit: AuditDir) -> dict[tuple[str, str], dict]:
-    """(image_id, method) -> the row's scalar columns (no maps)."""
-    return {(r["image_id"], r["method"]): r for r in audit.rows("saliency", _KEY_COLUMNS)}
+def _scalars(audit: AuditDir, by_class: bool = False) -> dict[tuple[str, str, int | None], dict]:
+    """(image_id, method, target class if ``by_class`` else None) -> the row's scalar columns (no maps)."""
+    return {(r["image_id"], r["method"], r["target"] if by_class else None): r
+            for r in audit.rows("saliency", _KEY_COLUMNS)}
 
 
-def plan_chunks(pairs: list[tuple[str, str, int, int]], budget: int = MAP_BUDGET) -> Iterator[Chunk]:
-    """(image_id, method, height, width) pairs -> chunks in (method, shape, image id) order, each
-    holding as many images as fit ``budget`` bytes of float32 maps, and at least one."""
+def plan_chunks(pairs: list[tuple], budget: int = MAP_BUDGET) -> Iterator[Chunk]:
+    """(image_id, method, height, width) or (image_id, method, class, height, width) pairs -> chunks
+    in (method, shape, image id, class) order, each holding as many maps as fit ``budget`` bytes of
+    float32 maps, and at least one."""
     groups = defaultdict(list)
-    for image_id, method, height, width in pairs:
-        groups[(method, height, width)].append(image_id)
-    for (method, height, width), ids in sorted(groups.items()):
-        ids.sort()
+    by_class = bool(pairs) and len(next(iter(pairs))) == 5
+    for pair in pairs:
+        image_id, method, cls, height, width = pair if by_class else (pair[0], pair[1], None, *pair[2:])
+        groups[(method, height, width)].append((image_id, cls))
+    for (method, height, width), keys in sorted(groups.items()):
+        keys.sort(key=lambda k: (k[0], -1 if k[1] is None else k[1]))
         per_chunk = max(1, budget // (4 * height * width))
-        for start in range(0, len(ids), per_chunk):
-            yield Chunk(method, height, width, ids[start:start + per_chunk])
+        for start in range(0, len(keys), per_chunk):
+            part = keys[start:start + per_chunk]
+            yield Chunk(method, height, width, [i for i, _ in part], [c for _, c in part] if by_class else None)
 
 
 class MapReader:
@@ -110,13 +121,15 @@ class MapReader:
         for path in self.files:
             with self.filesystem.open_input_file(path) as f:
                 parquet = pq.ParquetFile(f)
-                self.keys.append(parquet.read(columns=["image_id", "method"]))
+                self.keys.append(parquet.read(columns=["image_id", "method"]))  # (an image's several
+                # targets: the chunk's rows of its images are read, and matched by class in _fill)
                 sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
             self.group_starts.append(np.cumsum([0, *sizes])[:-1])
 
     def read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
-        """The chunk's maps [N,H,W] float32 (in chunk.ids order) and which of them were found."""
-        position = {image_id: i for i, image_id in enumerate(chunk.ids)}
+        """The chunk's maps [N,H,W] float32 (in chunk.keys() order) and which of them were found."""
+        position = {key: i for i, key in enumerate(chunk.keys())}
+        columns = ["image_id", "method", "saliency"] + (["target"] if chunk.targets is not None else [])
         maps = np.zeros((len(chunk.ids), chunk.height, chunk.width), dtype=np.float32)
         found = np.zeros(len(chunk.ids), dtype=bool)
         pixels = chunk.height * chunk.width
@@ -130,8 +143,7 @@ class MapReader:
             groups = np.unique(np.searchsorted(starts, rows.to_numpy(), side="right") - 1).tolist()
             with self.filesystem.open_input_file(path) as f:
                 batches = pq.ParquetFile(f, pre_buffer=False).iter_batches(
-                    batch_size=max(1, self.budget // 4 // (4 * pixels)), row_groups=groups,
-                    columns=["image_id", "method", "saliency"])
+                    batch_size=max(1, self.budget // 4 // (4 * pixels)), row_groups=groups, columns=columns)
                 for batch in batches:
                     keep = pc.and_(pc.equal(batch.column("method"), chunk.method),
                                    pc.is_in(batch.column("image_id"), value_set=wanted))
@@ -143,16 +155,21 @@ class MapReader:
         return maps, found
 
 
-def _fill(batch: pa.RecordBatch, position: dict[str, int], pixels: int, maps: np.ndarray, found: np.ndarray) -> None:
-    """Copy a batch's maps into their rows of ``maps`` (views of Arrow's buffers, no Python floats)."""
+def _fill(batch: pa.RecordBatch, position: dict[tuple, int], pixels: int, maps: np.ndarray, found: np.ndarray
+          ) -> None:
+    """Copy a batch's maps into their rows of ``maps`` (views of Arrow's buffers, no Python floats);
+    ``position``: (image id, class or None) -> row; a row of another class is not the chunk's."""
     lists = batch.column("saliency")
     offsets, values = lists.offsets.to_numpy(), lists.values.to_numpy(zero_copy_only=False)
     valid = pc.is_valid(lists).to_numpy(zero_copy_only=False)
-    for row, image_id in enumerate(batch.column("image_id").to_pylist()):
+    ids = batch.column("image_id").to_pylist()
+    classes = batch.column("target").to_pylist() if "target" in batch.schema.names else [None] * len(ids)
+    for row, key in enumerate(zip(ids, classes)):
         start, stop = offsets[row], offsets[row + 1]
-        if valid[row] and stop - start == pixels:  # a map of another size than its row says is not compared
-            maps[position[image_id]].reshape(-1)[:] = values[start:stop]
-            found[position[image_id]] = True
+        at = position.get(key)
+        if at is not None and valid[row] and stop - start == pixels:  # a map of another size is not compared
+            maps[at].reshape(-1)[:] = values[start:stop]
+            found[at] = True
 
 
 def compare(chunk: Chunk, maps_a: np.ndarray, maps_b: np.ndarray, scalars_a: list[dict], scalars_b: list[dict],
@@ -233,6 +250,8 @@ def read_paired(reader_a: MapReader, reader_b: MapReader, chunks: Iterable[Chunk
         if not keep.any():
             continue
         chunk.ids = [i for i, k in zip(chunk.ids, keep) if k]
+        if chunk.targets is not None:
+            chunk.targets = [t for t, k in zip(chunk.targets, keep) if k]
         if not keep.all():
             maps_a, maps_b = maps_a[keep], maps_b[keep]
         yield chunk, maps_a, maps_b
@@ -242,18 +261,19 @@ def diff_tables(audit_a: AuditDir, audit_b: AuditDir, top_k: float, budget: int 
                 ) -> tuple[Iterator[pa.Table], dict[str, Any]]:
     """The diff rows a chunk at a time, and what could not be compared (pairs only in A, only in B,
     maps of other shapes); info["different_shapes"] is final once the tables are consumed."""
-    scalars_a, scalars_b = _scalars(audit_a), _scalars(audit_b)
+    by_class = audit_a.several_targets or audit_b.several_targets  # pair maps of the same class
+    scalars_a, scalars_b = _scalars(audit_a, by_class), _scalars(audit_b, by_class)
     common = scalars_a.keys() & scalars_b.keys()
-    same = [(i, m, scalars_a[(i, m)]["height"], scalars_a[(i, m)]["width"]) for i, m in common
-            if (scalars_a[(i, m)]["height"], scalars_a[(i, m)]["width"])
-            == (scalars_b[(i, m)]["height"], scalars_b[(i, m)]["width"])]
+    shape = {key: (scalars_a[key]["height"], scalars_a[key]["width"]) for key in common}
+    same = [((i, m, t) if by_class else (i, m)) + shape[(i, m, t)] for i, m, t in common
+            if shape[(i, m, t)] == (scalars_b[(i, m, t)]["height"], scalars_b[(i, m, t)]["width"])]
     info = {"only_a": len(scalars_a.keys() - scalars_b.keys()), "only_b": len(scalars_b.keys() - scalars_a.keys()),
             "different_shapes": len(common)}
 
     def tables() -> Iterator[pa.Table]:
         for chunk, maps_a, maps_b in paired_maps(audit_a, audit_b, same, budget):
-            rows = compare(chunk, maps_a, maps_b, [scalars_a[(i, chunk.method)] for i in chunk.ids],
-                           [scalars_b[(i, chunk.method)] for i in chunk.ids], top_k)
+            keys = [(i, chunk.method, t) for i, t in chunk.keys()]
+            rows = compare(chunk, maps_a, maps_b, [scalars_a[k] for k in keys], [scalars_b[k] for k in keys], top_k)
             del maps_a, maps_b
             info["different_shapes"] -= rows.num_rows
             yield rows
@@ -273,27 +293,36 @@ def _mean(values: np.ndarray) -> float | None:
     return float(np.mean(values, dtype=np.float64)) if len(values) else None
 
 
-def shown_maps(audit: AuditDir, pairs: set[tuple[str, str]]) -> tuple[dict[tuple[str, str], np.ndarray], dict]:
-    """The maps of a few (image_id, method) pairs, read as the diff reads them, and their sources."""
-    where = ds.field("image_id").isin(sorted({i for i, _ in pairs}))
-    meta = {(r["image_id"], r["method"]): r
-            for r in audit.rows("saliency", ["image_id", "method", "source", "height", "width"], where)}
+def shown_maps(audit: AuditDir, pairs: set[tuple[str, str, int | None]]
+               ) -> tuple[dict[tuple[str, str, int | None], np.ndarray], dict]:
+    """The maps of a few (image_id, method, class or None) triples, read as the diff reads them,
+    and their sources (class None: the image's one map of the method)."""
+    where = ds.field("image_id").isin(sorted({i for i, _, _ in pairs}))
+    by_class = any(t is not None for _, _, t in pairs)
+    meta = {(r["image_id"], r["method"], r["target"] if by_class else None): r
+            for r in audit.rows("saliency", ["image_id", "method", "target", "source", "height", "width"], where)}
     meta = {key: r for key, r in meta.items() if key in pairs}
     reader, maps = MapReader(audit, MAP_BUDGET), {}
-    for chunk in plan_chunks([(i, m, r["height"], r["width"]) for (i, m), r in meta.items()], MAP_BUDGET):
+    for chunk in plan_chunks([((i, m, t) if by_class else (i, m)) + (r["height"], r["width"])
+                              for (i, m, t), r in meta.items()], MAP_BUDGET):
         values, found = reader.read(chunk)
-        maps.update({(i, chunk.method): v for i, v, ok in zip(chunk.ids, values, found) if ok})
-    return maps, {i: r["source"] for (i, _), r in meta.items()}
+        maps.update({(i, chunk.method, t): v for (i, t), v, ok in zip(chunk.keys(), values, found) if ok})
+    return maps, {i: r["source"] for (i, _, _), r in meta.items()}
 
 
 def diff_page(audit_a: AuditDir, audit_b: AuditDir, summary: PageSummary, info: dict[str, Any]) -> str:
     moved = summary.moved
-    pairs = {(r["image_id"], r["method"]) for r in moved}
+    by_class = audit_a.several_targets or audit_b.several_targets
+
+    def key(row):
+        return row["image_id"], row["method"], row["target_a"] if by_class else None
+
+    pairs = {key(r) for r in moved}
     (maps_a, sources), (maps_b, _) = shown_maps(audit_a, pairs), shown_maps(audit_b, pairs)
     images = audit_a.images(sources)
 
     def picture(maps, audit, row):
-        values = maps.get((row["image_id"], row["method"]))
+        values = maps.get(key(row))
         image = images.get(row["image_id"])
         if values is None:
             return "\u2013"
@@ -307,7 +336,8 @@ def diff_page(audit_a: AuditDir, audit_b: AuditDir, summary: PageSummary, info: 
             return "\u2013"
         return img(render.data_uri(render.fit(render.as_rgb(image), 128)), image_id, 96)
 
-    lead = [[markup("{}<br>{}", image_tag(r["image_id"]), r["image_id"]), r["method"],
+    lead = [[markup("{}<br>{}", image_tag(r["image_id"]), r["image_id"] + (f", class {r['target_a']}" if by_class
+                                                                         else "")), r["method"],
              picture(maps_a, audit_a, r), picture(maps_b, audit_b, r), r["rank_correlation"], r["top_k_overlap"],
              r["ssim"], f"{r['predicted_a']} \u2192 {r['predicted_b']}",
              f"{r['score_b'] - r['score_a']:+.3f}"] for r in moved]

@@ -39,7 +39,7 @@ def comparison_figure(audit: AuditDir, image_ids: list[str], methods: list[str] 
     unknown = [m for m in methods if m not in audit.methods]
     if unknown:
         raise ValueError(f"method(s) {', '.join(unknown)} not in this audit; it has {', '.join(audit.methods)}")
-    rows = audit.map_rows(image_ids, methods)
+    rows = audit.main_view().map_rows(image_ids, methods)  # several targets: the main request's maps
     present = {image_id for image_id, _ in rows}
     missing = [i for i in image_ids if i not in present]
     if missing:

@@ -24,6 +24,8 @@ from saliency_audit.pipelines.reporting.audit_dir import AuditDir, saliency_map
 from saliency_audit.pipelines.reporting.html import Raw, details, img, markup, number, page, paragraph, table
 from saliency_audit.pipelines.reporting.plots import histogram, line_chart
 from saliency_audit.transforms.io import history, storage
+from saliency_audit.transforms.io.progress import duration
+from saliency_audit.transforms.model import targets
 
 VERDICT = "verdict.json"  # written by saliency_audit.pipelines.checks.gates next to the manifest
 FINDINGS_SHOWN = 2    # findings per method when none is flagged
@@ -31,6 +33,7 @@ FINDINGS_MAX = 12     # findings on the page at most
 FINDING_IMAGES = 5    # prototype images per finding
 THUMB = 84            # CSS width of a gallery image
 LONGEST = 128         # stored images are shrunk to at most this many pixels a side
+MAP_BATCH = 4 << 20   # decoded bytes of whole rows a gallery's scan holds
 RULE_EXTRAS = ("rule", "counterfactuals", "weights", "precision", "coverage", "fidelity", "r2")
 # The metric columns the methods table shows; every other metric gets a table of its own.
 MAIN_TABLE = ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random", "gini")
@@ -64,6 +67,20 @@ HISTORY_STATISTICS = (("error_rate", "error rate", (0.0, 0.02)), ("deletion_auc"
                       ("constant_share", "share of constant maps", (0.0, 0.1)))
 HISTORY_SLOTS = 60     # newest slots on the page at most, so it stays small however long the schedule runs
 SLOT_LABEL = 12        # longer slot names are charted as their number in the table
+
+
+def metric_cost_text(entry: dict | None) -> str:
+    """The manifest's metric_passes in a line: each metric's forward passes per image, and the total
+    beside the methods' own."""
+    if not entry:
+        return "not recorded (no sample image at preflight)"
+    parts = [f"{name} {cost['per_map']} per map + {cost['per_image']} per image"
+             + (f" + {cost['explanations']} explanations per map" if cost["explanations"] else "")
+             for name, cost in entry["passes"].items() if any(cost.values())]
+    height, width = entry["image_size"]
+    return ("; ".join(parts) or "none") + (f" (forward passes on {height}x{width} inputs); in all "
+                                          f"{entry['forward_passes']} per image and target (the methods themselves: "
+                                          f"{entry['methods_forward_passes']})")
 
 
 class Thumbnails:
@@ -110,13 +127,15 @@ def _share(value) -> str:
     return "\u2013" if value is None else f"{100 * value:.0f}%" if value >= 0.01 or value == 0 else "<1%"
 
 
-def method_warnings(method: str, s: dict, signed: bool) -> list[str]:
-    """What the auditor must know about one method's summary row ``s``: maps that point nowhere,
-    and a ranking no better than chance (with the reason, for unsigned maps)."""
+def method_warnings(method: str, s: dict, signed: bool, caveats: dict | None = None) -> list[str]:
+    """What the auditor must know about one method's summary row ``s``: maps that point nowhere
+    (with the method's own words where that is its nature, ``caveats["constant"]``), and a ranking
+    no better than chance (with the reason, for unsigned maps)."""
     lines = []
     if (s.get("constant_share") or 0) > EMPTY_WARNING:
         lines.append(f"{method}: {_share(s['constant_share'])} of its maps are constant "
-                     f"({_share(s.get('empty_share'))} all zero): they point nowhere.")
+                     f"({_share(s.get('empty_share'))} all zero): they point nowhere."
+                     + (f" {caveats['constant']}" if (caveats or {}).get("constant") else ""))
     deletion, random = s.get("mean_deletion_auc"), s.get("mean_deletion_auc_random")
     if deletion is not None and random and deletion >= RANDOM_WARNING * random:
         line = (f"{method}: mean deletion AUC {number(deletion)} is no better than a random map's "
@@ -130,6 +149,45 @@ def method_warnings(method: str, s: dict, signed: bool) -> list[str]:
     return lines
 
 
+# Explaining may take this many times preflight's figure before the report warns: room for the tens of
+# percent a timing of one call drifts by, while the misses that change a plan (batches halved, fewer
+# threads, larger images) are 2 x and more.
+COST_TOLERANCE = 1.5
+COST_MIN_EXCESS_S = 60.0  # ... and this much longer in all: a small run's first, cold batch is no news
+
+
+def cost_warnings(manifest: dict, overall: dict) -> list[str]:
+    """Methods whose explanations took longer per image than preflight timed on the sample image
+    (``preflight_ms_per_image``: what --dry-run prints as explain ms, the run's promise), by more than
+    COST_TOLERANCE times and COST_MIN_EXCESS_S in all. Only where preflight ran on the workers' device."""
+    model = manifest.get("model") or {}
+    if model.get("device") != model.get("device_check"):
+        return []  # timed on the launcher's CPU for workers elsewhere: no promise was made for them
+    lines, taken, promised = [], 0.0, 0.0
+    halved = (manifest.get("execution") or {}).get("batch_sizes_after_out_of_memory") or {}
+    for method, info in (manifest.get("methods") or {}).items():
+        estimate = info.get("preflight_ms_per_image")
+        measured = (overall.get(method) or {}).get("mean_time_ms")
+        explained = ((manifest.get("counts") or {}).get(method) or {}).get("explained") or 0
+        if not estimate or measured is None or not explained:
+            continue
+        taken, promised = taken + measured * explained / 1000, promised + estimate * explained / 1000
+        excess = (measured - estimate) * explained / 1000
+        if measured > COST_TOLERANCE * estimate and excess > COST_MIN_EXCESS_S:
+            # number(): the figures as the table's ms / image shows them (a fast method's 0.04 ms is not 0.0)
+            lines.append(f"{method}: explaining took {number(float(measured))} ms per image, "
+                         f"{number(measured / estimate)} x the {number(float(estimate))} ms preflight timed on the "
+                         f"sample image (--dry-run's explain ms): {duration(excess)} longer than promised over "
+                         f"{explained:,} images."
+                         + (f" Its batches were cut to {halved[method]} image(s) after running out of memory."
+                            if method in halved else ""))
+    if lines:
+        lines.append(f"In all, explaining took {duration(taken)} against the {duration(promised)} preflight's "
+                     "figures promised. Usual causes: a busier machine, workers with fewer threads than preflight "
+                     "had, images larger than the sample, batches halved after running out of memory.")
+    return lines
+
+
 def _examples(finding: dict) -> list[str]:
     """The images a finding is shown with: a cluster's prototypes, else the images that carry it
     most (a concentration has no prototypes); ids only if they are strings."""
@@ -139,9 +197,13 @@ def _examples(finding: dict) -> list[str]:
 
 class Report:
     def __init__(self, audit: AuditDir, *, per_class: int = 3, extremes: int = 4, misclassified: int = 8):
+        # Several targets per image: every section but "Other targets" shows the main request's rows,
+        # one per image and method (the predicted class's by default), so nothing counts twice.
+        audit = audit.main_view()
         self.audit, self.per_class = audit, per_class
         self.methods = audit.methods
-        self.summary = audit.rows("summary")
+        self.all_summary = audit.rows("summary")
+        self.summary = targets.main_summary(self.all_summary, audit.target)
         self.overall = {s["method"]: s for s in self.summary if s["target"] is None}
         self.columns = set(audit.columns("saliency").names)
         self.picks = aggregate.pick_images(audit, self.methods, per_class=per_class, extremes=extremes,
@@ -150,11 +212,33 @@ class Report:
         self.image_count, self.misclassified_count = aggregate.count_images(audit)
         self.findings = self._findings()
         self.selection = {**self.picks.selection, "findings": [i for f in self.findings for i in _examples(f)]}
+        self.other_targets = self._other_targets()
+        self.selection["targets"] = [i for _, rows in self.other_targets for i, _ in rows]
         wanted = {i for ids in self.selection.values() for i in ids}
         self.first_row = aggregate.first_rows(audit, wanted, ["label", "predicted", "predicted_score"])
         maps = audit.map_rows(wanted)
         sources = {image_id: row["source"] for (image_id, _), row in maps.items()}
         self.thumbs = Thumbnails(audit, maps, audit.images(sources))
+
+    def _other_targets(self) -> list[tuple[str, list[tuple[str, int]]]]:
+        """Per --target request besides the main one, its first images (by id) and their classes
+        under it, in (image id, rank) order."""
+        if not self.audit.several_targets:
+            return []
+        main = targets.main_of(self.audit.target)
+        out = []
+        for request in targets.summary_requests(self.audit.target):
+            if request == main:
+                continue
+            first = aggregate.SmallestIds(self.per_class)
+            view = self.audit.view(targets.request_filter(request))
+            for batch in view.scan("saliency", ["image_id"]):
+                first.add(batch.column("image_id"))
+            ids = first.ids()
+            batches = view.scan("saliency", ["target", "target_rank"], image_ids=ids) if ids else ()
+            found = {(r["image_id"], r["target"], r["target_rank"]) for batch in batches for r in batch.to_pylist()}
+            out.append((request, [(i, t) for i, t, _ in sorted(found, key=lambda x: (x[0], x[2] or 0, x[1]))]))
+        return out
 
     def _findings(self) -> list[dict]:
         """The Clever-Hans findings the page shows: every flagged one, else each method's top
@@ -306,6 +390,7 @@ class Report:
             ("model sha256", "; ".join(f"{k}: {v}" for k, v in (model.get("sha256") or {}).items())),
             ("device / classes", f"{model.get('device')} / {model.get('num_classes')}"),
             ("methods", ", ".join(self.methods)),
+            ("metric cost", metric_cost_text(m.get("metric_passes"))),
             ("target", (m.get("options") or {}).get("target")),
             ("preprocessing", json.dumps(m.get("preprocessing"))),
             ("runner", m.get("runner")),
@@ -322,19 +407,26 @@ class Report:
     def _present(self, metric: str) -> bool:
         return any(s.get(f"mean_{metric}") is not None for s in self.overall.values())
 
-    @staticmethod
-    def _random_logit_verdict(flagged: bool | None) -> Raw | str:
+    def _caveats(self, method: str) -> dict:
+        """The method's words for the flags it raises by its nature (Explainer.caveats, in the manifest)."""
+        return (self.audit.manifest.get("methods") or {}).get(method, {}).get("caveats") or {}
+
+    def _flag(self, method: str, flagged: bool | None, check: str, what: str) -> Raw | str:
+        """A sanity verdict; a flag comes with the method's words when it raises it by its nature."""
         if flagged is None:
             return "\u2013"
-        return (Raw('<span class="flag">FLAGGED: maps do not depend on the class</span>') if flagged
-                else Raw('<span class="ok">passed</span>'))
+        if not flagged:
+            return Raw('<span class="ok">passed</span>')
+        words = self._caveats(method).get(check)
+        return (markup('<span class="flag">FLAGGED: {}</span> <span class="note">{}</span>', what, words) if words
+                else markup('<span class="flag">FLAGGED: {}</span>', what))
+
+    def _random_logit_verdict(self, method: str, flagged: bool | None) -> Raw | str:
+        return self._flag(method, flagged, "random_logit", "maps do not depend on the class")
 
     def _verdict(self, method: str) -> Raw | str:
-        flagged = self.overall.get(method, {}).get("sanity_flagged")
-        if flagged is None:
-            return "\u2013"
-        return (Raw('<span class="flag">FLAGGED: maps do not depend on the model</span>') if flagged
-                else Raw('<span class="ok">passed</span>'))
+        return self._flag(method, self.overall.get(method, {}).get("sanity_flagged"), "cascading",
+                          "maps do not depend on the model")
 
     def _say_nothing(self, s: dict):
         empty, constant = s.get("empty_share"), s.get("constant_share")
@@ -342,9 +434,12 @@ class Report:
         return markup('<span class="flag">{}</span>', text) if (constant or 0) > EMPTY_WARNING else text
 
     def _warnings(self) -> list[str]:
-        """Methods whose maps say nothing for many images, or rank pixels no better than chance."""
+        """Methods whose maps say nothing for many images, or rank pixels no better than chance, or
+        that took longer than preflight promised."""
         lines = [line for method in self.methods
-                 for line in method_warnings(method, self.overall.get(method, {}), self.audit.signed(method))]
+                 for line in method_warnings(method, self.overall.get(method, {}), self.audit.signed(method),
+                                             self._caveats(method))]
+        lines += cost_warnings(self.audit.manifest, self.overall)
         if not lines:
             return []
         items = "".join(markup("<li>{}</li>", line) for line in lines)
@@ -433,6 +528,48 @@ class Report:
         return table(headers, rows) + paragraph("Classes are the explained target (the predicted class by default); "
                                                 "accuracy counts labelled images whose prediction equals the label.")
 
+    def targets_section(self) -> str:
+        """With several --target requests: each request but the main one, its maps' means per method
+        (a row answering several requests counts under each) and its first images."""
+        if not self.other_targets:
+            return ""
+        main = targets.main_of(self.audit.target)
+        parts = [paragraph(
+            f"--target {self.audit.target}: each image is explained once for each distinct class these requests "
+            f"name. The sections above show the {main} request's maps, one per image and method; the methods "
+            f"table's explained and errors count every (image, target) pair. Here each other request: the means "
+            f"over the maps that answer it (a class two requests name is one map, counted under both), then its "
+            f"first images, one row per class (rank 1 = the predicted class).")]
+        pairs = [("deletion_auc", "deletion_auc_random", "deletion AUC (random)"),
+                 ("insertion_auc", "insertion_auc_random", "insertion AUC (random)")]
+        shown = [p for p in pairs if self._present(p[0])]
+        for request, rows in self.other_targets:
+            overall = {s["method"]: s for s in self.all_summary
+                       if s.get("target_source") == request and s.get("target") is None}
+            means = table(["method", "maps", "mean score", *(label for _, _, label in shown)],
+                          [[m, overall.get(m, {}).get("count"), overall.get(m, {}).get("mean_score"),
+                            *(markup("{} ({})", number(overall.get(m, {}).get(f"mean_{a}")),
+                                     number(overall.get(m, {}).get(f"mean_{b}"))) for a, b, _ in shown)]
+                           for m in self.methods])
+            view = self.audit.view(targets.request_filter(request))
+            ids = sorted({i for i, _ in rows})
+            maps = {}
+            for batch in view.scan("saliency", image_ids=ids, batch_rows=view.rows_within("saliency", MAP_BATCH)) \
+                    if ids else ():
+                for row in batch.to_pylist():
+                    row["saliency"] = np.asarray(row["saliency"], dtype=np.float32)
+                    maps[(row["image_id"], row["target"], row["method"])] = row
+            gallery = []
+            for image_id, cls in rows:
+                thumbs = Thumbnails(self.audit, {(i, m): r for (i, c, m), r in maps.items()
+                                                 if i == image_id and c == cls}, self.thumbs.images)
+                rank = next((r.get("target_rank") for (i, c, _), r in maps.items() if i == image_id and c == cls), None)
+                gallery.append([markup("{}<br>{}: class {} (rank {})", thumbs.image(image_id), image_id, cls, rank)]
+                               + [thumbs.pair(image_id, m) for m in self.methods])
+            parts.append(markup("<h3>{}</h3>", f"--target {request}") + means
+                         + table(["image"] + self.methods, gallery, "gallery"))
+        return "".join(parts)
+
     def sanity_section(self) -> str:
         sanity = self.audit.manifest.get("sanity")
         if not sanity:
@@ -456,7 +593,7 @@ class Report:
         verdicts = [(m, v.get("rank_correlation"), v.get("rank_correlation_abs"), v.get("ssim"),
                      markup('<span class="flag">not checked: {}</span>', v["error"]) if v.get("error")
                      else self._verdict(m), v.get("random_logit_rank_correlation"), v.get("random_logit_ssim"),
-                     "\u2013" if v.get("error") else self._random_logit_verdict(v.get("random_logit_flagged")))
+                     "\u2013" if v.get("error") else self._random_logit_verdict(m, v.get("random_logit_flagged")))
                     for m, v in ((m, (sanity.get("methods") or {}).get(m)) for m in self.methods) if v]
         return (paragraph(f"Cascading randomisation (Adebayo et al. 2018): the model's layers are re-initialised "
                           f"from the top, cumulatively, and every method explains {len(sanity.get('images') or [])} "
@@ -628,6 +765,7 @@ class Report:
                     ("methods", "Methods", self.methods_section()),
                     ("findings", "Clever-Hans findings", self.findings_section()),
                     ("classes", "Per class", self.classes_section()),
+                    ("targets", "Other targets", self.targets_section()),
                     ("sanity", "Sanity check", self.sanity_section()),
                     ("galleries", "Galleries by class", self.galleries_section()),
                     ("misclassified", "Misclassified", self.misclassified_section()),

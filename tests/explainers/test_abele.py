@@ -114,6 +114,18 @@ def test_abele_finds_the_region_the_model_reads():
     assert result.maps.shape == (1, 28, 28) and not result.maps.any()
 
 
+def test_exemplars_are_the_class_asked_about():
+    """Asked about class 0 on an image the model calls 1, the exemplars come from the tree's path to
+    class 0 (the region dark), not from x's own rule, inside which no image is class 0: before, none
+    were found and the map was 0 (6 of the demo sanity check's 8 digits on the randomised model)."""
+    image = SceneAAE().decode(torch.tensor([[2.0, -0.2, 0.4]]))  # region bright: class 1
+    result = get_explainer("abele", RegionModel(), aae=SceneAAE(), **FAST).explain(image, torch.tensor([0]))
+    assert result.extras["rule"][0].endswith("-> class 1")  # the rule stays x's own
+    ex = result.extras["exemplars"][0].reshape(-1, 1, 28, 28)
+    assert int(result.extras["map_exemplars"][0]) == 20 and len(ex) == 5
+    assert (RegionModel()(ex).argmax(1) == 0).all()
+
+
 def test_exemplars_keep_the_class_and_counter_exemplars_do_not(demo_model, demo_images, bundled):
     images, _ = demo_images
     images = images[:3]

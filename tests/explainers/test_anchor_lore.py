@@ -129,3 +129,29 @@ def test_defaults_explain_almost_every_digit(held_out_digits, method):
     assert empty <= 0.05, f"{empty:.0%} of {method}'s explanations are empty"
     if method == "anchor":
         assert float(result.extras["precision"].min()) >= 0.95
+
+
+def test_lore_map_answers_for_the_class_asked_about():
+    """Asked about class 0 on an image the model calls 1, lore's map is the tree's path to class 0:
+    the region switched off (-1), not x's own rule for class 1 (before: the same map whatever the
+    class, so the demo's random logit test flagged lore at rank correlation 0.86)."""
+    explainer = get_explainer("lore", RegionModel(), **FAST["lore"])
+    own = explainer.explain(scene(), torch.tensor([1]))
+    other = explainer.explain(scene(), torch.tensor([0]))
+    region = torch.isin(own.extras["segments"][0].reshape(28, 28), torch.tensor(sorted(region_superpixels(
+        own.extras["segments"][0]))))
+    assert (own.maps[0][region] == 1).any() and (own.maps[0] >= 0).all()
+    assert (other.maps[0][region] == -1).any() and (other.maps[0] <= 0).all()
+    assert other.extras["rule"][0].endswith("-> class 1")  # the rule stays x's own
+
+
+def test_lore_map_is_empty_for_a_class_its_neighbourhood_never_met():
+    """RegionModel has two classes; a third one appears in no neighbour, so the tree has no path
+    to it and there is nothing to show."""
+    class ThreeClasses(torch.nn.Module):
+        def forward(self, x):
+            logits = RegionModel()(x)
+            return torch.cat([logits, torch.full_like(logits[:, :1], -100.0)], 1)
+
+    result = get_explainer("lore", ThreeClasses(), **FAST["lore"]).explain(scene(), torch.tensor([2]))
+    assert not result.maps.any()

@@ -13,6 +13,7 @@ from torch import nn
 
 from saliency_audit.explainers import get_explainer
 from saliency_audit.explainers.cam.base import CAMBase
+from saliency_audit.explainers.core.base import UnsupportedModel
 from saliency_audit.pipelines.training.reference_model import MnistCNN, ResNet18
 
 GRAD_CAM_INSTALL = "pip install --no-deps grad-cam==1.5.7 ttach opencv-python-headless"
@@ -159,8 +160,11 @@ def test_bad_options_and_models_are_refused(name):
     model = cases()[0][0]
     with pytest.raises(ValueError, match=f"{name}: the model has no module named 'nope'"):
         get_explainer(name, model, layer="nope")
-    with pytest.raises(ValueError, match=f"{name} needs a Conv2d layer; the model has none"):
-        get_explainer(name, nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    # an MLP keeps no spatial grid: refused in one line on its first batch (preflight's sample image)
+    mlp = get_explainer(name, nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    with pytest.raises(UnsupportedModel, match=f"^{name} cannot explain this model: no layer's output keeps the "
+                       "image's spatial grid .*; pass layer= a module name, or use a method that needs no layer"):
+        mlp.explain(torch.rand(1, 1, 2, 2), torch.tensor([0]))
     with pytest.raises(ValueError, match="TorchScript"):
         get_explainer(name, torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())))
     explainer = get_explainer(name, model, layer="fc1")

@@ -103,7 +103,7 @@ def test_results_do_not_depend_on_batch_composition():
 
 def test_deeplift_refuses_torchscript_with_a_clear_message():
     scripted = torch.jit.script(small_relu_cnn())
-    with pytest.raises(ValueError, match="deeplift needs the model's Python code"):
+    with pytest.raises(ValueError, match="deeplift cannot explain this model: it needs the model.s Python code"):
         get_explainer("deeplift", scripted)
 
 
@@ -152,3 +152,19 @@ def test_deeplift_agrees_with_captum_on_the_demo_model(demo_model, demo_images):
 def test_bad_batches_get_clear_errors(linear, images, targets, message):
     with pytest.raises(ValueError, match=message):
         get_explainer("grad", linear).explain(images, targets)
+
+
+@pytest.mark.parametrize("shape, width", [((2, 3, 224, 224), 27), ((2, 1, 28, 28), 1024), ((64, 3, 224, 224), 64)])
+def test_intg_path_points_per_pass_on_an_accelerator_fit_the_image_size(monkeypatch, shape, width):
+    """1,024 path points of a 224 px image hold ~110 GiB in a ResNet-50's forward and backward: on an
+    accelerator the pass is cut to 16 MiB of input (never below the batch, as Captum requires)."""
+    from saliency_audit.explainers.gradient import integrated_gradients
+    seen = {}
+
+    def attribute(self, images, **kwargs):
+        seen.update(kwargs)
+        return torch.zeros_like(images), torch.zeros(len(images))
+    monkeypatch.setattr(integrated_gradients._CaptumIG, "attribute", attribute)
+    images = torch.zeros(shape, device="meta")  # not a CPU: the accelerator's default
+    get_explainer("intg", torch.nn.Identity()).explain(images, torch.zeros(shape[0], dtype=torch.long, device="meta"))
+    assert seen["internal_batch_size"] == width

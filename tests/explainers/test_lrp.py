@@ -2,6 +2,7 @@
 Zennit's epsilon rule at epsilons where LRP is not gradient x input, BatchNorm folding,
 torchvision-style ResNet/VGG graphs, clear errors, an untouched model."""
 import copy
+import re
 
 import pytest
 import torch
@@ -296,7 +297,7 @@ def test_unsupported_layer_is_named():
     model = nn.Sequential()
     model.add_module("features", nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                                nn.Upsample(scale_factor=2), nn.Flatten(), nn.Linear(2 * 8 * 8, 3)))
-    with pytest.raises(ValueError, match=r"elrp does not support layer 'features\.3' \(Upsample\)"):
+    with pytest.raises(ValueError, match=r"elrp cannot explain this model: .*layer 'features\.3' \(Upsample\)"):
         elrp(model.eval(), torch.rand(1, 1, 8, 8), torch.tensor([0]))
 
 
@@ -323,10 +324,28 @@ class ValueBranch(nn.Module):
 
 def test_unsupported_operation_and_value_branches_raise():
     x, t = torch.rand(1, 1, 2, 2), torch.tensor([0])
-    with pytest.raises(ValueError, match=r"elrp does not support operation 'mul'"):
+    with pytest.raises(ValueError, match=r"elrp cannot explain this model: .*operation 'mul'"):
         elrp(Gated().eval(), x, t)
     with pytest.raises(ValueError, match="branches on tensor values"):
         elrp(ValueBranch().eval(), x, t)
+
+
+@pytest.mark.parametrize("family, uses", [("vit", r"attention \(ViTAttention\)"), ("swin", r"attention \(SwinAttention\)"),
+                                          ("convnext", r"operation 'layer_norm'")])
+def test_layer_norm_and_attention_models_are_refused_in_one_line(family, uses):
+    """Not a TraceError or a failure on every image: an UnsupportedModel that names what the rules
+    do not cover and a method that explains the model instead."""
+    from hf_models import logits_model
+
+    from saliency_audit.explainers.core.base import UnsupportedModel
+
+    model = logits_model(family)
+    for method in ("deeplift", "elrp", "lrp"):
+        with pytest.raises(UnsupportedModel) as refused:
+            get_explainer(method, model).explain(torch.rand(1, 3, 32, 32), torch.tensor([0]))
+        reason = refused.value.reason
+        assert refused.value.method == method and "\n" not in reason
+        assert re.search(uses, reason) and re.search(r"[:;] use (intg|attnlrp)\b", reason), reason
 
 
 def test_torchscript_models_are_refused():

@@ -70,6 +70,24 @@ def test_occlusion_covers_every_pixel_even_when_the_stride_skips_the_border():
     assert torch.isfinite(maps).all()
 
 
+def test_occlusion_windows_scale_with_the_image():
+    """The default window is a seventh of the shorter side (at least 4) and the stride half of it:
+    4 and 2 on 28-32 px images as before, 32 and 16 at 224 px (169 windows, not 12,321 of 4 px)."""
+    class Pooled(nn.Module):  # any size in, two logits out
+        def forward(self, x):
+            pooled = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+            return torch.stack([pooled[:, :8].sum(1), pooled[:, 8:].sum(1)], 1)
+
+    model = Pooled()
+    for size, window, stride in ((28, 4, 2), (32, 4, 2), (224, 32, 16)):
+        x, t = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size)), torch.tensor([1])
+        default = get_explainer("occlusion", model)
+        maps = default.explain(x, t).maps
+        torch.testing.assert_close(maps, get_explainer("occlusion", model, window=window, stride=stride).explain(x, t).maps)
+        assert default.passes()["forward"] == len(window_starts(size, window, stride)) ** 2 + 1
+    assert default.passes()["forward"] == 13 * 13 + 1
+
+
 def test_occlusion_chunking_and_batching_do_not_change_the_maps():
     model = RegionModel().eval()
     x, t = region_images(3), torch.tensor([1, 0, 1])
@@ -144,7 +162,33 @@ def test_mask_passes_and_default_mask_size():
 
 @pytest.mark.parametrize("options", [dict(mask_size=0), dict(reference="noise"), dict(blur_sigma=-1),
                                      dict(l1_coeff=-0.1), dict(tv_beta=0), dict(lr=0), dict(n_iter=0),
-                                     dict(noise=-1), dict(score="softmax")])
+                                     dict(noise=-1), dict(score="softmax"), dict(init=1.5), dict(init=True)])
 def test_mask_bad_options_are_refused(options):
     with pytest.raises(ValueError):
         get_explainer("mask", RegionModel(), **options)
+
+
+class DimmerIsStronger(nn.Module):
+    """Class 1's logit rises as the square in ROWS x COLS dims from 1 to 0.7, then falls with it to 0:
+    in closed form, what a confident network does to the deletion game (the trained ResNet of
+    tests/pipelines/test_resnet_trained.py: deleting a little of its planted square raises its margin)."""
+
+    def forward(self, x):
+        v = x[:, 0, ROWS, COLS].mean((1, 2))
+        return torch.stack([torch.zeros_like(v), 10 * v - 12 * torch.relu(v - 0.7)], 1)
+
+
+def test_mask_deletes_evidence_whose_score_first_rises_as_it_fades():
+    """From a mask of 1 the score's slope at the image says "keep the square", the mask is clamped at
+    1 and deletes nothing: the map is 0 (the default start until issue 25). From the default start
+    the square is deleted and the rest kept."""
+    x = torch.zeros(1, 1, SIZE, SIZE)
+    x[0, 0, ROWS, COLS] = 1.0
+    t = torch.ones(1, dtype=torch.long)
+    model = DimmerIsStronger()
+    stuck = get_explainer("mask", model, reference=0.0, mask_size=6, init=1.0).explain(x, t)
+    assert not stuck.maps.any() and stuck.extras["deleted_score_relative"][0] > 0.99
+    result = get_explainer("mask", model, reference=0.0, mask_size=6).explain(x, t)
+    m = result.maps[0]
+    assert result.extras["deleted_score_relative"][0] < 0.2
+    assert m[ROWS, COLS].mean() > 0.7 and m[~dilated(2)].mean() < 0.2

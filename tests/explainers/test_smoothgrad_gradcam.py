@@ -141,8 +141,9 @@ class Reuse(nn.Module):
 def test_gradcam_errors_and_hooks_removed_after_them():
     with pytest.raises(ValueError, match="no module named 'nope'"):
         get_explainer("gradcam", small_cnn(), layer="nope")
-    with pytest.raises(ValueError, match="has none"):
-        get_explainer("gradcam", nn.Sequential(nn.Flatten(), nn.Linear(100, 2)))
+    with pytest.raises(ValueError, match="no layer's output keeps the image's spatial grid"):
+        get_explainer("gradcam", nn.Sequential(nn.Flatten(), nn.Linear(100, 2))).explain(
+            torch.rand(1, 1, 10, 10), torch.tensor([0]))
     model = Reuse()
     with pytest.raises(ValueError, match="ran 2 times"):
         get_explainer("gradcam", model).explain(torch.rand(1, 1, 10, 10), torch.tensor([0]))

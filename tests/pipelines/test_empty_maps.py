@@ -44,3 +44,19 @@ def test_no_better_than_random_warning_gives_the_reason_for_unsigned_maps():
     assert method_warnings("sal", good, signed=False) == []
     (empty,) = method_warnings("mask", {**good, "constant_share": 0.3, "empty_share": 0.25}, signed=False)
     assert empty == "mask: 30% of its maps are constant (25% all zero): they point nowhere."
+
+
+def test_an_empty_map_a_method_gives_by_its_nature_is_explained_next_to_the_warning():
+    """An empty anchor or lore rule, or a mask with nothing to delete, is an answer: the warning says so
+    in the method's own words (Explainer.caveats, recorded in the manifest); other methods get none."""
+    from saliency_audit.explainers import explainer_class
+    from saliency_audit.pipelines.reporting.report import method_warnings
+    empty = {"constant_share": 0.36, "empty_share": 0.36}
+    for name in ("anchor", "lore", "mask"):
+        words = explainer_class(name).caveats["constant"]
+        (line,) = method_warnings(name, empty, signed=False, caveats={"constant": words})
+        assert line == f"{name}: 36% of its maps are constant (36% all zero): they point nowhere. {words}"
+    assert "answer, not a failure" in explainer_class("anchor").caveats["constant"]
+    assert explainer_class("grad").caveats == {}
+    (line,) = method_warnings("grad", empty, signed=True, caveats={})
+    assert line.endswith("they point nowhere.")

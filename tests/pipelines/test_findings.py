@@ -2,6 +2,7 @@
 nothing, and the reader survives what a saliency table can hold."""
 from __future__ import annotations
 
+import math
 import random
 import sys
 from pathlib import Path
@@ -243,7 +244,7 @@ def test_a_failing_analysis_never_costs_the_run(tmp_path, monkeypatch, demo_shar
     def broken(*args, **kwargs):
         raise MemoryError("planted")
 
-    monkeypatch.setattr(phases, "find_clever_hans", broken)
+    monkeypatch.setattr(phases, "findings_from_statistics", broken)
     manifest = audit.run(["--input", str(demo_shard), *demo_model_args, "--methods", "sal", "--channels", "1",
                           "--limit-per-shard", "8", "--no-metrics", "--output", str(tmp_path / "out")])
     assert manifest["counts"]["sal"] == {"read": 8, "explained": 8, "errors": 0}
@@ -285,3 +286,138 @@ def test_a_handful_of_sparse_maps_in_one_place_is_no_finding(tmp_path):
     assert five and not any(r["flagged"] for r in five)
     small = [r for r in five if r["kind"] == "spray_cluster" and r["size"] < MIN_SUPPORT]
     assert small and all(r["score"] == 0 and "too few maps" in r["description"] for r in small)
+
+
+# The statistics a run's job gathers (saliency_audit.pipelines.job.findings_step): the launcher
+# computes the findings from them, never from the maps.
+
+def job_statistics(table: pa.Table, sample: int, seed: int) -> pa.Table:
+    """What the job does with ``table``'s rows: shuffled into bundles, each pooled (in batches of a
+    few rows) into one accumulator per (method, class), pickled between stages as Beam does, merged
+    in a random order and grouping, written and read back."""
+    import pickle
+
+    from saliency_audit.pipelines.checks.findings import DEFAULT_GRID, statistics_table
+    from saliency_audit.pipelines.job import findings_step
+    rng = random.Random(seed)
+    rows = table.to_pylist()
+    for row in rows:  # as the job holds them: maps as arrays of the stored dtype
+        row["saliency"] = None if row["saliency"] is None else np.asarray(row["saliency"], table.schema.field(
+            "saliency").type.value_type.to_pandas_dtype())
+    rng.shuffle(rows)
+    pool = findings_step._PoolPerBundle(DEFAULT_GRID, sample, None)
+    partial: dict[tuple, list] = {}
+    for bundle in np.split(np.arange(len(rows)), sorted(rng.sample(range(1, len(rows)), 6))):
+        pool.start_bundle()
+        for i in bundle:
+            pool.process(rows[i])
+        for value in pool.finish_bundle():
+            key, acc = value.value
+            partial.setdefault(key, []).append(pickle.loads(pickle.dumps(acc)))
+    combine = findings_step._MergeFn(sample)
+    merged = {}
+    for key, parts in partial.items():
+        parts = [combine.add_input(combine.create_accumulator(), part) for part in parts]
+        rng.shuffle(parts)
+        while len(parts) > 1:  # merge a random pair at a time
+            a, b = parts.pop(), parts.pop()
+            parts.insert(rng.randrange(len(parts) + 1), combine.merge_accumulators([a, b]))
+        merged[key] = combine.extract_output(parts[0])
+    buffer = pa.BufferOutputStream()
+    pq.write_table(statistics_table(merged, DEFAULT_GRID), buffer)
+    return pq.read_table(pa.BufferReader(buffer.getvalue()))
+
+
+def test_the_jobs_statistics_give_the_files_findings_in_any_order(tmp_path, monkeypatch):
+    """Per (method, class) the exact sum and the sample of the smallest hashes merge to the same
+    state in any order of rows, bundles, batches and merges: the findings equal those of the files
+    (float16 maps, rows the findings skip, a sample cap the classes exceed), to the last bit."""
+    from saliency_audit.pipelines.checks.findings import findings_from_statistics
+    from saliency_audit.pipelines.job import findings_step
+    monkeypatch.setattr(findings_step, "BATCH_BYTES", 5 * 784 * 2)  # a bundle pools every 5 maps
+    table = synthetic_rows(n_per_class=60, float16=True)
+    bad = pa.Table.from_pylist([
+        {"image_id": "empty", "method": "sal", "target": 3, "predicted": 3, "height": 28, "width": 28,
+         "saliency": [0.0] * 784},
+        {"image_id": "short", "method": "sal", "target": 1, "predicted": 1, "height": 28, "width": 28,
+         "saliency": [1.0] * 10},
+        {"image_id": "tiny", "method": "sal", "target": 1, "predicted": 1, "height": 5, "width": 5,
+         "saliency": [1.0] * 25},
+        {"image_id": "no-class", "method": "sal", "target": None, "predicted": None, "height": 28, "width": 28,
+         "saliency": [1.0] * 784}], schema=table.schema)
+    table = pa.concat_tables([table, bad])
+    expected = find_clever_hans(write(table, tmp_path, parts=3), sample=25)
+    assert expected.num_rows and max(expected.column("size").to_pylist()) <= 25
+    for seed in (0, 1):
+        statistics = job_statistics(table, 25, seed)
+        assert statistics.num_rows == 4 and set(statistics.column("count").to_pylist()) == {60}
+        assert max(len(c) for c in statistics.column("cells").to_pylist()) == 25 * 100  # bounded: the sample
+        assert findings_from_statistics(statistics).equals(expected)
+
+
+def test_a_class_mean_is_its_exact_mean():
+    """The fixed-point sum is exact: the mean map of maps whose float sum depends on the order."""
+    from saliency_audit.pipelines.checks.findings import ClassMaps
+    rng = np.random.default_rng(0)
+    cells = rng.random((500, 10, 10)).astype(np.float32) ** 8  # values from ~1e-30 to 1
+    cells /= cells.sum(axis=(1, 2), keepdims=True)
+    exact = np.array([[math.fsum(cells[:, r, c].astype(float)) for c in range(10)] for r in range(10)]) / 500
+    forward, backward = ClassMaps(10), ClassMaps(10)
+    for i in range(500):
+        forward.add([f"{i}"], cells[i:i + 1], (28, 28))
+        backward.add([f"{499 - i}"], cells[499 - i:500 - i], (28, 28))
+    assert np.array_equal(forward.mean(), backward.mean())
+    assert np.allclose(forward.mean(), exact, rtol=1e-14, atol=0)
+
+
+@pytest.mark.slow
+def test_what_the_launcher_reads_after_the_job_does_not_grow_with_the_audit(monkeypatch, demo_shard, demo_model_args):
+    """Issue 26: the launcher re-read every committed map for the findings after the job (terabytes at
+    10 million 224-px maps). Now it reads the job's statistics: the bytes it reads from the audit's
+    output after the job stay flat when the audit triples (with a sample cap of 3 maps per class,
+    which both sizes reach for most classes), and of the saliency files it reads no map. The
+    output is in memory:// so that every read, pyarrow's included, goes through one file class."""
+    import uuid
+
+    import fsspec
+    from fsspec.implementations.memory import MemoryFile
+
+    from saliency_audit.pipelines import audit
+    from saliency_audit.pipelines.job import findings_step
+
+    monkeypatch.setattr(findings_step, "DEFAULT_SAMPLE", 3)
+    after_job = {"on": False}
+    read: dict[str, int] = {}
+    commit_files, original_read = phases.commit_files, MemoryFile.read
+
+    def commit(*args, **kwargs):  # the launcher's first step after the job
+        after_job["on"] = True
+        return commit_files(*args, **kwargs)
+
+    def counted(self, *args, **kwargs):
+        data = original_read(self, *args, **kwargs)
+        if after_job["on"]:
+            folder = self.path.strip("/").split("/")[2]  # ROOT/N/<folder>: saliency, _runs, findings...
+            read[folder] = read.get(folder, 0) + len(data)
+        return data
+
+    monkeypatch.setattr(phases, "commit_files", commit)
+    monkeypatch.setattr(MemoryFile, "read", counted)
+    fs, root = fsspec.filesystem("memory"), f"launcher-reads-{uuid.uuid4().hex}"
+    found, size = {}, {}
+    try:
+        for n in (64, 192):
+            after_job["on"], read = False, {}
+            output = f"memory://{root}/{n}"
+            manifest = audit.run(["--input", str(demo_shard), *demo_model_args, "--methods", "sal", "--channels", "1",
+                                  "--limit-per-shard", str(n), "--no-metrics", "--output", output])
+            assert manifest["counts"]["sal"]["explained"] == n
+            published = ds.dataset([f"{root}/{n}/{f}" for f in manifest["files"]["findings"]], filesystem=fs).to_table()
+            assert sum(r["class_images"] for r in published.to_pylist() if r["kind"] == "concentration") == n
+            found[n] = dict(read)
+            size[n] = sum(fs.size(f"{root}/{n}/{f}") for f in manifest["files"]["saliency"])
+    finally:
+        fs.rm(root, recursive=True)
+    assert size[192] > 2.5 * size[64]  # the maps tripled
+    assert found[192]["saliency"] <= found[64]["saliency"] + 64  # the counts' method column, no map
+    assert sum(found[192].values()) <= 1.1 * sum(found[64].values()), found

@@ -50,7 +50,7 @@ def test_unknown_flags_fail_with_a_suggestion(argv, message):
     (["--sanity-threshold", "1.5"], "--sanity-threshold must be between -1 and 1"),
     (["--sanity-threshold", "nan"], "--sanity-threshold must be between -1 and 1"),
     (["--mean", "0.5,nan"], "--mean: expected comma-separated numbers"),
-    (["--batch-size", "lots"], "invalid int value"),
+    (["--batch-size", "lots"], "expected auto or a number of images"),
 ])
 def test_bad_values_fail_at_parse_time(argv, message):
     with pytest.raises(UsageError) as info:

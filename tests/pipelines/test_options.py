@@ -16,7 +16,7 @@ BASE = {"--input": "in.tar", "--model": "m.pt", "--output": "out"}  # the requir
 # A value other than the default for each kind: (flag text, spec value).
 SAMPLES = {
     "text": ("cpu", "cpu"), "location": ("dir/file", "dir/file"), "names": ("grad,intg", ["grad", "intg"]),
-    "target": ("label", "label"), "threads": ("3", 3), "numbers": ("0.5,0.25", [0.5, 0.25]),
+    "target": ("label", "label"), "threads": ("3", 3), "batch": ("auto", "auto"), "numbers": ("0.5,0.25", [0.5, 0.25]),
     "size": ("8,8", [8, 8]), "json": ('{"a": 1}', {"a": 1}), "slot": ("s1", "s1"),
     "method_options": ('{"intg": {"n_steps": 8}}', {"intg": {"n_steps": 8}}), "gates": ("top_k=5", {"top_k": 5}),
 }
@@ -101,6 +101,7 @@ def test_an_option_enters_the_fingerprint_exactly_when_declared_to(option):
 NOT_IN_FINGERPRINT = {
     "config": "the spec only sets other options", "input": "rows are keyed by image; shards by their own fingerprint",
     "model": "the history keys maps by the model's sha256", "weights": "part of the model's sha256",
+    "model_options": "part of the model's sha256 (a timm model's identity holds them)",
     "trust_model": "how the model loads", "methods": "each method has its own fingerprint",
     "output": "where rows go", "batch_size": "rows do not depend on batching (batch independence)",
     "limit_per_shard": "a shard's limit is recorded with it", "device": "where the model runs",
@@ -110,6 +111,8 @@ NOT_IN_FINGERPRINT = {
     "output_files": "ignored", "dry_run": "nothing is written", "reclaim_after": "housekeeping",
     "incremental": "the history itself", "slot": "the history's slot", "baseline": "the gates",
     "gates": "the gates", "aae": "enters abele's options, by its file's contents",
+    "target": "maps are keyed by their target class: a history skips per (image, method, class)",
+    "compile": "the same computation by other kernels, as on another --device: float rounding differs",
 }
 
 
@@ -150,13 +153,13 @@ def test_the_manifest_records_an_option_unless_it_may_hold_a_secret(option):
                          ids=lambda o: o.name)
 def test_a_value_out_of_its_declared_range_is_refused_from_flag_and_spec(option, tmp_path):
     bad = (option.low - 1) if option.low is not None else option.high + 1
-    text = str(int(bad)) if option.kind in ("integer", "threads") else repr(float(bad))
+    text = str(int(bad)) if option.kind in ("integer", "threads", "batch") else repr(float(bad))
     with pytest.raises(UsageError, match=option.flag_name):
         parse([f"{option.flag_name}={text}"])
     if option.spec is None:
         return
     table, key = option.spec.split(".")
-    value = int(bad) if option.kind in ("integer", "threads") else float(bad)
+    value = int(bad) if option.kind in ("integer", "threads", "batch") else float(bad)
     with pytest.raises(UsageError, match=f"{table}.{key}"):
         spec.spec_arguments({table: {key: value}}, str(tmp_path / "a.toml"))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from saliency_audit.pipelines.training.classifier import evaluate, random_shift, train_classifier
+from saliency_audit.pipelines.training.classifier import _schedule, evaluate, random_shift, train_classifier
 from saliency_audit.pipelines.training.mnist import load_mnist_split, to_model_input
 from saliency_audit.pipelines.training.reference_model import MnistCNN, mnist_cnn
 
@@ -70,17 +70,40 @@ def test_random_shift_moves_pixels_within_bounds():
     assert len(set(zip(rows.tolist(), cols.tolist()))) > 1
 
 
-def test_train_classifier_is_reproducible_and_leaves_global_rng_alone():
+@pytest.mark.parametrize("architecture", ["cnn", "vit", "convnext"])
+def test_train_classifier_is_reproducible_and_leaves_global_rng_alone(architecture):
+    if architecture != "cnn":
+        pytest.importorskip("transformers")
     rng = np.random.default_rng(0)
     images = rng.random((64, 1, 28, 28), dtype=np.float32)
     labels = rng.integers(0, 10, size=64)
     state = torch.get_rng_state()
-    first = train_classifier(images, labels, epochs=1, batch_size=16, progress=False)
+    first = train_classifier(images, labels, epochs=1, batch_size=16, progress=False, architecture=architecture)
     assert torch.equal(state, torch.get_rng_state())
-    second = train_classifier(images, labels, epochs=1, batch_size=16, progress=False)
+    second = train_classifier(images, labels, epochs=1, batch_size=16, progress=False, architecture=architecture)
     assert not first.training
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, second.state_dict()[name]), name
+    if architecture != "cnn":  # standardised inside the model with the training images' statistics
+        assert first.mean.item() == pytest.approx(images.mean()) and first.std.item() == pytest.approx(images.std(), rel=1e-3)
+
+
+def test_the_transformer_recipe_warms_up_then_decays():
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule, rates = _schedule(optimizer, 100, 0.3), []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(3e-3 / 25) and max(rates) == pytest.approx(3e-3, rel=1e-3)
+    assert rates.index(max(rates)) == 30 and rates[-1] < 3e-5
+    assert all(a < b for a, b in zip(rates[:30], rates[1:31])) and all(a >= b for a, b in zip(rates[30:], rates[31:]))
+
+
+def test_an_unknown_architecture_is_refused():
+    with pytest.raises(ValueError, match="architecture must be one of cnn, vit, convnext, got 'mlp'"):
+        train_classifier(np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int64), architecture="mlp")
 
 
 @pytest.mark.parametrize("images, labels, message", [

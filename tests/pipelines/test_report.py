@@ -15,6 +15,7 @@ import pytest
 from audit_fixtures import shared_audit
 from PIL import Image
 
+from saliency_audit.explainers.gradient.saliency import UNSIGNED_CLASS_BLIND
 from saliency_audit.pipelines import cli
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -77,6 +78,23 @@ def test_report_is_self_contained_and_complete(report, shared):
     assert "top superpixels" in text and "r2 " in text                 # lime's explanation
     assert "broken" in text and "cannot decode png" in text            # the errors table
     assert shared.manifest["run_id"] in text and "normalised per image for display only" in text
+
+
+def test_a_flag_raised_by_the_method_s_nature_comes_with_its_words(report, shared):
+    """sal's |gradient| is class-blind by nature: its random logit flag carries the words that say so;
+    the signed grad passes, and the edge detector's flags (a defect to catch) carry no excuse."""
+    methods, verdicts = shared.manifest["methods"], shared.manifest["sanity"]["methods"]
+    assert methods["sal"]["caveats"] == {"random_logit": UNSIGNED_CLASS_BLIND} and methods["grad"]["caveats"] == {}
+    assert verdicts["sal"]["random_logit_flagged"] and not verdicts["grad"]["random_logit_flagged"]
+    text = report.read_text()
+    sanity = text.split('<section id="sanity">')[1].split("</section>")[0]
+    rows = {re.match(r"<tr><td>([^<]*)</td>", row).group(1): row
+            for row in re.findall(r"<tr><td>[^<]*</td>.*?</tr>", sanity)}
+    words = html.escape(UNSIGNED_CLASS_BLIND)
+    assert re.search(r"FLAGGED: maps do not depend on the class</span> <span class=\"note\">" + re.escape(words),
+                     rows["sal"])
+    assert "FLAGGED" in rows["edge"] and 'class="note"' not in rows["edge"] and 'class="note"' not in rows["grad"]
+    assert sanity.count(words) == 1  # (the manifest shown at the end holds them too)
 
 
 def test_chromium_renders_the_report_and_loads_every_image(browser, report, tmp_path):
@@ -147,3 +165,20 @@ def test_demo_ends_with_a_report_and_a_figure(tmp_path, capsys):
     assert "<img" in (tmp_path / "report.html").read_text()
     from saliency_audit.pipelines.reporting.figure import figure_size
     assert Image.open(tmp_path / "figure.png").size == figure_size(2, 2, 112)  # a 9 and a 0, two methods
+
+
+def test_cost_warnings_hold_the_run_to_preflights_figures():
+    from saliency_audit.pipelines.reporting.report import cost_warnings
+    manifest = {"model": {"device": "cpu", "device_check": "cpu"},
+                "methods": {"sal": {"preflight_ms_per_image": 10.0}, "intg": {"preflight_ms_per_image": 100.0},
+                            "grad": {}},
+                "counts": {m: {"explained": 10_000} for m in ("sal", "intg", "grad")}}
+    overall = {"sal": {"mean_time_ms": 40.0}, "intg": {"mean_time_ms": 120.0}, "grad": {"mean_time_ms": 5.0}}
+    lines = cost_warnings(manifest, overall)
+    # sal: 4 x its promise, 300 s over; intg: 1.2 x (within the tolerance); grad: no promise recorded
+    assert len(lines) == 2 and lines[0].startswith("sal: explaining took 40 ms per image, 4 x the 10 ms")
+    assert "5:00 longer than promised" in lines[0] and "In all, explaining took 26:40 against the 18:20" in lines[1]
+    small = {**manifest, "counts": {m: {"explained": 100} for m in ("sal", "intg", "grad")}}
+    assert cost_warnings(small, overall) == []  # 3 s over: a small run's cold first batch is no news
+    elsewhere = {**manifest, "model": {"device": "cuda", "device_check": "cpu"}}
+    assert cost_warnings(elsewhere, overall) == []  # timed on the launcher's CPU, run on the workers' GPU

@@ -177,7 +177,7 @@ BAD_SPECS = [  # (file name, content, the one line's expected words)
     ("gate.toml", "[gates]\nndgc = 0.9\n", "unknown key gates.ndgc; did you mean gates.ndcg?"),
     ("baseline.yaml", "baseline:\n  path: [old]\n", "baseline.path: expected a string"),
     ("beam.toml", "[beam]\nrunerr = 'DirectRunner'\n", "unknown key beam.runerr; did you mean beam.runner?"),
-    ("type.toml", "[explain]\nbatch_size = '32'\n", "explain.batch_size: expected an integer, got a string"),
+    ("type.toml", "[explain]\nbatch_size = '32'\n", 'explain.batch_size: expected "auto" or a number of images, got a string'),
     ("list.toml", "[explain]\nmethods = 'grad,intg'\n", "explain.methods: expected a list of method names"),
     ("number.yaml", "preprocessing:\n  mean: '0.5'\n", "preprocessing.mean: expected a list of numbers"),
     ("bool.toml", "[metrics]\nenabled = 'no'\n", "metrics.enabled: expected true or false"),

@@ -43,7 +43,7 @@ MODEL = re.compile(r"[0-9a-f]{64}")
 
 METHOD = pa.struct([
     pa.field("method", pa.string()),
-    pa.field("fingerprint", pa.string()),  # sha256 of what makes its maps: options, target, seed, preprocessing, metrics
+    pa.field("fingerprint", pa.string()),  # sha256 of what makes its maps: options, seed, preprocessing, metrics
     pa.field("read", pa.int64()),
     pa.field("explained", pa.int64()),
     pa.field("errors", pa.int64()),
@@ -84,6 +84,7 @@ SCHEMA = pa.schema([
     pa.field("findings_flagged", pa.int64()),
     pa.field("methods", pa.list_(METHOD)),
     pa.field("shard_list", pa.list_(SHARD)),
+    pa.field("targets", pa.string()),  # the run's --target, normalised (null: a release before several targets)
     pa.field("files", pa.list_(pa.string())),  # the run's saliency files, relative to the root
     pa.field("manifest", pa.string()),  # the run's manifest, relative to the root
 ])
@@ -268,8 +269,8 @@ def saliency_dataset(root: str, storage_options: dict[str, Any] | None = None,
                      rows: Iterable[dict[str, Any]] | None = None, *, superseded: bool = False):
     """The recorded runs' maps as one ``pyarrow.dataset`` (columns ``model`` and ``run`` from the
     folders' names; the runs' schemas unified, so a column one run lacks reads as null): the
-    current answer, where maps of one image with one method, model and method fingerprint come
-    from the newest run that made them (a later run explained the image again because its
+    current answer, where maps of one image with one method, target class, model and method
+    fingerprint come from the newest run that made them (a later run explained the image again because its
     content changed, or two runs overlapped). ``superseded=True``: every recorded map."""
     import pyarrow.dataset as ds
     rows = read(root, storage_options) if rows is None else list(rows)
@@ -289,9 +290,11 @@ def saliency_dataset(root: str, storage_options: dict[str, Any] | None = None,
 
 
 def _replaced(fs, base: str, rows: list[dict[str, Any]]):
-    """A filter expression for the maps a newer run made again (same model, method fingerprint,
-    image and method; run ids sort by start time), or None when there are none. Reads the
-    image_id and method columns of every recorded file."""
+    """A filter expression for the maps a newer run superseded (same model, method fingerprint,
+    image and method; run ids sort by start time), or None when there are none: a map of another
+    record than the newest run's map of the image (the image or its label changed since), and of the
+    newest record's maps per target class, all but the newest run's. Reads the image_id, method,
+    target and record_sha256 columns of every recorded file."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
     pairs, methods = [], []
@@ -301,16 +304,26 @@ def _replaced(fs, base: str, rows: list[dict[str, Any]]):
                             "fingerprint": m["fingerprint"] or ""})
         for relative in r["files"]:
             with fs.open(f"{base}/{relative}", "rb") as f:
-                table = pq.read_table(f, columns=["image_id", "method"])
-            pairs.append(table.append_column("run", pa.array([r["run_id"]] * table.num_rows, pa.string())))
+                parquet = pq.ParquetFile(f)
+                table = parquet.read(columns=[c for c in ("image_id", "method", "target", "record_sha256")
+                                              if c in parquet.schema_arrow.names])
+            record = table.column("record_sha256") if "record_sha256" in table.column_names else pa.nulls(
+                table.num_rows, pa.string())
+            pairs.append(pa.table({"image_id": table.column("image_id"), "method": table.column("method"),
+                                   "target": pc.cast(table.column("target"), pa.int64()),
+                                   "record": pc.fill_null(record, ""),  # an older release's: no hash
+                                   "run": pa.array([r["run_id"]] * table.num_rows, pa.string())}))
     if not pairs or not methods:
         return None
-    keys = ["model", "fingerprint", "method", "image_id"]
-    maps = pa.concat_tables(pairs, promote_options="default").join(
-        pa.Table.from_pylist(methods), keys=["run", "method"], join_type="inner")
-    newest = maps.group_by(keys).aggregate([("run", "max")])
-    older = maps.join(newest, keys=keys).filter(pc.field("run") != pc.field("run_max"))
-    groups = older.group_by(["run", "method"]).aggregate([("image_id", "list")]).to_pylist()
-    terms = [(ds.field("run") == g["run"]) & (ds.field("method") == g["method"]) & ds.field("image_id").isin(
-        g["image_id_list"]) for g in groups]
+    image = ["model", "fingerprint", "method", "image_id"]
+    maps = pa.concat_tables(pairs).join(pa.Table.from_pylist(methods), keys=["run", "method"], join_type="inner")
+    newest = maps.join(maps.group_by(image).aggregate([("run", "max")]), keys=image)
+    current = newest.filter(pc.field("run") == pc.field("run_max")).select([*image, "record"]).rename_columns(
+        [*image, "current"]).group_by([*image, "current"]).aggregate([])
+    maps = maps.join(current, keys=image).join(maps.group_by([*image, "target"]).aggregate([("run", "max")]),
+                                               keys=[*image, "target"])
+    older = maps.filter((pc.field("record") != pc.field("current")) | (pc.field("run") != pc.field("run_max")))
+    groups = older.group_by(["run", "method", "target"]).aggregate([("image_id", "list")]).to_pylist()
+    terms = [(ds.field("run") == g["run"]) & (ds.field("method") == g["method"]) & (ds.field("target") == g["target"])
+             & ds.field("image_id").isin(g["image_id_list"]) for g in groups]
     return functools.reduce(operator.or_, terms) if terms else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 import warnings
 
 import numpy as np
@@ -21,6 +22,10 @@ class BadImage(ValueError):
         self.stage = stage
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+CROP_OFFSETS = ("floor", "round")
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
     """How decoded images become model input.
@@ -31,6 +36,13 @@ class Preprocessing:
         errors unless to_grayscale is set), or None to keep what the image has.
     mean/std: per-channel normalisation after scaling to [0, 1]; max_pixels: larger
         images are rejected before they are decoded (decompression bombs).
+    resize_shortest: instead of resize, the shorter side to this many pixels, the aspect kept
+        (the longer side int(N * long / short), as Hugging Face and torchvision compute it).
+    crop: (height, width) of a centre crop after resizing; crop_offset how its margin is
+        split: "floor" (Hugging Face's image processors) or "round" (torchvision's CenterCrop,
+        which timm uses: half the margin rounded to even).
+    interpolation: "bilinear" and "bicubic" are antialiased as Pillow's (the kernels
+        Hugging Face's and timm's preprocessing use), "nearest" is Pillow's nearest.
     """
 
     resize: tuple[int, int] | None = None
@@ -39,6 +51,10 @@ class Preprocessing:
     std: tuple[float, ...] | None = None
     to_grayscale: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    resize_shortest: int | None = None
+    crop: tuple[int, int] | None = None
+    interpolation: str = "bilinear"
+    crop_offset: str = "floor"
 
     def __post_init__(self):
         if self.channels not in (None, 1, 3):
@@ -49,8 +65,24 @@ class Preprocessing:
                 raise ValueError(f"--{name} has {len(value)} values, expected 1 or {self.channels}")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("--std values must be positive")
-        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
-            raise ValueError(f"--resize must be H,W with positive sizes, got {self.resize}")
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or min(value) < 1):
+                raise ValueError(f"--{name} must be H,W with positive sizes, got {value}")
+        if self.resize_shortest is not None and (self.resize is not None or self.resize_shortest < 1):
+            raise ValueError(f"resize_shortest must be a positive size, without resize, got {self.resize_shortest}")
+        if self.interpolation not in INTERPOLATIONS or self.crop_offset not in CROP_OFFSETS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)} and crop_offset one of "
+                             f"{', '.join(CROP_OFFSETS)}, got {self.interpolation!r}, {self.crop_offset!r}")
+        if self.crop is not None:  # a crop that cannot fit fails every image: refuse it up front
+            if self.resize is not None:
+                fits, resized = all(c <= r for c, r in zip(self.crop, self.resize)), "x".join(map(str, self.resize))
+            else:  # the longer side depends on the image; the shorter must hold the crop whatever its orientation
+                fits, resized = max(self.crop) <= (self.resize_shortest or max(self.crop)), \
+                    f"shortest side {self.resize_shortest}"
+            if not fits:
+                raise ValueError(f"the centre crop {self.crop[0]}x{self.crop[1]} is larger than the resized image "
+                                 f"({resized})")
 
 
 def decode(raw: RawImage, max_pixels: int) -> np.ndarray:
@@ -62,21 +94,26 @@ def decode(raw: RawImage, max_pixels: int) -> np.ndarray:
     return _pil_to_array(_open(raw.data, "image", f"{raw.fmt} image", max_pixels))
 
 
+_OPENING = threading.Lock()
+
+
 def _open(data: bytes, name: str, kind: str, max_pixels: int, formats: list[str] | None = None,
           size: tuple[int, int] | None = None) -> Image.Image:
     """Decode with Pillow, refusing from the header alone, before any pixel is decoded, an
     image over ``max_pixels`` (a decompression bomb) or, given ``size``, of another (height, width)."""
     try:
-        with warnings.catch_warnings():
+        # catch_warnings swaps the process's filters, so two decode threads (transforms.read's
+        # pool) inside it at once leave them wrong: one at a time, for the header only
+        with _OPENING, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=formats)
-            width, height = image.size  # read from the header: nothing decoded yet
-            if width * height > max_pixels:
-                raise BadImage("decode", f"{name} is {height}x{width} = {height * width} pixels, "
-                                         f"over the limit of {max_pixels} (--max-pixels)")
-            if size is not None and (height, width) != tuple(size):
-                raise BadImage("decode", f"{name} is {height}x{width} but its image is {size[0]}x{size[1]}")
-            image.load()
+        width, height = image.size  # read from the header: nothing decoded yet
+        if width * height > max_pixels:
+            raise BadImage("decode", f"{name} is {height}x{width} = {height * width} pixels, "
+                                     f"over the limit of {max_pixels} (--max-pixels)")
+        if size is not None and (height, width) != tuple(size):
+            raise BadImage("decode", f"{name} is {height}x{width} but its image is {size[0]}x{size[1]}")
+        image.load()
     except BadImage:
         raise
     except Exception as e:  # Pillow raises several types for corrupt or truncated data
@@ -163,17 +200,52 @@ def boxes_to_mask(boxes: list[list[float]], size: tuple[int, int]) -> np.ndarray
 
 
 def resize_mask(mask: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """bool [H, W] at the original size -> bool [H', W'] at the model input size, resized as
-    preprocess resizes the image (same condition, same pixel-centre geometry as its
-    align_corners=False), nearest-neighbour so the mask stays binary."""
-    if not _resizes(prep, mask.shape):
-        return mask
-    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.interpolate(tensor, size=prep.resize, mode="nearest-exact")[0, 0].numpy() > 0.5
+    """bool [H, W] at the original size -> bool [H', W'] at the model input size, through the image's
+    geometry (the same resize condition and size, the same pixel-centre geometry as its
+    align_corners=False, the same crop), nearest-neighbour so the mask stays binary."""
+    size, box = geometry(prep, mask.shape)
+    if size is not None:
+        tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+        mask = F.interpolate(tensor, size=size, mode="nearest-exact")[0, 0].numpy() > 0.5
+    return mask if box is None else mask[box]
 
 
-def _resizes(prep: Preprocessing, size: tuple[int, ...]) -> bool:
-    return prep.resize is not None and tuple(size) != tuple(prep.resize)
+def geometry(prep: Preprocessing, size: tuple[int, ...]) -> tuple[tuple[int, int] | None, tuple[slice, slice] | None]:
+    """Where an image of (height, width) ``size`` goes: the size it is resized to (None: kept) and
+    the rows and columns of its centre crop (None: no crop)."""
+    height, width = size
+    target = tuple(prep.resize) if prep.resize is not None else None
+    if prep.resize_shortest is not None:  # as transformers' get_resize_output_image_size and torchvision's Resize
+        short, long = sorted((height, width))
+        longer = int(prep.resize_shortest * long / short)
+        target = (prep.resize_shortest, longer) if height <= width else (longer, prep.resize_shortest)
+    if target == (height, width):
+        target = None
+    if prep.crop is None:
+        return target, None
+    (height, width), (crop_h, crop_w) = target or (height, width), prep.crop
+    if crop_h > height or crop_w > width:
+        raise BadImage("preprocess", f"image is {height}x{width} after resizing, smaller than the centre crop "
+                                     f"{crop_h}x{crop_w}")
+    top, left = (_crop_offset(margin, prep.crop_offset) for margin in (height - crop_h, width - crop_w))
+    return target, (slice(top, top + crop_h), slice(left, left + crop_w))
+
+
+def _crop_offset(margin: int, rule: str) -> int:
+    # Hugging Face floors half the margin; torchvision's CenterCrop rounds it (half to even):
+    # one pixel apart where the margin is odd
+    return margin // 2 if rule == "floor" else round(margin / 2.0)
+
+
+def _resize(tensor: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """[C, H, W] -> [C, *size]. Antialiased bilinear and bicubic are Pillow's filters (bicubic with
+    a = -0.5); bicubic's overshoot is clipped to the pixel range, as Pillow's 8-bit images clip it."""
+    if interpolation == "nearest":
+        return F.interpolate(tensor[None], size=size, mode="nearest-exact")[0]
+    resized = F.interpolate(tensor[None], size=size, mode=interpolation, antialias=True, align_corners=False)[0]
+    if interpolation == "bicubic":
+        resized = resized.clamp(min(0.0, float(tensor.min())), max(1.0, float(tensor.max())))
+    return resized
 
 
 def preprocess(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -189,9 +261,11 @@ def preprocess(array: np.ndarray, prep: Preprocessing) -> np.ndarray:
                                          "pass --to-grayscale to convert")
         array = array @ np.array([0.299, 0.587, 0.114], dtype=np.float32)[:, None]  # ITU-R 601 luma
     tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    if _resizes(prep, tensor.shape[1:]):
-        tensor = F.interpolate(tensor[None], size=prep.resize, mode="bilinear", antialias=True,
-                               align_corners=False)[0]
+    size, box = geometry(prep, tensor.shape[1:])
+    if size is not None:
+        tensor = _resize(tensor, size, prep.interpolation)
+    if box is not None:
+        tensor = tensor[:, box[0], box[1]].contiguous()
     if prep.mean is not None:
         tensor = tensor - torch.tensor(prep.mean, dtype=torch.float32).view(-1, 1, 1)
     if prep.std is not None:

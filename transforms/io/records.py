@@ -11,6 +11,7 @@ import numpy as np
 # The side outputs that several steps emit (Beam tags; plain names, so the Beam-free handler emits them too).
 ERRORS = "errors"    # ErrorRecord: a record that costs itself, never the run
 SKIPPED = "skipped"  # ((method, shard), n): pairs an audit history already holds
+TARGETS = "targets"  # n: (image, target) pairs beyond one per record (several --target requests)
 
 # Preprocessing's default --max-pixels; here so the readers can size-check without importing torch.
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -56,6 +57,8 @@ class ErrorRecord:
     stage: str  # read | decode | preprocess | model | target | explain
     reason: str
     method: str | None = None
+    target: int | None = None  # the class of a failed target, where known
+    target_source: str | None = None  # the --target request it failed for (None: before any target)
 
     def __post_init__(self):
         # Reasons must be the same on every rerun, so no memory addresses.
@@ -73,6 +76,8 @@ class ImageBatch:
     pixels: np.ndarray  # float32 [B, C, H, W], model-input space
     # Per image, the methods an incremental audit skips for it (already in the history); None: none.
     skip: list[frozenset[str]] | None = None
+    # Per image, method -> the target classes the history holds for it (skipped: those pairs only).
+    held: list[dict[str, frozenset[int]]] | None = None
     # Ground truth at the model input size: bool [B, H, W] (True = object), or None when no
     # image of the batch has any. has_mask[i] is False for an image without ground truth (its
     # row of masks is all False and its localisation metrics are null); None with masks None.
@@ -91,6 +96,7 @@ class ImageBatch:
         return ImageBatch(image_ids=[self.image_ids[i] for i in rows], sources=[self.sources[i] for i in rows],
                           labels=[self.labels[i] for i in rows], sizes=[self.sizes[i] for i in rows],
                           pixels=self.pixels[rows], skip=None if self.skip is None else [self.skip[i] for i in rows],
+                          held=None if self.held is None else [self.held[i] for i in rows],
                           masks=None if has_mask is None or self.masks is None else self.masks[rows],
                           has_mask=has_mask, content_sha256=hashes, record_sha256=records)
 

@@ -50,10 +50,13 @@ class BaseRow:
     saliency_abs_mean: float = _arrow(pa.float32())
     time_ms: float = _arrow(pa.float32(), "explanation time per image (batch time / batch size)")
     seed: int = _arrow(pa.int64())
+    target_rank: int = _arrow(pa.int32(), "rank of the target in the model's scores: 1 = the predicted class")
+    target_source: str = _arrow(pa.string(), "the --target request that asked for it: predicted, label, topN, a class")
 
 
 def base_row(*, batch, index: int, method: str, fingerprint: str | None, target: int, predicted: int,
-             probabilities, saliency: np.ndarray, time_ms: float, seed: int, statistics: dict) -> dict[str, Any]:
+             probabilities, saliency: np.ndarray, time_ms: float, seed: int, statistics: dict,
+             target_rank: int = 1, target_source: str = "predicted") -> dict[str, Any]:
     """The BaseRow of image ``index`` of ``batch`` (an ImageBatch) for one method's map, as a dict."""
     return vars(BaseRow(
         image_id=batch.image_ids[index], source=batch.sources[index],
@@ -63,7 +66,8 @@ def base_row(*, batch, index: int, method: str, fingerprint: str | None, target:
         score=float(probabilities[target]), predicted_score=float(probabilities[predicted]),
         height=saliency.shape[0], width=saliency.shape[1],
         original_height=batch.sizes[index][0], original_width=batch.sizes[index][1],
-        saliency=saliency.reshape(-1), time_ms=float(time_ms), seed=seed,
+        saliency=saliency.reshape(-1), time_ms=float(time_ms), seed=seed, target_rank=target_rank,
+        target_source=target_source,
         **{key: float(value) for key, value in statistics.items()}))
 
 
@@ -79,11 +83,16 @@ ERROR_SCHEMA = pa.schema([
     pa.field("stage", pa.string()),
     pa.field("reason", pa.string()),
     pa.field("method", pa.string()),  # null: failed before any method ran, counts against every method
+    pa.field("target", pa.int64()),  # the class of a failed target, where known
+    pa.field("target_source", pa.string()),  # the --target request it failed for; null: before targets
 ])
 
 SUMMARY_SCHEMA = pa.schema([
     pa.field("method", pa.string()),
     pa.field("target", pa.int64()),   # null: all classes
+    # The --target request whose rows (those that answer it: targets.satisfies) the row sums up; a
+    # row answering several requests (the predicted class is also top3's first) counts in each.
+    pa.field("target_source", pa.string()),
     pa.field("count", pa.int64()),
     pa.field("labelled", pa.int64()),
     pa.field("accuracy", pa.float64()),  # predicted == label among labelled rows; null if none

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers import explainer_class, get_explainer
 from saliency_audit.explainers.core.base import alone, decision_tolerance, stable_argmax
 from saliency_audit.explainers.metrics import MetricBatch, enabled_metrics, metric_options
 from saliency_audit.transforms.io import progress
-from saliency_audit.transforms.io.records import ERRORS, SKIPPED, ErrorRecord, ImageBatch, seed_for
+from saliency_audit.transforms.io.records import ERRORS, SKIPPED, TARGETS, ErrorRecord, ImageBatch, seed_for
 from saliency_audit.transforms.io.rows import base_row, extra_value, map_problems, map_statistics
+from saliency_audit.transforms.model import targets
+from saliency_audit.transforms.model.compiled import CompiledModel, compile_failure
+from saliency_audit.transforms.model.fitting import explain_fitting
 from saliency_audit.transforms.model.load import ModelSpec, load_model, resolve_device
+from saliency_audit.transforms.model.precision import at_precision, set_matmul_precision
+from saliency_audit.transforms.model.targets import resolve
 from saliency_audit.transforms.model.threads import ThreadBudget
 
 DEVICE = "device"  # side output: the device each batch ran on, so the manifest records the workers'
@@ -28,6 +32,10 @@ DEVICE = "device"  # side output: the device each batch ran on, so the manifest 
 # (everything: predictions, methods, metrics) or HTTP (an endpoint's requests, retries)
 MODEL_CALLS = "model_calls"
 ALL, HTTP, NOT_COUNTED = "*", "*http", "*not counted"
+# side output: (method, images) when out of memory made a method's batch smaller, and (COMPILE,
+# reason) when --compile fell back to eager; the manifest keeps the smallest batch per method.
+ADAPTED = "adapted"
+COMPILE = "*compile"
 
 
 def default_settings() -> dict[str, Any]:
@@ -40,7 +48,7 @@ class ExplainConfig:
     model: ModelSpec
     methods: dict[str, dict[str, Any]]  # name -> options, in run order
     device: str = "auto"
-    target: str = "predicted"  # predicted | label | an integer class
+    target: str = "predicted"  # predicted | label | topN | a class, or a comma list (transforms.model.targets)
     seed: int = 0
     # The run's options that change the rows (pipelines.config.options.fingerprint_values): the
     # metrics read theirs here, and what else they need (the normalisation, for ABELE's pixel values).
@@ -50,6 +58,10 @@ class ExplainConfig:
     progress: progress.Sink | None = dataclasses.field(default=None, repr=False, compare=False)
     # method -> its fingerprint in an audit history (saliency_audit.pipelines.job.incremental), stored in its rows; empty outside one.
     fingerprints: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    precision: str = "fp32"  # the model's forwards (transforms.model.precision)
+    compile: bool = False  # torch.compile for the methods that allow it (transforms.model.compiled)
+    # method -> images per explain call (--batch-size auto, found at preflight); absent: the whole batch
+    batch_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class CallCounter:
@@ -95,9 +107,28 @@ class _Loaded:
     def __init__(self, config: ExplainConfig):
         self.lock = threading.Lock()
         self.device = resolve_device(config.device)
-        self.model = load_model(config.model, self.device)
-        self.explainers = {name: get_explainer(name, self.model, **opts) for name, opts in config.methods.items()}
+        self.model = load_model(config.model, self.device)  # float32, eager: the predictions, the targets
+        set_matmul_precision(config.precision, self.device)
+        # The methods' and metrics' model: at the run's precision, compiled where asked. A method
+        # that must not autocast gets the float32 model; one that hooks layers, an eager one.
+        precise = at_precision(self.model, config.precision, self.device)
+        self.compiled = CompiledModel(precise) if config.compile else None
+        self.metric_model = self.compiled or precise
+
+        def model_for(name: str) -> torch.nn.Module:
+            if not explainer_class(name).autocast:
+                return self.model
+            return self.compiled if runs_compiled(name, config.compile) else precise
+
+        self.explainers = {name: get_explainer(name, model_for(name), **opts) for name, opts in config.methods.items()}
+        self.batch_sizes = dict(config.batch_sizes)  # smaller after an out-of-memory error, for good
         self.counter = CallCounter.attach(self.model)
+
+
+def runs_compiled(name: str, compile: bool) -> bool:
+    """Whether method ``name`` explains with the compiled model under --compile."""
+    cls = explainer_class(name)
+    return compile and cls.autocast and cls.compiles
 
 
 def build_explainers(config: ExplainConfig) -> _Loaded:
@@ -169,8 +200,9 @@ class _Method:
 
 
 class BatchHandler:
-    """ImageBatch -> one row per (image, method), and the side outputs by tag: ERRORS (a record that
-    cost itself), SKIPPED (pairs an audit history holds), MODEL_CALLS and DEVICE.
+    """ImageBatch -> one row per (image, method, target class), and the side outputs by tag: ERRORS
+    (a record, or one of its targets, that cost itself), SKIPPED (pairs an audit history holds),
+    TARGETS (pairs beyond one per record), MODEL_CALLS, DEVICE and ADAPTED.
 
     Gradients are enabled on purpose: Beam's RunInference wraps inference in torch.no_grad(),
     which gradient explainers cannot run under."""
@@ -184,8 +216,12 @@ class BatchHandler:
         state = self.state
         with state.lock:
             before, http = self._calls(), _http(state.model)
+            compiled = getattr(state, "compiled", None)
+            compiling = compiled is not None and compiled.active
             outputs = list(self.explain_batch(batch))
             after, http_after = self._calls(), _http(state.model)
+        if compiling and not compiled.active:
+            yield ADAPTED, (COMPILE, compiled.failure)
         if after is not None:
             yield MODEL_CALLS, (ALL, after[0] - before[0], after[1] - before[1])
             progress.model_asked(self.config.progress, "*", after[1] - before[1])
@@ -203,7 +239,8 @@ class BatchHandler:
 
     def explain_batch(self, batch: ImageBatch) -> Iterator[tuple[str | None, Any]]:
         state, config = self.state, self.config
-        images = torch.from_numpy(batch.pixels).to(state.device)
+        # non-blocking: an asynchronous DMA where the reader pinned the pixels (a CUDA worker); a plain copy otherwise
+        images = torch.from_numpy(batch.pixels).to(state.device, non_blocking=True)
         try:
             logits, probabilities, predicted = predict(state.model, images)
         except Exception:
@@ -224,58 +261,100 @@ class BatchHandler:
             logits, probabilities, predicted = (torch.cat(parts) for parts in zip(*(p for _, p in answered)))
         # A non-finite output costs that image only: its maps and scores would be NaN too.
         finite = (torch.isfinite(logits).all(dim=1) & torch.isfinite(probabilities).all(dim=1)).tolist()
-        targets, reasons = choose_targets(config.target, predicted, batch.labels, probabilities.shape[1])
-        keep = []
-        for i, reason in enumerate(reasons):
+        choices, failures = resolve(targets.parse_targets(config.target), logits, predicted, batch.labels,
+                                    lambda rows: alone(state.model, images[rows.to(images.device)]),
+                                    decision_tolerance(logits.dtype))
+        keep, extra = [], 0
+        for i in range(len(finite)):
             if not finite[i]:
-                stage, reason = "model", "model output (logits or probabilities) is not finite"
-            elif reason is None:
-                keep.append(i)
+                yield ERRORS, ErrorRecord(batch.image_ids[i], batch.sources[i], "model",
+                                          "model output (logits or probabilities) is not finite")
                 continue
-            else:
-                stage = "target"
-            yield ERRORS, ErrorRecord(batch.image_ids[i], batch.sources[i], stage, reason)
+            for failure in failures[i]:  # a request the record cannot satisfy costs that target only
+                yield ERRORS, ErrorRecord(batch.image_ids[i], batch.sources[i], "target", failure.reason, None,
+                                          failure.cls, failure.source)
+            extra += len(choices[i]) + len(failures[i]) - 1
+            if choices[i]:
+                keep.append(i)
+        if extra:
+            yield TARGETS, extra
         if not keep:
             return
         seeds = torch.tensor([seed_for(batch.image_ids[i], config.seed) for i in range(len(batch.image_ids))],
                              dtype=torch.int64)
-        context = _Context(batch, images, targets, seeds, probabilities, predicted)
-        references = self._references(context, keep)
+        # One context per target slot (an image's first target, its second...): a method explains
+        # a slot's images in one call of at most the batch's size, so memory grows with the batch,
+        # not with the targets, and the first slot's call is the one a single --target makes.
+        contexts = [_Context(batch, images, torch.tensor([c[j].cls if j < len(c) else 0 for c in choices],
+                                                         dtype=torch.long, device=images.device),
+                             seeds, probabilities, predicted, [c[j] if j < len(c) else None for c in choices])
+                    for j in range(max(len(choices[i]) for i in keep))]
+        references: dict[int, dict] = {}
+        scorings = []  # every method's maps, scored a slot at once so that the metrics share forward chunks
         for name, explainer in state.explainers.items():
-            rows = keep if batch.skip is None else [i for i in keep if name not in batch.skip[i]]
-            if len(rows) < len(keep):  # an incremental audit: the history holds the others
-                yield SKIPPED, ((name, batch.sources[0]), len(keep) - len(rows))
-            if rows:
-                yield from self._explain_method(name, explainer, context, rows,
-                                                {m: {k: v[[keep.index(i) for i in rows]] for k, v in r.items()}
-                                                 for m, r in references.items()})
+            for j, context in enumerate(contexts):
+                slot = [i for i in keep if context.choices[i] is not None]
+                rows = [i for i in slot if not self._held(batch, i, name, context.choices[i].cls)]
+                if len(rows) < len(slot):  # an incremental audit: the history holds the others
+                    yield SKIPPED, ((name, batch.sources[0]), len(slot) - len(rows))
+                if not rows:
+                    continue
+                if j not in references:
+                    references[j] = self._references(context, slot)
+                scoring = yield from self._explain_method(name, explainer, context, rows,
+                                                          {m: {k: v[[slot.index(i) for i in rows]] for k, v in r.items()}
+                                                           for m, r in references[j].items()})
+                if scoring is not None:
+                    scorings.append(scoring)
+        # A target slot's methods are scored together, apart from the other slots': a slot's values do
+        # not depend on the others (a predicted row equals a single-target run's to the bit).
+        scores = {}
+        for context in contexts:
+            group = [scoring for scoring in scorings if scoring.context is context]
+            scores.update(zip(map(id, group), self._shared_scores(group)))
+        for scoring in scorings:
+            yield from self._rows(scoring, scores[id(scoring)])
+
+    @staticmethod
+    def _held(batch: ImageBatch, i: int, method: str, cls: int) -> bool:
+        """Whether an audit history holds image i's map of class ``cls`` by ``method``."""
+        return ((batch.skip is not None and method in batch.skip[i])
+                or (batch.held is not None and cls in batch.held[i].get(method, ())))
 
     def _references(self, context: "_Context", keep: list[int]) -> dict[str, dict[str, torch.Tensor]]:
         """Each metric's columns that the batch's methods share (the random-order reference), on the
         kept images."""
-        batch = context.metric_batch(self.state.model, keep)
+        batch = context.metric_batch(self._metric_model(), keep)
         return {metric.name: metric.reference(batch) for metric in self.metrics}
 
-    def _explain_method(self, name, explainer, context: "_Context", rows: list[int], references):
-        outcomes = []  # (position in rows, Explanation, index in it, ms per image)
+    def _metric_model(self) -> torch.nn.Module:
+        return getattr(self.state, "metric_model", self.state.model)  # (a state built by hand has only a model)
+
+    def _compile_fallback(self, error: BaseException) -> bool:
+        """A compilation failure of a method's compiled model: eager from now on, and rerun."""
+        compiled = getattr(self.state, "compiled", None)
+        return compiled is not None and compile_failure(error) and compiled.fall_back(error)
+
+    def _explain_method(self, name, explainer, context: "_Context", rows: list[int], references
+                        ) -> Iterator[tuple[str | None, Any]]:
+        """Explain ``rows`` with one method: yields its side outputs, returns its stored maps to score
+        (a _Scoring), or None."""
         before = self._calls()
         images, targets, seeds = context.images[rows], context.targets[rows], context.seeds[rows]
-        try:
-            start = time.perf_counter()
-            result = explainer.explain(images, targets, seeds)
-            ms = 1000 * (time.perf_counter() - start) / len(rows)
-            outcomes = [(j, result, j, ms) for j in range(len(rows))]
-        except Exception:
-            # Isolate the failing images: explain one at a time, so one bad image does
-            # not cost the whole batch.
-            for j, i in enumerate(rows):
-                try:
-                    start = time.perf_counter()
-                    single = explainer.explain(images[j:j + 1], targets[j:j + 1], seeds[j:j + 1])
-                    outcomes.append((j, single, 0, 1000 * (time.perf_counter() - start)))
-                except Exception as e:  # stage model: the model could not be asked (an endpoint down)
-                    yield ERRORS, ErrorRecord(context.batch.image_ids[i], context.batch.sources[i],
-                                              getattr(e, "stage", "explain"), f"{type(e).__name__}: {e}", name)
+        # In chunks of the method's batch size: one that runs out of memory is halved and retried,
+        # one that fails otherwise is explained an image at a time, so one bad image costs itself only.
+        sizes = getattr(self.state, "batch_sizes", {})
+        fitted = explain_fitting(lambda lo, hi: explainer.explain(images[lo:hi], targets[lo:hi], seeds[lo:hi]),
+                                 len(rows), sizes.get(name, len(rows)), self._compile_fallback, context.images.device)
+        if fitted.size < sizes.get(name, len(rows)):
+            sizes[name] = fitted.size
+            yield ADAPTED, (name, fitted.size)
+        outcomes = fitted.outcomes  # (position in rows, Explanation, index in it, ms per image)
+        for j, e in sorted(fitted.failures, key=lambda failure: failure[0]):
+            i = rows[j]  # stage model: the model could not be asked (an endpoint down)
+            yield ERRORS, ErrorRecord(context.batch.image_ids[i], context.batch.sources[i],
+                                      getattr(e, "stage", "explain"), f"{type(e).__name__}: {e}", name,
+                                      *context.target_of(i))
         after = self._calls()
         if after is not None:
             yield MODEL_CALLS, (name, after[0] - before[0], after[1] - before[1])
@@ -293,25 +372,48 @@ class BatchHandler:
             else:
                 i = rows[outcome[0]]
                 yield ERRORS, ErrorRecord(context.batch.image_ids[i], context.batch.sources[i], "explain", problem,
-                                          name)
+                                          name, *context.target_of(i))
         if not stored:
-            return
+            return None
         done = [outcomes[n][0] for n in stored]  # positions in rows of the stored maps
         maps = torch.from_numpy(arrays[stored]).to(context.images.device)
-        batch = context.metric_batch(self.state.model, [rows[j] for j in done],
-                                     explain=lambda x, t, s: explainer.explain(x, t, s).maps, chunk=len(rows))
-        scores = self._scores(batch, maps, {m: {k: v[done] for k, v in r.items()} for m, r in references.items()})
-        for n, values in zip(stored, scores):
+        batch = context.metric_batch(self._metric_model(), [rows[j] for j in done],
+                                     explain=lambda x, t, s: explainer.explain(x, t, s).maps, chunk=fitted.size)
+        return _Scoring(name, context, rows, outcomes, stored, arrays, statistics, batch, maps,
+                        {m: {k: v[done] for k, v in r.items()} for m, r in references.items()})
+
+    def _rows(self, scoring: "_Scoring", scores: list[dict[str, Any]]) -> Iterator[tuple[None, dict]]:
+        """One row per stored map of a method, with its metrics' columns."""
+        name, context, rows, outcomes, arrays, statistics = (scoring.name, scoring.context, scoring.rows,
+                                                             scoring.outcomes, scoring.arrays, scoring.statistics)
+        for n, values in zip(scoring.stored, scores):
             j, result, k, ms = outcomes[n]
             i = rows[j]
             row = base_row(batch=context.batch, index=i, method=name, fingerprint=self.config.fingerprints.get(name),
                            target=int(context.targets[i]), predicted=int(context.predicted[i]),
                            probabilities=context.probabilities[i], saliency=arrays[n], time_ms=ms,
-                           seed=int(context.seeds[i]), statistics={key: v[n] for key, v in statistics.items()})
+                           seed=int(context.seeds[i]), statistics={key: v[n] for key, v in statistics.items()},
+                           target_rank=context.choices[i].rank, target_source=context.choices[i].source)
             for extra, extra_values in result.extras.items():
                 row[extra] = extra_value(extra_values[k])
             row.update(values)
             yield None, row
+
+    def _shared_scores(self, scorings: list["_Scoring"]) -> list[list[dict[str, Any]]]:
+        """Per method's stored maps, per map, every enabled metric's columns: each metric scores all the
+        methods at once (Metric.score_all); if that fails, each method alone (_scores)."""
+        if not self.metrics or len(scorings) < 2:
+            return [self._scores(s.batch, s.maps, s.references) for s in scorings]
+        try:
+            columns = [{} for _ in scorings]
+            for metric in self.metrics:
+                scored = metric.score_all([(s.batch, s.maps, s.references[metric.name]) for s in scorings])
+                for out, values in zip(columns, scored):
+                    out.update(values)
+            return [[{key: metric_value(values[n]) for key, values in out.items()} for n in range(len(s.maps))]
+                    for s, out in zip(scorings, columns)]
+        except Exception:
+            return [self._scores(s.batch, s.maps, s.references) for s in scorings]
 
     def _scores(self, batch: MetricBatch, maps: torch.Tensor, references) -> list[dict[str, Any]]:
         """Per map, every enabled metric's columns. A metric that fails on the batch is retried per
@@ -340,9 +442,26 @@ class BatchHandler:
 
 
 @dataclasses.dataclass
+class _Scoring:
+    """One method's stored maps of a batch slot, waiting for the metrics (scored with the batch's
+    other methods), and what its rows need."""
+
+    name: str
+    context: "_Context"
+    rows: list[int]          # batch positions the method was asked for
+    outcomes: list[tuple]    # (position in rows, Explanation, its index, ms per image)
+    stored: list[int]        # indices in outcomes of the maps stored (no NaN or inf)
+    arrays: np.ndarray       # [len(outcomes),H,W] float32
+    statistics: dict[str, np.ndarray]
+    batch: MetricBatch       # the stored maps' images
+    maps: torch.Tensor       # [len(stored),H,W] on the device
+    references: dict[str, dict[str, torch.Tensor]]
+
+
+@dataclasses.dataclass
 class _Context:
-    """A batch after prediction: its images, targets, seeds, probabilities and predicted classes,
-    indexed by batch position."""
+    """A batch after prediction, for one target slot: its images, targets, seeds, probabilities,
+    predicted classes and choices (class, rank, request), indexed by batch position."""
 
     batch: ImageBatch
     images: torch.Tensor
@@ -350,9 +469,17 @@ class _Context:
     seeds: torch.Tensor
     probabilities: torch.Tensor
     predicted: torch.Tensor
+    choices: list  # per batch position, its target of this slot (targets.Choice), or None
+
+    def target_of(self, i: int) -> tuple[int | None, str | None]:
+        """(class, request) of image i's target here, for its error rows."""
+        choice = self.choices[i]
+        return (choice.cls, choice.source) if choice is not None else (None, None)
 
     def metric_batch(self, model, rows: list[int], explain=None, chunk: int = 32) -> MetricBatch:
         truth = ground_truth(self.batch, rows, self.images.device)
-        return MetricBatch(model=model, images=self.images[rows], targets=self.targets[rows], seeds=self.seeds[rows],
+        # All of them: the batch's own tensor, so the methods' scorings share it (and a substrate) uncopied
+        images = self.images if rows == list(range(len(self.images))) else self.images[rows]
+        return MetricBatch(model=model, images=images, targets=self.targets[rows], seeds=self.seeds[rows],
                            predicted=self.predicted[rows], masks=None if truth is None else truth[0],
                            has_mask=None if truth is None else truth[1], explain=explain, chunk=chunk)

@@ -1,4 +1,6 @@
-"""Loading the classifier under audit: TorchScript, torch.export archives, or module:Callable."""
+"""Loading the classifier under audit: TorchScript, torch.export archives, module:Callable with a
+state dict, a Hugging Face model folder (hf:DIR), a timm architecture (timm:NAME), an ONNX file or
+a prediction endpoint."""
 from __future__ import annotations
 
 import contextlib
@@ -24,17 +26,23 @@ import torch
 from saliency_audit.transforms.io import storage
 
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+HF, TIMM = "hf:", "timm:"  # --model prefixes; before the module:Callable reading (timm:NAME, hf:x would fit it)
 
 
 class ModelLoadError(ValueError):
     """The model cannot be loaded; the message says why in one line."""
 
 
+EAGER_WHY = "eager attention materialises the attention weights the explanations read; fused kernels do not"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Where the model comes from. ``model`` is a TorchScript file, a ``.pt2`` torch.export
-    archive or ``package.module:Callable`` returning an nn.Module; ``weights`` a state
-    dict for the callable form. Files may be on any fsspec URL."""
+    archive, ``package.module:Callable`` returning an nn.Module, ``hf:FOLDER`` (a Hugging Face
+    model folder), ``timm:NAME`` (a timm architecture; ``model_options`` its keyword arguments),
+    an ONNX file or an http(s):// endpoint; ``weights`` a state dict (torch or safetensors) for
+    the callable and timm forms. Files and folders may be on any fsspec URL."""
 
     model: str
     weights: str | None = None
@@ -42,12 +50,19 @@ class ModelSpec:
     storage_options: dict[str, Any] | None = None
     endpoint: dict[str, Any] | None = None  # --endpoint-options, for an http(s):// model
     num_classes: int | None = None  # fixed at preflight: an endpoint's every answer must have it
+    model_options: dict[str, Any] | None = None  # --model-options: timm.create_model's keyword arguments
+
+    def is_hf(self) -> bool:
+        return self.model.startswith(HF)
+
+    def is_timm(self) -> bool:
+        return self.model.startswith(TIMM)
 
     def is_callable(self) -> bool:
-        return bool(_CALLABLE.match(self.model))
+        return not (self.is_hf() or self.is_timm()) and bool(_CALLABLE.match(self.model))
 
     def is_onnx(self) -> bool:
-        return not self.is_callable() and self.model.lower().endswith(".onnx")
+        return not (self.is_callable() or self.is_hf() or self.is_timm()) and self.model.lower().endswith(".onnx")
 
     def is_endpoint(self) -> bool:
         return self.model.lower().startswith(("http://", "https://"))
@@ -56,8 +71,21 @@ class ModelSpec:
         """Answers forward passes only: no gradients, no layers."""
         return self.is_onnx() or self.is_endpoint()
 
+    def kind(self) -> str:
+        """The form, for the manifest: callable, hf, timm, onnx, endpoint, export (.pt2) or file
+        (TorchScript, or a pickled module with --trust-model)."""
+        for kind, test in (("endpoint", self.is_endpoint), ("hf", self.is_hf), ("timm", self.is_timm),
+                           ("callable", self.is_callable), ("onnx", self.is_onnx)):
+            if test():
+                return kind
+        return "export" if self.model.endswith(".pt2") else "file"
+
     def files(self) -> list[str]:
-        own = [] if self.is_callable() or self.is_endpoint() else [self.model]
+        """The files the model is read from (an hf: folder's: the ones loading reads)."""
+        if self.is_hf():
+            from saliency_audit.transforms.model import hf
+            return hf.folder_files(self.model[len(HF):], self.storage_options, self.trust_model)
+        own = [] if self.is_callable() or self.is_endpoint() or self.is_timm() else [self.model]
         return [f for f in own + [self.weights] if f]
 
 
@@ -125,6 +153,8 @@ def model_identity(spec: ModelSpec, state: str) -> str:
     the callable's name, and ``state`` (state_sha256 of the loaded model)."""
     body = {"callable": spec.model if spec.is_callable() else None,
             "files": sorted(model_hashes(spec).values()), "state": state}
+    if spec.is_timm():  # its name and options decide its code (the state, its parameters)
+        body["timm"] = {"name": spec.model, "options": spec.model_options or {}}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -144,8 +174,11 @@ def check_model_files(spec: ModelSpec) -> None:
                                  f"{' '.join(storage.unquoted(e, url).split())[:200]}") from None
         if not found:
             raise ModelLoadError(f"model file not found: {storage.shown(url)}")
-    if spec.weights and not spec.is_callable():
-        raise ModelLoadError("--weights needs --model in the module:Callable form")
+    if spec.weights and not (spec.is_callable() or spec.is_timm()):
+        raise ModelLoadError("--weights needs --model in the module:Callable or timm:NAME form"
+                             + (" (an hf: folder holds its own weights)" if spec.is_hf() else ""))
+    if spec.model_options and not spec.is_timm():
+        raise ModelLoadError("--model-options needs --model timm:NAME (they are timm.create_model's arguments)")
     if spec.endpoint and not spec.is_endpoint():
         raise ModelLoadError("--endpoint-options needs --model http(s)://... (a prediction endpoint)")
 
@@ -161,6 +194,13 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
         except Exception as e:  # noqa: BLE001 - bad options, a bad URL, the endpoint down (ModelCallError)
             from saliency_audit.transforms.model.endpoint import _shown
             raise ModelLoadError(f"model endpoint {_shown(spec.model)}: {' '.join(str(e).split())[:300]}") from None
+    elif spec.is_hf():
+        from saliency_audit.transforms.model import hf
+        model = hf.load_folder(spec.model[len(HF):], spec.storage_options, spec.trust_model)
+    elif spec.is_timm():
+        from saliency_audit.transforms.model import timm_models
+        state = read_state_dict(spec.weights, spec) if spec.weights else None
+        model = timm_models.create(spec.model[len(TIMM):], spec.model_options or {}, state, spec.weights)
     elif spec.is_callable():
         model = _from_callable(spec)
     elif spec.is_onnx():
@@ -191,19 +231,66 @@ def _from_callable(spec: ModelSpec) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise ModelLoadError(f"{spec.model} returned {type(model).__name__}, not a torch.nn.Module")
     if spec.weights:
-        with _local_copy(spec.weights, spec.storage_options) as path:
-            state = _torch_load(path, spec.trust_model, spec.weights)
-        if isinstance(state, torch.nn.Module):
-            state = state.state_dict()
-        if not isinstance(state, dict):
-            raise ModelLoadError(f"{spec.weights} holds {type(state).__name__}, not a state dict")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise ModelLoadError(f"weights {spec.weights} do not fit {spec.model}: "
-                                 f"{' '.join(line.strip() for line in first[:3])}") from None
+        load_weights(model, read_state_dict(spec.weights, spec), spec.weights, spec.model)
     return model
+
+
+def read_state_dict(url: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """A state dict from ``url``: a ``.safetensors`` file (tensors only: nothing in it can run), else
+    a torch file loaded with weights_only=True (arbitrary unpickling only with --trust-model)."""
+    with _local_copy(url, spec.storage_options) as path:
+        if urllib.parse.urlsplit(url).path.lower().endswith(".safetensors"):
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+            try:
+                return load_file(path, device="cpu")
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated, corrupt, not one at all
+                raise ModelLoadError(f"cannot read safetensors file {storage.shown(url)}: {type(e).__name__}: "
+                                     f"{' '.join(str(e).split())[:200]}") from None
+        state = _torch_load(path, spec.trust_model, url)
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{url} holds {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_weights(model: torch.nn.Module, state: dict, url: str, name: str) -> None:
+    """Every parameter and buffer of ``model`` from ``state``, or one line naming what does not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ModelLoadError(f"weights {url} do not fit {name}: "
+                             f"{' '.join(line.strip() for line in first[:3])[:300]}") from None
+
+
+def model_preprocessing(spec: ModelSpec, overridden: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The preprocessing the model itself names, by Preprocessing field, and the file each value
+    came from: an hf: folder's preprocessor_config.json (and config.json's channels), a timm
+    architecture's pretrained config; nothing for the other forms. ``overridden`` ("geometry",
+    "mean", "std", "channels"): what the run's flags give, not read."""
+    if spec.is_hf():
+        from saliency_audit.transforms.model import hf
+        return hf.folder_preprocessing(spec.model[len(HF):], spec.storage_options, overridden)
+    if spec.is_timm():
+        from saliency_audit.transforms.model import timm_models
+        return timm_models.preprocessing(spec.model[len(TIMM):], spec.model_options or {}, overridden)
+    return {}, {}
+
+
+def loading_entry(spec: ModelSpec, model: torch.nn.Module) -> dict[str, Any]:
+    """The manifest's record of how the model was loaded: its form, and for a transformer the
+    attention it runs with (eager, so attention weights exist as tensors) and what it would
+    use otherwise."""
+    entry: dict[str, Any] = {"kind": spec.kind()}
+    if spec.is_hf():
+        from saliency_audit.transforms.model import hf
+        entry["attention"] = hf.attention_entry(model)
+    elif spec.is_timm():
+        from saliency_audit.transforms.model import timm_models
+        entry["attention"] = timm_models.attention_entry(model)
+    return entry
 
 
 def _from_onnx(spec: ModelSpec, device) -> torch.nn.Module:

@@ -1,7 +1,10 @@
 """Torch threads per worker process (--torch-threads): the cores a process may use (affinity, the
-cgroup CPU quota), divided among the SDK worker processes of a machine, or a Dask worker's own."""
+cgroup CPU quota), divided among the SDK worker processes of a machine, or a Dask worker's own;
+and the reader's decode pool, which runs beside torch and so takes its threads from the same
+cores (ThreadBudget.split)."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import sys
@@ -29,6 +32,38 @@ class ThreadBudget:
         if not self.processes:
             return 1
         return max(1, (cores or available_cores()) // self.processes)
+
+    def split(self, device_type: str = "cpu", cores: int | None = None) -> tuple[int, int]:
+        """(torch threads, decode threads) of this worker process. The reader's decode pool
+        (transforms.read) decodes the next batches while the model runs on this one, so its
+        threads are counted against the process's cores, never added on top of torch's (an
+        OpenMP team that loses a core to another thread waits for it at every barrier).
+
+        auto: the process's threads (``resolve``) less the pool's share of them, one thread in
+        DECODE_SHARE[device]: on a CPU worker one in 8, so below 8 there is no pool and images
+        are decoded between batches, as before (torch keeps every core: decoding a 224 px image
+        costs a few ms, a fraction of an explain step's work); on a GPU worker half, since the
+        model runs on the device and the CPU's work is mostly decoding. An explicit
+        --torch-threads N keeps N for torch; the pool gets the process's cores that N leaves, up
+        to the same share but at least 1 where one is left (``--torch-threads 1`` on 2 cores: one
+        torch thread and one decode thread)."""
+        process = ThreadBudget(None, self.processes).resolve(cores)
+        share = process // DECODE_SHARE.get(device_type, DECODE_SHARE["cpu"])
+        if self.threads is None:
+            return max(1, process - share), share
+        return self.threads, min(max(0, process - self.threads), max(1, share))
+
+
+# A worker's threads per decode thread, by device type (ThreadBudget.split).
+DECODE_SHARE = {"cpu": 8, "cuda": 2}
+
+
+def device_type(device: str) -> str:
+    """"cpu" or "cuda" for a --device value ("auto": cuda where this machine has it), without
+    checking that the device exists (the model's loading says that)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
 
 
 def available_cores(cgroup: str = "/sys/fs/cgroup") -> int:
@@ -82,3 +117,17 @@ def apply_threads(threads: int) -> None:
             torch.set_num_interop_threads(threads)
         except RuntimeError:
             pass
+
+
+def one_intraop_thread() -> bool:
+    """Keep the torch operations of the calling thread (a decode pool thread: preprocessing
+    resizes with torch) on that thread, so each decode thread does not start a team of torch's
+    threads beside the model's. torch.set_num_threads is process-wide (it would slow the model
+    too); the OpenMP runtime's own setting is per thread. True where it took (torch's parallel
+    backend is OpenMP); elsewhere torch's own count applies and the pool may oversubscribe."""
+    torch.get_num_threads()  # torch sets a thread's OpenMP count on its first use: ours must come after
+    try:
+        ctypes.CDLL(None).omp_set_num_threads(1)
+    except Exception:  # noqa: BLE001 - no OpenMP runtime loaded (a native or TBB build), no ctypes: never fail the pool
+        return False
+    return torch.get_num_threads() == 1
