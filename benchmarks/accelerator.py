@@ -2,9 +2,9 @@
 
     python benchmarks/accelerator.py --json acc.json --markdown acc.md     # a CUDA machine: under 8 minutes
     python benchmarks/accelerator.py --reduced                             # CI: tiny models at 32 px on the CPU
-    python benchmarks/accelerator.py --device cpu --threads 1 --models resnet50,vit_s16 --precisions fp32 \\
-        --methods all --no-metric --no-pipeline --images 64 --batch-size 2 --target-seconds 0 --warmup 2 \\
-        --repeats 2 --max-seconds-per-image 10 --clock cpu --budget 7200              # the CPU table at 224 px
+    OMP_NUM_THREADS=1 python benchmarks/accelerator.py --device cpu --threads 1 --models resnet50,vit_s16 \\
+        --precisions fp32 --methods all --no-metric --no-pipeline --images 0 --batch-size 2 --target-seconds 0 \\
+        --warmup 2 --repeats 2 --max-seconds-per-image 5 --clock cpu --budget 2400   # the CPU table at 224 px: ~15 min
 
 What it does, in order, within --budget seconds (methods left when it runs out are reported, not run):
 
@@ -19,7 +19,9 @@ What it does, in order, within --budget seconds (methods left when it runs out a
    a ViT the transformer methods) and deletion/insertion (the job's metric, 16 steps, on one map per
    image) with saliency_audit.pipelines.benchmark.benchmark_methods: images/s, the ratio to the floor
    (the model's own forward and forward+backward images/s at --batch-size and the same precision,
-   over passes()), the peak device memory per image, and the hours 50,000 and 1,281,167 images take;
+   over passes()), the peak memory per image (the CUDA allocator's peak on a GPU; on a CPU the
+   process's peak resident set above its level at the call's start, PeakMemory), and the hours
+   50,000 and 1,281,167 images take;
 3. the pipeline figure: every shard image read, decoded in --workers processes, batched in pinned
    memory, copied to the device and explained with `sal`, end to end (a plain loop, not Beam).
 

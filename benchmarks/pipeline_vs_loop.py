@@ -17,8 +17,10 @@ errors, count verification, manifest) on:
                for its OpenMP pool), so mp2 may use twice the cores of mp1 (the scaling question)
 
 The pipeline gets the loop's threads (--torch-threads --threads); --auto-threads leaves it the
-audit's default instead (auto: the cores it may use, divided among its worker processes), which
-on a 2-core machine busy with other work made its CPU time 3x the same run's with 1 thread. Torch
+audit's default instead (auto: the cores it may use, divided among its worker processes; one
+thread where the images have at most 3x32x32 values, as these digits) while the loop keeps
+--threads. Before auto knew small images it gave these digits 2 threads on 2 cores against the
+loop's 1, and on a busy machine either side runs 5 to 10 times slower at 2 threads. Torch
 threads are set back to --threads before every run, since an in-process run leaves its own behind.
 Where the process has cores that --threads leaves, the pipeline's reader also decodes ahead in one
 of them while the model runs (docs/performance.md; benchmarks/decode_model_pipeline.py measures that).

@@ -68,7 +68,7 @@ def child(argv: list[str]) -> dict:
     from saliency_audit.pipelines.job.preflight import thread_budget, threads_entry
     plan = audit.plan(argv)
     # the budget the run carries to its workers, as the plan resolves it from the flags
-    budget = thread_budget(plan.options.torch_threads, plan.beam_args)
+    budget = thread_budget(plan.options.torch_threads, plan.beam_args, plan.config.threads.small_images)
     plan.config = dataclasses.replace(plan.config, threads=budget)
     start = time.perf_counter()
     manifest, _ = audit.run_plan(plan)

@@ -37,9 +37,10 @@ def mass_on_patch(maps, corners):
 
 def on_patch(maps, corners):
     """Per image: the map's maximum lies on the patch (with margin; ties count, since a
-    mask's maximum is a plateau) or at least half of its positive mass does."""
+    mask's maximum is a plateau) or at least half of its positive mass does. A constant map
+    points nowhere: a miss (its maximum is everywhere, the patch included)."""
     hits = []
     for m, (r, c), mass in zip(maps, corners.tolist(), mass_on_patch(maps, corners)):
         top = patch_region(m, r, c).max() >= m.max() - 1e-6 * m.abs().max()
-        hits.append(bool(top) or mass >= 0.5)
+        hits.append(bool(m.max() > m.min()) and (bool(top) or mass >= 0.5))
     return sum(hits) / len(hits)

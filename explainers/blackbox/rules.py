@@ -7,10 +7,14 @@ conditions x violates on it (the "delta"), fewest first.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from sklearn.metrics import f1_score
-from sklearn.model_selection import GridSearchCV, KFold
-from sklearn.tree import DecisionTreeClassifier
+
+if TYPE_CHECKING:
+    from sklearn.tree import DecisionTreeClassifier
+# sklearn is imported where a tree is fitted: it adds ~150 MB to every process that imports the
+# explainers, and only lore and abele fit trees.
 
 Condition = tuple[int, float, bool]
 
@@ -28,6 +32,7 @@ TREE_SEARCHES = {
 
 def _macro_f1(tree, features, labels, sample_weight=None) -> float:
     # a plain callable: sklearn's make_scorer fails on a fold whose training part has one class
+    from sklearn.metrics import f1_score
     return f1_score(labels, tree.predict(features), average="macro", zero_division=0, sample_weight=sample_weight)
 
 
@@ -42,6 +47,8 @@ def fit_tree(features: np.ndarray, labels: np.ndarray, weights: np.ndarray | Non
     (weighted accuracy on it).
 
     search: a key of TREE_SEARCHES; max_depth and min_samples_leaf apply with "none"."""
+    from sklearn.model_selection import GridSearchCV, KFold
+    from sklearn.tree import DecisionTreeClassifier
     grid, folds = TREE_SEARCHES[search]
     tree = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_samples_leaf, random_state=seed % 2 ** 32)
     if grid is not None and len(np.unique(labels)) > 1 and len(labels) >= 2 * folds:

@@ -75,6 +75,9 @@ def json_object(text: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an integer over 4300 digits, nesting beyond the parser: argparse
+        # would echo the whole text for a bare ValueError and crash on a RecursionError
+        raise argparse.ArgumentTypeError(f"invalid JSON ({type(e).__name__})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {kind_name(value)}")
     return value
@@ -110,7 +113,8 @@ def threads(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected auto or a number of threads, got {text!r}") from None
 
 
-_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+# after an optional --model prefix (hf:s3://key:secret@bucket/ is a URL with credentials too)
+_USERINFO = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*:)?[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
 
 
 def location(text: str) -> str:

@@ -81,7 +81,8 @@ OPTIONS: tuple[Option, ...] = (
            help="torch threads per worker process, also the size of the methods' own thread pools (default auto: "
                 "the cores the worker may use divided by the SDK worker processes the runner starts per machine, "
                 "e.g. --direct_num_workers with --direct_running_mode multi_processing; at least 1, less the image "
-                "decoding pool's share: one thread in 8, on a GPU worker half; docs/performance.md)"),
+                "decoding pool's share: one thread in 8, on a GPU worker half; one torch thread where preflight's "
+                "sample image has at most 3x32x32 values, as MNIST's and CIFAR's; docs/performance.md)"),
     Option("sanity_check", "switch", spec="sanity_check.enabled",
            help="after the job: cascading randomisation of the model's layers (Adebayo et al. 2018) on a sample"),
     Option("sanity_images", "integer", default=16, low=1, spec="sanity_check.images",
@@ -267,10 +268,14 @@ def recorded_method_options(value: Any) -> Any:
     return REDACTED if isinstance(value, str) and carries_credentials(value) else value
 
 
+# free-form JSON (--method-options, --model-options): a URL with user:password@ or a ?query may be in it
+FREE_FORM = ("method_options", "json")
+
+
 def recorded_options(config) -> dict[str, Any]:
     """The run's options for the manifest: the secret ones left out, method options as
     recorded_method_options keeps them."""
-    return {o.name: recorded_method_options(value) if o.kind == "method_options" else value
+    return {o.name: recorded_method_options(value) if o.kind in FREE_FORM else value
             for o in all_options() if not o.secret for value in [getattr(config, o.name)]}
 
 
@@ -296,7 +301,7 @@ def recorded_value(flag: str, value: str) -> str:
     action = _own_actions().get(flag)
     if action is not None:
         opt = next((o for o in all_options() if o.name == action.dest), None)
-        return REDACTED if opt is not None and (opt.secret or opt.kind == "method_options") else value
+        return REDACTED if opt is not None and (opt.secret or opt.kind in FREE_FORM) else value
     return beam_value(flag, value)
 
 

@@ -398,7 +398,7 @@ def resolved(config, beam_args: list[str]) -> dict[str, Any]:
             value = list(value)
         if opt.secret and value:
             value = REDACTED
-        elif opt.kind == "method_options":
+        elif opt.kind in ("method_options", "json"):  # --model-options as free-form as method options
             value = recorded_method_options(value)
         table, key = opt.spec.split(".")
         out.setdefault(table, {})[key] = value

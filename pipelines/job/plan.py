@@ -146,8 +146,11 @@ def plan(argv: list[str]) -> Plan:
                            precision=options.precision, compile=options.compile)
     auto = options.batch_size == "auto"
     resolved = preflight(config, shards, prep, options.storage_options, beam_args, auto_batch=auto)
-    # the workers' model must answer as many classes as preflight's did (an endpoint redeployed meanwhile)
-    config = dataclasses.replace(config, model=dataclasses.replace(spec, num_classes=resolved["num_classes"]))
+    # the workers' model must answer as many classes as preflight's did (an endpoint redeployed meanwhile),
+    # and auto gives them the torch threads preflight chose from the sample image's size
+    config = dataclasses.replace(config, model=dataclasses.replace(spec, num_classes=resolved["num_classes"]),
+                                 threads=dataclasses.replace(config.threads,
+                                                             small_images=resolved["torch_threads"]["small_images"]))
     if auto:  # each method explains in its own batch; the reader cuts batches for the largest
         sizes = {name: info["batch_size"] for name, info in resolved["methods"].items() if "batch_size" in info}
         config = dataclasses.replace(config, batch_sizes=sizes)

@@ -38,7 +38,7 @@ from saliency_audit.transforms.model.load import (
 )
 from saliency_audit.transforms.model.precision import effective_precision, precision_problem
 from saliency_audit.transforms.model.targets import TargetError, check_classes, parse_targets
-from saliency_audit.transforms.model.threads import ThreadBudget
+from saliency_audit.transforms.model.threads import ThreadBudget, is_small_image
 
 SAMPLE_SEARCH = 64  # records looked at to find one decodable sample image
 # A method whose first explanation of the sample image took less is timed again, warm, for the
@@ -137,18 +137,21 @@ def worker_processes(beam_args: list[str]) -> int:
         return 0
 
 
-def thread_budget(torch_threads: int | None, beam_args: list[str]) -> ThreadBudget:
-    """--torch-threads (None: auto) with the runner's worker processes per machine."""
-    return ThreadBudget(torch_threads, worker_processes(list(beam_args)))
+def thread_budget(torch_threads: int | None, beam_args: list[str], small_images: bool = False) -> ThreadBudget:
+    """--torch-threads (None: auto) with the runner's worker processes per machine; ``small_images``:
+    preflight's sample image is small (auto: one torch thread, transforms.model.threads)."""
+    return ThreadBudget(torch_threads, worker_processes(list(beam_args)), small_images)
 
 
 def threads_entry(budget: ThreadBudget, beam_args: list[str], remote: bool) -> dict[str, Any]:
     """The manifest's record of the torch threads: per worker process as resolved here, or None
     where auto is resolved on the workers (remote ones, from their own cores; Dask workers, from
     their threads)."""
-    local = budget.threads is not None or not (remote or runner_short_name(beam_args) == "dask")
+    # auto on small images is one thread wherever the workers run
+    local = budget.threads is not None or budget.small_images or not (remote or runner_short_name(beam_args) == "dask")
     return {"requested": "auto" if budget.threads is None else budget.threads,
-            "worker_processes": budget.processes, "per_process": budget.resolve() if local else None}
+            "worker_processes": budget.processes, "small_images": budget.small_images,
+            "per_process": budget.resolve() if local else None}
 
 
 def plan_devices(requested: str, beam_args: list[str]) -> Devices:
@@ -325,6 +328,9 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
         return report  # nothing decodable up front: every record will reach errors/ with its reason
     image_id, image = sample
     check_metrics(config, tuple(image.shape[-2:]), image_id)
+    # auto's torch threads follow the images' size (the plan hands the workers the same budget)
+    budget = thread_budget(config.threads.threads, beam_args, is_small_image(image.shape))
+    report["torch_threads"] = threads_entry(budget, beam_args, devices.remote)
     image = image.to(loaded.device)
     graph_input = getattr(loaded.model, "input", None)  # an ONNX graph's own input spec
     problem = graph_input.problem(tuple(image.shape)) if graph_input is not None else None

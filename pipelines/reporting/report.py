@@ -415,11 +415,14 @@ class Report:
         """A sanity verdict; a flag comes with the method's words when it raises it by its nature."""
         if flagged is None:
             return "\u2013"
+        # how many images the verdict rests on: a flag on 4 images weighs less than one on 100
+        images = len((self.audit.manifest.get("sanity") or {}).get("images") or [])
+        on = f" (on {images} image{'s' if images != 1 else ''})" if images else ""
         if not flagged:
-            return Raw('<span class="ok">passed</span>')
+            return markup('<span class="ok">passed{}</span>', on)
         words = self._caveats(method).get(check)
-        return (markup('<span class="flag">FLAGGED: {}</span> <span class="note">{}</span>', what, words) if words
-                else markup('<span class="flag">FLAGGED: {}</span>', what))
+        return (markup('<span class="flag">FLAGGED: {}{}</span> <span class="note">{}</span>', what, on, words)
+                if words else markup('<span class="flag">FLAGGED: {}{}</span>', what, on))
 
     def _random_logit_verdict(self, method: str, flagged: bool | None) -> Raw | str:
         return self._flag(method, flagged, "random_logit", "maps do not depend on the class")

@@ -196,3 +196,24 @@ def test_scorecam_score_option():
     assert not torch.allclose(probability, logit)
     assert get_explainer("eigencam", model).passes() == {"forward": 1, "backward": 0}
     assert get_explainer("gradcampp", model).passes() == {"forward": 1, "backward": 1}
+
+
+@pytest.mark.parametrize("channels, stride", [(64, 8), (4, 2)])  # more channels than positions, and fewer
+def test_eigencam_is_the_first_principal_component_from_either_scatter_matrix(channels, stride):
+    """EigenCAM projects on the first right singular vector of the centred positions x channels
+    matrix; it takes it from the smaller scatter matrix (ResNet-50 at 224 px: 49 positions, 2,048
+    channels), and both ways give the SVD's projection."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, channels, stride, stride=stride), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(channels, 5)).eval()
+    x = torch.rand(3, 3, 32, 32)
+    maps = get_explainer("eigencam", model, layer="1").explain(x, torch.zeros(3, dtype=torch.long)).maps
+    a = model[:2](x).flatten(2).transpose(1, 2)
+    a = a - a.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(a, full_matrices=False)
+    projection = (a @ vh[:, 0, :, None]).squeeze(2)
+    flip = projection.amin(dim=1).abs() > projection.amax(dim=1).abs()
+    side = 32 // stride
+    expected = torch.relu(torch.where(flip[:, None], -projection, projection)).reshape(3, side, side)
+    expected = CAMBase._upsample(expected, (32, 32))
+    assert torch.allclose(maps, expected, atol=1e-4 * float(expected.abs().max()))

@@ -193,10 +193,36 @@ def test_resnet_default_layer_is_the_last_stage_and_the_map_is_grad_cams():
     assert all(not m._forward_hooks for m in model.modules())
     _, grad_cam = gradcam_maps(model, x, weighting="mean")  # global pooling: the same map
     torch.testing.assert_close(maps, grad_cam, rtol=1e-4, atol=1e-6)
-    # at 64 px layer4 is 2x2 and at 32 px 1x1 (a constant map): the last stage with 4x4 or more
-    for side, stage in ((64, "layer3"), (32, "layer2")):
+    # at 64 px layer4 is 2x2 and at 32 px 1x1 (a constant map): the last stage with 7x7 or more
+    for side, stage in ((64, "layer2"), (32, "layer1")):
         explainer, maps = gradcam_maps(model, torch.rand(2, 3, side, side))
         assert explainer.layer_used == stage and maps.flatten(1).std(1).min() > 0, side
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50's block in miniature: a 1x1 reduction at the block's input resolution, then the
+    strided 3x3 convolution, and a strided 1x1 shortcut."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(cin, cout // 2, 1), nn.ReLU())
+        self.conv = nn.Conv2d(cout // 2, cout, 3, 2, 1)
+        self.shortcut = nn.Conv2d(cin, cout, 1, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(self.reduce(x)) + self.shortcut(x))
+
+
+def test_where_the_convolutions_shrink_the_grid_under_4x4_the_default_is_a_stage_of_7x7_or_more():
+    """32 px: a stem to 16x16, then blocks to 8x8, 4x4 and 2x2. The rule took the last grid of 4x4
+    or more, and there the last output, the 1x1 reduction inside the last block ("4.reduce"):
+    the next stage's first step, not a stage. Now the last stage's output of 7x7 or more."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.ReLU(), Bottleneck(4, 8), Bottleneck(8, 8), Bottleneck(8, 8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    explainer, maps = gradcam_maps(model, torch.rand(2, 1, 32, 32))
+    assert explainer.layer_used == "2" and maps.flatten(1).std(1).min() > 0
 
 
 def test_bad_weighting_is_refused():

@@ -91,8 +91,10 @@ def test_a_flag_raised_by_the_method_s_nature_comes_with_its_words(report, share
     rows = {re.match(r"<tr><td>([^<]*)</td>", row).group(1): row
             for row in re.findall(r"<tr><td>[^<]*</td>.*?</tr>", sanity)}
     words = html.escape(UNSIGNED_CLASS_BLIND)
-    assert re.search(r"FLAGGED: maps do not depend on the class</span> <span class=\"note\">" + re.escape(words),
-                     rows["sal"])
+    images = len(shared.manifest["sanity"]["images"])
+    assert re.search(rf"FLAGGED: maps do not depend on the class \(on {images} images\)</span> <span class=\"note\">"
+                     + re.escape(words), rows["sal"])
+    assert f"passed (on {images} images)" in rows["grad"]  # every verdict says how many images it rests on
     assert "FLAGGED" in rows["edge"] and 'class="note"' not in rows["edge"] and 'class="note"' not in rows["grad"]
     assert sanity.count(words) == 1  # (the manifest shown at the end holds them too)
 

@@ -84,6 +84,15 @@ def test_a_bad_target_list_fails_at_parse_time_in_one_line(text, message):
     assert f"--target: {message}" in str(info.value) and "\n" not in str(info.value)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(25, 6000), st.sampled_from(["", "top", "0"]))
+def test_a_huge_class_index_or_topn_fails_in_one_short_line(digits, prefix):
+    # past 4300 digits int() raised a bare ValueError, which argparse echoed whole (thousands of characters)
+    with pytest.raises(UsageError) as info:
+        parse_run_args([*BASE, "--target", "predicted," + prefix + "9" * digits])
+    assert "is too long for a target" in str(info.value) and len(str(info.value)) < 200
+
+
 @pytest.mark.parametrize("text,message", [
     ("predicted,10", "--target 10 is not a class of the model, which has 10 (0 to 9)"),
     ("label,top11", "--target top11 asks for more classes than the model's 10"),

@@ -144,6 +144,19 @@ def test_a_config_asking_for_remote_code_is_refused_unless_trusted(tmp_path, vit
     assert str(folder / "evil.py") in trusted  # with trust, the code it names travels with the folder
 
 
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained", "pretrained_cfg_overlay"])
+def test_a_timm_wrapper_config_cannot_read_weights_from_outside_the_folder(key, tmp_path, vit_folder):
+    # model_args go to timm.create_model: checkpoint_path unpickled a file anywhere, trust or not
+    folder = _copy(vit_folder, tmp_path)
+    torch.save({}, tmp_path / "elsewhere.pth")
+    _edit_json(folder / "config.json", model_type="timm_wrapper", architecture="resnet18",
+               model_args={key: str(tmp_path / "elsewhere.pth")})
+    for trust in (False, True):
+        with pytest.raises(ModelLoadError) as error:
+            hf.folder_files(str(folder), trust=trust)
+        assert f"model_args {key}" in one_line(error)
+
+
 def test_pickle_only_weights_are_refused_unless_trusted(tmp_path, vit_folder, x):
     folder = _copy(vit_folder, tmp_path)
     torch.save(hf_model("vit").state_dict(), folder / "pytorch_model.bin")
@@ -159,6 +172,7 @@ def test_pickle_only_weights_are_refused_unless_trusted(tmp_path, vit_folder, x)
     ({"a": "../model.safetensors"}, "not in the folder"),
     ({"a": "elsewhere.safetensors"}, "not in the folder"),
     ({}, "no weight_map"),
+    ({"a": "x\nFAKE: all weights verified\n.safetensors"}, "not in the folder"),  # a name may not break the line
 ])
 def test_a_bad_shard_index_is_refused(weight_map, message, tmp_path, vit_folder):
     folder = _copy(vit_folder, tmp_path)
@@ -166,6 +180,43 @@ def test_a_bad_shard_index_is_refused(weight_map, message, tmp_path, vit_folder)
     with pytest.raises(ModelLoadError) as error:
         load_model(ModelSpec(f"hf:{folder}"))
     assert message in one_line(error)
+
+
+@pytest.mark.parametrize("shard", ["shard.bin", "shard.pt", "shard.safetensors.bin", "weights"])
+def test_a_safetensors_index_naming_a_pickle_shard_is_refused_even_with_tensors_in_it(shard, tmp_path, vit_folder):
+    # transformers unpickles a shard not named .safetensors: this one loaded without --trust-model
+    from safetensors.torch import load_file
+    folder = _copy(vit_folder, tmp_path)
+    state = load_file(folder / "model.safetensors")
+    os.remove(folder / "model.safetensors")
+    torch.save(state, folder / shard)
+    (folder / hf.SAFE_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(state, shard)}))
+    with pytest.raises(ModelLoadError) as error:
+        load_model(ModelSpec(f"hf:{folder}"))
+    assert "not safetensors" in one_line(error) and shard in one_line(error)
+
+
+@pytest.mark.parametrize("model", ["hf:s3://AKIAEXAMPLE:SECRETKEY@bucket/vit", "hf:https://token@host/vit",
+                                   "hf:gs://user:pw@bucket/vit"])
+def test_an_hf_folder_url_with_credentials_is_refused_before_it_is_recorded(model):
+    # location() looked for user:password@ at the start only, so the hf: prefix hid it from the check
+    # and the manifest, its command and the report recorded the --model value as given
+    from saliency_audit.pipelines.config.options import UsageError, parse_run_args
+    with pytest.raises(UsageError) as info:
+        parse_run_args(["--input", "x.tar", "--output", "out", "--model", model])
+    assert "credentials" in str(info.value) and "SECRETKEY" not in str(info.value) and "token@" not in str(info.value)
+
+
+def test_a_file_that_cannot_be_copied_from_storage_fails_in_one_line(vit_folder, monkeypatch):
+    # the copy from object storage raised the client's own error: a traceback at preflight, not one line
+    def denied(self, path, target, **kwargs):
+        raise PermissionError(f"Access Denied for {path}")
+    from fsspec.implementations.local import LocalFileSystem
+    monkeypatch.setattr(hf.storage, "is_local", lambda fs: False)
+    monkeypatch.setattr(LocalFileSystem, "get", denied)
+    with pytest.raises(ModelLoadError) as error:
+        load_model(ModelSpec(f"hf:{vit_folder}"))
+    assert "cannot copy" in one_line(error) and "PermissionError" in one_line(error)
 
 
 def test_weights_that_leave_parameters_random_are_refused(tmp_path, vit_folder):
@@ -277,6 +328,10 @@ def _folder_with_processor(tmp_path, vit_folder, processor):
 @pytest.mark.parametrize("changes, message", [
     ({"image_std": [0.5, -0.2, 0.3]}, "image_std values must be positive"),
     ({"image_std": [0.5, 0, 0.3]}, "image_std values must be positive"),
+    # positive, but float32's 0 (or overflowing it): every image would have failed as "too extreme"
+    ({"image_std": [0.5, 1e-300, 0.3]}, "beyond float32's range"),
+    ({"image_std": [0.5, 1e-40, 0.3]}, "beyond float32's range"),
+    ({"image_mean": [0.5, 1e300, 0.5]}, "beyond float32's range"),
     ({"size": {"height": 0, "width": 224}}, "size.height must be a whole number of pixels"),
     ({"size": {"height": 10 ** 9, "width": 224}}, "size.height must be a whole number of pixels from 1 to 8192"),
     ({"size": {"height": 224.5, "width": 224}}, "size.height"),

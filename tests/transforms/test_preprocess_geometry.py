@@ -4,6 +4,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from saliency_audit.transforms.io.preprocess import BadImage, Preprocessing, geometry, preprocess, resize_mask
 
@@ -65,3 +67,18 @@ def test_each_interpolation_is_pillows_and_bicubic_overshoot_is_clipped_as_pillo
                          Preprocessing(resize=size, interpolation=interpolation))[0] * 255
         assert np.abs(out - reference).max() <= 1.0, (size, np.abs(out - reference).max())
         assert out.min() >= 0 and out.max() <= 255
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 64), st.integers(1, 4096 * 4096), st.sampled_from([32, 224, 256, 8192]), st.booleans())
+def test_an_extreme_aspect_ratio_cannot_blow_the_resize_up(short, long, shortest, portrait):
+    # only the geometry is computed (no pixels): before the bound, 2 x 8,000,000 became 256 x 1,000,000,000
+    prep = Preprocessing(resize_shortest=shortest)
+    size = (long, short) if portrait else (short, long)
+    try:
+        target, _ = geometry(prep, size)
+    except BadImage as e:
+        assert e.stage == "preprocess" and "--max-pixels" in str(e) and "\n" not in str(e)
+        return
+    height, width = target or size
+    assert height * width <= max(prep.max_pixels, shortest ** 2)

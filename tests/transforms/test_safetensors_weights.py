@@ -1,8 +1,13 @@
 """--weights FILE.safetensors for module:Callable models: tensors only (nothing in the file can
 run), from any fsspec URL, in the model's hash; a corrupt or truncated file fails in one line."""
+import json
+import struct
+
 import fsspec
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from saliency_audit.pipelines.training.reference_model import mnist_cnn
@@ -83,3 +88,23 @@ def test_safetensors_that_do_not_fit_fail_in_one_line(tmp_path, reference):
     with pytest.raises(ModelLoadError) as error:
         load_model(ModelSpec(CNN, str(tmp_path / "missing.safetensors")))
     assert "model file not found" in one_line(error)
+
+
+def _header_file(path, header: dict, body: bytes = b"") -> str:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+    return str(path)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "U8", "F8_E4M3", "C64", "XX", 3]),
+       st.lists(st.integers(-2, 2 ** 62), max_size=4) | st.just("x"),
+       st.tuples(st.integers(-8, 2 ** 63), st.integers(-8, 2 ** 63)), st.binary(max_size=64))
+def test_a_hostile_safetensors_header_fails_in_one_line(tmp_path, dtype, shape, offsets, body):
+    # any dtype, shape (a claimed 2**62 elements) and offsets against a body of a few bytes: one line
+    # from the reader or the fit, never a traceback or an allocation of what the header claims
+    path = _header_file(tmp_path / "h.safetensors",
+                        {"conv1.weight": {"dtype": dtype, "shape": shape, "data_offsets": list(offsets)}}, body)
+    with pytest.raises(ModelLoadError) as error:
+        load_model(ModelSpec(CNN, path))
+    assert "cannot read safetensors file" in one_line(error) or "do not fit" in one_line(error)

@@ -18,9 +18,10 @@ from saliency_audit.transforms.explain import ExplainBatches
 from saliency_audit.transforms.io.preprocess import Preprocessing
 from saliency_audit.transforms.model.handler import MODEL_CALLS, BatchHandler, ExplainConfig
 from saliency_audit.transforms.model.load import ModelSpec
-from saliency_audit.transforms.model.threads import ThreadBudget, available_cores
+from saliency_audit.transforms.model.threads import ThreadBudget, available_cores, is_small_image
 
 BASE = ["--input", "x.tar", "--model", "m.pt", "--output", "out"]
+RESNET = "saliency_audit.pipelines.training.reference_model:resnet18"
 
 
 @pytest.fixture
@@ -114,18 +115,48 @@ def test_abele_pool_respects_the_budget(demo_images, demo_model, monkeypatch, re
 
 def test_preflight_records_the_threads(demo_shard, demo_model_args):
     config = ExplainConfig(ModelSpec(demo_model_args[1], demo_model_args[3]), {"sal": {}}, device="cpu")
-    auto = preflight(config, [str(demo_shard)], Preprocessing(channels=1), {},
+    big = Preprocessing(channels=3, resize=(64, 64))  # 3x64x64 values: over SMALL_IMAGE_VALUES
+    config = dataclasses.replace(config, model=ModelSpec(RESNET))  # the digits' CNN takes 1x28x28 only
+    auto = preflight(config, [str(demo_shard)], big, {},
                      ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
-    assert auto["torch_threads"] == {"requested": "auto", "worker_processes": 2,
+    assert auto["torch_threads"] == {"requested": "auto", "worker_processes": 2, "small_images": False,
                                      "per_process": max(1, available_cores() // 2)}
     given = preflight(dataclasses.replace(config, threads=ThreadBudget(3)), [str(demo_shard)],
-                      Preprocessing(channels=1), {}, [])
-    assert given["torch_threads"] == {"requested": 3, "worker_processes": 1, "per_process": 3}
-    remote = preflight(config, [str(demo_shard)], Preprocessing(channels=1), {}, ["--runner", "DataflowRunner"])
-    assert remote["torch_threads"] == {"requested": "auto", "worker_processes": 0, "per_process": None}
-    dask = preflight(config, [str(demo_shard)], Preprocessing(channels=1), {},
+                      Preprocessing(channels=3, resize=(32, 32)), {}, [])
+    assert given["torch_threads"] == {"requested": 3, "worker_processes": 1, "small_images": True, "per_process": 3}
+    remote = preflight(config, [str(demo_shard)], big, {}, ["--runner", "DataflowRunner"])
+    assert remote["torch_threads"] == {"requested": "auto", "worker_processes": 0, "small_images": False,
+                                       "per_process": None}
+    dask = preflight(config, [str(demo_shard)], big, {},
                      ["--runner", "DaskRunner", "--dask_client_address", "127.0.0.1:8786"])
-    assert dask["torch_threads"] == {"requested": "auto", "worker_processes": 1, "per_process": None}
+    assert dask["torch_threads"] == {"requested": "auto", "worker_processes": 1, "small_images": False,
+                                     "per_process": None}
+
+
+@pytest.mark.parametrize("budget, cores, split", [
+    (ThreadBudget(None, 1, small_images=True), 2, (1, 1)), (ThreadBudget(None, 1, small_images=True), 16, (1, 2)),
+    (ThreadBudget(None, 1, small_images=True), 1, (1, 0)), (ThreadBudget(None, 2, small_images=True), 2, (1, 0)),
+    (ThreadBudget(3, 1, small_images=True), 8, (3, 1))])  # an explicit --torch-threads N is kept
+def test_auto_on_small_images_is_one_torch_thread(budget, cores, split):
+    assert budget.split("cpu", cores) == split
+    assert budget.resolve(cores) == split[0]
+
+
+def test_small_images_by_their_values():
+    assert is_small_image((1, 1, 28, 28)) and is_small_image((3, 32, 32))
+    assert not is_small_image((3, 33, 32)) and not is_small_image((1, 3, 224, 224))
+
+
+def test_auto_follows_the_sample_image(demo_shard, demo_model_args, tmp_path):
+    """The digits' 1x28x28 images: auto is one torch thread on the workers (and so in the manifest),
+    whatever the cores; at 3x64x64, the cores shared among the worker processes."""
+    argv = ["--input", str(demo_shard), "--methods", "sal", "--device", "cpu", "--no-metrics",
+            "--output", str(tmp_path / "out")]
+    small = audit.plan(argv + [*demo_model_args, "--channels", "1"])
+    assert small.config.threads.small_images and small.config.threads.split("cpu", 4) == (1, 1)
+    assert small.resolved["torch_threads"]["per_process"] == 1
+    big = audit.plan(argv + ["--model", RESNET, "--channels", "3", "--resize", "64,64"])
+    assert not big.config.threads.small_images and big.config.threads.split("cpu", 4) == (4, 0)
 
 
 def test_dask_worker_uses_its_own_threads():

@@ -5,8 +5,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from saliency_audit.pipelines.config.options import UsageError, parse_run_args
 from saliency_audit.transforms.io.preprocess import Preprocessing, preprocess
 from saliency_audit.transforms.model import timm_models
 from saliency_audit.transforms.model.load import (
@@ -119,6 +122,42 @@ def test_bad_timm_models_fail_in_one_line(model, options, message, timm):
     with pytest.raises(ModelLoadError) as error:
         load_model(ModelSpec(model, model_options=options))
     assert message in one_line(error)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(st.integers(-10, 10**6), st.floats(allow_nan=True), st.text(max_size=5), st.booleans(),
+                 st.lists(st.integers(-10, 10**6), max_size=3)))
+def test_a_hostile_img_size_gives_a_bounded_preprocessing_or_one_line(timm, img_size):
+    # img_size 100000 made every image a 100000 px square (a 100 GB tensor) before it was bounded
+    try:
+        values, _ = model_preprocessing(ModelSpec(f"timm:{NAME}", model_options={"img_size": img_size}), set())
+    except ModelLoadError as e:
+        assert "\n" not in str(e) and len(str(e)) < 500
+        return
+    assert max(values["crop"]) <= max(values["resize_shortest"], 1) <= 8192
+
+
+@pytest.mark.parametrize("text", [
+    '{"secret": "AKIAEXAMPLESECRET", "n": ' + "1" * 5000 + "}",  # int() refuses over 4300 digits
+    '{"secret": "AKIAEXAMPLESECRET", "n": ' + "[" * 100000,  # nesting beyond the parser
+])
+def test_model_options_that_break_the_json_parser_fail_in_one_line_without_their_text(text):
+    # a bare ValueError made argparse echo the whole value (secrets and all); a RecursionError, a traceback
+    with pytest.raises(UsageError) as info:
+        parse_run_args(["--input", "x.tar", "--model", "m.pt", "--output", "out", "--model-options", text])
+    assert "invalid JSON" in str(info.value) and "AKIA" not in str(info.value) and len(str(info.value)) < 200
+
+
+def test_credentials_in_model_options_reach_no_record_of_the_run():
+    # --model-options were recorded as given in the manifest's options, command and resolved spec
+    from saliency_audit.pipelines.config.options import recorded_options, redact_argv
+    from saliency_audit.pipelines.config.spec import resolved
+    given = '{"source": "https://user:TOKEN123@host/x", "signed": "s3://b/k?X-Amz-Signature=SIG456", "depth": 2}'
+    argv = ["--input", "x.tar", "--model", f"timm:{NAME}", "--output", "out", "--model-options", given]
+    config = parse_run_args(argv)[0]
+    records = [recorded_options(config), redact_argv(argv), resolved(config, [])]
+    assert not any(secret in str(r) for r in records for secret in ("TOKEN123", "SIG456")), records
+    assert recorded_options(config)["model_options"]["depth"] == 2  # what holds no credentials is kept
 
 
 def test_weights_of_another_architecture_do_not_fit(weights, timm):

@@ -65,6 +65,10 @@ class Preprocessing:
                 raise ValueError(f"--{name} has {len(value)} values, expected 1 or {self.channels}")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("--std values must be positive")
+        with np.errstate(all="ignore"):  # a std of 1e-300 is positive, yet float32's 0: every image inf
+            ends = (np.float32([[0.0], [1.0]]) - np.float32(self.mean or 0)) / np.float32(self.std or 1)
+        if not np.isfinite(ends).all():
+            raise ValueError(f"--mean {self.mean} and --std {self.std} take pixel values 0..1 beyond float32's range")
         for name in ("resize", "crop"):
             value = getattr(self, name)
             if value is not None and (len(value) != 2 or min(value) < 1):
@@ -219,6 +223,12 @@ def geometry(prep: Preprocessing, size: tuple[int, ...]) -> tuple[tuple[int, int
         short, long = sorted((height, width))
         longer = int(prep.resize_shortest * long / short)
         target = (prep.resize_shortest, longer) if height <= width else (longer, prep.resize_shortest)
+        # the longer side grows with the aspect ratio: a 2 x 8,000,000 image (under --max-pixels) would
+        # become 256 x 1,000,000,000, terabytes, and take the run down with it
+        if prep.resize_shortest * longer > max(prep.max_pixels, prep.resize_shortest ** 2):
+            raise BadImage("preprocess", f"image is {height}x{width}: its shorter side resized to "
+                                         f"{prep.resize_shortest} it would be {target[0]}x{target[1]} pixels, over "
+                                         f"the limit of {prep.max_pixels} (--max-pixels)")
     if target == (height, width):
         target = None
     if prep.crop is None:

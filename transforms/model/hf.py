@@ -107,7 +107,8 @@ def _read_json(url: str, name: str, storage_options: dict | None) -> Any:
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested beyond the parser
         raise _fail(url, f"{name} is not valid JSON: {' '.join(str(e).split())[:200]}") from None
     except Exception as e:  # noqa: BLE001 - storage clients raise errors of their own types
-        raise _fail(url, f"cannot read {name}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+        raise _fail(url, f"cannot read {name}: {type(e).__name__}: {' '.join(storage.unquoted(e, target).split())[:200]}"
+                    ) from None
 
 
 def folder_files(url: str, storage_options: dict | None = None, trust: bool = False) -> list[str]:
@@ -133,6 +134,13 @@ def folder_files(url: str, storage_options: dict | None = None, trust: bool = Fa
             raise _fail(url, f"{CONFIG} asks for the folder's own Python code (auto_map), which would run when the "
                              "model loads; refused. Pass --trust-model if you trust this folder")
         wanted |= {n for n in names if n.endswith(".py")}
+    # a timm_wrapper config hands model_args to timm.create_model, whose checkpoint_path unpickles
+    # any file on the machine, outside the folder and without --trust-model
+    from saliency_audit.transforms.model.timm_models import FORBIDDEN
+    model_args = config.get("model_args")
+    reads = sorted(set(model_args) & set(FORBIDDEN)) if isinstance(model_args, dict) else []
+    if reads:
+        raise _fail(url, f"{CONFIG}: model_args {', '.join(reads)} would read weights from outside the folder; refused")
     if SAFE_INDEX in names:
         wanted |= {SAFE_INDEX} | _shards(url, SAFE_INDEX, names, storage_options)
     elif SAFE_WEIGHTS in names:
@@ -158,7 +166,14 @@ def _shards(url: str, index: str, names: set[str], storage_options: dict | None)
     shards = set(map(str, weight_map.values()))
     stray = sorted(s for s in shards if s not in names or "/" in s or s.startswith("."))
     if stray:
-        raise _fail(url, f"{index} names weight file(s) that are not in the folder: {', '.join(stray[:3])[:200]}")
+        raise _fail(url, f"{index} names weight file(s) that are not in the folder: "
+                         f"{', '.join(map(repr, stray[:3]))[:200]}")  # repr: a name may hold a line break
+    # transformers unpickles any shard not named .safetensors: a safetensors index naming a pickle
+    # would read it without --trust-model
+    unsafe = sorted(s for s in shards if index == SAFE_INDEX and not s.endswith(".safetensors"))
+    if unsafe:
+        raise _fail(url, f"{index} names weight file(s) that are not safetensors, which could be read as pickle: "
+                         f"{', '.join(map(repr, unsafe[:3]))[:200]}; refused")
     return shards
 
 
@@ -182,10 +197,14 @@ def load_folder(url: str, storage_options: dict | None = None, trust: bool = Fal
         for file_url in files:
             fs, path = storage.filesystem(file_url, storage_options)
             target = os.path.join(folder, posixpath.basename(path))
-            if storage.is_local(fs):
-                os.symlink(os.path.abspath(path), target)
-            else:
-                fs.get(path, target)
+            try:
+                if storage.is_local(fs):
+                    os.symlink(os.path.abspath(path), target)
+                else:
+                    fs.get(path, target)
+            except Exception as e:  # noqa: BLE001 - a file gone since the listing, a denied read: one line, not a traceback
+                raise _fail(url, f"cannot copy {posixpath.basename(path)}: {type(e).__name__}: "
+                                 f"{' '.join(storage.unquoted(e, file_url).split())[:200]}") from None
         try:
             model, info = transformers.AutoModelForImageClassification.from_pretrained(
                 folder, local_files_only=True, trust_remote_code=trust, attn_implementation="eager",

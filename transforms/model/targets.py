@@ -37,6 +37,8 @@ def _request(item: str) -> str:
     """One item of --target, normalised (``top03`` -> ``top3``, ``07`` -> ``7``)."""
     if item in (PREDICTED, LABEL):
         return item
+    if re.fullmatch(r"(?:top)?[0-9]{25,}", item):  # no class count needs that; past 4300 digits int() raises
+        raise TargetError(f"{repr(item[:20])[:30]}... is too long for a target")
     if item.isascii() and item.isdigit():
         return str(int(item))
     top = _TOP.fullmatch(item) if item.isascii() else None

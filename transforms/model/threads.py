@@ -18,14 +18,18 @@ class ThreadBudget:
     thread pools. ``threads`` None (auto): the cores this process may use divided by
     ``processes``, the SDK worker processes the runner starts per machine (0: one per core);
     inside a Dask worker, the threads that worker was given. Resolved on the worker, whose
-    cores may differ from the launcher's."""
+    cores may differ from the launcher's. ``small_images`` (set by the plan from preflight's sample
+    image, ``is_small_image``): auto is one torch thread, whatever the cores (SMALL_IMAGE_VALUES)."""
 
     threads: int | None = None
     processes: int = 1
+    small_images: bool = False
 
     def resolve(self, cores: int | None = None) -> int:
         if self.threads is not None:
             return self.threads
+        if self.small_images:
+            return 1
         dask = _dask_worker_threads()
         if dask is not None:
             return dask
@@ -46,12 +50,32 @@ class ThreadBudget:
         model runs on the device and the CPU's work is mostly decoding. An explicit
         --torch-threads N keeps N for torch; the pool gets the process's cores that N leaves, up
         to the same share but at least 1 where one is left (``--torch-threads 1`` on 2 cores: one
-        torch thread and one decode thread)."""
+        torch thread and one decode thread). auto on small images is split as ``--torch-threads 1``."""
         process = ThreadBudget(None, self.processes).resolve(cores)
         share = process // DECODE_SHARE.get(device_type, DECODE_SHARE["cpu"])
-        if self.threads is None:
+        if self.threads is None and not self.small_images:
             return max(1, process - share), share
-        return self.threads, min(max(0, process - self.threads), max(1, share))
+        torch_threads = self.resolve(cores)
+        return torch_threads, min(max(0, process - torch_threads), max(1, share))
+
+
+# Values in one preprocessed image (channels x height x width) up to which auto gives torch one
+# thread per process: CIFAR's 3x32x32 and below. On 28x28 digits a batch's operations are too small
+# for torch to gain from splitting them: a second thread bought nothing on a quiet 2-core machine
+# and cost 66% more CPU (docs/reliability.md), and where another process holds a core its spinning
+# OpenMP team made the same run 5 to 10 times slower. Decided from the images, not from a timing,
+# so that auto resolves alike on every run of the same audit on the same machine (torch's results
+# depend on its thread count).
+SMALL_IMAGE_VALUES = 3 * 32 * 32
+
+
+def is_small_image(shape) -> bool:
+    """Whether a preprocessed image of ``shape`` ([C, H, W], or [1, C, H, W]) is small enough for one
+    torch thread under auto (SMALL_IMAGE_VALUES)."""
+    values = 1
+    for size in shape[-3:]:
+        values *= int(size)
+    return values <= SMALL_IMAGE_VALUES
 
 
 # A worker's threads per decode thread, by device type (ThreadBudget.split).

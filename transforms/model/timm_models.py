@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from saliency_audit.transforms.io.preprocess import INTERPOLATIONS, Preprocessing
+from saliency_audit.transforms.model.hf import MAX_SIDE
 from saliency_audit.transforms.model.load import EAGER_WHY, ModelLoadError, load_weights
 
 # create_model's arguments that fetch or read weights: --weights is the one way in
@@ -112,6 +113,9 @@ def preprocessing(name: str, options: dict[str, Any], overridden: set[str]) -> t
         if not 0 < crop_pct <= 1:
             raise ModelLoadError(f"--model timm:{name}: crop_pct {crop_pct} is not in (0, 1]")
         scaled = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+        if max(scaled) > MAX_SIDE:  # img_size 100000 would make every image a 100 GB tensor: refused up front
+            raise ModelLoadError(f"--model timm:{name}: input size {height}x{width} (resized to {max(scaled)} px "
+                                 f"before the crop) is over {MAX_SIDE} pixels a side")
         if mode == "squash":
             out["resize"] = scaled
         elif mode == "center" and height == width:
