@@ -75,6 +75,9 @@ UNFAITHFUL: dict[tuple[str, str], str] = {
 MISSES_PLANTED: dict[tuple[str, str], str] = {
     **{("vit", m): PATCH_PIXELS for m in ("sal", "grad", "smoothgrad", "expected_gradients")},
     ("vit", "gradcampp"): VIT_CAM, ("vit", "xgradcam"): VIT_CAM,
+    **{("vit", m): "all-zero maps on 9 of the 16 images (a constant map is a miss): the gradient x activation "
+                   "at the last block's first norm is negative on every token there, and the CAM's ReLU leaves "
+                   "nothing" for m in ("gradcam", "hirescam", "layercam")},
     **{("convnext", m): CONVNEXT_CAM for m in CAMS},
     **{("convnext", m): SATURATED for m in ("sal", "smoothgrad", "expected_gradients")},
     ("convnext", "mask"): UNFAITHFUL["convnext", "mask"],

@@ -2,11 +2,8 @@
 sample image (the plan's "explain ms", kept in the manifest as methods.NAME.preflight_ms_per_image).
 A run whose explanations took more than COST_TOLERANCE times that gets a warning in the report; one
 that did not, or an older audit whose manifest holds no such figure, gets none."""
-import html
 import json
 import re
-
-import pytest
 
 from saliency_audit.pipelines import audit, cli
 from saliency_audit.pipelines.job import preflight
