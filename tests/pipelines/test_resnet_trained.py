@@ -30,6 +30,9 @@ PREPROCESSING = ["--resize", "32,32", "--channels", "3", "--mean", ",".join(map(
 SIZE, PATCH = 32, 6
 COLOURS = {1: (0, 255, 255), 2: (0, 255, 0)}  # class 0: no square
 AUDITED = 8
+# The count the figures below were measured with. Trained on one thread, the network (as accurate)
+# gives grad and elrp 0.87 and gradcam 1.0 of a random map's deletion AUC: an open question.
+TRAINING_THREADS = 2
 
 
 def small_resnet() -> nn.Module:
@@ -64,6 +67,17 @@ def model_input(images: np.ndarray) -> torch.Tensor:
 
 
 def train(images: np.ndarray, labels: np.ndarray, epochs: int = 4) -> nn.Module:
+    # A fixed thread count: another count rounds differently and trains another network (an audit
+    # run earlier in the process may have set torch's threads), and this task's solution varies.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAINING_THREADS)
+    try:
+        return _train(images, labels, epochs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(images: np.ndarray, labels: np.ndarray, epochs: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = small_resnet().train()

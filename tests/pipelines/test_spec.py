@@ -91,7 +91,7 @@ def test_a_spec_runs_the_same_audit_as_its_flags(spec_file, tmp_path):
     flags_resolved = by_flags["spec"]["resolved"]
     assert resolved == flags_resolved | {"output": {**flags_resolved["output"], "path": str(spec_out)}}
     assert resolved["explain"] == {"methods": ["grad"], "options": {}, "target": "predicted", "seed": 7,
-                                   "batch_size": 4}
+                                   "batch_size": 4, "precision": "fp32", "compile": False}
 
 
 def test_config_works_with_dry_run(spec_file, capsys):
