@@ -93,24 +93,24 @@ def target(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def batch(text: str) -> int | str:
-    """``auto`` (each method's largest batch that fits) or a count of images."""
+def _auto_or_count(text: str, auto, counted: str):
+    """``auto`` as ``auto``, or a count of ``counted`` (images, threads)."""
     if text == "auto":
-        return text
+        return auto
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a number of images, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected auto or a number of {counted}, got {text!r}") from None
+
+
+def batch(text: str) -> int | str:
+    """``auto`` (each method's largest batch that fits) or a count of images."""
+    return _auto_or_count(text, "auto", "images")
 
 
 def threads(text: str) -> int | None:
     """``auto`` (None: each worker's share of its cores) or a count."""
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a number of threads, got {text!r}") from None
+    return _auto_or_count(text, None, "threads")
 
 
 # after an optional --model prefix (hf:s3://key:secret@bucket/ is a URL with credentials too)
