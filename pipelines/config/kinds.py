@@ -13,7 +13,8 @@ import dataclasses
 import json
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class Bad(Exception):

@@ -11,20 +11,20 @@ one thread. A method that misses a bar on an architecture is listed below with t
 as an xfail (reported as XPASS the day it passes, so the list can be updated)."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torch_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import transformer_quality as tq  # noqa: E402
+import transformer_quality as tq
 
-from saliency_audit.explainers import explainer_class, list_methods  # noqa: E402
-from saliency_audit.explainers.core.base import UnsupportedModel  # noqa: E402
+from saliency_audit.explainers import explainer_class, list_methods
+from saliency_audit.explainers.core.base import UnsupportedModel
 
 pytestmark = [
     pytest.mark.skipif(not (tq.MNIST / "train5k-images-idx3-ubyte.gz").exists(),
@@ -89,14 +89,6 @@ FLAGGED: dict[tuple[str, str], str] = {
 }
 
 
-@contextlib.contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class Lazy(dict):
@@ -107,7 +99,7 @@ class Lazy(dict):
         self.compute = compute
 
     def __missing__(self, key):
-        with one_thread():
+        with torch_threads(1):
             self[key] = value = self.compute(key)
         return value
 
@@ -225,7 +217,7 @@ def randomised(models, digits):
 @pytest.mark.parametrize("arch, method", cases(FLAGGED, [m for m in METHODS if m not in HEAVY]))
 def test_maps_change_when_the_model_is_randomised(explained, randomised, arch, method):
     images, targets, maps = explained[arch, method]
-    with one_thread():
+    with torch_threads(1):
         rho = tq.sanity_correlation(method, maps[:SANITY], randomised[arch], images[:SANITY], targets[:SANITY])
     assert rho <= SANITY_THRESHOLD, f"{method}: rank correlation {rho:.2f} with the randomised {arch}'s maps"
 

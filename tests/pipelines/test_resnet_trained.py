@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import add_member, png_bytes, read_output
+from conftest import add_member, png_bytes, read_output, torch_threads
 from skimage import data as photos
 from skimage.transform import rescale
 from torch import nn
@@ -69,16 +69,7 @@ def model_input(images: np.ndarray) -> torch.Tensor:
 def train(images: np.ndarray, labels: np.ndarray, epochs: int = 4) -> nn.Module:
     # A fixed thread count: another count rounds differently and trains another network (an audit
     # run earlier in the process may have set torch's threads), and this task's solution varies.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAINING_THREADS)
-    try:
-        return _train(images, labels, epochs)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(images: np.ndarray, labels: np.ndarray, epochs: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
+    with torch_threads(TRAINING_THREADS), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = small_resnet().train()
         x, y = model_input(images), torch.from_numpy(labels).long()
