@@ -47,7 +47,7 @@ from saliency_audit.explainers.metrics import (  # noqa: E402
     cascading_randomization,
     deletion_auc,
     random_maps,
-    spearman_rank_correlation,
+    sanity_rank_correlation,
 )
 from saliency_audit.pipelines.training.classifier import evaluate, train_classifier  # noqa: E402
 from saliency_audit.pipelines.training.mnist import load_mnist_split, to_model_input  # noqa: E402
@@ -119,9 +119,10 @@ def fully_randomised(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.M
 
 def sanity_correlation(name: str, trained_maps: torch.Tensor, randomised: torch.nn.Module, images: torch.Tensor,
                        targets: torch.Tensor) -> float:
-    """Mean signed Spearman correlation of the trained and the fully randomised model's maps (NaN
-    where a map is constant)."""
-    rho = spearman_rank_correlation(trained_maps, explain(name, randomised, images, targets))
+    """Mean signed Spearman correlation of the trained and the fully randomised model's maps, as the
+    run's check has it (sanity_rank_correlation: 0 where only the randomised map is constant, NaN,
+    left out, where the trained one is)."""
+    rho = sanity_rank_correlation(trained_maps, explain(name, randomised, images, targets))
     return float(np.nanmean(rho.numpy())) if torch.isfinite(rho).any() else float("nan")
 
 

@@ -195,7 +195,8 @@ def choose_layer(calls: list[Call], live: dict[int, Grid], min_side: int = MIN_S
     back to the last grid that has them; there the stage's output is taken, not one computed inside
     a module that takes that grid and returns a coarser one: the next stage's first steps (a
     bottleneck's 1x1 reduction before its strided convolution, ConvNeXt's norm before its
-    downsampling).
+    downsampling; CAMBase._search takes that norm's output where the stage's output is read only
+    through it, since every gradient CAM vanishes there).
     """
     every = live
     live = {i: grid for i, grid in live.items() if min(grid.size) >= min_side}
@@ -286,6 +287,16 @@ class CAMBase(Explainer):
         reached = {key for (key, (_, grid)), g in zip(tensors.items(), grads)
                    if g is not None and bool(grid.maps(g).ne(0).any())}
         live = {i: grid for i, grid in gridded.items() if id(calls[i].output) in reached}
+        # outputs where gradient x activation, summed over channels, is 0 at every position: the target
+        # reads them only through a norm that divides out each position's scale (Euler: y(c a) = y(a)
+        # gives sum_k a_k dy/da_k = 0), so every gradient CAM there is float noise
+        vanishing = set()
+        for (key, (t, grid)), g in zip(tensors.items(), grads):
+            if key in reached:
+                product = self._wide(grid.maps(g)) * self._wide(grid.maps(t.detach()))
+                scale = product.abs().sum(1).amax()
+                if scale > 0 and product.sum(1).abs().amax() <= 1e-4 * scale:
+                    vanishing.add(key)
         # where the model's own convolutions shrink its grid under MIN_SIDE, the last grid of
         # STEP_BACK_SIDE or more, else of MIN_SIDE (a head's norm on the pooled 1x1 features does not
         # count); a small input may leave neither: then the last live one of any size
@@ -301,6 +312,13 @@ class CAMBase(Explainer):
                                    "[B,h,w,K] or patch tokens [B,T,K]) with a gradient from the target"
                                    + "".join(f" ({s})" for s in shared) + "; pass layer= a module name, or use a "
                                    "method that needs no layer (sal, intg, occlusion)")
+        # A ConvNeXt stage's output feeds only the next stage's downsampling LayerNorm: where a step back
+        # lands on it (a 4-stage ConvNeXt at 32 or 64 px) gradcam's maps were at most 6e-8, |sum_k g a|
+        # 3e-7 of sum_k |g a| per position. The norm's output, the same grid as the next stage reads it,
+        # is taken instead, as a ViT's last block's first norm is rather than the block's input.
+        if id(calls[chosen].output) in vanishing:
+            chosen = next((i for i in live if calls[i].input is calls[chosen].output and owns_weights(calls[i].module)
+                           and live[i].size == live[chosen].size and id(calls[i].output) not in vanishing), chosen)
         return calls[chosen].name, live[chosen]
 
     def _hooked(self, hooked: dict[str, nn.Module], hook, images: torch.Tensor, grad: bool) -> torch.Tensor:

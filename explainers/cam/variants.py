@@ -46,6 +46,11 @@ class GradCAMPlusPlus(GradientCAM):
     zero where g is 0; map ReLU(sum_k w_k A^k). g: the target logit's gradient at the layer."""
 
     name = "gradcampp"
+    caveats = {"cascading": (
+        "Expected for Grad-CAM++: its channel weights are never negative, so its map is close to the layer's "
+        "summed activations, which still outline the object in a network with random weights (reference MNIST "
+        "CNN: 0.87, the same with pytorch-grad-cam). Use gradcam or hirescam to check that the map depends on "
+        "the trained weights.")}
     agrees_at = ("bf16",)  # rank correlation with float32's maps 0.999 or more (docs/performance.md)
 
     def _cam(self, a, grads):
@@ -72,6 +77,11 @@ class LayerCAM(GradientCAM):
     """LayerCAM (Jiang et al. 2021): ReLU(sum_k ReLU(g^k) * A^k), positive gradients only, per position."""
 
     name = "layercam"
+    caveats = {"cascading": (
+        "Expected for LayerCAM: it keeps only the positive gradients, so its map is a positively weighted sum of "
+        "the layer's activations, and those still outline the object in a network with random weights "
+        "(reference MNIST CNN: 0.59, the same with pytorch-grad-cam). Use gradcam or hirescam to check that the "
+        "map depends on the trained weights.")}
 
     def _cam(self, a, grads):
         return (torch.relu(grads) * a).sum(dim=1)
@@ -145,6 +155,11 @@ class ScoreCAM(ChannelCAM):
     """
 
     name = "scorecam"
+    caveats = {"cascading": (
+        "Expected for Score-CAM: every channel's weight is a probability, never negative, and a model with random "
+        "weights gives nearly the same probability for every channel, so the map becomes the layer's summed "
+        "activations, which still outline the object (reference MNIST CNN: 0.88, the same with pytorch-grad-cam). "
+        "Use gradcam or ablationcam to check that the map depends on the trained weights.")}
 
     def __init__(self, model, layer: str | None = None, score: str = "probability",
                  max_forward_batch: int | None = None):
@@ -206,6 +221,11 @@ class EigenCAM(CAMBase):
     Cost: 1 forward, no backward; the module hook still rules out black boxes (needs_gradients)."""
 
     name = "eigencam"
+    caveats = {"cascading": (
+        "Expected for EigenCAM: it uses neither gradients nor the class, only the dominant pattern of the layer's "
+        "activations, and in a network with random weights that pattern still outlines the object, with the "
+        "background at 0 in both maps. Use gradcam or hirescam to check that the map depends on the trained "
+        "weights.")}
     agrees_at = ("bf16",)  # rank correlation with float32's maps 0.99999 or more (docs/performance.md)
 
     def passes(self):

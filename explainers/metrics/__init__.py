@@ -72,6 +72,7 @@ from saliency_audit.explainers.metrics.sanity import (
     parameterised_layers,
     random_other_classes,
     reinitialise_,
+    sanity_rank_correlation,
     spearman_rank_correlation,
     ssim,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "noisy_linear_imputation", "pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy", "road", "SUBSTRATES", "auc", "average_ranks", "blur_substrate", "cascading_randomization", "causal_curves",
     "default_steps", "deletion_auc", "deletion_curve", "gini", "insertion_auc", "insertion_curve",
     "lipschitz_ratios", "make_substrate", "parameterised_layers", "pixel_ranks", "prediction_unchanged",
-    "random_maps", "random_other_classes", "reinitialise_", "relevance_flip_rate", "salt_and_pepper", "spearman_rank_correlation",
+    "random_maps", "random_other_classes", "reinitialise_", "relevance_flip_rate", "salt_and_pepper", "sanity_rank_correlation",
+    "spearman_rank_correlation",
     "ssim",
 ]

@@ -192,6 +192,23 @@ def spearman_rank_correlation(a: torch.Tensor, b: torch.Tensor, absolute: bool =
     return torch.where(denominator > 0, rho, torch.nan).clamp(-1, 1).float()
 
 
+def sanity_rank_correlation(trained: torch.Tensor, other: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+    """The sanity checks' similarity of the trained model's maps and the maps of a randomised model (or
+    for another class), per image -> [B] float32: spearman_rank_correlation, but 0 where ``other`` is
+    constant and ``trained`` is not. Such a map has lost every ranking the trained one had (a mask map
+    left empty because the random model's score does not drop), the opposite of a map that ignores
+    the model. Left NaN, the image dropped out of the mean and the few images whose maps still ranked
+    decided the verdict: mask on the reference CNN was flagged at 0.52 from one image of eight whose
+    other seven randomised maps were empty (0.07 with them counted). NaN stays where the trained map
+    is constant: there is no ranking to compare."""
+    rho = spearman_rank_correlation(trained, other, absolute)
+    a, b = (m.detach().to(trained.device).flatten(1) for m in (trained, other))
+    if absolute:
+        a, b = a.abs(), b.abs()
+    lost = (b.amax(1) == b.amin(1)) & (a.amax(1) > a.amin(1))
+    return torch.where(lost.to(rho.device), 0.0, rho)
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Structural similarity of maps a and b [B,H,W], per image -> [B] float32.
 

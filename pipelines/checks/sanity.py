@@ -35,7 +35,7 @@ from saliency_audit.explainers import explainer_class, get_explainer
 from saliency_audit.explainers.metrics import (
     cascading_randomization,
     random_other_classes,
-    spearman_rank_correlation,
+    sanity_rank_correlation,
     ssim,
 )
 from saliency_audit.transforms.io import storage
@@ -55,7 +55,8 @@ SANITY_SCHEMA = pa.schema([
     pa.field("step", pa.int32()),          # 1 = only the top layer random, last = every layer random; 0: random logit
     pa.field("layer", pa.string()),        # the layer randomised at this step (null: random logit)
     pa.field("image_id", pa.string()),
-    pa.field("rank_correlation", pa.float32()),      # Spearman, signed maps (null: a constant map)
+    pa.field("rank_correlation", pa.float32()),      # Spearman, signed maps (null: a constant trained map;
+                                                     # 0: only the other map is constant, sanity_rank_correlation)
     pa.field("rank_correlation_abs", pa.float32()),  # Spearman of |map|
     pa.field("ssim", pa.float32()),                  # maps min-max scaled on their own first
 ])
@@ -123,8 +124,8 @@ def randomisation_rows(config: ExplainConfig, ids: list[str], images: torch.Tens
     rows, layers = [], []
 
     def compare(name, maps, check, step, layer):
-        columns = {"rank_correlation": _values(spearman_rank_correlation(trained[name], maps)),
-                   "rank_correlation_abs": _values(spearman_rank_correlation(trained[name], maps, True)),
+        columns = {"rank_correlation": _values(sanity_rank_correlation(trained[name], maps)),
+                   "rank_correlation_abs": _values(sanity_rank_correlation(trained[name], maps, True)),
                    "ssim": _values(ssim(trained[name], maps))}
         return [{"method": name, "check": check, "step": step, "layer": layer, "image_id": image_id,
                  **{key: values[i] for key, values in columns.items()}} for i, image_id in enumerate(ids)]

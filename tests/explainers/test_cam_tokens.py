@@ -190,6 +190,28 @@ def test_registers_are_dropped_where_the_head_pools_the_patches():
     assert explainer.layer_reshape == "tokens[5:] -> 4x4 grid"
 
 
+def test_a_stepped_back_convnext_stage_is_read_at_the_norm_that_takes_it():
+    """A 3-stage ConvNeXt at 32 px has grids 8x8, 4x4 and 2x2, so the search steps back to the first
+    stage. Its output reaches the target only through the next stage's downsampling LayerNorm, which
+    divides out each position's scale: gradient x activation there sums to 0 over channels at every
+    position, and gradcam's default map was float noise. The norm's output is taken instead."""
+    import transformers
+
+    from saliency_audit.transforms.model.hf import LogitsOnly
+    torch.manual_seed(0)
+    model = LogitsOnly(transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+        num_stages=3, hidden_sizes=[8, 16, 32], depths=[1, 1, 1], num_labels=10))).eval()
+    x, stages = images(), model.model.convnext.encoder.stages
+    maps = {}
+    for name in ("gradcam", "eigencam"):
+        explainer = get_explainer(name, model)
+        maps[name] = explainer.explain(x, predicted(model, x)).maps
+        assert dict(model.named_modules())[explainer.layer_used] is stages[1].downsampling_layer[0], name
+        assert maps[name].flatten(1).std(1).min() > 0, name
+    at_stage = get_explainer("gradcam", model, layer="model.convnext.encoder.stages.0").explain(x, predicted(model, x))
+    assert at_stage.maps.abs().max() < 1e-4 * maps["gradcam"].abs().max()  # why: noise at the stage's output
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_cam_gives_finite_maps_on_every_family(models, family):
     model = models[family]

@@ -23,6 +23,7 @@ from saliency_audit.explainers.metrics import (
     random_maps,
     relevance_flip_rate,
     salt_and_pepper,
+    sanity_rank_correlation,
     spearman_rank_correlation,
     ssim,
 )
@@ -257,6 +258,17 @@ def test_spearman_rank_correlation():
     expected = [spearmanr(a[i].flatten().numpy(), b[i].flatten().numpy())[0] for i in range(3)]
     np.testing.assert_allclose(spearman_rank_correlation(a, b).numpy(), expected, rtol=1e-5, atol=1e-6)
 
+
+def test_sanity_rank_correlation_counts_a_map_that_lost_its_ranking_as_zero():
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(4, H, W, generator=g), torch.randn(4, H, W, generator=g)
+    a[1], b[2], a[3], b[3] = 0.0, 0.0, 1.0, 1.0  # trained constant; the other constant; both
+    rho = sanity_rank_correlation(a, b)
+    torch.testing.assert_close(rho[0], spearman_rank_correlation(a, b)[0])
+    assert torch.isnan(rho[1]) and rho[2] == 0.0 and torch.isnan(rho[3])
+    b[0] = -b[0].abs()  # signed it ranks, absolute it still does; a map of +-1 ranks only signed
+    b[2] = torch.where(a[2] > 0, 1.0, -1.0)
+    assert sanity_rank_correlation(a, b, absolute=True)[2] == 0.0 and sanity_rank_correlation(a, b)[2] > 0.5
 
 def test_ssim():
     g = torch.Generator().manual_seed(9)
