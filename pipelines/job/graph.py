@@ -7,11 +7,11 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.utils import shared
 
-from saliency_audit.pipelines.job import incremental
+from saliency_audit.pipelines.job import incremental, ledger
 from saliency_audit.pipelines.job.findings_step import STATISTICS, GatherFindingStatistics
 from saliency_audit.transforms.duplicates import DropRepeatedIds, FirstShardOfRepeatedIds, ListShardIds
 from saliency_audit.transforms.explain import ExplainBatches
-from saliency_audit.transforms.io import map_storage, progress, storage
+from saliency_audit.transforms.io import map_storage, progress
 from saliency_audit.transforms.io.preprocess import Preprocessing
 from saliency_audit.transforms.io.publication import Run
 from saliency_audit.transforms.io.records import TARGETS
@@ -61,25 +61,15 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
     explained = (todo.batches
                  | "Explain" >> beam.ParDo(ExplainBatches(config, shared.Shared()))
                  .with_outputs(ERRORS, DEVICE, SKIPPED, TARGETS, MODEL_CALLS, ADAPTED, main="rows"))
-    ((todo[TARGETS], explained[TARGETS]) | "AllTargets" >> beam.Flatten()
-     | "CountTargets" >> beam.CombineGlobally(sum)
-     | "WriteTargets" >> beam.Map(lambda n: storage.write_json_atomic(run.private("targets.json"), {"extra": n},
-                                                                      storage_options)))
-    (explained[MODEL_CALLS] | "KeyCalls" >> beam.Map(lambda c: (c[0], (c[1], c[2])))
-     | "SumCalls" >> beam.CombinePerKey(lambda pairs: tuple(map(sum, zip(*pairs))))
-     | "ListCalls" >> beam.combiners.ToList()
-     | "WriteCalls" >> beam.Map(lambda calls: storage.write_json_atomic(
-         run.private("model-calls.json"), sorted([key, *value] for key, value in calls), storage_options)))
-    ((todo[SKIPPED], explained[SKIPPED]) | "AllSkipped" >> beam.Flatten()
-     | "CountSkipped" >> beam.CombinePerKey(sum) | "ListSkipped" >> beam.combiners.ToList()
-     | "WriteSkipped" >> beam.Map(lambda pairs: storage.write_json_atomic(
-         run.private("skipped.json"), sorted([method, shard, n] for (method, shard), n in pairs), storage_options)))
-    # what the workers changed to fit: each method's smallest batch after running out of memory, a compile fallback
-    (explained[ADAPTED] | "Smallest" >> beam.CombinePerKey(min) | "ListAdapted" >> beam.combiners.ToList()
-     | "WriteAdapted" >> beam.Map(lambda pairs: storage.write_json_atomic(
-         run.private("adapted.json"), dict(sorted(pairs)), storage_options)))
-    (explained[DEVICE] | "WorkerDevices" >> beam.Distinct() | "ListDevices" >> beam.combiners.ToList()
-     | "WriteDevices" >> beam.Map(_write_sorted_list, run.private("devices.json"), storage_options))
+    facts = [
+        (todo[TARGETS], explained[TARGETS]) | "AllTargets" >> beam.Flatten() | "Targets" >> ledger.entries("targets.json"),
+        explained[MODEL_CALLS] | "KeyCalls" >> beam.Map(lambda c: ("model-calls.json", (c[0], (c[1], c[2])))),
+        (todo[SKIPPED], explained[SKIPPED]) | "AllSkipped" >> beam.Flatten() | "Skipped" >> ledger.entries("skipped.json"),
+        # what the workers changed to fit: each method's smallest batch after running out of memory, a compile fallback
+        explained[ADAPTED] | "Adapted" >> ledger.entries("adapted.json"),
+        explained[DEVICE] | "Devices" >> ledger.entries("devices.json"),
+        batched[READ] | "ReadCounts" >> ledger.entries("read.json"),
+    ]
     rows = explained.rows
     stored = rows | "StoredMaps" >> beam.Map(map_storage.stored_row, map_dtype)
     # the findings' statistics, from the maps as stored: the launcher reads them, not the maps
@@ -94,13 +84,7 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
                    | "ErrorRows" >> beam.Map(dataclasses.asdict)
                    | "WriteErrors" >> WriteParquet(run.folder("errors"), ERROR_SCHEMA, storage_options=storage_options)),
     }
-    for name, urls in files.items():  # the files a committed bundle wrote: the run's result
-        (urls | f"List{name.title()}" >> beam.combiners.ToList()
-         | f"Commit{name.title()}" >> beam.Map(_write_sorted_list, run.private(f"files-{name}.json"), storage_options))
-    (batched[READ] | "CountRead" >> beam.CombineGlobally(sum)
-     | "WriteReadCount" >> beam.Map(lambda n: storage.write_json_atomic(run.private("read.json"), {"read": n},
-                                                                        storage_options)))
+    facts += [urls | f"Committed{name.title()}" >> ledger.entries(f"files-{name}.json")  # the run's result
+              for name, urls in files.items()]
+    facts | "AllFacts" >> beam.Flatten() | "Ledger" >> ledger.WriteLedger(run.private, storage_options)
 
-
-def _write_sorted_list(values: list[str], target: str, storage_options: dict[str, Any]) -> None:
-    storage.write_json_atomic(target, sorted(values), storage_options)
