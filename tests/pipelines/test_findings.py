@@ -421,3 +421,25 @@ def test_what_the_launcher_reads_after_the_job_does_not_grow_with_the_audit(monk
     assert size[192] > 2.5 * size[64]  # the maps tripled
     assert found[192]["saliency"] <= found[64]["saliency"] + 64  # the counts' method column, no map
     assert sum(found[192].values()) <= 1.1 * sum(found[64].values()), found
+
+
+def test_kmeans_finds_the_clusters_scikit_learn_finds():
+    """SpRAy's k-means (NumPy, so that a run does not import scikit-learn) against scikit-learn's
+    KMeans as the reference, on spectral-embedding-like rows: unit vectors around k directions."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from saliency_audit.pipelines.checks.findings import kmeans
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        k = 2 + seed % 5
+        directions = np.linalg.qr(rng.normal(size=(k, k)))[0]  # orthogonal, as the eigenvectors are
+        for noise in (0.1, 0.35):  # apart, and overlapping (where either may find the better split)
+            x = directions[rng.integers(0, k, 300)] + rng.normal(0, noise, (300, k))
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            reference = KMeans(n_clusters=k, n_init=10, random_state=0).fit(x)
+            ours = kmeans(x, k, seed=0)
+            inertia = sum(((x[ours == c] - x[ours == c].mean(axis=0)) ** 2).sum() for c in range(k))
+            assert len(set(ours)) == k and inertia <= reference.inertia_ * 1.001
+            if noise < 0.2:
+                assert adjusted_rand_score(reference.labels_, ours) > 0.99
