@@ -43,7 +43,7 @@ def test_default_methods_are_the_gradient_cam_and_on_a_vit_transformer_families(
     cnn, vit = accelerator.chosen_methods("default", "resnet50"), accelerator.chosen_methods("default", "vit_b16")
     assert {"sal", "intg", "xrai", "gradcam", "scorecam", "eigencam"} <= set(cnn)
     assert not {"rollout", "attngrad", "attnlrp", "occlusion", "lime", "elrp", "random"} & set(cnn)
-    assert set(vit) - set(cnn) == {"rollout", "attngrad", "attnlrp"}
+    assert set(vit) - set(cnn) == {"rollout", "attngrad", "attnlrp", "legrad"}
     assert "abele" not in accelerator.chosen_methods("all", "vit_b16")  # needs an autoencoder
 
 
