@@ -222,6 +222,6 @@ class SuperpixelExplainer(Explainer):
         seeds = image_seeds(seeds, images.shape[0])
         segments = segment_batch(images, self.segmentation, self.segmentation_options,
                                  self.min_segments, seeds)
-        chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, images.device), images.shape[1:])
+        chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, images.device), images.shape[1:], images.device)
         blackbox = BlackBox(self.model, images, targets, segments, self.fill, chunk, score)
         return segments, blackbox, seeds

@@ -126,7 +126,8 @@ class ChannelCAM(CAMBase):
         logits, raw, grid = self._forward(images, targets, grad=False)
         a = self._wide(grid.maps(raw))
         batch, self._channels = a.shape[:2]
-        chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, images.device), images.shape[1:])
+        chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, images.device), images.shape[1:],
+                                    images.device)
         rows = torch.arange(batch * self._channels, device=images.device)
         scores = torch.cat([self._row_scores(images, targets, a, raw, logits, rows[i:i + chunk])
                             for i in range(0, len(rows), chunk)])

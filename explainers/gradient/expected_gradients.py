@@ -106,7 +106,8 @@ class ExpectedGradients(Explainer):
             raise ValueError(f"expected_gradients: the background images are {tuple(self._images.shape[1:])}, "
                              f"the input is {tuple(images.shape[1:])}")
         seeds, cpu = as_seed_list(seeds, batch), images.cpu()
-        total, chunk = batch * self.n_samples, chunk_within_budget(self.max_expanded_batch, images.shape[1:])
+        total, chunk = batch * self.n_samples, chunk_within_budget(self.max_expanded_batch, images.shape[1:],
+                                                                            images.device)
         attributions = torch.zeros_like(images, dtype=torch.float32)
         baseline_scores = torch.zeros(batch, device=device)
         for start in range(0, total, chunk):

@@ -71,7 +71,8 @@ class SmoothGrad(Explainer):
         generators = image_generators(seeds, batch)
         flat = images.reshape(batch, -1)
         std = self.noise_level * (flat.max(1).values - flat.min(1).values)
-        total, chunk = batch * self.n_samples, chunk_within_budget(self.max_expanded_batch, images.shape[1:])
+        total, chunk = batch * self.n_samples, chunk_within_budget(self.max_expanded_batch, images.shape[1:],
+                                                                            images.device)
         # per input element: the sum of gradients, and of their squares for the other statistics
         # float64 for the second moments: E[g^2] - E[g]^2 in float32 cancels to noise when the
         # gradient hardly varies (a linear model's variance came out 1e-2 against E[g^2] ~ 1e4)

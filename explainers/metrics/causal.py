@@ -189,7 +189,7 @@ def causal_curves(model: torch.nn.Module, parts: Sequence[Part], *, modes: Seque
     def reduce(logits, idx):
         return target_probability(logits, owners[idx])
 
-    chunk = chunk_within_budget(max_forward_batch, shape)  # memory follows one chunk
+    chunk = chunk_within_budget(max_forward_batch, shape, device)  # memory follows one chunk
     probs = forward_in_chunks(model, offsets[-1], build, reduce, chunk, device)
     curves = iter(probs[first:last].view(-1, steps + 1) for first, last in zip(offsets, offsets[1:]))
     return [{mode: next(curves) for mode in modes} for _ in parts]

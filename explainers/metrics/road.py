@@ -227,7 +227,7 @@ def _curve(model, images, ranks, targets, counts, noise, seed_list, order_index,
     """Probability and still-correct flag [B,P] after removing the first counts[k] ranked pixels."""
     gens = [generator(s, STREAM_ROAD_NOISE, order_index) for s in seed_list]
     batch = images.shape[0]
-    chunk = chunk_within_budget(max_forward_batch, images.shape[1:])
+    chunk = chunk_within_budget(max_forward_batch, images.shape[1:], images.device)
     tolerance = None
     probs, correct = [], []
     for count in counts:

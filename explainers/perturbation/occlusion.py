@@ -140,7 +140,7 @@ class Occlusion(Explainer):
             # window's own pixels are written, so memory and time follow the chunk, never the
             # number of windows times the image size.
             total = batch * n
-            chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, device), images.shape[1:])
+            chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, device), images.shape[1:], device)
             for start in range(0, total, chunk):
                 index = torch.arange(start, min(start + chunk, total), device=device)
                 b, w = index // n, index % n

@@ -87,7 +87,7 @@ class RISE(Explainer):
         grids = torch.stack([grid for grid, _ in draws]).to(device)
         shifts = torch.stack([shift for _, shift in draws]).to(device)
         total = batch * self.n_masks
-        chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, device), images.shape[1:])
+        chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, device), images.shape[1:], device)
         maps = torch.zeros(batch, height, width, device=device)
         with torch.no_grad():
             for start in range(0, total, chunk):
