@@ -176,7 +176,7 @@ def verdicts(rows: list[dict], methods: list[str], threshold: float,
 def annotate_summary(summary_dir: str, results: dict[str, dict[str, Any]], storage_options: dict[str, Any]) -> None:
     """Write each method's verdict into the sanity columns of every summary row of it."""
     fs, path = storage.filesystem(summary_dir, storage_options)
-    for file in sorted(fs.glob(f"{path}/*.parquet")):
+    for file in sorted(storage.glob_in(fs, path, "*.parquet")):
         with fs.open(file, "rb") as f:
             rows = pq.read_table(f).to_pylist()
         for row in rows:

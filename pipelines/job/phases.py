@@ -68,7 +68,7 @@ def commit_files(plan: Plan, run: Run) -> None:
         committed = {url.rsplit("/", 1)[-1] for url in urls}  # all in the run's folder of this output
         fs, folder = storage.filesystem(run.folder(name), plan.storage_options)
         fs.invalidate_cache()
-        for path in fs.glob(f"{folder}/*.parquet"):
+        for path in storage.glob_in(fs, folder, "*.parquet"):
             if path.rsplit("/", 1)[-1] not in committed:
                 fs.rm_file(path)
         if not committed:
@@ -99,7 +99,7 @@ def run_files(run: Run, storage_options: dict[str, Any]) -> dict[str, dict[str, 
     for name in OUTPUTS:
         fs, folder = storage.filesystem(run.folder(name), storage_options)
         fs.invalidate_cache()
-        found = fs.glob(f"{folder}/*.parquet", detail=True)
+        found = storage.glob_in(fs, folder, "*.parquet", detail=True)
         out[name] = {f"{run.relative(name)}/{path.rsplit('/', 1)[-1]}": int(info["size"])
                      for path, info in sorted(found.items())}
     return out

@@ -51,7 +51,7 @@ class AuditDir:
             return [storage.join(self.path, relative) for relative in listed]
         folder = (self.manifest.get("outputs") or {}).get(name, f"{name}/")
         fs, path = storage.filesystem(storage.join(self.path, folder.rstrip("/")), self.storage_options)
-        return sorted(storage.full_url(fs, p) for p in fs.glob(f"{path}/*.parquet"))
+        return sorted(storage.full_url(fs, p) for p in storage.glob_in(fs, path, "*.parquet"))
 
     def _dataset(self, name: str) -> ds.Dataset | None:
         if name not in self._datasets:

@@ -211,6 +211,20 @@ def test_a_failed_run_leaves_the_previous_results_whole(shards, demo_model_args,
         assert [p.name for p in (tmp_path / name).iterdir()] == [f"run={published}"]
 
 
+def test_an_output_folder_named_with_glob_characters_is_its_own_and_no_sibling(shards, demo_model_args, tmp_path):
+    # 'out[1]' as a glob pattern is 'out1': the run's own files must be found under the literal name
+    # (it failed: counts 0 explained), and publishing a second run must not delete 'out1's files
+    sibling = tmp_path / "out1" / "saliency" / "part-legacy.parquet"
+    sibling.parent.mkdir(parents=True)
+    sibling.write_bytes(b"another audit's file")
+    output = tmp_path / "out[1]"
+    run_audit(shards, output, demo_model_args, ["sal"])
+    manifest = run_audit(shards, output, demo_model_args, ["sal"])
+    assert manifest["counts"]["sal"]["explained"] == N_GOOD + 1
+    assert len(read_output(output / "saliency")) == N_GOOD + 1
+    assert sibling.read_bytes() == b"another audit's file"
+
+
 def test_target_label_sends_unlabelled_images_to_errors(shards, demo_model_args, tmp_path):
     manifest = run_audit(shards, tmp_path, demo_model_args, ["grad"], "--target", "label")
     errors = read_output(tmp_path / "errors")

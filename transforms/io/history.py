@@ -167,7 +167,7 @@ def read(root: str, storage_options: dict[str, Any] | None = None,
     fs.invalidate_cache()
     base = storage.filesystem(root, storage_options)[1].rstrip("/")
     try:
-        files = sorted(fs.glob(f"{path}/*.parquet"))
+        files = sorted(storage.glob_in(fs, path, "*.parquet"))
     except FileNotFoundError:
         return []
 
@@ -238,7 +238,7 @@ def recorded_runs(root: str, storage_options: dict[str, Any] | None = None) -> R
     fs, path = storage.filesystem(storage.join(root, FOLDER), storage_options)
     fs.invalidate_cache()
     try:
-        files = fs.glob(f"{path}/*.parquet")
+        files = storage.glob_in(fs, path, "*.parquet")
     except FileNotFoundError:
         return Recorded(set(), [])
     found, unreadable = set(), []

@@ -172,7 +172,7 @@ def poll(sink: Sink) -> Totals:
     fs, path = storage.filesystem(sink.url, sink.storage_options)
     fs.invalidate_cache()
     try:
-        files = fs.glob(f"{path}/*.json")  # temporary names (*.json.tmp-*) do not match
+        files = storage.glob_in(fs, path, "*.json")  # temporary names (*.json.tmp-*) do not match
     except FileNotFoundError:
         files = []
     shards: dict[str, tuple[bool, int, int]] = {}

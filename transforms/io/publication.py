@@ -280,9 +280,9 @@ def _remove_legacy(output: str, storage_options: dict[str, Any] | None, current:
     fs, path = storage.filesystem(output, storage_options)
     fs.invalidate_cache()
     for name in OUTPUTS:
-        for file in fs.glob(f"{path}/{name}/*.parquet"):
+        for file in storage.glob_in(fs, f"{path}/{name}", "*.parquet"):
             fs.rm_file(file)
-    for folder in fs.glob(f"{path}/_staging-*"):
+    for folder in storage.glob_in(fs, path, "_staging-*"):
         fs.rm(folder, recursive=True)
 
 
@@ -292,9 +292,9 @@ def _remove_temporaries(output: str, storage_options: dict[str, Any] | None, sta
     fs, path = storage.filesystem(output, storage_options)
     if not storage.is_local(fs):
         return
-    patterns = [f"{path}/{POINTER}.tmp-*", f"{path}/{RUNS}/*.tmp-*",  # (older releases' names)
-                f"{path}/.{POINTER}.tmp-*", f"{path}/{RUNS}/.*.tmp-*", f"{path}/{history.FOLDER}/.*.tmp-*"]
-    for file in [f for pattern in patterns for f in fs.glob(pattern)]:
+    patterns = [(path, f"{POINTER}.tmp-*"), (f"{path}/{RUNS}", "*.tmp-*"),  # (older releases' names)
+                (path, f".{POINTER}.tmp-*"), (f"{path}/{RUNS}", ".*.tmp-*"), (f"{path}/{history.FOLDER}", ".*.tmp-*")]
+    for file in [f for folder, pattern in patterns for f in storage.glob_in(fs, folder, pattern)]:
         try:
             if time.time() - fs.info(file)["mtime"] > stale_after_s:
                 fs.rm_file(file)

@@ -1,6 +1,7 @@
 """Storage through fsspec: glob expansion, whole-file reads, single-step writes of small files."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import uuid
@@ -15,6 +16,13 @@ from saliency_audit.explainers.core.paths import has_query, shown, unquoted  # n
 def filesystem(url: str, storage_options: dict[str, Any] | None = None):
     """(fs, path) for a URL; storage_options go to the fsspec backend (e.g. S3 endpoint_url)."""
     return url_to_fs(url, **(storage_options or {}))
+
+
+def glob_in(fs, folder: str, pattern: str, **kwargs):
+    """``fs.glob`` of ``pattern`` inside ``folder``, the folder's path taken literally: an output
+    directory named with glob characters ('audits/[eu]') matches itself, never a sibling ('audits/e')
+    whose files a listing would count or a clean-up delete."""
+    return fs.glob(f"{glob.escape(folder.rstrip('/'))}/{pattern}", **kwargs)
 
 
 def full_url(fs, path: str) -> str:
