@@ -235,6 +235,17 @@ def test_weights_that_leave_parameters_random_are_refused(tmp_path, vit_folder):
     assert "cannot load it" in one_line(error) or "do not fit" in one_line(error)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_config_saved_at_half_precision_still_loads_in_float32(dtype, tmp_path, vit_folder, x):
+    # save_pretrained writes the weights' dtype into config.json; transformers 5 loads in it by
+    # default, which would run the whole audit at that precision while the manifest says fp32
+    folder = _copy(vit_folder, tmp_path)
+    _edit_json(folder / "config.json", dtype=dtype, torch_dtype=dtype)
+    model = load_model(ModelSpec(f"hf:{folder}"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    torch.testing.assert_close(model(x), logits_model("vit")(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("text, message", [
     ("{not json", "not valid JSON"),
     ('{"a": ' * 100000 + "1" + "}" * 100000, "not valid JSON"),

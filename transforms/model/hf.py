@@ -187,6 +187,15 @@ def _transformers():
     return transformers
 
 
+def _dtype_argument(transformers) -> str:
+    """from_pretrained's dtype argument, given so that the model is float32 whatever config.json's
+    dtype says (transformers 5 loads in it by default: a bf16 checkpoint would run the whole audit
+    in bf16 while the manifest says fp32); --precision is the one way down. Its name from 4.56 on
+    (the old one warns there), ``torch_dtype`` before."""
+    from packaging.version import Version
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 def load_folder(url: str, storage_options: dict | None = None, trust: bool = False) -> nn.Module:
     """The folder's image classifier, eager attention, as a logits model. Only the files
     ``folder_files`` names are placed (linked, or copied from object storage) in a private
@@ -208,7 +217,7 @@ def load_folder(url: str, storage_options: dict | None = None, trust: bool = Fal
         try:
             model, info = transformers.AutoModelForImageClassification.from_pretrained(
                 folder, local_files_only=True, trust_remote_code=trust, attn_implementation="eager",
-                output_loading_info=True)
+                output_loading_info=True, **{_dtype_argument(transformers): torch.float32})
         except Exception as e:  # noqa: BLE001 - an unknown model_type, a config that does not fit, bad weights
             raise _fail(url, f"cannot load it: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
     # a parameter the weights lack is left at its random initialisation: never audit that
