@@ -17,17 +17,18 @@ from saliency_audit.transforms.io.records import ErrorRecord, ImageBatch, RawIma
 from saliency_audit.transforms.read import ERRORS, ReadShardBatches
 
 
-def shard_ids(url: str, reader: ReadShardBatches):
+def shard_ids(url: str, reader: ReadShardBatches, hashes: bool = True):
     """(image_id, shard url, record sha256) once for every id the reader would explain from this
     shard (the hash of its image, label and ground truth, for an audit history:
-    saliency_audit.transforms.skip_explained)."""
+    saliency_audit.transforms.skip_explained; None without ``hashes``, where only the ids are used:
+    hashing every image took a tenth of this pass)."""
     records = read_shard(url, reader.storage_options, max_pixels=reader.prep.max_pixels)
     if reader.limit_per_shard is not None:
         records = itertools.islice(records, reader.limit_per_shard)
     first = {}
     for record in records:
-        if isinstance(record, RawImage):
-            first.setdefault(record.image_id, record.record_sha256)
+        if isinstance(record, RawImage) and record.image_id not in first:
+            first[record.image_id] = record.record_sha256 if hashes else None
     for image_id, content in first.items():
         yield image_id, url, content
 
@@ -55,15 +56,15 @@ class _FirstShard(beam.CombineFn):
 
 
 class ListShardIds(beam.PTransform):
-    """Shard urls -> (image_id, shard url, record sha256) for every id the reader would explain
-    (read, not decoded)."""
+    """Shard urls -> (image_id, shard url, record sha256 or None without ``hashes``) for every id
+    the reader would explain (read, not decoded)."""
 
-    def __init__(self, reader: ReadShardBatches):
+    def __init__(self, reader: ReadShardBatches, hashes: bool = True):
         super().__init__()
-        self.reader = reader
+        self.reader, self.hashes = reader, hashes
 
     def expand(self, shards):
-        return shards | "ShardIds" >> beam.FlatMap(shard_ids, self.reader)
+        return shards | "ShardIds" >> beam.FlatMap(shard_ids, self.reader, self.hashes)
 
 
 class FirstShardOfRepeatedIds(beam.PTransform):

@@ -43,7 +43,8 @@ def build_pipeline(p: beam.Pipeline, *, shards: list[str], run: Run, config: Exp
         shards = [url for url in shards if url in work.needed]
     shard_urls = p | "Shards" >> beam.Create(shards)
     history_files = work.history_files if work is not None else {}
-    listed = (shard_urls | "ListIds" >> ListShardIds(reader)) if len(shards) > 1 or history_files else None
+    listed = (shard_urls | "ListIds" >> ListShardIds(reader, hashes=bool(history_files))
+              if len(shards) > 1 or history_files else None)  # the hashes: for the history's skips only
     first_shard = (listed | "FindRepeatedIds" >> FirstShardOfRepeatedIds() if len(shards) > 1
                    else p | "NoRepeatedIds" >> beam.Create([]))  # one shard: the reader keeps ids unique
     done = (listed | "ExplainedBefore" >> ExplainedBefore(history_files, storage_options) if history_files

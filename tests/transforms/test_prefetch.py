@@ -242,6 +242,24 @@ def test_prefetched_keeps_order_and_raises_at_the_failing_item():
     assert list(prefetched(lambda i: -i, range(5), 0, 3)) == [(i, -i) for i in range(5)]
 
 
+def test_the_pool_takes_items_in_groups(monkeypatch):
+    """A task per item cost as much as decoding a digit: the pool gets groups of ahead // (2 * threads)."""
+    from saliency_audit.transforms.io import prefetch
+    groups = []
+    real = prefetch._each
+
+    def each(function, group):
+        groups.append(len(group))
+        return real(function, group)
+
+    monkeypatch.setattr(prefetch, "_each", each)
+    assert list(prefetched(lambda i: i + 1, range(64), 1, 8)) == [(i, i + 1) for i in range(64)]
+    assert groups == [4] * 16
+    groups.clear()
+    assert [i for i, _ in prefetched(str, range(10), 2, 16)] == list(range(10))
+    assert groups == [4, 4, 2]
+
+
 # --- the thread budget ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("budget, device, cores, split", [
