@@ -335,7 +335,9 @@ def spectral_clusters(x: np.ndarray, neighbours: int, max_clusters: int,
         return np.zeros(n, int), 1, float(gaps[0])
     embedding = vectors[:, :k]
     embedding = embedding / np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
-    return kmeans(embedding, k, seed), k, float(gaps[k - 1])
+    # a cluster k-means left empty (fewer distinct rows than k) is dropped: labels stay 0..k-1, all used
+    labels = np.unique(kmeans(embedding, k, seed), return_inverse=True)[1].reshape(-1)
+    return labels, int(labels.max()) + 1, float(gaps[k - 1])
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, starts: int = 10, iterations: int = 300) -> np.ndarray:

@@ -54,9 +54,14 @@ def per_key(pick: Callable[[Any, Any], Any], to_json: Callable[[dict], Any]) -> 
     return Fact(dict, _add_keyed(pick), _merge_keyed(pick), to_json)
 
 
+def _added(values: set, value) -> set:
+    values.add(value)  # in place: a copy per entry would grow with the square of the run's files
+    return values
+
+
 def distinct() -> Fact:
     """Entries are strings; the sorted list of the distinct ones."""
-    return Fact(set, lambda s, v: s | {v}, lambda a, b: a | b, sorted)
+    return Fact(set, _added, lambda a, b: a | b, sorted)
 
 
 OUTPUTS = ("saliency", "summary", "errors")

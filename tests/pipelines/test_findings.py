@@ -443,3 +443,13 @@ def test_kmeans_finds_the_clusters_scikit_learn_finds():
             assert len(set(ours)) == k and inertia <= reference.inertia_ * 1.001
             if noise < 0.2:
                 assert adjusted_rand_score(reference.labels_, ours) > 0.99
+
+
+def test_spectral_clusters_number_only_the_clusters_k_means_used(monkeypatch):
+    """A cluster k-means leaves empty (possible where there are fewer distinct rows than k) is not
+    numbered: every label in 0..k-1 has members, or SpRAy would report a cluster of no maps."""
+    from saliency_audit.pipelines.checks import findings
+    rows = np.repeat(np.eye(3, 16), [20, 20, 20], axis=0)
+    monkeypatch.setattr(findings, "kmeans", lambda x, k, seed: np.where(np.arange(len(x)) < 30, 0, k - 1))
+    labels, k, _ = findings.spectral_clusters(rows, 10, 8)
+    assert k == 2 and sorted(set(labels.tolist())) == [0, 1]

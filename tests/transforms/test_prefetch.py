@@ -260,6 +260,23 @@ def test_the_pool_takes_items_in_groups(monkeypatch):
     assert groups == [4, 4, 2]
 
 
+def test_a_group_does_not_keep_the_results_already_handed_out():
+    """The window bounds memory at ``ahead`` results: a result the consumer has dropped must not
+    live on in its group's list until the group's last item is taken."""
+    import weakref
+
+    class Result:
+        pass
+
+    it = prefetched(lambda i: Result(), range(8), 1, 8)  # groups of 4
+    _, first = next(it)
+    gone = weakref.ref(first)
+    del first
+    next(it)  # the second item of the same group: the group's list is still alive
+    assert gone() is None
+    it.close()
+
+
 # --- the thread budget ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("budget, device, cores, split", [

@@ -65,7 +65,9 @@ def _each(function, group: list) -> list[tuple[bool, object]]:
 
 def _result(entry):
     item, future, i = entry
-    ok, value = future.result()[i]
+    results = future.result()
+    ok, value = results[i]
+    results[i] = None  # handed out: the group's list must not hold it past the consumer (the memory bound)
     if not ok:
         raise value
     return item, value
