@@ -35,6 +35,7 @@ from saliency_audit.explainers.core.base import (
     alone,
     check_batch,
     check_chunk,
+    chunk_within_budget,
     forward_chunk,
     owner_chunks,
 )
@@ -424,7 +425,8 @@ class Abele(Explainer):
         seeds = image_seeds(seeds, batch)
         rngs = [np.random.default_rng(s) for s in seeds]
         targets = [int(t) for t in targets]
-        chunk = forward_chunk(self.max_forward_batch, images.device)
+        chunk = chunk_within_budget(forward_chunk(self.max_forward_batch, images.device), images.shape[1:],
+                                    images.device)
         with torch.inference_mode():
             z = alone(aae.encode, images).float().cpu().numpy()
             p_x = alone(lambda x: torch.softmax(self.model(x).float(), dim=1), images).cpu().numpy()

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from saliency_audit.explainers.core.base import chunk_within_budget
 from saliency_audit.explainers.metrics._utils import (
     STREAM_SALT_AND_PEPPER,
     as_seed_list,
@@ -32,9 +33,10 @@ ABELE_PERCENTILES = tuple(float(p) for p in range(0, 101, 5))
 
 
 def _predict(model, images: torch.Tensor, max_forward_batch: int) -> torch.Tensor:
-    """argmax labels [N] of images [N,C,H,W], in chunks."""
+    """argmax labels [N] of images [N,C,H,W], in chunks within the memory budget."""
+    chunk = chunk_within_budget(max_forward_batch, images.shape[1:], images.device)
     return forward_in_chunks(model, images.shape[0], lambda idx: images[idx],
-                             lambda logits, idx: logits.argmax(dim=1), max_forward_batch, images.device)
+                             lambda logits, idx: logits.argmax(dim=1), chunk, images.device)
 
 
 def percentile(maps: torch.Tensor, percentiles: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,8 @@ def relevance_flip_rate(model: torch.nn.Module, images: torch.Tensor, maps: torc
     def reduce(logits, idx):
         return (logits.argmax(dim=1) != original[idx // n_p]).float()
 
-    return forward_in_chunks(model, batch * n_p, build, reduce, max_forward_batch, device).view(batch, n_p)
+    chunk = chunk_within_budget(max_forward_batch, images.shape[1:], device)  # memory follows one chunk
+    return forward_in_chunks(model, batch * n_p, build, reduce, chunk, device).view(batch, n_p)
 
 
 def salt_and_pepper(images: torch.Tensor, seeds: torch.Tensor | Sequence[int] | None = None,

@@ -147,3 +147,24 @@ def test_forward_chunks_on_a_cpu_stay_small_at_224_px():
     assert chunk_within_budget(32, (1, 28, 28), "cpu") == chunk_within_budget(32, (1, 28, 28), "cuda") == 32
     assert chunk_within_budget(256, (1, 28, 28), "cpu") == 256
     assert chunk_within_budget(8, (3, 4096, 4096), "cpu") == 1
+
+
+def test_abele_metrics_chunk_224_px_images_within_the_budget(monkeypatch):
+    """ABELE's flip-rate and stability forwards took max_forward_batch (256) images of any size at
+    once: 154 MiB of input at 224 px before a layer ran. They now follow chunk_within_budget."""
+    import torch
+
+    from saliency_audit.explainers.metrics import abele as metric
+    chunks = []
+    real = metric.forward_in_chunks
+
+    def spy(model, total, build, reduce, chunk, device):
+        chunks.append(chunk)
+        return real(model, total, build, reduce, chunk, device)
+
+    monkeypatch.setattr(metric, "forward_in_chunks", spy)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 4))
+    images = torch.rand(2, 3, 224, 224)
+    flips = metric.relevance_flip_rate(model, images, torch.rand(2, 224, 224), torch.zeros(2, dtype=torch.long),
+                                       percentiles=(0, 50, 100))
+    assert flips.shape == (2, 3) and chunks and max(chunks) == 6
