@@ -6,11 +6,10 @@ import sys
 import threading
 
 import torch
-import torch.nn.functional as F
 
 from saliency_audit.explainers.core.base import Explainer, Explanation, UnsupportedModel, check_batch
 from saliency_audit.explainers.core.registry import register
-from saliency_audit.explainers.transformer.trace import ForwardTrace, token_grid
+from saliency_audit.explainers.transformer.trace import ForwardTrace, patch_map
 
 SUPPORTED = "Hugging Face ViTForImageClassification, DeiTForImageClassification(WithTeacher)"
 
@@ -122,11 +121,6 @@ class LeGrad(Explainer):
         if last.shape != logits.shape or not torch.allclose(last.float(), logits.float(), rtol=1e-3, atol=1e-4):
             raise UnsupportedModel(self.name, "its logits are not its Hugging Face head's on the last layer (a wrapper "
                                               "changes them); use attngrad or attnlrp")
-        grid = token_grid(tokens, trace.conv_grids, height, width)
-        if grid is None:
-            raise UnsupportedModel(self.name, f"its {tokens} tokens form no patch grid of the {height}x{width} "
-                                              "image; use attnlrp")
-        rows, cols, prefix = grid
         used = len(attention) if self.layers is None else min(self.layers, len(attention))
         total = torch.zeros(len(images), tokens, device=images.device)
         for h, a in zip(outputs[-used:], attention[-used:]):
@@ -135,11 +129,11 @@ class LeGrad(Explainer):
             grad, = torch.autograd.grad(score, a, retain_graph=True)
             total += grad.float().clamp(min=0).mean(dim=(1, 2))  # heads, then query rows: [B, key tokens]
         with torch.no_grad():
-            patches = (total[:, prefix:] / used).reshape(-1, rows * cols)
-            low, high = patches.amin(1, keepdim=True), patches.amax(1, keepdim=True)
-            patches = (patches - low) / torch.where(high > low, high - low, 1.0)
-            maps = F.interpolate(patches.reshape(-1, 1, rows, cols), size=(height, width), mode="nearest")[:, 0]
-        self.captured = {"attention_layers": len(attention), "layers_used": used, "tokens": tokens,
-                         "grid": [rows, cols], "prefix_tokens_dropped": prefix, "rows": "mean of all tokens",
-                         "readout": described, "fused_attention_computed": trace.fused, "upsampling": "nearest"}
+            maps, record = patch_map(total / used, trace, (height, width), self.name, "use attnlrp")
+            # min-max per image: the upsampled map holds every patch's value, so its extremes are the patches'
+            flat = maps.flatten(1)
+            low, high = flat.amin(1).view(-1, 1, 1), flat.amax(1).view(-1, 1, 1)
+            maps = (maps - low) / torch.where(high > low, high - low, 1.0)
+        self.captured = {**record, "attention_layers": len(attention), "layers_used": used,
+                         "rows": "mean of all tokens", "readout": described}
         return Explanation(maps)

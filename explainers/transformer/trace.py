@@ -235,21 +235,33 @@ def token_map(relevance: torch.Tensor, trace: ForwardTrace, size, method: str) -
     """Token-to-token relevance [B,T,T] -> the map [B,H,W] of the patches and a record of what was read.
 
     The row read is the class token's (the first) when the sequence has prefix tokens, else the mean
-    of all rows (a model that pools its tokens by their mean). Prefix tokens are dropped, the rest
-    reshaped to the patch grid and upsampled by nearest neighbour: each token is one patch, so each
-    pixel takes its patch's value; bilinear upsampling would move relevance across patch borders
-    into patches the token never covered (on a 4x4 grid, over most of the image)."""
-    tokens = relevance.shape[-1]
+    of all rows (a model that pools its tokens by their mean); then patch_map."""
+    prefix = _grid(relevance.shape[-1], trace, size, method, "use attnlrp or gradcam")[2]
+    row = relevance[:, 0] if prefix else relevance.mean(dim=1)
+    maps, record = patch_map(row, trace, size, method)
+    return maps, {**record, "row": "class token (first)" if prefix else "mean of all tokens"}
+
+
+def patch_map(values: torch.Tensor, trace: ForwardTrace, size, method: str,
+              advice: str = "use attnlrp or gradcam") -> tuple[torch.Tensor, dict]:
+    """Per-token values [B,T] -> the map [B,H,W] of the patches and a record of what was read.
+
+    Prefix tokens are dropped, the rest reshaped to the patch grid and upsampled by nearest neighbour:
+    each token is one patch, so each pixel takes its patch's value; bilinear upsampling would move
+    relevance across patch borders into patches the token never covered (on a 4x4 grid, over most of
+    the image). A sequence that forms no grid is refused, with ``advice``."""
+    tokens = values.shape[-1]
+    rows, cols, prefix = _grid(tokens, trace, size, method, advice)
+    patches = values[:, prefix:].reshape(-1, 1, rows, cols).float()
+    maps = F.interpolate(patches, size=(int(size[0]), int(size[1])), mode="nearest")[:, 0]
+    record = {"attention_layers": len(trace.attention), "tokens": tokens, "grid": [rows, cols],
+              "prefix_tokens_dropped": prefix, "fused_attention_computed": trace.fused, "upsampling": "nearest"}
+    return maps, record
+
+
+def _grid(tokens: int, trace: ForwardTrace, size, method: str, advice: str) -> tuple[int, int, int]:
     height, width = int(size[0]), int(size[1])
     grid = token_grid(tokens, trace.conv_grids, height, width)
     if grid is None:
-        raise UnsupportedModel(method, f"its {tokens} tokens form no patch grid of the {height}x{width} image; "
-                                       "use attnlrp or gradcam")
-    rows, cols, prefix = grid
-    row = relevance[:, 0] if prefix else relevance.mean(dim=1)
-    patches = row[:, prefix:].reshape(-1, 1, rows, cols).float()
-    maps = F.interpolate(patches, size=(height, width), mode="nearest")[:, 0]
-    record = {"attention_layers": len(trace.attention), "tokens": tokens, "grid": [rows, cols],
-              "prefix_tokens_dropped": prefix, "row": "class token (first)" if prefix else "mean of all tokens",
-              "fused_attention_computed": trace.fused, "upsampling": "nearest"}
-    return maps, record
+        raise UnsupportedModel(method, f"its {tokens} tokens form no patch grid of the {height}x{width} image; {advice}")
+    return grid
