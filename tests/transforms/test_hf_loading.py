@@ -2,6 +2,7 @@
 preprocessor_config.json read as the run's preprocessing, and its refusals, each one line."""
 import dataclasses
 import json
+import logging as pylogging
 import os
 import shutil
 import socket
@@ -221,13 +222,23 @@ def test_a_file_that_cannot_be_copied_from_storage_fails_in_one_line(vit_folder,
 
 def test_weights_that_leave_parameters_random_are_refused(tmp_path, vit_folder):
     from safetensors.torch import load_file, save_file
+    from transformers.utils import logging
     folder = _copy(vit_folder, tmp_path)
     state = load_file(folder / "model.safetensors")
     del state["classifier.weight"]  # the head would keep its random initialisation
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError) as error:
-        load_model(ModelSpec(f"hf:{folder}"))
+    verbosity, said = logging.get_verbosity(), []
+    listener = pylogging.Handler()
+    listener.emit = said.append
+    logging.get_logger().addHandler(listener)  # transformers' own handler writes to the stderr of its import
+    try:
+        with pytest.raises(ModelLoadError) as error:
+            load_model(ModelSpec(f"hf:{folder}"))
+    finally:
+        logging.get_logger().removeHandler(listener)
     assert "do not fit" in one_line(error) and "classifier.weight" in one_line(error)
+    # our one line only: transformers' own table of the missing keys came ahead of it
+    assert [r.getMessage() for r in said] == [] and logging.get_verbosity() == verbosity
     _edit_json(folder / "config.json", num_labels=7, id2label={str(i): str(i) for i in range(7)},
                label2id={str(i): i for i in range(7)})  # and a saved shape that no longer fits
     with pytest.raises(ModelLoadError) as error:

@@ -14,6 +14,7 @@ materialise them, and the methods made for transformers read them).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -196,6 +197,22 @@ def _dtype_argument(transformers) -> str:
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
+@contextlib.contextmanager
+def _quiet(transformers):
+    """transformers' own report of the load (a table of missing keys, progress bars) off for the load:
+    what matters in it becomes our one line, and a run's log is not the place for the rest."""
+    logging, verbosity = transformers.utils.logging, transformers.utils.logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def load_folder(url: str, storage_options: dict | None = None, trust: bool = False) -> nn.Module:
     """The folder's image classifier, eager attention, as a logits model. Only the files
     ``folder_files`` names are placed (linked, or copied from object storage) in a private
@@ -215,9 +232,10 @@ def load_folder(url: str, storage_options: dict | None = None, trust: bool = Fal
                 raise _fail(url, f"cannot copy {posixpath.basename(path)}: {type(e).__name__}: "
                                  f"{' '.join(storage.unquoted(e, file_url).split())[:200]}") from None
         try:
-            model, info = transformers.AutoModelForImageClassification.from_pretrained(
-                folder, local_files_only=True, trust_remote_code=trust, attn_implementation="eager",
-                output_loading_info=True, **{_dtype_argument(transformers): torch.float32})
+            with _quiet(transformers):
+                model, info = transformers.AutoModelForImageClassification.from_pretrained(
+                    folder, local_files_only=True, trust_remote_code=trust, attn_implementation="eager",
+                    output_loading_info=True, **{_dtype_argument(transformers): torch.float32})
         except Exception as e:  # noqa: BLE001 - an unknown model_type, a config that does not fit, bad weights
             raise _fail(url, f"cannot load it: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
     # a parameter the weights lack is left at its random initialisation: never audit that
