@@ -92,3 +92,9 @@ def test_a_resize_beyond_max_pixels_is_refused_up_front(kwargs):
     with pytest.raises(ValueError, match=r"over the limit of 16777216 \(--max-pixels\)"):
         Preprocessing(**kwargs)
     Preprocessing(**kwargs, max_pixels=10**10)  # the user may raise the limit
+
+
+@pytest.mark.parametrize("channels, expected", [(1, "expected 1$"), (3, "expected 1 or 3$")])
+def test_a_mean_of_the_wrong_length_says_what_length_fits(channels, expected):
+    with pytest.raises(ValueError, match=f"--mean has 2 values, {expected}"):
+        Preprocessing(channels=channels, mean=(0.5, 0.5))

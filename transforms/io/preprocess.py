@@ -63,7 +63,8 @@ class Preprocessing:
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and self.channels and len(value) not in (1, self.channels):
-                raise ValueError(f"--{name} has {len(value)} values, expected 1 or {self.channels}")
+                raise ValueError(f"--{name} has {len(value)} values, expected "
+                                 + ("1" if self.channels == 1 else f"1 or {self.channels}"))
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("--std values must be positive")
         with np.errstate(all="ignore"):  # a std of 1e-300 is positive, yet float32's 0: every image inf

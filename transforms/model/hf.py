@@ -317,7 +317,8 @@ def _channel_values(value: Any, key: str, channels: int | None, positive: bool =
     values = value if isinstance(value, list) else [value]
     numbers = tuple(_number(v, key) for v in values)
     if len(numbers) not in {1, channels or 3}:
-        raise ValueError(f"{key} has {len(numbers)} values, expected 1 or {channels or 3} (one per channel)")
+        raise ValueError(f"{key} has {len(numbers)} values, expected "
+                         + ("1" if channels == 1 else f"1 or {channels or 3} (one per channel)"))
     if positive and min(numbers) <= 0:
         raise ValueError(f"{key} values must be positive, got {_shown(value)}")
     return numbers
