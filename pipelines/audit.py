@@ -30,6 +30,12 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from saliency_audit.explainers.core.paths import redacted_streams
+    with redacted_streams():  # storage clients quote storage-option values in their errors
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # Beam configured it on import
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -57,9 +57,15 @@ def _location(text: str) -> str:
 
 
 def _storage_options(parser: argparse.ArgumentParser) -> None:
+    from saliency_audit.explainers.core.paths import keep_secret
     from saliency_audit.pipelines.config.kinds import json_object
+
+    def secret_object(text: str) -> dict:  # its values are redacted from every message (paths.keep_secret)
+        value = json_object(text)
+        keep_secret(value)
+        return value
     parser.allow_abbrev = False  # every parser that takes credentials refuses prefix spellings
-    parser.add_argument("--storage-options", type=json_object, default={},
+    parser.add_argument("--storage-options", type=secret_object, default={},
                         help="fsspec storage options as a JSON object")
 
 
@@ -418,11 +424,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nsaliency-audit: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    try:
-        return COMMANDS[argv[0]][0](argv[1:])
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"saliency-audit {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
+    from saliency_audit.explainers.core.paths import redacted_streams
+    with redacted_streams():  # storage clients quote storage-option values in their errors
+        try:
+            return COMMANDS[argv[0]][0](argv[1:])
+        except (ValueError, FileNotFoundError, OSError) as e:
+            print(f"saliency-audit {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ Here, in the lowest layer, because methods that read files (abele's autoencoder,
 file) report on paths too; transforms.io.storage uses the same."""
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
+import threading
 
 # A query (?key=value..., a presigned signature, an Azure SAS token) or a fragment with a value: from
 # the first ? or # followed by a name and '=' before any '/' (a glob's ? is followed by no '=').
@@ -35,3 +38,114 @@ def unquoted(text: str, url: str) -> str:
             if len(value) >= 4:
                 text = text.replace(value, "<redacted>")
     return text
+
+
+# --- storage-option values in messages ------------------------------------------------------------
+# Storage clients quote the values they were given in their errors (botocore: "Invalid endpoint:
+# <endpoint_url>", "Provided region_name '<region>'", the endpoint URL of a failed connection), and
+# any option may hold a credential whatever it is called. So every string value of the storage
+# options this process was given is a secret: redact() takes it out of a message, in each form a
+# message may quote it, where the message leaves the process (the standard streams, the reasons of
+# error rows, the report page). The values are kept per process: each process that opens storage
+# (a Beam worker too) registers the options it opens with.
+REDACTED = "<redacted>"
+# A value under such a name is a secret from MIN_CREDENTIAL characters; any other from MIN_SECRET, unless
+# it is a plain word ("s3v4", "auto", a profile "default", an addressing style "virtual": replacing those
+# would garble every message and report page holding the word, and a credential is no plain word).
+_CREDENTIAL_NAME = re.compile(r"auth|token|key|secret|password|passwd|cookie|session|signature|credential|sas",
+                              re.IGNORECASE)
+MIN_CREDENTIAL, MIN_SECRET = 4, 6
+_PLAIN_WORD = re.compile(r"[A-Za-z]{1,15}")
+_secrets: set[str] = set()
+_lock = threading.Lock()  # readers on several threads register at once
+_forms: tuple[str, ...] = ()  # every quoted form of every secret, longest first (rebound whole: threads read it)
+
+
+def keep_secret(options, name: str = "") -> None:
+    """Register the string values of storage options (nested objects and lists included), and the
+    user info, password and query values of the URLs among them, which a client may quote alone."""
+    if isinstance(options, dict):
+        for key, value in options.items():
+            keep_secret(value, str(key))
+    elif isinstance(options, (list, tuple)):
+        for value in options:
+            keep_secret(value, name)
+    elif isinstance(options, str) and options.strip():
+        parts = [options]
+        userinfo = re.match(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://)?([^/?#@]*)@", options)
+        if userinfo:
+            parts += [userinfo.group(1), userinfo.group(1).partition(":")[2]]
+        query = _QUERY.search(options)
+        if query:
+            parts += [p.partition("=")[2] for p in re.split(r"[?#&;]", query.group(0))]
+        if _CREDENTIAL_NAME.search(name):
+            new = {p for p in parts if len(p.strip()) >= MIN_CREDENTIAL}
+        else:
+            new = {p for p in parts if len(p.strip()) >= MIN_SECRET and not _PLAIN_WORD.fullmatch(p.strip())}
+        if not new <= _secrets:
+            with _lock:
+                _remember(_secrets | new)
+
+
+def _remember(secrets: set[str]) -> None:
+    global _forms
+    _secrets.clear()
+    _secrets.update(secrets)
+    _forms = tuple(sorted(_quoted_forms(secrets), key=len, reverse=True))
+
+
+def _quoted_forms(secrets) -> set[str]:
+    import html
+    import json
+    import urllib.parse
+    forms = set()
+    for secret in secrets:
+        # as is, as a one-line message folds it, and its long words (a message may break it at whitespace)
+        for value in {secret, secret.strip(), " ".join(secret.split()), *(w for w in secret.split() if len(w) >= 8)}:
+            escaped = json.dumps(value)[1:-1]
+            forms |= {value, repr(value)[1:-1], escaped, escaped.replace("/", "\\/"), html.escape(value),
+                      urllib.parse.quote(value), urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)}
+    return {f for f in forms if f}
+
+
+def redact(text: str, placeholder: str = REDACTED) -> str:
+    """``text`` without any registered storage-option value (see keep_secret); ``placeholder`` in
+    their place (HTML takes it escaped)."""
+    text = str(text)
+    for form in _forms:
+        if form in text:
+            text = text.replace(form, placeholder)
+    return text
+
+
+class RedactingStream:
+    """A text stream that redacts what is written through it (see redacted_streams)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._stream.write(redact(text) if _forms else text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding...: the stream's own
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def redacted_streams():
+    """stdout and stderr redacted while a command runs: its prints, its log lines (a handler made
+    meanwhile writes through the wrapper, and keeps redacting after) and tracebacks, whichever
+    layer raised the message."""
+    saved, secrets = (sys.stdout, sys.stderr), set(_secrets)
+    sys.stdout, sys.stderr = (s if isinstance(s, RedactingStream) else RedactingStream(s) for s in saved)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+        if not isinstance(saved[1], RedactingStream):  # the outermost command: its secrets end with it
+            with _lock:
+                _remember(secrets)

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from saliency_audit.explainers import asset_options
 from saliency_audit.explainers.core.options import Option
+from saliency_audit.explainers.core.paths import keep_secret
 from saliency_audit.explainers.metrics import metric_options
 from saliency_audit.pipelines.config import UsageError
 from saliency_audit.pipelines.config.beam import (
@@ -246,6 +247,7 @@ def parse_run_args(argv: list[str]):
             raise UsageError(f"{opt.flag_name} {problem}")
     check_beam_args(beam_args, [f for f in parser._option_string_actions if f.startswith("--")])
     config = RunConfig(**{o.name: getattr(args, o.name) for o in all_options()})
+    keep_secret(config.storage_options)  # its values are redacted from every message
     return config, beam_args
 
 

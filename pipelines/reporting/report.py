@@ -12,12 +12,14 @@ audit either.
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections import defaultdict
 
 import numpy as np
 
+from saliency_audit.explainers.core.paths import REDACTED, redact
 from saliency_audit.explainers.metrics import metric_classes, metric_columns
 from saliency_audit.pipelines.reporting import aggregate, render
 from saliency_audit.pipelines.reporting.audit_dir import AuditDir, saliency_map
@@ -787,5 +789,7 @@ class Report:
 def write_report(directory: str, output: str, storage_options: dict | None = None, **options) -> str:
     """Write the report of the audit in ``directory`` to ``output``; returns the output path."""
     document = Report(AuditDir(directory, storage_options), **options).html()
+    # its sections quote storage errors (an unreadable history, verdict), which may quote storage options
+    document = redact(document, html.escape(REDACTED))
     storage.write_bytes_atomic(output, document.encode("utf-8"), storage_options)
     return output

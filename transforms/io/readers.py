@@ -19,6 +19,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
+from saliency_audit.explainers.core.paths import keep_secret
 from saliency_audit.transforms.io.records import DEFAULT_MAX_PIXELS, ErrorRecord, RawImage
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "npy")
@@ -65,6 +66,7 @@ def read_shard(url: str, storage_options: dict[str, Any] | None = None, *,
         yield ErrorRecord(url, url, "read", str(e))
         return
     reader = {"tar": _read_tar, "parquet": _read_parquet, "image": _read_image_file}[kind]
+    keep_secret(storage_options)  # their values are redacted from the reasons of error records
     try:
         yield from reader(url, storage_options or {}, max_pixels)
     except Exception as e:  # a reader bug must still cost only the rest of this shard

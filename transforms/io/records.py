@@ -8,6 +8,8 @@ import re
 
 import numpy as np
 
+from saliency_audit.explainers.core.paths import redact
+
 # The side outputs that several steps emit (Beam tags; plain names, so the Beam-free handler emits them too).
 ERRORS = "errors"    # ErrorRecord: a record that costs itself, never the run
 SKIPPED = "skipped"  # ((method, shard), n): pairs an audit history already holds
@@ -61,8 +63,9 @@ class ErrorRecord:
     target_source: str | None = None  # the --target request it failed for (None: before any target)
 
     def __post_init__(self):
-        # Reasons must be the same on every rerun, so no memory addresses.
-        self.reason = _ADDRESS.sub("", str(self.reason))
+        # Reasons must be the same on every rerun, so no memory addresses; and no storage-option
+        # value, which storage clients quote in their errors (paths.redact).
+        self.reason = redact(_ADDRESS.sub("", str(self.reason)))
 
 
 @dataclasses.dataclass

@@ -10,11 +10,12 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from saliency_audit.explainers.core.paths import has_query, shown, unquoted  # noqa: F401  (storage's messages use them)
+from saliency_audit.explainers.core.paths import has_query, keep_secret, shown, unquoted  # noqa: F401  (storage's messages use them)
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None):
     """(fs, path) for a URL; storage_options go to the fsspec backend (e.g. S3 endpoint_url)."""
+    keep_secret(storage_options)  # the backend may quote them in its errors
     return url_to_fs(url, **(storage_options or {}))
 
 
@@ -52,6 +53,7 @@ def expand_glob(pattern: str, storage_options: dict[str, Any] | None = None) -> 
 
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    keep_secret(storage_options)
     with fsspec.open(url, "rb", **(storage_options or {})) as f:
         return f.read()
 
