@@ -26,6 +26,13 @@ WEIGHTINGS = ("elementwise", "mean")
 # is on it, 4x4 layer2 -> 7x7 layer1: gradcampp 0.58-0.60 -> 0.92-1.00, eigencam 0.56-0.69 ->
 # 0.88-1.00, scorecam 0.71-0.96 -> 0.98-1.00 (three models).
 MIN_SIDE, STEP_BACK_SIDE = 4, 7
+# Models whose tokens are out of raster order until their last stage: Hiera "unrolls" them so that each
+# query pooling is a reshape, and only its last grid's tokens are patches in row-major order.
+UNROLLED = ("Hiera",)
+
+
+def unrolled(model: nn.Module) -> bool:
+    return any(type(m).__name__.startswith(UNROLLED) for m in model.modules())
 
 
 def require_module_hooks(model: torch.nn.Module, method: str) -> None:
@@ -273,6 +280,11 @@ class CAMBase(Explainer):
                 raise ValueError(f"{self.name}: layer {self.layer!r} ran {len(runs)} times in one forward; "
                                  "it must run exactly once")
             grid = grid_of(runs[0].output, 2, grids, named=True)
+            final = [g for c in calls if owns_weights(c.module) and (g := grid_of(c.output, 2, grids)) is not None]
+            if grid is not None and unrolled(self.model) and final and grid.size != final[-1].size:
+                raise ValueError(f"{self.name}: layer {self.layer!r} is a {grid.size[0]}x{grid.size[1]} grid of "
+                                 "Hiera's tokens, which are in raster order only at its last stage "
+                                 f"({final[-1].size[0]}x{final[-1].size[1]}): name a layer there")
             if grid is None:
                 out = runs[0].output
                 raise ValueError(f"{self.name}: layer {self.layer!r} must output [B,K,h,w], [B,h,w,K] or patch "
@@ -303,6 +315,8 @@ class CAMBase(Explainer):
         collapsed = any(isinstance(calls[i].module, nn.Conv2d) and min(grid.size) < MIN_SIDE
                         for i, grid in live.items())
         sides = (STEP_BACK_SIDE, MIN_SIDE, 1) if collapsed else (MIN_SIDE, 1)
+        if unrolled(self.model):  # a step back would read unrolled tokens as a grid: scrambled maps
+            sides = (1,)
         chosen = next((i for side in sides if (i := choose_layer(calls, live, side)) is not None), None)
         if chosen is None:
             runs = Counter(c.name for c in calls)

@@ -146,6 +146,7 @@ class ForwardTrace(TorchFunctionMode):
         super().__init__()
         setattr(source, _LIVE, True)
         self.attention: list[torch.Tensor] = []
+        self.rectangular: list[int] = []  # per other attention softmax, how many square ones came before it
         self.conv_grids: list[tuple[int, int]] = []
         self.fused = self.hidden = 0
 
@@ -163,8 +164,11 @@ class ForwardTrace(TorchFunctionMode):
 
     def _softmax(self, func, args, kwargs, live):
         out = func(*args, **kwargs)
-        if out.dim() == 4 and out.shape[-1] == out.shape[-2] and arg(args, kwargs, 1, "dim") in (-1, 3):
-            self.attention.append(out)
+        if out.dim() >= 4 and arg(args, kwargs, 1, "dim") in (-1, out.dim() - 1):
+            if out.dim() == 4 and out.shape[-1] == out.shape[-2]:
+                self.attention.append(out)
+            else:  # queries over another set of keys: spatial-reduction (PVT, CvT) or pooled (Hiera) attention
+                self.rectangular.append(len(self.attention))
         return self.weights(out)
 
     def weights(self, softmax: torch.Tensor) -> torch.Tensor:
@@ -204,6 +208,13 @@ class ForwardTrace(TorchFunctionMode):
         """Every attention matrix [B, heads, T, T], or UnsupportedModel where the model has none or
         its attention cannot be composed across layers (windows, changing token counts)."""
         self.refuse_hidden(method)
+        # an attention pooling head after the blocks (one query over every token) is not composed: it may stay
+        if self.rectangular and (not self.attention or min(self.rectangular) < len(self.attention)):
+            raise UnsupportedModel(method, "it composes attention over one token sequence through every layer, and "
+                                           "some of this model's layers attend from their tokens to another set "
+                                           "(keys pooled or spatially reduced: PVT, CvT, Hiera), "
+                                           f"{len(self.rectangular)} of {len(self.rectangular) + len(self.attention)}"
+                                           " attention layers; use attnlrp or gradcam")
         if not self.attention:
             raise UnsupportedModel(method, "the model has no attention layers (no softmax over "
                                            "[batch, heads, tokens, tokens]); use gradcam")

@@ -1,0 +1,73 @@
+"""Transformers whose tokens or attention are not a ViT's: Hiera keeps its tokens out of raster order
+("unrolled") until its last stage, and PVT, CvT and Hiera attend from their tokens to a pooled or
+spatially reduced set of keys. A CAM must read a grid only where the tokens are in raster order,
+and the methods that compose attention through the layers must refuse what cannot be composed,
+rather than read a part of it."""
+import pytest
+import torch
+
+from saliency_audit.explainers import get_explainer
+from saliency_audit.explainers.core.base import UnsupportedModel
+
+t = pytest.importorskip("transformers")
+
+
+def hiera(size: int = 64):
+    torch.manual_seed(0)
+    return t.HieraForImageClassification(t.HieraConfig(
+        image_size=[size, size], embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], num_labels=4))
+
+
+def pvt():
+    torch.manual_seed(0)
+    return t.PvtForImageClassification(t.PvtConfig(
+        image_size=32, num_encoder_blocks=2, depths=[1, 1], sequence_reduction_ratios=[2, 1], hidden_sizes=[16, 32],
+        patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=4))
+
+
+def cvt():
+    torch.manual_seed(0)  # depth[i] >= i + 1: CvtStage indexes its drop-path list by its stage number
+    return t.CvtForImageClassification(t.CvtConfig(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3],
+                                                   num_labels=4))
+
+
+def logits(raw):
+    from saliency_audit.transforms.model.hf import LogitsOnly
+    return LogitsOnly(raw.eval()).eval().requires_grad_(False)
+
+
+def test_a_hiera_cam_reads_its_tokens_only_where_they_are_in_raster_order():
+    """A black image with one bright quadrant: eigencam's map must peak in that quadrant. At 64 px
+    Hiera's last grid is 2x2; stepping back to the 4x4 grid, as a CNN's CAM does, read the unrolled
+    tokens of the stage before as rows and columns (a bright (0, 3) cell peaked at (3, 1))."""
+    raw = hiera()
+    with torch.no_grad():  # flat regions' tokens then agree, and the bright quadrant's differ
+        for name, p in raw.named_parameters():
+            if "position_embedding" in name:
+                p.zero_()
+    model, found = logits(raw), []
+    for r, c in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        x = torch.zeros(1, 3, 64, 64)
+        x[:, :, r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] = 3.0
+        explainer = get_explainer("eigencam", model)
+        maps = explainer.explain(x, model(x).argmax(1), torch.arange(1)).maps
+        found.append(int(torch.nn.functional.avg_pool2d(maps[None], 32).flatten().argmax()))
+    assert explainer.layer_reshape == "tokens -> 2x2 grid" and found == [0, 1, 2, 3]
+
+
+def test_a_named_hiera_layer_before_its_last_stage_is_refused():
+    model, x = logits(hiera()), torch.rand(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="raster order only at its last stage"):
+        get_explainer("gradcam", model, layer="model.hiera.encoder.stages.2.layers.0.layernorm_before").explain(
+            x, torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("build, size", [(pvt, 32), (cvt, 64), (hiera, 64)], ids=["pvt", "cvt", "hiera"])
+@pytest.mark.parametrize("method", ["rollout", "attngrad"])
+def test_attention_that_pools_or_reduces_its_keys_is_not_composed(build, size, method):
+    """PVT's first stage attends to keys reduced 2x, its last to its own tokens: rollout read the last
+    stage alone (1 of 2 layers); CvT's and Hiera's were refused as having no attention at all."""
+    model = logits(build())
+    with pytest.raises(UnsupportedModel, match="attend from their tokens to another set") as refusal:
+        get_explainer(method, model).explain(torch.rand(1, 3, size, size), torch.zeros(1, dtype=torch.long))
+    assert "\n" not in str(refusal.value)
