@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from saliency_audit.explainers.core.paths import redact
 from saliency_audit.pipelines.checks.findings import SCORE_THRESHOLD
 from saliency_audit.transforms.io import publication, storage
 
@@ -810,7 +811,7 @@ def _run_id(path: str, storage_options: dict | None) -> str | None:
 def unjudged(audit: dict, baseline: str | None, given, error: BaseException) -> dict[str, Any]:
     """The verdict of a run whose gates could not be evaluated: a failed check, with the reason."""
     return {"status": FAIL, "failed": [], "asked": sorted(asked_for(given)),
-            "error": " ".join(f"{type(error).__name__}: {error}".split())[:300],
+            "error": redact(" ".join(f"{type(error).__name__}: {error}".split()))[:300],
             "audit": audit, "baseline": None if baseline is None else {"path": baseline, "run_id": None},
             "settings": None, "unshared_content": None, "gates": []}
 

@@ -11,6 +11,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow.parquet as pq
 
+from saliency_audit.explainers.core.paths import redact
 from saliency_audit.pipelines.checks import gates
 from saliency_audit.pipelines.checks.findings import FINDINGS_SCHEMA, findings_from_statistics
 from saliency_audit.pipelines.checks.sanity import SANITY_SCHEMA, run_sanity_check
@@ -86,7 +87,7 @@ def write_findings(plan: Plan, run: Run) -> None:
         table = findings_from_statistics(read_statistics(run.private(STATISTICS), plan.storage_options))
     except Exception as e:  # an analysis of the maps must never cost the maps: report it, publish the run
         log.warning("Clever-Hans discovery failed (findings/ left empty): %s: %s", type(e).__name__, e)
-        storage.write_json_atomic(run.private("findings-error.json"), {"error": f"{type(e).__name__}: {e}"},
+        storage.write_json_atomic(run.private("findings-error.json"), {"error": redact(f"{type(e).__name__}: {e}")},
                                   plan.storage_options)
         table = FINDINGS_SCHEMA.empty_table()
     write_table(run.folder("findings"), table, plan.storage_options)

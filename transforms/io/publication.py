@@ -37,6 +37,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+from saliency_audit.explainers.core.paths import redact
 from saliency_audit.transforms.io import history, storage
 
 log = logging.getLogger("saliency_audit")
@@ -174,7 +175,7 @@ def commit(run: Run, manifest: dict, after_pointer: Callable[[], None] | None = 
 def abandon(run: Run, reason: str, pointer_attempted: bool = False) -> None:
     """A run that will not be published: say so, then remove what it wrote (or, if it tried to
     put its pointer, leave that to reclaim once LATE_PUT_GRACE_S has passed)."""
-    write_marker(run, "failed", reason=reason[:500], pointer_attempted=pointer_attempted)
+    write_marker(run, "failed", reason=redact(reason)[:500], pointer_attempted=pointer_attempted)
     if not pointer_attempted:
         _remove_run(run)
 
