@@ -225,8 +225,11 @@ def choose_layer(calls: list[Call], live: dict[int, Grid], min_side: int = MIN_S
                   and id(c.output) not in live_outputs]
     if not any(c.start < calls[last].start and calls[last].finish < c.finish for c in collapsing):
         return last
+    # at any size: CvT's last attention reads its tokens (14x14 at 224 px) through key and value
+    # projections strided to 7x7, which set the final resolution above, yet are not the tokens' grid
     inputs = {id(c.input) for c in collapsing}
-    return max((i for i in candidates if id(calls[i].output) in inputs), default=last)
+    return max((i for i in live if i >= min(learned) and runs[calls[i].name] == 1 and id(calls[i].output) in inputs),
+               default=last)
 
 
 class CAMBase(Explainer):

@@ -71,3 +71,15 @@ def test_attention_that_pools_or_reduces_its_keys_is_not_composed(build, size, m
     with pytest.raises(UnsupportedModel, match="attend from their tokens to another set") as refusal:
         get_explainer(method, model).explain(torch.rand(1, 3, size, size), torch.zeros(1, dtype=torch.long))
     assert "\n" not in str(refusal.value)
+
+
+def test_a_cvt_cam_reads_the_tokens_of_its_last_attention_not_its_strided_keys():
+    """CvT's attention projects its keys and values through convolutions of stride 2: at 224 px the
+    last stage's 14x14 tokens give 7x7 values, and the search took that value projection, the last
+    layer with weights on a grid, for the final resolution. The tokens its last attention reads are
+    the last block's first norm, class token dropped, as for a ViT."""
+    model = logits(cvt())
+    explainer = get_explainer("gradcam", model)
+    explainer.explain(torch.rand(1, 3, 224, 224), torch.zeros(1, dtype=torch.long))
+    assert (explainer.layer_used, explainer.layer_reshape) == (
+        "model.cvt.encoder.stages.2.layers.2.layernorm_before", "tokens[1:] -> 14x14 grid")
