@@ -177,6 +177,14 @@ def owns_weights(module: nn.Module) -> bool:
     return any(True for _ in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
 
 
+def residual_block(call: Call) -> bool:
+    """A container of layers with weights (none of its own) that keeps its input's shape."""
+    module = call.module
+    return (not owns_weights(module) and any(owns_weights(m) for m in module.modules())
+            and isinstance(call.input, torch.Tensor) and call.output is not None
+            and call.input.shape == call.output.shape)
+
+
 def choose_layer(calls: list[Call], live: dict[int, Grid], min_side: int = MIN_SIDE) -> int | None:
     """The default layer: the index in ``calls`` of the last representation of the image's grid
     that the target still reads, before the grid is pooled away. ``live``: the calls whose output
@@ -215,8 +223,10 @@ def choose_layer(calls: list[Call], live: dict[int, Grid], min_side: int = MIN_S
     if size != every[max(i for i in every if owns_weights(calls[i].module))].size:  # stepped back
         sizes = {id(calls[i].output): grid.size for i, grid in every.items()}
         next_stage = [c for c in calls if sizes.get(id(c.input)) == size and sizes.get(id(c.output), size) != size]
-        candidates = [i for i in candidates
-                      if not any(c.start < calls[i].start and calls[i].finish < c.finish for c in next_stage)]
+        # ... but a residual block there (a container whose output is its input's shape: LeViT's stage
+        # runs its blocks, then its downsampling, as one module) is the stage's representation
+        candidates = [i for i in candidates if residual_block(calls[i])
+                      or not any(c.start < calls[i].start and calls[i].finish < c.finish for c in next_stage)]
     if not candidates:
         return None
     last = max(candidates)

@@ -83,3 +83,18 @@ def test_a_cvt_cam_reads_the_tokens_of_its_last_attention_not_its_strided_keys()
     explainer.explain(torch.rand(1, 3, 224, 224), torch.zeros(1, dtype=torch.long))
     assert (explainer.layer_used, explainer.layer_reshape) == (
         "model.cvt.encoder.stages.2.layers.2.layernorm_before", "tokens[1:] -> 14x14 grid")
+
+
+def test_a_levit_cam_steps_back_to_its_first_stage_s_last_block_not_its_stem():
+    """At 64 px LeViT's grids are 4x4, 2x2, 1x1: the CAM steps back to the 4x4 grid, whose stage runs
+    its blocks and then its downsampling as one module. Every layer inside a module that takes the
+    grid and returns a coarser one was passed over there (a bottleneck's 1x1 reduction must be), so
+    the search fell back to the patch embedding, the stem; a residual block is the stage's own."""
+    torch.manual_seed(0)
+    model = logits(t.LevitForImageClassification(t.LevitConfig(
+        image_size=64, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8],
+        num_labels=4)))
+    explainer = get_explainer("gradcam", model)
+    explainer.explain(torch.rand(1, 3, 64, 64), torch.zeros(1, dtype=torch.long))
+    assert (explainer.layer_used, explainer.layer_reshape) == ("model.levit.encoder.stages.0.layers.1",
+                                                               "tokens -> 4x4 grid")
