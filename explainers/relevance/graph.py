@@ -329,7 +329,12 @@ def _op_label(node: fx.Node, gm: fx.GraphModule) -> str:
         return f"layer {node.target!r} ({type(gm.get_submodule(node.target)).__name__})"
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     kind = "method" if node.op == "call_method" else "operation"
-    return f"{kind} {name!r} (node {node.name!r})"
+    # the innermost module that computes it (squeeze-excitation's gating product, a GRN's norm), which
+    # the user can look up; a bare 'mul' says nothing
+    inside = list((node.meta.get("nn_module_stack") or {}).items())[-1:]  # key -> (path, class), by torch version
+    where = "".join(f" in {value[0]!r} ({getattr(value[-1], '__name__', value[-1])})" if isinstance(value, tuple)
+                    else f" in {key!r}" for key, value in inside)
+    return f"{kind} {name!r}{where} (node {node.name!r})"
 
 
 def _op_kind(node: fx.Node, gm: fx.GraphModule) -> str:

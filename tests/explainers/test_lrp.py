@@ -330,8 +330,9 @@ def test_unsupported_operation_and_value_branches_raise():
         elrp(ValueBranch().eval(), x, t)
 
 
-@pytest.mark.parametrize("family, uses", [("vit", r"attention \(ViTAttention\)"), ("swin", r"attention \(SwinAttention\)"),
-                                          ("convnext", r"operation 'layer_norm'")])
+@pytest.mark.parametrize("family, uses", [
+    ("vit", r"attention \(ViTAttention\)"), ("swin", r"attention \(SwinAttention\)"),
+    ("convnext", r"operation 'layer_norm' in 'model\.convnext\.embeddings\.layernorm' \(ConvNextLayerNorm\)")])
 def test_layer_norm_and_attention_models_are_refused_in_one_line(family, uses):
     """Not a TraceError or a failure on every image: an UnsupportedModel that names what the rules
     do not cover and a method that explains the model instead."""
