@@ -177,6 +177,20 @@ def owns_weights(module: nn.Module) -> bool:
     return any(True for _ in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)))
 
 
+def attention_weights(t: torch.Tensor) -> bool:
+    """[B,heads,T,T] whose rows are distributions: attention, not a feature map, even where T x T is
+    one of the image's grid sizes (CoAtNet's 4x4 windows, 16 tokens, at 128 px, whose grids include 16x16)."""
+    if t.dim() != 4 or t.shape[-1] != t.shape[-2] or t.shape[-1] < 2:
+        return False
+    with torch.no_grad():
+        return bool(t.min() >= 0) and bool(torch.allclose(t.sum(-1).float(), torch.ones(()), atol=1e-3))
+
+
+def pooled(call: Call) -> bool:
+    """A layer on globally pooled features [B,C,1,1] (squeeze-excitation's gate): it does not shrink the grid."""
+    return isinstance(call.input, torch.Tensor) and call.input.dim() == 4 and tuple(call.input.shape[2:]) == (1, 1)
+
+
 def residual_block(call: Call) -> bool:
     """A container of layers with weights (none of its own) that keeps its input's shape."""
     module = call.module
@@ -219,14 +233,15 @@ def choose_layer(calls: list[Call], live: dict[int, Grid], min_side: int = MIN_S
     if not learned:
         return None
     size, runs = live[max(learned)].size, Counter(call.name for call in calls)
-    candidates = [i for i in live if i >= min(learned) and live[i].size == size and runs[calls[i].name] == 1]
+    allowed = [i for i in live if i >= min(learned) and runs[calls[i].name] == 1]
     if size != every[max(i for i in every if owns_weights(calls[i].module))].size:  # stepped back
         sizes = {id(calls[i].output): grid.size for i, grid in every.items()}
         next_stage = [c for c in calls if sizes.get(id(c.input)) == size and sizes.get(id(c.output), size) != size]
         # ... but a residual block there (a container whose output is its input's shape: LeViT's stage
         # runs its blocks, then its downsampling, as one module) is the stage's representation
-        candidates = [i for i in candidates if residual_block(calls[i])
-                      or not any(c.start < calls[i].start and calls[i].finish < c.finish for c in next_stage)]
+        allowed = [i for i in allowed if residual_block(calls[i])
+                   or not any(c.start < calls[i].start and calls[i].finish < c.finish for c in next_stage)]
+    candidates = [i for i in allowed if live[i].size == size]
     if not candidates:
         return None
     last = max(candidates)
@@ -238,8 +253,7 @@ def choose_layer(calls: list[Call], live: dict[int, Grid], min_side: int = MIN_S
     # at any size: CvT's last attention reads its tokens (14x14 at 224 px) through key and value
     # projections strided to 7x7, which set the final resolution above, yet are not the tokens' grid
     inputs = {id(c.input) for c in collapsing}
-    return max((i for i in live if i >= min(learned) and runs[calls[i].name] == 1 and id(calls[i].output) in inputs),
-               default=last)
+    return max((i for i in allowed if id(calls[i].output) in inputs), default=last)
 
 
 class CAMBase(Explainer):
@@ -304,7 +318,8 @@ class CAMBase(Explainer):
                                  f"tokens [B,T,K] over the image's grid, got "
                                  f"{tuple(out.shape) if out is not None else 'no tensor'}")
             return self.layer, grid
-        gridded = {i: grid for i, c in enumerate(calls) if (grid := grid_of(c.output, 2, grids)) is not None}
+        gridded = {i: grid for i, c in enumerate(calls)
+                   if (grid := grid_of(c.output, 2, grids)) is not None and not attention_weights(c.output)}
         tensors = {id(calls[i].output): (calls[i].output, grid) for i, grid in gridded.items()
                    if calls[i].output.requires_grad}
         score = logits.gather(1, target.repeat(2)[:, None]).sum()
@@ -325,7 +340,7 @@ class CAMBase(Explainer):
         # where the model's own convolutions shrink its grid under MIN_SIDE, the last grid of
         # STEP_BACK_SIDE or more, else of MIN_SIDE (a head's norm on the pooled 1x1 features does not
         # count); a small input may leave neither: then the last live one of any size
-        collapsed = any(isinstance(calls[i].module, nn.Conv2d) and min(grid.size) < MIN_SIDE
+        collapsed = any(isinstance(calls[i].module, nn.Conv2d) and min(grid.size) < MIN_SIDE and not pooled(calls[i])
                         for i, grid in live.items())
         sides = (STEP_BACK_SIDE, MIN_SIDE, 1) if collapsed else (MIN_SIDE, 1)
         if unrolled(self.model):  # a step back would read unrolled tokens as a grid: scrambled maps

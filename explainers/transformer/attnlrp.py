@@ -55,7 +55,9 @@ class _ScaleGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, factor):
         ctx.factor = factor
-        return x.view_as(x)
+        # a copy, not a view: a view made in a Function may not be changed in place, and squeeze-
+        # excitation blocks apply an in-place ReLU right after their 1x1 convolution (timm's MobileNetV3)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad):

@@ -462,3 +462,24 @@ def test_preflight_records_what_was_captured_and_names_the_refused_methods(tmp_p
     assert str(refused.value).splitlines() == [
         f"method {m} cannot explain this model: the model has no attention layers (no softmax over "
         "[batch, heads, tokens, tokens]); use gradcam" for m in ATTENTION_METHODS]
+
+
+def test_attnlrp_takes_an_in_place_activation_after_a_layer():
+    """Squeeze-excitation as timm writes it: a 1x1 convolution, then an in-place ReLU on its output.
+    attnlrp's epsilon rule handed out the convolution's output as a view, which may not be changed in
+    place: RuntimeError on every image of timm's MobileNetV3, RegNetY and FastViT."""
+    class SqueezeExcite(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.reduce, self.expand = (torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1),
+                                                   torch.nn.Conv2d(4, 8, 1))
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.stem(x)
+            gate = self.reduce(x.mean((2, 3), keepdim=True)).relu_()
+            return self.head((x * self.expand(gate).sigmoid()).mean((2, 3)))
+
+    torch.manual_seed(0)
+    maps = get_explainer("attnlrp", SqueezeExcite().eval()).explain(torch.rand(2, 3, 16, 16), torch.tensor([0, 1])).maps
+    assert maps.shape == (2, 16, 16) and torch.isfinite(maps).all() and maps.flatten(1).std(1).gt(0).all()

@@ -98,3 +98,25 @@ def test_a_levit_cam_steps_back_to_its_first_stage_s_last_block_not_its_stem():
     explainer.explain(torch.rand(1, 3, 64, 64), torch.zeros(1, dtype=torch.long))
     assert (explainer.layer_used, explainer.layer_reshape) == ("model.levit.encoder.stages.0.layers.1",
                                                                "tokens -> 4x4 grid")
+
+
+@pytest.mark.parametrize("name, size, layer", [("mobilenetv3_small_100", 112, "blocks"),
+                                               ("efficientnet_b0", 112, "bn2")])
+def test_squeeze_excitation_does_not_count_as_the_grid_collapsing(timm, name, size, layer):
+    """At 112 px these end on a 4x4 grid, enough for a CAM; the 1x1 convolutions of their
+    squeeze-excitation gates, on pooled 1x1 features, counted as the grid shrinking under 4x4, and
+    the search stepped back into the next stage's first block (its expansion's norm)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=4).eval()
+    explainer = get_explainer("gradcam", model)
+    explainer.explain(torch.rand(1, 3, size, size), torch.zeros(1, dtype=torch.long))
+    assert explainer.layer_used == layer
+
+
+def test_attention_weights_are_not_taken_for_a_feature_map():
+    """CoAtNet's and MaxViT's 4x4 windows give attention [B,heads,16,16]; at 128 px 16x16 is one of
+    the image's grids, and the CAMs took the attention dropout's output for a feature map."""
+    from saliency_audit.explainers.cam.base import attention_weights
+    scores = torch.randn(2, 3, 16, 16)
+    assert attention_weights(scores.softmax(-1)) and not attention_weights(scores)
+    assert not attention_weights(scores.relu()) and not attention_weights(torch.rand(2, 3, 16, 8).softmax(-1))
