@@ -36,6 +36,7 @@ class AttentionGradient(Explainer):
         with torch.enable_grad(), ForwardTrace(images) as trace:
             logits = self.model(images)
         layers = trace.attention_layers(len(images), self.name)
+        read = trace.read_tokens(logits)
         score = logits.gather(1, targets.to(logits.device).long().unsqueeze(1)).sum()
         grads = torch.autograd.grad(score, layers, allow_unused=True)  # a layer after the class token's last read has none
         with torch.no_grad():
@@ -43,5 +44,5 @@ class AttentionGradient(Explainer):
             for a, grad in zip(layers, grads):
                 if grad is not None:
                     relevance = relevance + (grad.float() * a.float()).clamp(min=0).mean(dim=1) @ relevance
-            maps, self.captured = token_map(relevance, trace, images.shape[-2:], self.name)
+            maps, self.captured = token_map(relevance, trace, images.shape[-2:], self.name, read)
         return Explanation(maps)

@@ -44,13 +44,14 @@ class AttentionRollout(Explainer):
         # Grad stays on (nothing flows back): under no_grad nn.MultiheadAttention takes a fused fast
         # path the trace must recognise to refuse, and every method sees the same forward.
         with torch.enable_grad(), ForwardTrace(images) as trace:
-            self.model(images)
+            logits = self.model(images)
         layers = trace.attention_layers(len(images), self.name)
+        read = trace.read_tokens(logits)  # which rows the flow is read at: the tokens the head reads
         with torch.no_grad():
             eye = torch.eye(layers[0].shape[-1], device=images.device)
             flow = eye.expand(len(images), -1, -1)
             for a in layers:
                 a = 0.5 * HEAD_FUSIONS[self.head_fusion](a.float(), dim=1) + 0.5 * eye
                 flow = (a / a.sum(dim=-1, keepdim=True)) @ flow
-            maps, self.captured = token_map(flow, trace, images.shape[-2:], self.name)
+            maps, self.captured = token_map(flow, trace, images.shape[-2:], self.name, read)
         return Explanation(maps)

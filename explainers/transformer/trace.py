@@ -147,6 +147,7 @@ class ForwardTrace(TorchFunctionMode):
         setattr(source, _LIVE, True)
         self.attention: list[torch.Tensor] = []
         self.rectangular: list[int] = []  # per other attention softmax, how many square ones came before it
+        self.sequence: torch.Tensor | None = None
         self.conv_grids: list[tuple[int, int]] = []
         self.fused = self.hidden = 0
 
@@ -160,6 +161,8 @@ class ForwardTrace(TorchFunctionMode):
         for t in tensors(out):  # computed from the input, unless a rule detached it (a constant)
             if t.requires_grad or not torch.is_grad_enabled():
                 setattr(t, _LIVE, True)
+                if t.dim() == 3 and self.attention and t.shape[1] == self.attention[-1].shape[-1]:
+                    self.sequence = t  # the last token sequence: what the head reads its tokens from
         return out
 
     def _softmax(self, func, args, kwargs, live):
@@ -197,6 +200,15 @@ class ForwardTrace(TorchFunctionMode):
         if not self.attention and out.dim() == 4:
             self.conv_grids.append(tuple(out.shape[-2:]))
         return out
+
+    def read_tokens(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """[T] bool: the tokens of the last sequence that the head reads (a gradient reaches them from
+        the logits): the class token of a ViT, class and distillation tokens of a DeiT, the patches
+        of a model that pools their mean (BEiT, timm's gap models), both for DINOv2. None if unknown."""
+        if self.sequence is None or not self.sequence.requires_grad or not logits.requires_grad:
+            return None
+        (grad,) = torch.autograd.grad(logits.sum(), self.sequence, retain_graph=True, allow_unused=True)
+        return None if grad is None else grad.abs().sum((0, 2)) > 0
 
     def refuse_hidden(self, method: str) -> None:
         if self.hidden:
@@ -242,15 +254,28 @@ def token_grid(tokens: int, conv_grids: list[tuple[int, int]], height: int, widt
     return None
 
 
-def token_map(relevance: torch.Tensor, trace: ForwardTrace, size, method: str) -> tuple[torch.Tensor, dict]:
+def token_map(relevance: torch.Tensor, trace: ForwardTrace, size, method: str,
+              read: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Token-to-token relevance [B,T,T] -> the map [B,H,W] of the patches and a record of what was read.
 
-    The row read is the class token's (the first) when the sequence has prefix tokens, else the mean
-    of all rows (a model that pools its tokens by their mean); then patch_map."""
+    The rows read are those of the tokens the head reads (``read``, ForwardTrace.read_tokens), each
+    prefix token's row and the mean of the patches' rows counting once: a ViT's class token, the mean
+    of a DeiT's class and distillation tokens (its two heads' mean), the patches' mean where the
+    model pools them (BEiT, timm's gap models; row 0 there is a patch or a register), half each for
+    DINOv2's class token and patch mean. Unknown: the first row with prefix tokens, else the mean of
+    all rows. Then patch_map."""
     prefix = _grid(relevance.shape[-1], trace, size, method, "use attnlrp or gradcam")[2]
-    row = relevance[:, 0] if prefix else relevance.mean(dim=1)
-    maps, record = patch_map(row, trace, size, method)
-    return maps, {**record, "row": "class token (first)" if prefix else "mean of all tokens"}
+    if read is None or not read.any():
+        read = torch.zeros(relevance.shape[-1], dtype=torch.bool)
+        read[0 if prefix else slice(None)] = True
+    read = read.to(relevance.device)
+    rows = [relevance[:, i] for i in range(prefix) if read[i]]
+    names = [("class token (first)" if i == 0 else f"token {i}") for i in range(prefix) if read[i]]
+    if read[prefix:].any():
+        rows.append(relevance[:, prefix:][:, read[prefix:]].mean(dim=1))
+        names.append("mean of the patch tokens" if prefix else "mean of all tokens")
+    maps, record = patch_map(torch.stack(rows).mean(dim=0), trace, size, method)
+    return maps, {**record, "row": " and ".join(names) + (", averaged" if len(names) > 1 else "")}
 
 
 def patch_map(values: torch.Tensor, trace: ForwardTrace, size, method: str,

@@ -101,7 +101,9 @@ def test_rollout_equals_the_paper_formula_on_hf_attentions(family, prefix):
     for a in attentions:  # Abnar & Zuidema: 0.5 A + 0.5 I, rows normalised, product over layers, head mean
         a = 0.5 * a.detach().mean(dim=1) + 0.5 * eye
         flow = (a / a.sum(dim=-1, keepdim=True)) @ flow
-    reference = flow[:, 0, prefix:].reshape(len(x), 4, 4)
+    # the rows of the tokens the head reads: ViT's class token; DeiT's logits are the mean of its class
+    # and distillation tokens' heads, so the mean of their rows
+    reference = flow[:, :prefix, prefix:].mean(dim=1).reshape(len(x), 4, 4)
     explainer = get_explainer("rollout", logits_model(family))
     maps = explainer.explain(x, torch.tensor([0, 1])).maps
     torch.testing.assert_close(per_patch(maps), reference)
@@ -117,7 +119,7 @@ def test_attngrad_equals_chefer_rule_on_hf_attentions_and_gradients(family, pref
     relevance = torch.eye(attentions[0].shape[-1]).expand(len(x), -1, -1)
     for a in attentions:  # Chefer et al. 2021, Eqs. 5-6: A_bar = E_h[(grad * A)^+], R += A_bar R
         relevance = relevance + (a.grad * a.detach()).clamp(min=0).mean(dim=1) @ relevance
-    reference = relevance[:, 0, prefix:].reshape(len(x), 4, 4)
+    reference = relevance[:, :prefix, prefix:].mean(dim=1).reshape(len(x), 4, 4)  # the rows the head reads
     maps = get_explainer("attngrad", logits_model(family)).explain(x, targets).maps
     torch.testing.assert_close(per_patch(maps), reference)
     other = get_explainer("attngrad", logits_model(family)).explain(x, torch.tensor([4, 4])).maps

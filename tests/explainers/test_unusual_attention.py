@@ -120,3 +120,28 @@ def test_attention_weights_are_not_taken_for_a_feature_map():
     scores = torch.randn(2, 3, 16, 16)
     assert attention_weights(scores.softmax(-1)) and not attention_weights(scores)
     assert not attention_weights(scores.relu()) and not attention_weights(torch.rand(2, 3, 16, 8).softmax(-1))
+
+
+@pytest.mark.parametrize("mean_pooling, row", [(True, "mean of the patch tokens"), (False, "class token (first)")])
+def test_rollout_is_read_at_the_tokens_the_head_reads(mean_pooling, row):
+    """BEiT (as timm's gap models) may average its patch tokens for the head: rollout read row 0, the
+    class token's, which that head never reads (in timm's reg_gap models, a register). The reference:
+    Abnar & Zuidema's product of HF's own attentions, read at the rows the head reads."""
+    torch.manual_seed(0)
+    raw = t.BeitForImageClassification(t.BeitConfig(
+        use_mean_pooling=mean_pooling, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=4, image_size=32)).eval()
+    raw.set_attn_implementation("eager")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        attentions = raw(pixel_values=x, output_attentions=True).attentions
+    eye = torch.eye(17)
+    flow = eye.expand(2, -1, -1)
+    for a in attentions:
+        a = 0.5 * a.mean(dim=1) + 0.5 * eye
+        flow = (a / a.sum(dim=-1, keepdim=True)) @ flow
+    reference = flow[:, 1:].mean(dim=1) if mean_pooling else flow[:, 0]
+    explainer = get_explainer("rollout", logits(raw))
+    maps = explainer.explain(x, torch.tensor([0, 1])).maps
+    torch.testing.assert_close(maps[:, ::8, ::8], reference[:, 1:].reshape(2, 4, 4))
+    assert explainer.captured["row"] == row
