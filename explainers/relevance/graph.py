@@ -305,12 +305,13 @@ def trace_model(model: nn.Module, example: torch.Tensor, method: str) -> fx.Grap
     try:
         with torch.no_grad():
             graph = tracer.trace(model)
-    except UnsupportedModel:
-        raise
     except Exception as e:  # noqa: BLE001 - torch.fx fails in many ways on code written for eager mode
         layer = attention_layer(model)
-        if layer:  # transformers fail to trace long before the rules would refuse their attention
+        if layer:  # transformers fail to trace (or branch on a value: EVA's is_causal) before the rules would
+            # refuse their attention, which is what the user must hear
             reason = f"{COVERED}; this model uses attention ({layer}), which they do not"
+        elif isinstance(e, UnsupportedModel):
+            raise
         else:
             reason = (f"it needs the model's torch.fx graph, and tracing fails ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''})")

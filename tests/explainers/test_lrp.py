@@ -322,6 +322,29 @@ class ValueBranch(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class CausalAttention(nn.Module):
+    """Branches on a tensor value, as timm's EVA attention does on ``is_causal``."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+class AttendingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention, self.fc = CausalAttention(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.attention(x).flatten(1))
+
+
+def test_a_model_with_attention_hears_about_the_attention_whatever_stopped_the_trace():
+    """EVA's attention branches on a value before the rules meet its attention: the refusal named
+    the branch (node 'is_causal'), which says nothing of why no rule could explain the model."""
+    with pytest.raises(ValueError, match=r"uses attention \(CausalAttention\), which they do not: use attnlrp"):
+        elrp(AttendingNet().eval(), torch.rand(1, 1, 2, 2), torch.tensor([0]))
+
+
 def test_unsupported_operation_and_value_branches_raise():
     x, t = torch.rand(1, 1, 2, 2), torch.tensor([0])
     with pytest.raises(ValueError, match=r"elrp cannot explain this model: .*operation 'mul'"):
