@@ -27,12 +27,14 @@ WEIGHTINGS = ("elementwise", "mean")
 # 0.88-1.00, scorecam 0.71-0.96 -> 0.98-1.00 (three models).
 MIN_SIDE, STEP_BACK_SIDE = 4, 7
 # Models whose tokens are out of raster order until their last stage: Hiera "unrolls" them so that each
-# query pooling is a reshape, and only its last grid's tokens are patches in row-major order.
-UNROLLED = ("Hiera",)
+# query pooling is a reshape, and only its last grid's tokens are patches in row-major order. Known by
+# the mask-unit attention that needs it (timm's MaskUnitAttention, transformers' HieraMaskUnitAttention),
+# not by the name Hiera: timm's HieraDet (SAM 2's encoder) keeps its tokens [B,H,W,C] at every stage.
+UNROLLED = ("MaskUnitAttention",)
 
 
 def unrolled(model: nn.Module) -> bool:
-    return any(type(m).__name__.startswith(UNROLLED) for m in model.modules())
+    return any(type(m).__name__.endswith(UNROLLED) for m in model.modules())
 
 
 def require_module_hooks(model: torch.nn.Module, method: str) -> None:

@@ -50,12 +50,16 @@ def unquoted(text: str, url: str) -> str:
 # (a Beam worker too) registers the options it opens with.
 REDACTED = "<redacted>"
 # A value under such a name is a secret from MIN_CREDENTIAL characters; any other from MIN_SECRET, unless
-# it is a plain word ("s3v4", "auto", a profile "default", an addressing style "virtual": replacing those
-# would garble every message and report page holding the word, and a credential is no plain word).
+# it is a plain word or a lowercase name ("auto", a profile "default", an addressing style "virtual", a
+# region "eu-west-1", a project "acme-ml-prod"): buckets and paths are named after those, and cutting
+# them out garbled every path, message and report holding them; no credential looks like one.
 _CREDENTIAL_NAME = re.compile(r"auth|token|key|secret|password|passwd|cookie|session|signature|credential|sas",
                               re.IGNORECASE)
 MIN_CREDENTIAL, MIN_SECRET = 4, 6
-_PLAIN_WORD = re.compile(r"[A-Za-z]{1,15}")
+_PLAIN_WORD = re.compile(r"[A-Za-z]{1,15}|[a-z0-9][a-z0-9._-]{0,62}")
+# gcsfs's token names how to authenticate as well as holding a credential ({"token": "anon"} reads a
+# public bucket): a mode is no secret, and "anon" or "cloud" cut out of every word holding them garbled paths
+GCSFS_TOKEN_MODES = ("anon", "browser", "cache", "cloud", "google_default")
 _secrets: set[str] = set()
 _lock = threading.Lock()  # readers on several threads register at once
 _forms: tuple[str, ...] = ()  # every quoted form of every secret, longest first (rebound whole: threads read it)
@@ -78,7 +82,9 @@ def keep_secret(options, name: str = "") -> None:
         query = _QUERY.search(options)
         if query:
             parts += [p.partition("=")[2] for p in re.split(r"[?#&;]", query.group(0))]
-        if _CREDENTIAL_NAME.search(name):
+        if name == "token" and options.strip() in GCSFS_TOKEN_MODES:
+            new = set()
+        elif _CREDENTIAL_NAME.search(name):
             new = {p for p in parts if len(p.strip()) >= MIN_CREDENTIAL}
         else:
             new = {p for p in parts if len(p.strip()) >= MIN_SECRET and not _PLAIN_WORD.fullmatch(p.strip())}
@@ -142,10 +148,26 @@ def redacted_streams():
     layer raised the message."""
     saved, secrets = (sys.stdout, sys.stderr), set(_secrets)
     sys.stdout, sys.stderr = (s if isinstance(s, RedactingStream) else RedactingStream(s) for s in saved)
+    # a handler made before holds the bare stream (importing Beam leaves the root logger one on stderr,
+    # which every command but run logs through): it writes through the wrapper meanwhile
+    wrapped = dict(zip(map(id, saved), (sys.stdout, sys.stderr)))
+    handlers = [(h, h.stream) for h in _stream_handlers() if id(h.stream) in wrapped and h.stream is not None]
+    for handler, stream in handlers:
+        handler.stream = wrapped[id(stream)]
     try:
         yield
     finally:
         sys.stdout, sys.stderr = saved
+        for handler, stream in handlers:
+            handler.stream = stream
         if not isinstance(saved[1], RedactingStream):  # the outermost command: its secrets end with it
             with _lock:
                 _remember(secrets)
+
+
+def _stream_handlers() -> list:
+    import logging
+    loggers = [logging.getLogger(), *(lg for lg in list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(lg, logging.Logger))]
+    # (the stream an attribute of its own: logging's lastResort reads sys.stderr through a property)
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler) and "stream" in vars(h)]

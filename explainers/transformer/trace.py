@@ -170,8 +170,10 @@ class ForwardTrace(TorchFunctionMode):
         if out.dim() >= 4 and arg(args, kwargs, 1, "dim") in (-1, out.dim() - 1):
             if out.dim() == 4 and out.shape[-1] == out.shape[-2]:
                 self.attention.append(out)
-            else:  # queries over another set of keys: spatial-reduction (PVT, CvT) or pooled (Hiera) attention
-                self.rectangular.append(len(self.attention))
+            elif out.shape[-1] != out.shape[-2]:  # queries over another set of keys: spatial-reduction (PVT,
+                self.rectangular.append(len(self.attention))  # CvT) or pooled (Hiera) attention
+            # else windows of neighbours (VOLO's outlook attention, [B,heads,HW,k*k,k*k]): local mixing, as
+            # a hybrid ViT's convolutions, before the tokens that are composed
         return self.weights(out)
 
     def weights(self, softmax: torch.Tensor) -> torch.Tensor:

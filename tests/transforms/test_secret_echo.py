@@ -229,5 +229,5 @@ def test_what_counts_as_a_secret_and_how_a_page_shows_it(monkeypatch):
                        "config_kwargs": {"s3": {"addressing_style": "virtual"}}, "endpoint_url": f"http://h/{CANARY}"})
     # a plain word under a name that is no credential's stays (it would garble every message holding it)
     assert paths.redact("default profile, virtual addressing") == "default profile, virtual addressing"
-    assert paths.redact("region us-east-1, key ab12") == "region <redacted>, key <redacted>"
+    assert paths.redact("region us-east-1, key ab12") == "region us-east-1, key <redacted>"  # a region is a name
     assert paths.redact(f"GET http://h/{CANARY}/b", "&lt;redacted&gt;") == "GET &lt;redacted&gt;/b"

@@ -78,13 +78,16 @@ class Preprocessing:
         if self.resize_shortest is not None and (self.resize is not None or self.resize_shortest < 1):
             raise ValueError(f"resize_shortest must be a positive size, without resize, got {self.resize_shortest}")
         # a size from a flag or a model's preprocessor_config.json: 100000x100000 would ask every image for
-        # 40 GB; the output of the resize answers to the same limit as the decoded image
+        # 40 GB; the output of the resize answers to the same limit as the decoded image, though never to
+        # one under the default: a user lowers --max-pixels to refuse large inputs (64x64 thumbnails), not
+        # the model's own input size (224x224)
+        limit = max(self.max_pixels, DEFAULT_MAX_PIXELS)
         for what, value, area in (("--resize", self.resize, math.prod(self.resize or ())),
                                   ("the centre crop", self.crop, math.prod(self.crop or ())),
                                   ("the shorter side's resize", self.resize_shortest, (self.resize_shortest or 0) ** 2)):
-            if area > self.max_pixels:
+            if area > limit:
                 raise ValueError(f"{what} to {value} makes images of at least {area} pixels, over the limit of "
-                                 f"{self.max_pixels} (--max-pixels)")
+                                 f"{limit} (--max-pixels)")
         if self.interpolation not in INTERPOLATIONS or self.crop_offset not in CROP_OFFSETS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)} and crop_offset one of "
                              f"{', '.join(CROP_OFFSETS)}, got {self.interpolation!r}, {self.crop_offset!r}")
@@ -235,7 +238,8 @@ def geometry(prep: Preprocessing, size: tuple[int, ...]) -> tuple[tuple[int, int
         target = (prep.resize_shortest, longer) if height <= width else (longer, prep.resize_shortest)
         # the longer side grows with the aspect ratio: a 2 x 8,000,000 image (under --max-pixels) would
         # become 256 x 1,000,000,000, terabytes, and take the run down with it
-        if prep.resize_shortest * longer > prep.max_pixels:  # (its square is within: __post_init__)
+        # (its square may exceed a lowered --max-pixels: see __post_init__)
+        if prep.resize_shortest * longer > max(prep.max_pixels, prep.resize_shortest ** 2):
             raise BadImage("preprocess", f"image is {height}x{width}: its shorter side resized to "
                                          f"{prep.resize_shortest} it would be {target[0]}x{target[1]} pixels, over "
                                          f"the limit of {prep.max_pixels} (--max-pixels)")
