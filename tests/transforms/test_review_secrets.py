@@ -1,7 +1,6 @@
 """Review of the storage-option redaction (4695cdc, e5193e4): what it may not garble."""
 import base64
 
-import pytest
 
 from saliency_audit.explainers.core import paths
 from saliency_audit.pipelines.reporting import report
