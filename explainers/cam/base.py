@@ -309,11 +309,12 @@ class CAMBase(Explainer):
                 raise ValueError(f"{self.name}: layer {self.layer!r} ran {len(runs)} times in one forward; "
                                  "it must run exactly once")
             grid = grid_of(runs[0].output, 2, grids, named=True)
-            final = [g for c in calls if owns_weights(c.module) and (g := grid_of(c.output, 2, grids)) is not None]
-            if grid is not None and unrolled(self.model) and final and grid.size != final[-1].size:
-                raise ValueError(f"{self.name}: layer {self.layer!r} is a {grid.size[0]}x{grid.size[1]} grid of "
-                                 "Hiera's tokens, which are in raster order only at its last stage "
-                                 f"({final[-1].size[0]}x{final[-1].size[1]}): name a layer there")
+            if grid is not None and unrolled(self.model):  # (only then: it walks every call's output)
+                final = [g for c in calls if owns_weights(c.module) and (g := grid_of(c.output, 2, grids)) is not None]
+                if final and grid.size != final[-1].size:
+                    raise ValueError(f"{self.name}: layer {self.layer!r} is a {grid.size[0]}x{grid.size[1]} grid of "
+                                     "Hiera's tokens, which are in raster order only at its last stage "
+                                     f"({final[-1].size[0]}x{final[-1].size[1]}): name a layer there")
             if grid is None:
                 out = runs[0].output
                 raise ValueError(f"{self.name}: layer {self.layer!r} must output [B,K,h,w], [B,h,w,K] or patch "

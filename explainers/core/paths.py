@@ -12,6 +12,7 @@ import threading
 # the first ? or # followed by a name and '=' before any '/' (a glob's ? is followed by no '=').
 _QUERY = re.compile(r"[?#][^/?#=]*=.*$", re.DOTALL)
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+REDACTED = "<redacted>"
 
 
 def shown(url: str) -> str:
@@ -25,6 +26,12 @@ def has_query(url: str) -> bool:
     return bool(_QUERY.search(str(url)))
 
 
+def _query_values(url: str) -> list[str]:
+    """The values of the query (or fragment) of ``url``, each of which a client may quote alone."""
+    query = _QUERY.search(url)
+    return [part.partition("=")[2] for part in re.split(r"[?#&;]", query.group(0))] if query else []
+
+
 def unquoted(text: str, url: str) -> str:
     """``text`` (an error's message) with ``url``, its query, and each value of the query wherever
     it appears alone (a client may quote the URL re-encoded), replaced by what ``shown`` keeps."""
@@ -33,10 +40,9 @@ def unquoted(text: str, url: str) -> str:
     query = _QUERY.search(url)
     if query:
         text = text.replace(query.group(0), "")
-        for part in re.split(r"[?#&;]", query.group(0)):
-            value = part.partition("=")[2]
-            if len(value) >= 4:
-                text = text.replace(value, "<redacted>")
+    for value in _query_values(url):
+        if len(value) >= 4:
+            text = text.replace(value, REDACTED)
     return text
 
 
@@ -48,7 +54,6 @@ def unquoted(text: str, url: str) -> str:
 # message may quote it, where the message leaves the process (the standard streams, the reasons of
 # error rows, the report page). The values are kept per process: each process that opens storage
 # (a Beam worker too) registers the options it opens with.
-REDACTED = "<redacted>"
 # A value under such a name is a secret from MIN_CREDENTIAL characters; any other from MIN_SECRET, unless
 # it is a plain word or a lowercase name ("auto", a profile "default", an addressing style "virtual", a
 # region "eu-west-1", a project "acme-ml-prod"): buckets and paths are named after those, and cutting
@@ -79,9 +84,7 @@ def keep_secret(options, name: str = "") -> None:
         userinfo = re.match(r"^(?:[A-Za-z][A-Za-z0-9+.-]*://)?([^/?#@]*)@", options)
         if userinfo:
             parts += [userinfo.group(1), userinfo.group(1).partition(":")[2]]
-        query = _QUERY.search(options)
-        if query:
-            parts += [p.partition("=")[2] for p in re.split(r"[?#&;]", query.group(0))]
+        parts += _query_values(options)
         if name == "token" and options.strip() in GCSFS_TOKEN_MODES:
             new = set()
         elif _CREDENTIAL_NAME.search(name):
