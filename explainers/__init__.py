@@ -7,7 +7,7 @@
 Methods are grouped by family, one file per method (or per small group of variants), each class
 registered under its short name: gradient/ (sal, grad, intg, smoothgrad, expected_gradients,
 xrai), relevance/ (deeplift, elrp, lrp), cam/ (gradcam and its variants), transformer/ (rollout,
-attngrad, attnlrp, legrad), perturbation/
+attention_grad, attnlrp, legrad), perturbation/
 (occlusion, mask, rise), blackbox/ (lime, anchor, lore, abele) and controls (random, sobel).
 core/ holds what they share: the interface, the registry, baselines, target scores, map helpers.
 metrics/ holds the quality metrics.
@@ -21,7 +21,7 @@ from saliency_audit.explainers.gradient import (expected_gradients, integrated_g
                                                 smoothgrad, xrai)
 from saliency_audit.explainers.relevance import deeplift, lrp  # noqa: E402,F401
 from saliency_audit.explainers.cam import gradcam, variants  # noqa: E402,F401
-from saliency_audit.explainers.transformer import attngrad, attnlrp, legrad, rollout  # noqa: E402,F401
+from saliency_audit.explainers.transformer import attention_grad, attnlrp, legrad, rollout  # noqa: E402,F401
 from saliency_audit.explainers.perturbation import meaningful_perturbation, occlusion, rise  # noqa: E402,F401
 from saliency_audit.explainers.blackbox import abele, anchor, lime, lore  # noqa: E402,F401
 from saliency_audit.explainers import controls  # noqa: E402,F401

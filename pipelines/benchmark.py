@@ -9,7 +9,7 @@ at the same batch size: b forward+backward pairs plus f - b extra forwards (fwd 
 forward-only methods, fwd_bwd / n for n-step gradient methods).  ``ratio`` = measured
 images/s / floor; well below 1 means overhead outside the model (Python loops, small
 batches, host-device copies) worth a look. Each row also has the peak memory per image
-(PeakMemory). benchmarks/accelerator.py runs the same measurement on ResNet-50 and ViT-B/16 at
+(PeakMemory). benchmarks/gpu_benchmark.py runs the same measurement on ResNet-50 and ViT-B/16 at
 224 px, on a GPU or a CPU (docs/performance.md).
 """
 from __future__ import annotations

@@ -178,7 +178,7 @@ class Explainer:
     # the model's layers: a compiled graph fuses them, so a hooked activation and its gradient are
     # not there to take.
     compiles: ClassVar[bool] = True
-    # True for a method that reads attention matrices (rollout, attngrad): a model without global
+    # True for a method that reads attention matrices (rollout, attention_grad): a model without global
     # attention (a CNN, Swin's windows) is refused on its first explain, so runs over every method on
     # a CNN (the demo, the golden outputs) leave it out.
     needs_attention: ClassVar[bool] = False

@@ -64,7 +64,7 @@ class LeGrad(Explainer):
 
     The gradient alone says how much attending more to a token would raise the score, whether the
     token is attended or not: on the issue-25 MNIST ViT blank patches got 0.62 of the strokes' mean
-    map and deletion rated the maps 0.72 of a random map's AUC (attngrad, which weights the same
+    map and deletion rated the maps 0.72 of a random map's AUC (attention_grad, which weights the same
     kind of gradient by the attention: 0.30; tests/explainers/test_transformer_quality.py).
 
     Needs the final norm and head, found in Hugging Face ViT and DeiT classifiers only
@@ -109,18 +109,18 @@ class LeGrad(Explainer):
         attention = trace.attention_layers(len(images), self.name)  # refuses CNNs and windows first, as rollout
         if found is None:
             raise UnsupportedModel(self.name, "it reads each layer's class token through the model's final norm and "
-                                              f"head, which it finds in {SUPPORTED} only; use attngrad or attnlrp")
+                                              f"head, which it finds in {SUPPORTED} only; use attention_grad or attnlrp")
         _, readout, described = found
         tokens, height, width = attention[0].shape[-1], *images.shape[-2:]
         if len(outputs) != len(attention) or any(h.shape[:2] != (len(images), tokens) for h in outputs):
             raise UnsupportedModel(self.name, f"its {len(outputs)} encoder layers do not match its {len(attention)} "
-                                              "attention matrices one to one; use attngrad or attnlrp")
+                                              "attention matrices one to one; use attention_grad or attnlrp")
         index = targets.to(logits.device).long().unsqueeze(1)
         with torch.enable_grad():
             last = readout(outputs[-1])
         if last.shape != logits.shape or not torch.allclose(last.float(), logits.float(), rtol=1e-3, atol=1e-4):
             raise UnsupportedModel(self.name, "its logits are not its Hugging Face head's on the last layer (a wrapper "
-                                              "changes them); use attngrad or attnlrp")
+                                              "changes them); use attention_grad or attnlrp")
         used = len(attention) if self.layers is None else min(self.layers, len(attention))
         total = torch.zeros(len(images), tokens, device=images.device)
         for h, a in zip(outputs[-used:], attention[-used:]):

@@ -1,4 +1,4 @@
-"""rollout, attngrad and attnlrp (explainers/transformer/): known answers on hand-built attention,
+"""rollout, attention_grad and attnlrp (explainers/transformer/): known answers on hand-built attention,
 equality with references computed from Hugging Face's own attention weights (output_attentions)
 and their gradients, AttnLRP against LXT's explicit rules on the same weights and its
 conservation, fused attention and nn.MultiheadAttention against eager attention, the refusals
@@ -16,7 +16,7 @@ from saliency_audit.explainers.core.base import UnsupportedModel
 from saliency_audit.explainers.transformer.trace import token_grid
 
 PATCH, SIZE = 8, 32  # the tiny HF ViT and DeiT: 4x4 patches of 8 px
-ATTENTION_METHODS = ("rollout", "attngrad")
+ATTENTION_METHODS = ("rollout", "attention_grad")
 
 
 def images(n=2, seed=0):
@@ -79,7 +79,7 @@ def test_rollout_known_answers_on_fixed_attention():
                              "row": "class token (first)", "fused_attention_computed": 0, "upsampling": "nearest"}
 
 
-# --- rollout and attngrad against Hugging Face's own attention weights --------------------------
+# --- rollout and attention_grad against Hugging Face's own attention weights --------------------------
 
 def hf_attentions(family: str, x: torch.Tensor):
     """The raw HF model's logits and attention weights (output_attentions=True, eager), weights
@@ -120,9 +120,9 @@ def test_attngrad_equals_chefer_rule_on_hf_attentions_and_gradients(family, pref
     for a in attentions:  # Chefer et al. 2021, Eqs. 5-6: A_bar = E_h[(grad * A)^+], R += A_bar R
         relevance = relevance + (a.grad * a.detach()).clamp(min=0).mean(dim=1) @ relevance
     reference = relevance[:, :prefix, prefix:].mean(dim=1).reshape(len(x), 4, 4)  # the rows the head reads
-    maps = get_explainer("attngrad", logits_model(family)).explain(x, targets).maps
+    maps = get_explainer("attention_grad", logits_model(family)).explain(x, targets).maps
     torch.testing.assert_close(per_patch(maps), reference)
-    other = get_explainer("attngrad", logits_model(family)).explain(x, torch.tensor([4, 4])).maps
+    other = get_explainer("attention_grad", logits_model(family)).explain(x, torch.tensor([4, 4])).maps
     assert not torch.allclose(maps, other)  # class-specific, unlike rollout
 
 
@@ -172,7 +172,7 @@ class Logits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-@pytest.mark.parametrize("method", ["rollout", "attngrad", "attnlrp"])
+@pytest.mark.parametrize("method", ["rollout", "attention_grad", "attnlrp"])
 def test_fused_attention_gives_the_same_maps_as_its_eager_twin(method):
     """HF's sdpa calls F.scaled_dot_product_attention, which never materialises the weights; the
     trace computes it explicitly, so the maps equal the eager model's."""
@@ -233,7 +233,7 @@ def test_nn_multiheadattention_is_computed_from_its_parts():
     assert torch.isfinite(relevance.explain(x, torch.tensor([0, 1])).maps).all()
     assert relevance.captured["rules"]["uniform"] == 2  # q k^T and A v inside the module
     with pytest.raises(UnsupportedModel, match="fused kernel that hides its weights"):
-        get_explainer("attngrad", TorchEncoder(add_zero_attn=True)).explain(x, torch.tensor([0, 1]))
+        get_explainer("attention_grad", TorchEncoder(add_zero_attn=True)).explain(x, torch.tensor([0, 1]))
 
 
 # --- AttnLRP -------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def test_attnlrp_options_are_checked():
         get_explainer("attnlrp", ToyViT(), epsilon=-1)
 
 
-@pytest.mark.parametrize("method", ["rollout", "attngrad", "attnlrp"])
+@pytest.mark.parametrize("method", ["rollout", "attention_grad", "attnlrp"])
 def test_an_image_gets_the_same_map_alone_and_in_a_batch(method):
     explainer = get_explainer(method, logits_model("deit"))
     x, targets = images(3), torch.tensor([2, 5, 9])
@@ -406,7 +406,7 @@ def planted(n, seed):
 def test_the_methods_find_a_planted_patch_in_a_trained_vit(one_torch_thread):
     """ToyViT trained (4 epochs of 1024 images, ~2 s) to tell images with the patch from those
     without; each map's positive mass must sit on the patch far above its 1/16 share of the image.
-    Measured on seeds 0-3: attnlrp 0.93-0.99, rollout 0.39-0.54, attngrad 0.04-0.99 (0.54 on seed 0):
+    Measured on seeds 0-3: attnlrp 0.93-0.99, rollout 0.39-0.54, attention_grad 0.04-0.99 (0.54 on seed 0):
     gradient-weighted attention misses on one seed of four."""
     model = ToyViT(classes=2).train()
     for module in model.modules():
@@ -427,7 +427,7 @@ def test_the_methods_find_a_planted_patch_in_a_trained_vit(one_torch_thread):
     with torch.no_grad():
         assert (model(x).argmax(dim=1) == y).float().mean() > 0.97, "the planted-feature ViT did not learn the task"
     x, corners = x[y == 1][:16], corners[y == 1][:16]
-    for method, least in (("attnlrp", 0.8), ("rollout", 0.3), ("attngrad", 0.3)):
+    for method, least in (("attnlrp", 0.8), ("rollout", 0.3), ("attention_grad", 0.3)):
         maps = get_explainer(method, model).explain(x, torch.ones(len(x), dtype=torch.long)).maps.clamp(min=0)
         on_patch = torch.stack([m[r:r + PATCH, c:c + PATCH].sum() for m, (r, c) in zip(maps, corners.tolist())])
         share = on_patch / maps.sum(dim=(1, 2))
@@ -453,10 +453,10 @@ def test_preflight_records_what_was_captured_and_names_the_refused_methods(tmp_p
     with tarfile.open(tmp_path / "images.tar", "w") as tar:
         add_member(tar, "a.png", png_bytes(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)))
     shards, prep = [str(tmp_path / "images.tar")], Preprocessing(channels=3)
-    methods = {"rollout": {}, "attngrad": {}, "attnlrp": {}}
+    methods = {"rollout": {}, "attention_grad": {}, "attnlrp": {}}
     vit = ExplainConfig(ModelSpec("hf:" + save_folder("vit", tmp_path / "vit")), methods, device="cpu")
     report = preflight(vit, shards, prep, {})["methods"]
-    assert report["rollout"]["captured"]["grid"] == [4, 4] and report["attngrad"]["captured"]["attention_layers"] == 2
+    assert report["rollout"]["captured"]["grid"] == [4, 4] and report["attention_grad"]["captured"]["attention_layers"] == 2
     assert report["attnlrp"]["captured"]["rules"]["uniform"] == 4
     convnext = ExplainConfig(ModelSpec("hf:" + save_folder("convnext", tmp_path / "convnext")), methods, device="cpu")
     with pytest.raises(UsageError) as refused:

@@ -35,7 +35,7 @@ pytestmark = [
 
 ARCHITECTURES = ("vit", "convnext")
 REFUSED = {"vit": {"deeplift", "elrp", "lrp"},  # graph rules without attention, LayerNorm or GELU
-           "convnext": {"deeplift", "elrp", "lrp", "rollout", "attngrad", "legrad"}}  # ... and no attention to read
+           "convnext": {"deeplift", "elrp", "lrp", "rollout", "attention_grad", "legrad"}}  # ... and no attention to read
 DIGITS, PLANTED, SANITY = 16, 16, 8
 # Seconds per digit at their defaults (RISE's 4,000 masks, abele's and lore's neighbourhoods, anchor's
 # search, XRAI's segmentations): faithfulness on fewer digits, in the slow set, and their planted-feature
@@ -48,7 +48,7 @@ METHODS = [m for m in list_methods() if not explainer_class(m).control]
 # benchmarks/transformer_quality.py, docs/methods.md). Not strict: a float rounding that differs on
 # another CPU trains slightly different models, and a pair near the bar may then pass.
 VIT_CAM = ("one layer's 4x4 grid of 7-px patches at the last block; the methods that follow attention through "
-           "every layer (rollout, attngrad, attnlrp) meet the bar on the same model")
+           "every layer (rollout, attention_grad, attnlrp) meet the bar on the same model")
 CONVNEXT_CAM = ("the last stage is a 7x7 grid whose 7x7 depthwise kernel spans all of it, so no position stands "
                 "for its own region; the gradient CAMs also meet the head's LayerNorm after pooling, which makes "
                 "the class gradient orthogonal to the pooled features: the map sums to 0 over positions and the "
@@ -78,7 +78,7 @@ UNFAITHFUL: dict[tuple[str, str], str] = {
     ("vit", "legrad"): "measured (0.72): the gradient at an attention weight is the key token's value against the "
                        "class's direction, whether the token is attended or not, so blank patches (41% of the digits' "
                        "patches; deleting them to black changes nothing) get 0.62 of the strokes' mean map; weighted "
-                       "by the attention, as attngrad is, the same gradients score 0.39",
+                       "by the attention, as attention_grad is, the same gradients score 0.39",
 }
 MISSES_PLANTED: dict[tuple[str, str], str] = {
     **{("vit", m): PATCH_PIXELS for m in ("sal", "grad", "smoothgrad", "expected_gradients")},

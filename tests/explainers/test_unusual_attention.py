@@ -63,7 +63,7 @@ def test_a_named_hiera_layer_before_its_last_stage_is_refused():
 
 
 @pytest.mark.parametrize("build, size", [(pvt, 32), (cvt, 64), (hiera, 64)], ids=["pvt", "cvt", "hiera"])
-@pytest.mark.parametrize("method", ["rollout", "attngrad"])
+@pytest.mark.parametrize("method", ["rollout", "attention_grad"])
 def test_attention_that_pools_or_reduces_its_keys_is_not_composed(build, size, method):
     """PVT's first stage attends to keys reduced 2x, its last to its own tokens: rollout read the last
     stage alone (1 of 2 layers); CvT's and Hiera's were refused as having no attention at all."""

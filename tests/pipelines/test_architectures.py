@@ -36,7 +36,7 @@ PREPROCESSING = ["--resize", f"{SIZE},{SIZE}", "--channels", "3", "--mean", ",".
                  "--std", ",".join([str(STD)] * 3)]
 
 RELEVANCE = ("deeplift", "elrp", "lrp")  # rules over the model's torch.fx graph
-SEQUENCE = ("rollout", "attngrad", "legrad")  # attention over one token sequence
+SEQUENCE = ("rollout", "attention_grad", "legrad")  # attention over one token sequence
 # family -> {refused method: what its one-line reason must say}
 REFUSED = {
     "vit": {m: r"attention \(ViTAttention\)" for m in RELEVANCE},

@@ -23,7 +23,7 @@ N_GOOD = 20
 
 def runnable_methods():
     """Every registered method that needs no extra input (abele needs an AAE) and no attention
-    layers (rollout, attngrad: the demo CNN has none)."""
+    layers (rollout, attention_grad: the demo CNN has none)."""
     import inspect
     return [m for m in list_methods() if not explainer_class(m).needs_attention
             and all(p is not inspect.Parameter.empty for p in method_parameters(m).values())]

@@ -22,7 +22,7 @@ class AttentionGradient(Explainer):
     attention. Refuses models without global attention as rollout does; ``captured`` records what
     was read."""
 
-    name = "attngrad"
+    name = "attention_grad"
     signed = False
     compiles = False  # reads the eager forward's attention
     needs_attention = True

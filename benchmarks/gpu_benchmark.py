@@ -1,8 +1,8 @@
 """Every gradient and CAM method against the model's own speed, on an accelerator, in one call.
 
-    python benchmarks/accelerator.py --json acc.json --markdown acc.md     # a CUDA machine: under 8 minutes
-    python benchmarks/accelerator.py --reduced                             # CI: tiny models at 32 px on the CPU
-    OMP_NUM_THREADS=1 python benchmarks/accelerator.py --device cpu --threads 1 --models resnet50,vit_s16 \\
+    python benchmarks/gpu_benchmark.py --json acc.json --markdown acc.md     # a CUDA machine: under 8 minutes
+    python benchmarks/gpu_benchmark.py --reduced                             # CI: tiny models at 32 px on the CPU
+    OMP_NUM_THREADS=1 python benchmarks/gpu_benchmark.py --device cpu --threads 1 --models resnet50,vit_s16 \\
         --precisions fp32 --methods all --no-metric --no-pipeline --images 0 --batch-size 2 --target-seconds 0 \\
         --warmup 2 --repeats 2 --max-seconds-per-image 5 --clock cpu --budget 2400   # the CPU table at 224 px: ~15 min
 
