@@ -94,6 +94,11 @@ def keep_secret(options, name: str = "") -> None:
         if not new <= _secrets:
             with _lock:
                 _remember(_secrets | new)
+                if not isinstance(sys.stderr, RedactingStream):
+                    # no command redacts this process's streams: a Beam worker's own process (multi_processing,
+                    # a worker pool), whose log lines and tracebacks go to the stderr it inherited. Its
+                    # secrets are for good, so are its redacted streams (set once: the check is under the lock)
+                    _redirect_streams()
 
 
 def _remember(secrets: set[str]) -> None:
@@ -113,8 +118,21 @@ def _quoted_forms(secrets) -> set[str]:
         for value in {secret, secret.strip(), " ".join(secret.split()), *(w for w in secret.split() if len(w) >= 8)}:
             escaped = json.dumps(value)[1:-1]
             forms |= {value, repr(value)[1:-1], escaped, escaped.replace("/", "\\/"), html.escape(value),
-                      urllib.parse.quote(value), urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)}
+                      urllib.parse.quote(value), urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value),
+                      _c_escaped(value, False), _c_escaped(value, True)}
     return {f for f in forms if f}
+
+
+_C_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "'": "\\'", "\\": "\\\\"}
+
+
+def _c_escaped(value: str, utf8: bool) -> str:
+    """``value`` as protobuf's text format writes a string (Beam's launcher logs its workers' log
+    entries so): quotes, backslashes and control characters escaped, non-ASCII bytes in octal unless
+    ``utf8``."""
+    if utf8:
+        return "".join(_C_ESCAPES.get(c, c if 32 <= ord(c) != 127 else f"\\{ord(c):03o}") for c in value)
+    return "".join(_C_ESCAPES.get(chr(b), chr(b) if 32 <= b < 127 else f"\\{b:03o}") for b in value.encode())
 
 
 def redact(text: str, placeholder: str = REDACTED) -> str:
@@ -149,14 +167,8 @@ def redacted_streams():
     """stdout and stderr redacted while a command runs: its prints, its log lines (a handler made
     meanwhile writes through the wrapper, and keeps redacting after) and tracebacks, whichever
     layer raised the message."""
-    saved, secrets = (sys.stdout, sys.stderr), set(_secrets)
-    sys.stdout, sys.stderr = (s if isinstance(s, RedactingStream) else RedactingStream(s) for s in saved)
-    # a handler made before holds the bare stream (importing Beam leaves the root logger one on stderr,
-    # which every command but run logs through): it writes through the wrapper meanwhile
-    wrapped = dict(zip(map(id, saved), (sys.stdout, sys.stderr)))
-    handlers = [(h, h.stream) for h in _stream_handlers() if id(h.stream) in wrapped and h.stream is not None]
-    for handler, stream in handlers:
-        handler.stream = wrapped[id(stream)]
+    secrets = set(_secrets)
+    saved, handlers = _redirect_streams()
     try:
         yield
     finally:
@@ -166,6 +178,19 @@ def redacted_streams():
         if not isinstance(saved[1], RedactingStream):  # the outermost command: its secrets end with it
             with _lock:
                 _remember(secrets)
+
+
+def _redirect_streams():
+    """stdout, stderr and the log handlers writing to them redacting; returns what to restore."""
+    saved = (sys.stdout, sys.stderr)
+    sys.stdout, sys.stderr = (s if isinstance(s, RedactingStream) else RedactingStream(s) for s in saved)
+    # a handler made before holds the bare stream (importing Beam leaves the root logger one on stderr,
+    # which every command but run logs through, and a Beam worker all its log lines): it writes through the wrapper
+    wrapped = dict(zip(map(id, saved), (sys.stdout, sys.stderr)))
+    handlers = [(h, h.stream) for h in _stream_handlers() if id(h.stream) in wrapped and h.stream is not None]
+    for handler, stream in handlers:
+        handler.stream = wrapped[id(stream)]
+    return saved, handlers
 
 
 def _stream_handlers() -> list:

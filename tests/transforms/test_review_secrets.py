@@ -1,6 +1,8 @@
 """Review of the storage-option redaction (4695cdc, e5193e4): what it may not garble."""
 import base64
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from saliency_audit.explainers.core import paths
 from saliency_audit.pipelines.reporting import report
@@ -75,3 +77,26 @@ def test_a_region_or_project_in_a_bucket_name_is_not_cut_out_of_paths(monkeypatc
     paths.keep_secret({"project": "acme-ml-prod", "client_kwargs": {"region_name": "eu-west-1"}})
     for path in ("gs://acme-ml-prod-audits/run", "s3://data-eu-west-1/shards/a.tar"):
         assert paths.redact(path) == path
+
+
+def test_a_worker_s_log_entry_as_the_launcher_prints_it_holds_no_secret(monkeypatch):
+    # Beam's launcher logs each worker log entry as str(LogEntry): protobuf's text format, which escapes
+    # quotes and writes non-ASCII bytes in octal, forms of a password that no other quoting gives
+    from apache_beam.portability.api import beam_fn_api_pb2
+    monkeypatch.setattr(paths, "_secrets", set())
+    monkeypatch.setattr(paths, "_forms", ())
+    monkeypatch.setattr(paths, "_redirect_streams", lambda: ((None, None), []))  # pytest owns the streams
+    password = "pä'ss\"wörd\\€-123"
+    paths.keep_secret({"secret": password})
+    entry = beam_fn_api_pb2.LogEntry(message=f"ConnectionClosedError: http://user:{password}@host/b")
+    line = str(entry).replace("\n", " ")
+    assert password not in line and "123" in line  # the entry really holds it, escaped
+    assert "123" not in paths.redact(line) and paths.REDACTED in paths.redact(line)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=24))
+def test_the_text_format_escape_is_protobuf_s(text):
+    from google.protobuf import text_encoding
+    for utf8 in (False, True):
+        assert paths._c_escaped(text, utf8) == text_encoding.CEscape(text.encode(), as_utf8=utf8)

@@ -143,9 +143,9 @@ def test_local_and_memory_stores_echo_no_option_value(url, fresh, tmp_path, caps
 @pytest.fixture(scope="module")
 def dropping(tmp_path_factory):
     """moto (a real S3 server) behind a proxy whose endpoint URL holds the canary in its path, as a
-    gateway's token may be: the proxy drops the connection of each request whose path holds one of
-    ``drop`` (botocore's ConnectionClosedError then quotes the endpoint URL). Yields (moto's
-    filesystem, the endpoint URL, the set of what to drop)."""
+    gateway's token may be: the proxy drops the connection of each read or write (GET, PUT) whose
+    path holds one of ``drop`` (botocore's ConnectionClosedError then quotes the endpoint URL).
+    Yields (moto's filesystem, the endpoint URL, the set of what to drop)."""
     import http.client
 
     from conftest import moto_s3
@@ -156,7 +156,7 @@ def dropping(tmp_path_factory):
 
         def forward(self):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if any(part in self.path for part in drop) and self.command == "GET":
+            if any(part in self.path for part in drop) and self.command in ("GET", "PUT"):
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
@@ -231,3 +231,30 @@ def test_what_counts_as_a_secret_and_how_a_page_shows_it(monkeypatch):
     assert paths.redact("default profile, virtual addressing") == "default profile, virtual addressing"
     assert paths.redact("region us-east-1, key ab12") == "region us-east-1, key <redacted>"  # a region is a name
     assert paths.redact(f"GET http://h/{CANARY}/b", "&lt;redacted&gt;") == "GET &lt;redacted&gt;/b"
+
+
+
+def test_a_worker_process_s_storage_error_echoes_no_option_value(dropping, fresh, tmp_path):
+    # --direct_running_mode multi_processing: the writes happen in SDK worker processes, which log the
+    # failed bundle's traceback (botocore quoting the endpoint URL) to the stderr they inherited, where
+    # the command's redaction does not reach. So the command runs as a process here, its workers its children
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    fs, endpoint, drop = dropping
+    drop.add("/mpo/saliency/")  # the workers' writes fail; the command's own (under mpo/) do not
+    try:
+        done = subprocess.run([sys.executable, "-m", "saliency_audit.pipelines.cli", "run", "--input",
+                               str(DEMO_DATA / "mnist-test-sample.tar"), *MODEL, "sal", "--output", "s3://bkt/mpo",
+                               "--storage-options", json.dumps({"endpoint_url": endpoint, **FAST}),
+                               "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        drop.clear()
+    found = [name for name, text in (("stdout", done.stdout), ("stderr", done.stderr)) if CANARY in text]
+    fs.invalidate_cache()
+    found += [p for p in fs.find("bkt/mpo") if CANARY.encode() in fs.cat(p)]
+    found += [str(p) for p in tmp_path.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    assert done.returncode == 3 and "ConnectionClosedError" in done.stderr  # the workers' writes failed
+    assert found == []
