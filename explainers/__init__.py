@@ -12,19 +12,40 @@ attention_grad, attnlrp, legrad), perturbation/
 core/ holds what they share: the interface, the registry, baselines, target scores, map helpers.
 metrics/ holds the quality metrics.
 """
-from saliency_audit.explainers.core.base import Explainer, Explanation
-from saliency_audit.explainers.core.registry import (asset_options, explainer_class, get_explainer, list_methods,
-                                                     method_parameters, register)
+import importlib
 
-# Importing a method module registers it.
-from saliency_audit.explainers.gradient import (expected_gradients, integrated_gradients, saliency,  # noqa: E402,F401,I001
-                                                smoothgrad, xrai)
-from saliency_audit.explainers.relevance import deeplift, lrp  # noqa: E402,F401
-from saliency_audit.explainers.cam import gradcam, variants  # noqa: E402,F401
-from saliency_audit.explainers.transformer import attention_grad, attnlrp, legrad, rollout  # noqa: E402,F401
-from saliency_audit.explainers.perturbation import meaningful_perturbation, occlusion, rise  # noqa: E402,F401
-from saliency_audit.explainers.blackbox import abele, anchor, lime, lore  # noqa: E402,F401
-from saliency_audit.explainers import controls  # noqa: E402,F401
+# The names below load on first use (PEP 562), not with the package: importing any submodule runs
+# this file, and the command line imports core.paths (torch-free) to parse, where the registry and
+# the methods would bring in torch.
+_FROM = {"Explainer": "core.base", "Explanation": "core.base",
+         **dict.fromkeys(("asset_options", "explainer_class", "get_explainer", "list_methods", "method_parameters",
+                          "register"), "core.registry")}
+
+
+def __getattr__(name: str):
+    if name not in _FROM:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_FROM[name]}"), name)
+    globals()[name] = value  # found here from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_FROM})
+
+
+def _import_methods() -> None:
+    """Import every method module: importing one registers it. The registry calls this on its first
+    look-up (core.registry._methods), so the registry is complete however it was imported."""
+    from saliency_audit.explainers.gradient import (expected_gradients, integrated_gradients, saliency,  # noqa: F401,I001
+                                                    smoothgrad, xrai)
+    from saliency_audit.explainers.relevance import deeplift, lrp  # noqa: F401
+    from saliency_audit.explainers.cam import gradcam, variants  # noqa: F401
+    from saliency_audit.explainers.transformer import attention_grad, attnlrp, legrad, rollout  # noqa: F401
+    from saliency_audit.explainers.perturbation import meaningful_perturbation, occlusion, rise  # noqa: F401
+    from saliency_audit.explainers.blackbox import abele, anchor, lime, lore  # noqa: F401
+    from saliency_audit.explainers import controls  # noqa: F401
+
 
 __all__ = ["Explainer", "Explanation", "asset_options", "explainer_class", "get_explainer", "list_methods",
            "method_parameters", "register"]

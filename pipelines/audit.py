@@ -11,10 +11,19 @@ import sys
 
 from saliency_audit.pipelines.config.options import UsageError
 from saliency_audit.pipelines.job.dry_run import print_plan
-from saliency_audit.pipelines.job.phases import FAILED, log, run_plan
 from saliency_audit.pipelines.job.plan import Plan, plan
 
-__all__ = ["FAILED", "Plan", "UsageError", "main", "plan", "run", "run_plan"]
+__all__ = ["FAILED", "Plan", "UsageError", "main", "plan", "run", "run_plan"]  # noqa: F822 (FAILED, run_plan: below)
+# The phases import Beam, which parsing does not need (run --help, a bad value): they load with the
+# first of these names (PEP 562), once there is a plan to run.
+_PHASES = ("FAILED", "log", "run_plan")
+
+
+def __getattr__(name: str):
+    if name not in _PHASES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from saliency_audit.pipelines.job import phases
+    return getattr(phases, name)
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -26,7 +35,9 @@ def run(argv: list[str] | None = None) -> dict:
     (folders of runs that can no longer be the result). A failure before publishing leaves the
     previous result as it was and removes this run's files."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_plan(plan(argv))[0]
+    audit_plan = plan(argv)
+    from saliency_audit.pipelines.job.phases import run_plan
+    return run_plan(audit_plan)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,11 +55,13 @@ def _main(argv: list[str] | None = None) -> int:
         if audit_plan.options.dry_run:
             print_plan(audit_plan)
             return 0
+        from saliency_audit.pipelines.job.phases import run_plan
         manifest, code = run_plan(audit_plan)
     except UsageError as e:
         print(f"saliency-audit: error: {e}", file=sys.stderr)
         return 2
     except Exception:  # 3, not Python's 1: a scheduler must tell "nothing published" from "a gate failed"
+        from saliency_audit.pipelines.job.phases import FAILED, log
         log.exception("saliency-audit: the run failed; nothing was published and the previous result stands")
         return FAILED
     out = manifest["options"]["output"]

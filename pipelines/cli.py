@@ -360,7 +360,7 @@ def cmd_history(argv: list[str]) -> int:
     parser.add_argument("directory", type=_location, help="the history's root (the runs' --output)")
     parser.add_argument("--json", action="store_true", help="one JSON object per slot instead of the table")
     _storage_options(parser)
-    from saliency_audit.pipelines.config.options import UsageError
+    from saliency_audit.pipelines.config import UsageError  # not .options, which imports torch (the run's options)
     try:
         args = parser.parse_args(argv)
     except UsageError as e:

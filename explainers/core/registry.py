@@ -8,6 +8,7 @@ import torch
 from saliency_audit.explainers.core.base import Explainer
 
 _REGISTRY: dict[str, type[Explainer]] = {}
+_complete = False  # every method module imported (they load on the first look-up, not with the package)
 
 
 def register(cls: type[Explainer]) -> type[Explainer]:
@@ -20,14 +21,25 @@ def register(cls: type[Explainer]) -> type[Explainer]:
     return cls
 
 
+def _methods() -> dict[str, type[Explainer]]:
+    """The registry with every method module imported (explainers._import_methods): each registers
+    its classes on import."""
+    global _complete
+    if not _complete:
+        from saliency_audit.explainers import _import_methods
+        _import_methods()
+        _complete = True
+    return _REGISTRY
+
+
 def list_methods() -> list[str]:
     """The registered method names, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(_methods())
 
 
 def explainer_class(name: str) -> type[Explainer]:
     try:
-        return _REGISTRY[name]
+        return _methods()[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}") from None
 
@@ -41,7 +53,7 @@ def method_parameters(name: str) -> dict[str, object]:
 def asset_options() -> list:
     """The files the registered methods need, as run options (each name once: methods may share one)."""
     options = {}
-    for cls in _REGISTRY.values():
+    for cls in _methods().values():
         for option in cls.assets:
             options.setdefault(option.name, option)
     return list(options.values())

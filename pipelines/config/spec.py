@@ -362,13 +362,15 @@ def parse_invocation(argv: list[str]) -> tuple[Any, list[str]]:
     """``parse_run_args`` with --config: the spec's flags first, so the command line's override
     them. Raises UsageError for a bad spec or command line."""
     given = _command_line(argv)
-    check_one_spelling(argv, "the command line")
+    from_spec: list[str] = []
     if given.config is not None:
         from_spec = spec_arguments(load(given.config), given.config, given.methods)
         if given.incremental is False:  # --no-incremental turns the spec's history off, its slot with it
             from_spec = [token for token in from_spec if not token.startswith("--slot=")]
-        argv = [*from_spec, *argv]
-    return parse_run_args(argv)
+    parsed = parse_run_args([*from_spec, *argv])
+    # After parsing: this check reads Beam's parser, which --help and a bad value of ours need not import.
+    check_one_spelling(argv, "the command line")
+    return parsed
 
 
 # --- the resolved spec, for the manifest ----------------------------------------------------

@@ -1,6 +1,10 @@
 """Bad invocations fail before any work, with one line and exit code 2; Beam's own options pass."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -104,6 +108,38 @@ def test_demo_rejects_bad_extra_flags_before_any_work(extra, message, tmp_path, 
     assert cli.main(["demo", "--output", str(tmp_path / "out"), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- what parsing imports ----------------------------------------------------------------------------
+
+def heavy_imports_while_parsing(*argvs: list[str]) -> list[tuple[int, list[str]]]:
+    """For each command line, in one fresh process: cli.main's exit code and which of torch and
+    apache_beam were imported by then (a fresh process: this one has imported both)."""
+    script = ("import json, sys\nfrom saliency_audit.pipelines import cli\nseen = []\n"
+              f"for argv in {list(argvs)!r}:\n"
+              "    try:\n        code = cli.main(argv)\n    except SystemExit as e:\n        code = e.code\n"
+              "    seen.append((code, sorted(m for m in ('apache_beam', 'torch') if m in sys.modules)))\n"
+              "print(json.dumps(seen))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return [tuple(item) for item in json.loads(done.stdout.splitlines()[-1])]
+
+
+def test_help_and_usage_errors_import_neither_torch_nor_beam():
+    """Parsing needs no model: --help and a bad command line answer at once, importing neither
+    torch (over a second) nor Beam. Not run (below), check (it reads run's spec and options) nor
+    benchmark (torch throughout)."""
+    helps = [["--help"], *([name, "--help"] for name in cli.COMMANDS if name not in ("run", "check", "benchmark"))]
+    errors = [["report", "audit", "--output", "page.html", "--per-class", "x"], ["figure", "audit", "--output", "f.png"]]
+    assert heavy_imports_while_parsing(*helps, *errors) == [(0, [])] * len(helps) + [(2, [])] * len(errors)
+
+
+def test_run_parses_without_beam():
+    """run's options include those the metrics and methods declare, in their torch modules, but
+    Beam's are read only once ours parse."""
+    seen = heavy_imports_while_parsing(["run", "--help"], ["run", *BASE, "--batch-size", "0"])
+    assert [code for code, _ in seen] == [0, 2] and not any("apache_beam" in modules for _, modules in seen)
 
 
 # --- fuzzing the command line -------------------------------------------------------------------
