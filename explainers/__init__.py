@@ -25,7 +25,10 @@ _FROM = {"Explainer": "core.base", "Explanation": "core.base",
 def __getattr__(name: str):
     if name not in _FROM:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_FROM[name]}"), name)
+    # saliency_audit's modules, not f"{__name__}...": from the repository root this file is also the
+    # top-level package explainers (the contract's import form), whose own copy of the registry
+    # would stay empty
+    value = getattr(importlib.import_module(f"saliency_audit.explainers.{_FROM[name]}"), name)
     globals()[name] = value  # found here from now on
     return value
 

@@ -149,6 +149,8 @@ class Result:
         gate = GATES[self.name]
         return {"name": self.name, "kind": gate.kind, "method": self.method, "value": _finite(self.value),
                 "threshold": self.threshold, "bound": gate.bound, "status": self.status,
+                # the contract's boolean beside status: null for a skipped gate (neither held nor failed)
+                "passed": {PASS: True, FAIL: False}.get(self.status),
                 "worst_images": self.worst_images[:WORST], "reason": self.reason}
 
 
