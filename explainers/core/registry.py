@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
@@ -72,4 +73,21 @@ def get_explainer(name: str, model: torch.nn.Module, **options) -> Explainer:
             f"method {name!r} does not take option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(accepted) or 'none'}"
         )
+    _warn_if_training(name, model)
     return cls(model, **options)
+
+
+# Layers whose answer depends on the mode: in training mode dropout draws a new mask on every call and
+# batch norm normalises with the batch's statistics. (Not model.training: a torch.export graph says
+# True whatever mode it was exported in, and refuses eval().)
+_MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def _warn_if_training(name: str, model) -> None:
+    """A model handed over in training mode gives maps that change from call to call and with the
+    batch, silently: say so (the job puts every model in eval mode; the Python API leaves it to the caller)."""
+    modes = [m.training for m in model.modules() if isinstance(m, _MODE_DEPENDENT)] if isinstance(
+        model, torch.nn.Module) else []
+    if any(modes):
+        warnings.warn(f"{name}: the model's dropout or batch norm layers are in training mode, so its maps change "
+                      f"from call to call and with the batch; call model.eval() first", stacklevel=3)

@@ -17,6 +17,13 @@ def check_score(score: object, allowed: tuple[str, ...] = SCORES) -> None:
         raise ValueError(f"score must be one of {', '.join(map(repr, allowed))}, got {score!r}")
 
 
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The probability of every class [N,K] under ``logits`` [N,K]: the softmax, except for a single
+    output, a binary classifier's logit z, whose class is the positive one with probability sigmoid(z)
+    (a softmax over one column is 1 whatever the image: every score and metric would be constant)."""
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
 def target_scores(logits: torch.Tensor, targets: torch.Tensor, score: str,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The target's score per row of ``logits`` [N,K] for ``targets`` [N], as ``dtype`` [N].
@@ -27,7 +34,7 @@ def target_scores(logits: torch.Tensor, targets: torch.Tensor, score: str,
     "margin": the target logit minus the largest other one; scales exactly with the logits.
     "logit": the target logit.  "probability": the softmax probability (saturates).
     A model with a single output is read as a binary classifier's logit: its log odds and
-    margin are that logit.
+    margin are that logit, its probability the sigmoid of it (class_probabilities).
     """
     logits = logits.to(dtype)
     picked = targets.long().reshape(-1, 1)
@@ -35,7 +42,7 @@ def target_scores(logits: torch.Tensor, targets: torch.Tensor, score: str,
     if score == "logit" or (score in ("log_odds", "margin") and logits.shape[1] == 1):
         return target
     if score == "probability":
-        return torch.softmax(logits, dim=1).gather(1, picked).squeeze(1)
+        return class_probabilities(logits).gather(1, picked).squeeze(1)
     others = logits.scatter(1, picked, float("-inf"))
     if score == "margin":
         return target - others.max(dim=1).values

@@ -5,6 +5,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from saliency_audit.explainers.core.scores import class_probabilities
+
 _MASK64 = (1 << 64) - 1
 
 # Independent random streams per purpose, so e.g. the tie-break permutation of an image
@@ -121,8 +123,9 @@ def forward_in_chunks(model: torch.nn.Module, n_total: int,
 
 
 def target_probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Softmax probability of ``targets`` [n] under ``logits`` [n,K], in float32."""
-    return torch.softmax(logits.float(), dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
+    """Softmax probability of ``targets`` [n] under ``logits`` [n,K], in float32 (a single output's:
+    its sigmoid, core.scores.class_probabilities)."""
+    return class_probabilities(logits.float()).gather(1, targets.view(-1, 1)).squeeze(1)
 
 
 def gaussian_kernel1d(sigma: float, radius: int, device=None, dtype=torch.float32) -> torch.Tensor:

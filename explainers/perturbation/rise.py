@@ -16,6 +16,7 @@ from saliency_audit.explainers.core.base import (
 )
 from saliency_audit.explainers.core.maps import image_generators
 from saliency_audit.explainers.core.registry import register
+from saliency_audit.explainers.core.scores import class_probabilities
 
 
 def rise_masks(grids: torch.Tensor, shifts: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -95,7 +96,7 @@ class RISE(Explainer):
                 owner, k = index // self.n_masks, index % self.n_masks
                 masks = rise_masks(grids[owner, k], shifts[owner, k], height, width).to(images.dtype)
                 logits = self.model(images[owner] * masks.unsqueeze(1))
-                score = torch.softmax(logits.float(), dim=1).gather(1, targets[owner].unsqueeze(1)).squeeze(1)
+                score = class_probabilities(logits.float()).gather(1, targets[owner].unsqueeze(1)).squeeze(1)
                 # maps[owner] += score * mask as one matrix product: index_add_ is several times slower on CPU
                 weights = torch.zeros(batch, len(index), device=device)
                 weights[owner, torch.arange(len(index), device=device)] = score

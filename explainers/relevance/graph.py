@@ -301,7 +301,8 @@ def trace_model(model: nn.Module, example: torch.Tensor, method: str) -> fx.Grap
     """
     check_model(model, method)
     model = copy.deepcopy(model).eval().requires_grad_(False)
-    tracer = _ConcreteTracer(example.detach(), method)
+    tracer = _ConcreteTracer(example.detach().clone(), method)  # a copy: tracing runs the forward, which may
+    # change its input in place (the caller's images)
     try:
         with torch.no_grad():
             graph = tracer.trace(model)

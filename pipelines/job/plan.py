@@ -147,8 +147,11 @@ def plan(argv: list[str]) -> Plan:
     auto = options.batch_size == "auto"
     resolved = preflight(config, shards, prep, options.storage_options, beam_args, auto_batch=auto)
     # the workers' model must answer as many classes as preflight's did (an endpoint redeployed meanwhile),
-    # and auto gives them the torch threads preflight chose from the sample image's size
-    config = dataclasses.replace(config, model=dataclasses.replace(spec, num_classes=resolved["num_classes"]),
+    # and read probabilities as their logs where preflight found the model answers them; auto gives them the
+    # torch threads preflight chose from the sample image's size
+    outputs = resolved["model_loading"].get("outputs", spec.outputs)
+    config = dataclasses.replace(config, model=dataclasses.replace(spec, num_classes=resolved["num_classes"],
+                                                                   outputs=outputs),
                                  threads=dataclasses.replace(config.threads,
                                                              small_images=resolved["torch_threads"]["small_images"]))
     if auto:  # each method explains in its own batch; the reader cuts batches for the largest

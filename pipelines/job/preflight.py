@@ -28,6 +28,8 @@ from saliency_audit.transforms.io.records import RawImage, seed_for
 from saliency_audit.transforms.model.fitting import largest_fitting
 from saliency_audit.transforms.model.handler import ExplainConfig, build_explainers, runs_compiled
 from saliency_audit.transforms.model.load import (
+    BINARY_LOGIT,
+    PROBABILITIES,
     ModelLoadError,
     ModelSpec,
     check_device_name,
@@ -342,15 +344,29 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
     except Exception as e:
         if getattr(e, "stage", None) == "model":  # an endpoint that does not answer: down now, so fail now
             raise UsageError(f"the model endpoint fails on sample image {image_id}: {e}") from None
+        dtypes = parameter_dtypes(loaded.model)
+        hint = (f"its parameters are {', '.join(dtypes)} and the job feeds float32 images (a reduced precision is "
+                f"--precision's autocast): have the factory return model.float()" if dtypes
+                else "check --channels/--resize")
         raise UsageError(f"the model rejects input of shape {list(image.shape)} (image {image_id}): "
-                         f"{type(e).__name__}: {str(e).splitlines()[0]}; check --channels/--resize") from None
+                         f"{type(e).__name__}: {str(e).splitlines()[0]}; {hint}") from None
+    if not isinstance(logits, torch.Tensor):  # a tuple, a dict, a Hugging Face ModelOutput
+        raise UsageError(f"the model must return one logits tensor [B,K], returned {type(logits).__name__}: "
+                         f"have the factory wrap it so forward returns the logits alone (out[0], out['logits'] "
+                         f"or out.logits)")
     if logits.dim() != 2:
-        raise UsageError(f"the model must return logits [B,K], returned shape {list(logits.shape)}")
-    if bool((logits >= 0).all()) and float((logits.float().sum(dim=1) - 1).abs().max()) < 1e-3:
-        logging.getLogger("saliency_audit").warning(
-            "the model's outputs on sample image %s look like probabilities (non-negative, summing to 1); the job "
-            "takes logits, and the softmax of probabilities flattens every score: export the logits (for an "
-            "endpoint, --endpoint-options '{\"output\": \"probabilities\"}')", image_id)
+        one = " (one value per image: for a sigmoid head's logit z, return z[:, None], which is read as two classes)"
+        raise UsageError(f"the model must return logits [B,K], returned shape {list(logits.shape)}"
+                         f"{one if logits.dim() == 1 else ''}")
+    reading = output_reading(logits)
+    if reading:
+        log.warning("%s (sample image %s)", READING_WORDS[reading], image_id)
+        # the workers' model reads its outputs so (plan.py hands them the spec); this one too, from here on
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, outputs=reading))
+        loaded = build_explainers(dataclasses.replace(config, device=devices.check, compile=False))
+        report["model_loading"]["outputs"] = reading
+        with torch.inference_mode():
+            logits = loaded.model(image)
     report["num_classes"], report["sample_image"] = int(logits.shape[1]), image_id
     check_target(config.target, report["num_classes"])
     target = logits.argmax(dim=1)
@@ -388,6 +404,25 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
     return report
 
 
+READING_WORDS = {
+    BINARY_LOGIT: "the model returns a single logit z per image (a sigmoid head): the job reads it as two classes' "
+                  "logits (-z/2, z/2), class 1 the positive side with probability sigmoid(z), class 0 its complement "
+                  "(its maps explain -z)",
+    PROBABILITIES: "the model's outputs look like probabilities (non-negative, summing to 1): the job reads their logs "
+                   "as the logits, so the maps explain log-probabilities; export the logits to explain those"}
+
+
+def output_reading(logits: torch.Tensor) -> str | None:
+    """How the job must read the sample image's outputs [B,K] to have logits of K >= 2 classes (load.READINGS):
+    a single column is a sigmoid head's logit; probabilities (the softmax of them would flatten every score
+    and metric: K=1000, all within 0.001 to 0.003) are read as their logs, whose softmax gives them back."""
+    if logits.shape[1] == 1:
+        return BINARY_LOGIT
+    if bool((logits >= 0).all()) and float((logits.float().sum(dim=1) - 1).abs().max()) < 1e-3:
+        return PROBABILITIES
+    return None
+
+
 def _seconds(call, device: torch.device, threads: int | None = None) -> float:
     """Seconds one call takes on ``device`` (at ``threads`` torch threads, a worker's, if given)."""
     before = torch.get_num_threads()
@@ -403,6 +438,13 @@ def _seconds(call, device: torch.device, threads: int | None = None) -> float:
         return time.perf_counter() - start
     finally:
         torch.set_num_threads(before)
+
+
+def parameter_dtypes(model: torch.nn.Module) -> list[str]:
+    """The floating dtypes other than float32 among the model's parameters and buffers (a model
+    cast to half or double), named as torch prints them."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype != torch.float32})
 
 
 def refusal(error: UnsupportedModel, name: str | None = None) -> str:

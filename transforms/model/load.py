@@ -29,6 +29,10 @@ _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 HF, TIMM = "hf:", "timm:"  # --model prefixes; before the module:Callable reading (timm:NAME, hf:x would fit it)
 
 
+PROBABILITIES = "probabilities"  # ModelSpec.outputs of a model that answers probabilities, not logits
+BINARY_LOGIT = "binary_logit"  # ... of a sigmoid head's single logit
+
+
 class ModelLoadError(ValueError):
     """The model cannot be loaded; the message says why in one line."""
 
@@ -51,6 +55,7 @@ class ModelSpec:
     endpoint: dict[str, Any] | None = None  # --endpoint-options, for an http(s):// model
     num_classes: int | None = None  # fixed at preflight: an endpoint's every answer must have it
     model_options: dict[str, Any] | None = None  # --model-options: timm.create_model's keyword arguments
+    outputs: str = "logits"  # what preflight found the model answers (PROBABILITIES, BINARY_LOGIT): see READINGS
 
     def is_hf(self) -> bool:
         return self.model.startswith(HF)
@@ -215,7 +220,54 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
         pass  # torch.export graphs keep the mode they were exported in and refuse eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if not isinstance(model, torch.jit.ScriptModule):  # which takes no hooks (its code is fixed anyway)
+        model.register_forward_pre_hook(_own_input)
+    return read_outputs(model, spec.outputs)
+
+
+def read_as_log_probabilities(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook: the logs of a model's probabilities, logits whose softmax gives them back (a
+    softmax over the probabilities themselves would flatten every score). Zeros become the log of the
+    smallest normal number, finite, so no gradient is NaN."""
+    return output.clamp_min(torch.finfo(output.dtype).tiny).log()
+
+
+def read_as_two_classes(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook: a sigmoid head's single logit z [B,1] as two classes' logits (-z/2, z/2), whose
+    softmax is (1 - sigmoid(z), sigmoid(z)): class 1 the positive side, class 0's map explaining -z (a
+    softmax over the one column would be 1 for every image, and its argmax always 0)."""
+    return torch.cat([-output, output], 1) / 2
+
+
+READINGS = {PROBABILITIES: read_as_log_probabilities, BINARY_LOGIT: read_as_two_classes}  # ModelSpec.outputs
+
+
+def read_outputs(model: torch.nn.Module, outputs: str) -> torch.nn.Module:
+    """The model answering logits [B,K>=2]: its outputs read as READINGS says, by a forward hook (module
+    names, which the CAMs' layers are, stay as they were), or a wrapper for TorchScript, which takes none."""
+    reading = READINGS.get(outputs)
+    if reading is None:
+        return model
+    if isinstance(model, torch.jit.ScriptModule):
+        return _Reading(model, reading)
+    model.register_forward_hook(reading)
     return model
+
+
+class _Reading(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, reading) -> None:
+        super().__init__()
+        self.model, self.reading = model, reading
+
+    def forward(self, *args):
+        return self.reading(self, args, self.model(*args))
+
+
+def _own_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """The model's tensor arguments as copies. A forward that changes its input in place (x.sub_(mean),
+    a first ReLU(inplace=True)) would otherwise rewrite the batch every later method and metric reads,
+    silently, and fail every gradient method (an in-place op on a leaf that requires grad)."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _from_callable(spec: ModelSpec) -> torch.nn.Module:
