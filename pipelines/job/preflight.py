@@ -238,15 +238,25 @@ def check_target(target: str, num_classes: int) -> None:
 
 
 def first_sample(shards: list[str], prep: Preprocessing, storage_options: dict) -> tuple[str, torch.Tensor] | None:
+    """The first image of the first shards that decodes and preprocesses, or None where none of the
+    SAMPLE_SEARCH records looked at does. Where those were every record of the input and some failed,
+    the input cannot be read at all: UsageError with the first reason (a run would only fill errors/,
+    and exit 0 as if it had audited something)."""
     readable = [url for url in shards if _is_shard(url)][:4]
     records = itertools.chain.from_iterable(read_shard(url, storage_options, max_pixels=prep.max_pixels)
                                             for url in readable)
+    looked, problem = 0, None
     for record in itertools.islice(records, SAMPLE_SEARCH):
+        looked += 1
         if isinstance(record, RawImage):
             try:
                 return record.image_id, torch.from_numpy(preprocess(decode(record, prep.max_pixels), prep))[None]
-            except BadImage:
-                continue
+            except BadImage as e:
+                problem = problem or f"{record.image_id} ({e.stage}): {e}"
+        else:
+            problem = problem or f"{record.image_id} ({record.stage}): {record.reason}"
+    if problem and looked < SAMPLE_SEARCH and len(readable) == len(shards):
+        raise UsageError(f"no image of the input can be read: {looked} record(s), the first {problem}")
     return None
 
 
@@ -327,7 +337,7 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
                     report["precision"], ", ".join(approximate))
     sample = first_sample(shards, prep, storage_options)
     if sample is None:
-        return report  # nothing decodable up front: every record will reach errors/ with its reason
+        return report  # nothing decodable among the first records of a larger input: they reach errors/
     image_id, image = sample
     check_metrics(config, tuple(image.shape[-2:]), image_id)
     # auto's torch threads follow the images' size (the plan hands the workers the same budget)

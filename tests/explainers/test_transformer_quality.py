@@ -27,6 +27,7 @@ from saliency_audit.explainers import explainer_class, list_methods
 from saliency_audit.explainers.core.base import UnsupportedModel
 
 pytestmark = [
+    pytest.mark.slow,  # two models trained and every method run: out of the developer's loop, in CI
     pytest.mark.skipif(not (tq.MNIST / "train5k-images-idx3-ubyte.gz").exists(),
                        reason=f"MNIST data not found at {tq.MNIST}"),
     pytest.mark.skipif(importlib.util.find_spec("transformers") is None,

@@ -240,12 +240,17 @@ def test_target_label_sends_unlabelled_images_to_errors(shards, demo_model_args,
     (["--input", "/missing/dir/*.tar"], "no input files match /missing/dir/*.tar"),
     (["--method-options", '{"intg": {"steps": 3}}', "--methods", "intg"], "does not take option(s) steps"),
     (["--channels", "3"], "the model rejects input of shape [1, 3, 28, 28]"),
+    # the contract's "unreadable inputs fail fast": it ran, exit 0, one errors/ row and nothing audited
+    (["--input", "JUNK"], "no image of the input can be read: 1 record(s), the first file://"),
 ])
 def test_bad_invocations_fail_fast_with_one_line(args, message, shards, demo_model_args, tmp_path):
     base = {"--input": str(shards / "good.tar"), "--methods": "sal", "--output": str(tmp_path / "out"),
             "--model": demo_model_args[1], "--weights": demo_model_args[3]}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
+    if base["--input"] == "JUNK":  # bytes that are no tar archive, under a shard's name
+        base["--input"] = str(tmp_path / "junk.tar")
+        (tmp_path / "junk.tar").write_bytes(bytes(range(256)) * 12)
     if base["--model"].startswith("/"):
         del base["--weights"]
     argv = [item for pair in base.items() for item in pair]

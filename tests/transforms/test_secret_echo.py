@@ -189,17 +189,23 @@ def test_an_unreadable_shard_s_error_row_quotes_no_option_value(dropping, fresh,
     import s3fs
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retries only cost time here
     fs, endpoint, drop = dropping
-    fs.put(str(DEMO_DATA / "mnist-test-sample.tar"), "bkt/shards/s.tar")
-    drop.add("/shards/")  # listed and sized, never read
+    for name in ("a", "z"):
+        fs.put(str(DEMO_DATA / "mnist-test-sample.tar"), f"bkt/shards/{name}.tar")
+    drop.add("/shards/z.tar")  # listed and sized, never read
     try:
-        code, found = run_cli(["run", "--input", "s3://bkt/shards/*.tar", *MODEL, "sal", "--output", "OUT/o"],
-                              {"endpoint_url": endpoint, **FAST}, tmp_path, capsys)
+        # beside a readable shard it costs its own records: an errors/ row
+        code, found = run_cli(["run", "--input", "s3://bkt/shards/*.tar", *MODEL, "sal", "--limit-per-shard", "2",
+                               "--output", "OUT/o"], {"endpoint_url": endpoint, **FAST}, tmp_path, capsys)
+        # alone, the input cannot be read at all: preflight's one line (exit 2) names the failed read
+        alone, found_alone = run_cli(["run", "--input", "s3://bkt/shards/z*.tar", *MODEL, "sal", "--output", "OUT/z"],
+                                     {"endpoint_url": endpoint, **FAST}, tmp_path, capsys)
     finally:
         drop.clear()
     from conftest import read_output
     errors = read_output(next((tmp_path / "o" / "errors").iterdir()))
     assert code == 0 and [e["stage"] for e in errors] == ["read"] and "ConnectionClosedError" in errors[0]["reason"]
     assert found == []
+    assert alone == 2 and found_alone == [] and not (tmp_path / "z").exists()
 
 
 def test_a_report_whose_history_cannot_be_listed_quotes_no_option_value(dropping, fresh, tmp_path, capsys,
@@ -233,7 +239,7 @@ def test_what_counts_as_a_secret_and_how_a_page_shows_it(monkeypatch):
     assert paths.redact(f"GET http://h/{CANARY}/b", "&lt;redacted&gt;") == "GET &lt;redacted&gt;/b"
 
 
-
+@pytest.mark.slow  # two Beam worker processes started
 def test_a_worker_process_s_storage_error_echoes_no_option_value(dropping, fresh, tmp_path):
     # --direct_running_mode multi_processing: the writes happen in SDK worker processes, which log the
     # failed bundle's traceback (botocore quoting the endpoint URL) to the stderr they inherited, where
