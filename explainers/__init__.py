@@ -13,6 +13,7 @@ core/ holds what they share: the interface, the registry, baselines, target scor
 metrics/ holds the quality metrics.
 """
 import importlib
+import importlib.util
 
 # The names below load on first use (PEP 562), not with the package: importing any submodule runs
 # this file, and the command line imports core.paths (torch-free) to parse, where the registry and
@@ -24,6 +25,8 @@ _FROM = {"Explainer": "core.base", "Explanation": "core.base",
 
 def __getattr__(name: str):
     if name not in _FROM:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a subpackage as an attribute (E.cam)
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     # saliency_audit's modules, not f"{__name__}...": from the repository root this file is also the
     # top-level package explainers (the contract's import form), whose own copy of the registry

@@ -183,7 +183,8 @@ def redacted_streams():
 def _redirect_streams():
     """stdout, stderr and the log handlers writing to them redacting; returns what to restore."""
     saved = (sys.stdout, sys.stderr)
-    sys.stdout, sys.stderr = (s if isinstance(s, RedactingStream) else RedactingStream(s) for s in saved)
+    # None stays None (pythonw, a service without a console): print and warnings skip it, a wrapper would raise
+    sys.stdout, sys.stderr = (s if s is None or isinstance(s, RedactingStream) else RedactingStream(s) for s in saved)
     # a handler made before holds the bare stream (importing Beam leaves the root logger one on stderr,
     # which every command but run logs through, and a Beam worker all its log lines): it writes through the wrapper
     wrapped = dict(zip(map(id, saved), (sys.stdout, sys.stderr)))

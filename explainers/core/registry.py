@@ -9,6 +9,7 @@ import torch
 from saliency_audit.explainers.core.base import Explainer
 
 _REGISTRY: dict[str, type[Explainer]] = {}
+_METHODS_PACKAGE = "saliency_audit.explainers."  # the built-in methods' modules, which register as they load
 _complete = False  # every method module imported (they load on the first look-up, not with the package)
 
 
@@ -16,6 +17,10 @@ def register(cls: type[Explainer]) -> type[Explainer]:
     """Class decorator: make ``cls`` available under ``cls.name``."""
     if not cls.name:
         raise TypeError(f"{cls.__qualname__} has no name")
+    if not cls.__module__.startswith(_METHODS_PACKAGE):
+        # a method of the caller's: the built-ins first, so a name of theirs taken is refused here, not by a
+        # built-in module's import at the first look-up (which then failed every look-up after)
+        _methods()
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise TypeError(f"method {cls.name!r} is already registered by {_REGISTRY[cls.name].__qualname__}")
     _REGISTRY[cls.name] = cls

@@ -292,6 +292,23 @@ def _drop_inplace_flag(node: fx.Node) -> None:
         node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
 
 
+def _trace_root_hooks(tracer: fx.Tracer, graph: fx.Graph, model: nn.Module) -> None:
+    """The root module's forward hooks, into the graph: fx traces the root's forward, not its __call__,
+    so a hook that changes the output (the job's reading of a single logit as two classes) would be
+    lost, and the graph answer other outputs than the model does."""
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    if not model._forward_hooks or not isinstance(output.args[0], fx.Node):
+        return
+    inputs = tuple(fx.Proxy(node, tracer) for node in graph.nodes if node.op == "placeholder")
+    with graph.inserting_before(output):
+        result = fx.Proxy(output.args[0], tracer)
+        for key, hook in list(model._forward_hooks.items()):
+            changed = (hook(model, inputs, {}, result) if model._forward_hooks_with_kwargs.get(key)
+                       else hook(model, inputs, result))
+            result = result if changed is None else changed
+    output.args = (result.node,)
+
+
 def trace_model(model: nn.Module, example: torch.Tensor, method: str) -> fx.GraphModule:
     """Trace ``model`` on ``example`` [B,C,H,W] into the graph that ``method`` propagates over.
 
@@ -306,6 +323,7 @@ def trace_model(model: nn.Module, example: torch.Tensor, method: str) -> fx.Grap
     try:
         with torch.no_grad():
             graph = tracer.trace(model)
+            _trace_root_hooks(tracer, graph, model)
     except Exception as e:  # noqa: BLE001 - torch.fx fails in many ways on code written for eager mode
         layer = attention_layer(model)
         if layer:  # transformers fail to trace (or branch on a value: EVA's is_causal) before the rules would

@@ -76,6 +76,12 @@ def method_fingerprints(options, resolved: dict[str, Any],
     common["precision"] = resolved.get("precision", common.get("precision", "fp32"))
     if common["precision"] == "fp32":
         del common["precision"]
+    # How the model's outputs were read (a sigmoid head's logit as two classes, probabilities as their logs):
+    # maps of the same model made before the reading existed explained something else. Logits are left out,
+    # so the histories of models read as they answer still match
+    reading = resolved.get("model_loading", {}).get("outputs")
+    if reading and reading != "logits":
+        common["outputs"] = reading
     out = {}
     for name, info in resolved["methods"].items():
         options = {key: _content(value, storage_options) for key, value in (info["options"] or {}).items()

@@ -18,7 +18,7 @@ from saliency_audit.transforms.io.preprocess import Preprocessing
 from saliency_audit.transforms.io.rows import saliency_schema
 from saliency_audit.transforms.model.fitting import CPU_AUTO_BATCH
 from saliency_audit.transforms.model.handler import ExplainConfig
-from saliency_audit.transforms.model.load import ModelSpec, model_preprocessing
+from saliency_audit.transforms.model.load import BINARY_LOGIT, ModelSpec, model_preprocessing
 
 
 def parse_methods(options) -> dict[str, dict[str, Any]]:
@@ -150,8 +150,9 @@ def plan(argv: list[str]) -> Plan:
     # and read probabilities as their logs where preflight found the model answers them; auto gives them the
     # torch threads preflight chose from the sample image's size
     outputs = resolved["model_loading"].get("outputs", spec.outputs)
-    config = dataclasses.replace(config, model=dataclasses.replace(spec, num_classes=resolved["num_classes"],
-                                                                   outputs=outputs),
+    # (the count the model answers, which the reading of a single logit doubles: an endpoint's client checks it)
+    answered = 1 if outputs == BINARY_LOGIT else resolved["num_classes"]
+    config = dataclasses.replace(config, model=dataclasses.replace(spec, num_classes=answered, outputs=outputs),
                                  threads=dataclasses.replace(config.threads,
                                                              small_images=resolved["torch_threads"]["small_images"]))
     if auto:  # each method explains in its own batch; the reader cuts batches for the largest

@@ -370,7 +370,10 @@ def preflight(config: ExplainConfig, shards: list[str], prep: Preprocessing,
                          f"{one if logits.dim() == 1 else ''}")
     reading = output_reading(logits)
     if reading:
-        log.warning("%s (sample image %s)", READING_WORDS[reading], image_id)
+        unit = reading == BINARY_LOGIT and bool(((logits >= 0) & (logits <= 1)).all())
+        log.warning("%s (sample image %s)%s", READING_WORDS[reading], image_id,
+                    "; its value there lies in [0, 1]: if the head ends in a sigmoid, return the logit before it"
+                    if unit else "")
         # the workers' model reads its outputs so (plan.py hands them the spec); this one too, from here on
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, outputs=reading))
         loaded = build_explainers(dataclasses.replace(config, device=devices.check, compile=False))

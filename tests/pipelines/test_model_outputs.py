@@ -11,6 +11,7 @@ heads are refused in one line and exit 2 that says what to change.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from saliency_audit.pipelines import audit
+from saliency_audit.transforms.model.load import _own_input, read_as_two_classes
 
 
 class Net(nn.Module):
@@ -65,6 +67,10 @@ def flat_logit():  # [B], not [B,1]
 
 def two_centred():  # the form the refusal of one_logit suggests
     return Output(lambda z: torch.cat([-z[:, :1], z[:, :1]], 1) / 2)
+
+
+def sigmoid_head():  # the probability of the positive class, not its logit
+    return Output(lambda z: torch.sigmoid(z[:, :1]))
 
 
 class TwoOfOne(nn.Module):
@@ -203,3 +209,62 @@ def test_a_model_that_answers_probabilities_is_read_as_their_logs(demo_shard, tm
         assert abs(a - b).max() < 1e-5
     manifest = json.loads((tmp_path / "probabilities" / "out" / "manifest.json").read_text())
     assert manifest["model"]["outputs"] == "probabilities"
+
+
+@functools.cache
+def cached_one_logit():  # a factory that hands back the same module on every call
+    return Net(1)
+
+
+def test_a_cached_factory_s_sigmoid_head_is_read_once_however_often_it_loads(demo_shard, tmp_path, capsys):
+    """The reading and the input copy are hooks on the module itself: a factory that returns the same
+    module each time (preflight loads it twice, each in-process worker once more) read it as [B,4]."""
+    code, lines = run("cached_one_logit", demo_shard, tmp_path, capsys)
+    assert code == 0, lines
+    rows = pd.read_parquet(glob.glob(str(tmp_path / "out" / "saliency" / "*"))[0])
+    # read twice, (z/4, -z/4, -z/4, z/4): four classes, the predicted one's score under 0.5
+    assert len(rows) == 16 and (rows["score"] >= 0.5).all()
+    model = cached_one_logit()
+    assert list(model._forward_hooks.values()).count(read_as_two_classes) == 1
+    assert list(model._forward_pre_hooks.values()).count(_own_input) == 1
+    assert tuple(model(torch.rand(3, 1, 28, 28)).shape) == (3, 2)
+
+
+def test_the_reading_of_a_model_s_outputs_enters_the_method_fingerprints():
+    """An audit history's maps of a sigmoid head made before the reading (class 0 always, scores 1.0)
+    must not count as this run's: the same model and options, so only the reading tells them apart."""
+    from saliency_audit.pipelines.config.options import parse_run_args
+    from saliency_audit.pipelines.job.incremental import method_fingerprints
+    options, _ = parse_run_args(["--input", "x.tar", "--model", "m.pt", "--methods", "sal", "--output", "o"])
+    fingerprints = {reading: method_fingerprints(options, {"methods": {"sal": {"options": {}}},
+                                                           "model_loading": {"outputs": reading}})["sal"]
+                    for reading in ("logits", "binary_logit", "probabilities")}
+    assert len(set(fingerprints.values())) == 3
+    assert fingerprints["logits"] == method_fingerprints(options, {"methods": {"sal": {"options": {}}}})["sal"]
+
+
+def test_the_traced_methods_read_a_sigmoid_head_as_the_other_methods_do(demo_shard, tmp_path, capsys):
+    """deeplift and elrp explain the model's torch.fx graph, traced from its forward: the reading (a
+    forward hook on the module) was lost, so class 1 failed every image (index 1 out of bounds) and
+    class 0's maps explained z, not -z."""
+    tables = []
+    for model in ("one_logit", "TwoOfOne"):
+        out = tmp_path / model
+        code = audit.main(["--input", str(demo_shard), "--model", f"{__name__}:{model}", "--methods", "deeplift,elrp",
+                           "--channels", "1", "--device", "cpu", "--batch-size", "8", "--metric-steps", "4",
+                           "--limit-per-shard", "4", "--target", "predicted,1", "--output", str(out)])
+        assert code == 0, capsys.readouterr().err[-2000:]
+        assert not glob.glob(str(out / "errors" / "*")) or pd.read_parquet(glob.glob(str(out / "errors" / "*"))[0]).empty
+        rows = pd.read_parquet(glob.glob(str(out / "saliency" / "*"))[0])
+        tables.append(rows.sort_values(["method", "image_id", "target"]).reset_index(drop=True))
+    read, given = tables
+    assert len(read) == len(given) >= 4 * 2 and set(read["target"]) == {0, 1}
+    for a, b in zip(read["saliency"], given["saliency"]):
+        assert abs(a - b).max() < 1e-6
+
+
+def test_a_single_output_between_0_and_1_is_run_but_said_to_be_perhaps_a_probability(demo_shard, tmp_path, capsys):
+    code = audit.main(["--input", str(demo_shard), "--model", f"{__name__}:sigmoid_head", "--methods", "sal",
+                       "--channels", "1", "--limit-per-shard", "4", "--no-metrics", "--output", str(tmp_path / "out")])
+    assert code == 0
+    assert "if the head ends in a sigmoid, return the logit before it" in capsys.readouterr().err

@@ -40,7 +40,7 @@ class Endpoint:
         self.model.eval()
         self.faults = {"fail_every": 0, "slow_every": 0, "slow_s": 0.0, "poison": None, "garbage": False,
                        "token": None, "probabilities": False, "redirect": None, "trickle": False,
-                       "trickle_headers": False, "redeployed_classes": None, **faults}
+                       "trickle_headers": False, "redeployed_classes": None, "one_logit": False, **faults}
         self.seen: list[dict] = []
         self.lock = threading.Lock()
         self.posts = self.refused = self.gets = 0
@@ -144,6 +144,8 @@ class Endpoint:
             out = torch.cat([out, torch.full((len(out), f["redeployed_classes"] - out.shape[1]), 100.0)], dim=1)
         if f["probabilities"]:
             out = torch.softmax(out, dim=1)
+        if f["one_logit"]:  # a sigmoid head's single logit
+            out = out[:, :1]
         if path == "/predict":
             return 200, {"predictions": out.tolist()}
         return 200, {"outputs": [{"name": "logits", "datatype": "FP32", "shape": list(out.shape),
@@ -409,3 +411,14 @@ def test_headers_that_trickle_in_are_cut_off_at_the_timeout(endpoint):
     with pytest.raises(ModelCallError, match=f"no whole answer within {timeout} s"):
         model(torch.zeros(1, 1, 28, 28))
     assert time.monotonic() - start < timeout + 15  # the headers alone would take 40 s
+
+
+@pytest.mark.parametrize("endpoint", [{"one_logit": True}], indirect=True)
+def test_an_endpoint_that_answers_a_single_logit_is_read_as_two_classes_by_the_workers_too(endpoint, tmp_path):
+    # preflight reads its [B,1] as two classes; the workers' client must still expect the one column it answers
+    out = tmp_path / "out"
+    manifest = audit.run(audit_args(["--model", f"{endpoint.base}/predict"], out, "--endpoint-options",
+                                    json.dumps({"retries": 0}), methods="occlusion"))
+    assert manifest["model"]["num_classes"] == 2 and manifest["model"]["outputs"] == "binary_logit"
+    assert manifest["counts"]["occlusion"] == {"read": IMAGES, "explained": IMAGES, "errors": 0}, \
+        read_output(out / "errors")[:1]

@@ -100,3 +100,16 @@ def test_the_text_format_escape_is_protobuf_s(text):
     from google.protobuf import text_encoding
     for utf8 in (False, True):
         assert paths._c_escaped(text, utf8) == text_encoding.CEscape(text.encode(), as_utf8=utf8)
+
+
+def test_a_process_without_a_stderr_keeps_warning_and_logging_once_it_holds_a_secret():
+    # pythonw, a service without a console: sys.stderr is None, which print, warnings and logging skip.
+    # Registering a storage option outside a command wraps the streams for good: None must stay None
+    import subprocess
+    import sys
+    code = ("import sys, warnings, logging; sys.stderr = None\n"
+            "from saliency_audit.explainers.core.paths import keep_secret\n"
+            "keep_secret({'key': 's3cr3t-value-123'})\n"
+            "warnings.warn('a warning'); logging.getLogger('x').warning('a log line'); print('done')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout == "done\n", done.stderr[-1000:]

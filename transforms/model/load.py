@@ -220,8 +220,9 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> torch.nn.
         pass  # torch.export graphs keep the mode they were exported in and refuse eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if not isinstance(model, torch.jit.ScriptModule):  # which takes no hooks (its code is fixed anyway)
-        model.register_forward_pre_hook(_own_input)
+    # once: a factory may hand back the same module on every call (functools.cache), loaded again per worker
+    if not isinstance(model, torch.jit.ScriptModule) and _own_input not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_own_input)  # (TorchScript takes no hooks: its code is fixed anyway)
     return read_outputs(model, spec.outputs)
 
 
@@ -250,7 +251,8 @@ def read_outputs(model: torch.nn.Module, outputs: str) -> torch.nn.Module:
         return model
     if isinstance(model, torch.jit.ScriptModule):
         return _Reading(model, reading)
-    model.register_forward_hook(reading)
+    if reading not in model._forward_hooks.values():  # a cached module read so already: twice would read [B,4]
+        model.register_forward_hook(reading)
     return model
 
 
