@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from saliency_audit.transforms.model.load import read_as_log_probabilities
+
 TOKEN_ENV = "SALIENCY_AUDIT_ENDPOINT_TOKEN"
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 ANSWER_BYTES = 1 << 20, 64 << 10  # an answer is at most 1 MiB + 64 KiB per image: logits, not a dump
@@ -343,9 +345,10 @@ class EndpointModel(torch.nn.Module):
         except Exception as e:  # noqa: BLE001 - whatever the answer did, it costs these images, stage model
             raise ModelCallError(f"{_shown(self.url)}: {self._described(e)}") from None
         out = np.concatenate(answers) if answers else np.zeros((0, self.classes or 0), np.float32)
-        if self.options.output == "probabilities":
-            out = np.log(np.clip(out, 1e-38, None))
-        return torch.from_numpy(out.astype(np.float32)).to(images.device)
+        logits = torch.from_numpy(out.astype(np.float32)).to(images.device)
+        if self.options.output == "probabilities":  # the reading of a loaded model that answers probabilities
+            logits = read_as_log_probabilities(self, (images,), logits)
+        return logits
 
     def _ask(self, chunk: np.ndarray) -> np.ndarray:
         if self.kserve:
