@@ -120,6 +120,22 @@ def run(model: str, demo_shard, tmp_path, capsys, *extra: str) -> tuple[int, lis
     return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("saliency-audit")]
 
 
+def saliency(folder) -> pd.DataFrame:
+    """The saliency rows of run(..., folder, ...), in a fixed order."""
+    rows = pd.read_parquet(glob.glob(str(folder / "out" / "saliency" / "*"))[0])
+    return rows.sort_values(["method", "image_id", "target"]).reset_index(drop=True)
+
+
+def twins(models, demo_shard, tmp_path, capsys, *extra: str) -> list[pd.DataFrame]:
+    """Each model's rows from the same run (flags in ``extra`` override run's), each in its own folder."""
+    tables = []
+    for model in models:
+        code, lines = run(model, demo_shard, tmp_path / model, capsys, *extra)
+        assert code == 0, lines
+        tables.append(saliency(tmp_path / model))
+    return tables
+
+
 @pytest.mark.parametrize("model, says", [
     ("flat_logit", "returned shape [1] (one value per image: for a sigmoid head's logit z, return z[:, None]"),
     ("pair", "the model must return one logits tensor [B,K], returned tuple"),
@@ -135,13 +151,7 @@ def test_a_head_the_job_cannot_read_is_refused_at_preflight_in_one_line(model, s
 
 def test_a_sigmoid_head_s_single_logit_is_read_as_two_classes(demo_shard, tmp_path, capsys):
     """As its two-logit form (-z/2, z/2): the side the logit's sign says is predicted, scores sigmoid(z)."""
-    tables = []
-    for model in ("one_logit", "TwoOfOne"):
-        code, lines = run(model, demo_shard, tmp_path / model, capsys, "--target", "predicted,1")
-        assert code == 0, lines
-        rows = pd.read_parquet(glob.glob(str(tmp_path / model / "out" / "saliency" / "*"))[0])
-        tables.append(rows.sort_values(["method", "image_id", "target"]).reset_index(drop=True))
-    read, given = tables
+    read, given = twins(("one_logit", "TwoOfOne"), demo_shard, tmp_path, capsys, "--target", "predicted,1")
     assert len(read) == 8 * 2 * 2 and set(read["target"]) <= {0, 1}
     assert (read["predicted"] == given["predicted"]).all()
     for column in ("score", "deletion_auc", "insertion_auc"):
@@ -162,7 +172,7 @@ def test_a_torchscript_model_that_answers_probabilities_is_read_as_their_logs(de
                        "--channels", "1", "--device", "cpu", "--batch-size", "8", "--metric-steps", "4",
                        "--limit-per-shard", "8", "--output", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err[-2000:]
-    rows = pd.read_parquet(glob.glob(str(tmp_path / "out" / "saliency" / "*"))[0])
+    rows = saliency(tmp_path)
     assert rows["score"].std() > 1e-3  # not the flat softmax of probabilities
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]["outputs"] == "probabilities"
 
@@ -170,7 +180,7 @@ def test_a_torchscript_model_that_answers_probabilities_is_read_as_their_logs(de
 def test_the_two_logit_form_of_a_sigmoid_head_scores_by_the_logit(demo_shard, tmp_path, capsys):
     code, _ = run("two_centred", demo_shard, tmp_path, capsys, "--target", "top2")
     assert code == 0
-    rows = pd.read_parquet(glob.glob(str(tmp_path / "out" / "saliency" / "*"))[0])
+    rows = saliency(tmp_path)
     assert len(rows) == 8 * 2 * 2  # 8 images, 2 methods, both classes
     by_class = rows.groupby(["image_id", "method"])["score"].sum()
     assert (by_class - 1).abs().max() < 1e-5  # sigmoid(z) and 1 - sigmoid(z)
@@ -178,13 +188,7 @@ def test_the_two_logit_form_of_a_sigmoid_head_scores_by_the_logit(demo_shard, tm
 
 
 def test_a_model_that_changes_its_input_in_place_is_audited_as_its_out_of_place_twin(demo_shard, tmp_path, capsys):
-    tables = []
-    for model in ("shifted_in_place", "shifted"):
-        code, lines = run(model, demo_shard, tmp_path / model, capsys)
-        assert code == 0, lines
-        rows = pd.read_parquet(glob.glob(str(tmp_path / model / "out" / "saliency" / "*"))[0])
-        tables.append(rows.sort_values(["method", "image_id"]).reset_index(drop=True))
-    in_place, out_of_place = tables
+    in_place, out_of_place = twins(("shifted_in_place", "shifted"), demo_shard, tmp_path, capsys)
     assert len(in_place) == 16
     for column in ("score", "deletion_auc", "insertion_auc"):
         assert (in_place[column] - out_of_place[column]).abs().max() < 1e-6, column
@@ -194,13 +198,7 @@ def test_a_model_that_changes_its_input_in_place_is_audited_as_its_out_of_place_
 
 def test_a_model_that_answers_probabilities_is_read_as_their_logs(demo_shard, tmp_path, capsys):
     """Scores and metrics as from its logits (softmax(log p) = p); occlusion's log odds are the logits' too."""
-    tables = []
-    for model in ("probabilities", "logits"):
-        code, lines = run(model, demo_shard, tmp_path / model, capsys)
-        assert code == 0, lines
-        rows = pd.read_parquet(glob.glob(str(tmp_path / model / "out" / "saliency" / "*"))[0])
-        tables.append(rows.sort_values(["method", "image_id"]).reset_index(drop=True))
-    read, given = tables
+    read, given = twins(("probabilities", "logits"), demo_shard, tmp_path, capsys)
     assert (read["score"] - given["score"]).abs().max() < 1e-5
     read, given = read[read["method"] == "occlusion"], given[given["method"] == "occlusion"]  # sal's: log p's
     for column in ("deletion_auc", "insertion_auc"):
@@ -221,7 +219,7 @@ def test_a_cached_factory_s_sigmoid_head_is_read_once_however_often_it_loads(dem
     module each time (preflight loads it twice, each in-process worker once more) read it as [B,4]."""
     code, lines = run("cached_one_logit", demo_shard, tmp_path, capsys)
     assert code == 0, lines
-    rows = pd.read_parquet(glob.glob(str(tmp_path / "out" / "saliency" / "*"))[0])
+    rows = saliency(tmp_path)
     # read twice, (z/4, -z/4, -z/4, z/4): four classes, the predicted one's score under 0.5
     assert len(rows) == 16 and (rows["score"] >= 0.5).all()
     model = cached_one_logit()
@@ -247,17 +245,11 @@ def test_the_traced_methods_read_a_sigmoid_head_as_the_other_methods_do(demo_sha
     """deeplift and elrp explain the model's torch.fx graph, traced from its forward: the reading (a
     forward hook on the module) was lost, so class 1 failed every image (index 1 out of bounds) and
     class 0's maps explained z, not -z."""
-    tables = []
+    read, given = twins(("one_logit", "TwoOfOne"), demo_shard, tmp_path, capsys, "--methods", "deeplift,elrp",
+                        "--limit-per-shard", "4", "--target", "predicted,1")
     for model in ("one_logit", "TwoOfOne"):
-        out = tmp_path / model
-        code = audit.main(["--input", str(demo_shard), "--model", f"{__name__}:{model}", "--methods", "deeplift,elrp",
-                           "--channels", "1", "--device", "cpu", "--batch-size", "8", "--metric-steps", "4",
-                           "--limit-per-shard", "4", "--target", "predicted,1", "--output", str(out)])
-        assert code == 0, capsys.readouterr().err[-2000:]
-        assert not glob.glob(str(out / "errors" / "*")) or pd.read_parquet(glob.glob(str(out / "errors" / "*"))[0]).empty
-        rows = pd.read_parquet(glob.glob(str(out / "saliency" / "*"))[0])
-        tables.append(rows.sort_values(["method", "image_id", "target"]).reset_index(drop=True))
-    read, given = tables
+        errors = glob.glob(str(tmp_path / model / "out" / "errors" / "*"))
+        assert not errors or pd.read_parquet(errors[0]).empty
     assert len(read) == len(given) >= 4 * 2 and set(read["target"]) == {0, 1}
     for a, b in zip(read["saliency"], given["saliency"]):
         assert abs(a - b).max() < 1e-6
