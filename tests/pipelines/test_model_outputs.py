@@ -23,6 +23,8 @@ from torch import nn
 from saliency_audit.pipelines import audit
 from saliency_audit.transforms.model.load import _own_input, read_as_two_classes
 
+pytestmark = pytest.mark.slow  # a dozen end-to-end runs: out of the developer's loop, in CI
+
 
 class Net(nn.Module):
     def __init__(self, outputs: int = 10):

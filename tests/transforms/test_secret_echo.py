@@ -185,6 +185,7 @@ def dropping(tmp_path_factory):
         server.shutdown()
 
 
+@pytest.mark.slow  # end-to-end runs against a store that drops reads
 def test_an_unreadable_shard_s_error_row_quotes_no_option_value(dropping, fresh, tmp_path, capsys, monkeypatch):
     import s3fs
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retries only cost time here
@@ -208,6 +209,7 @@ def test_an_unreadable_shard_s_error_row_quotes_no_option_value(dropping, fresh,
     assert alone == 2 and found_alone == [] and not (tmp_path / "z").exists()
 
 
+@pytest.mark.slow  # end-to-end runs against a store that drops reads
 def test_a_report_whose_history_cannot_be_listed_quotes_no_option_value(dropping, fresh, tmp_path, capsys,
                                                                          monkeypatch):
     import s3fs
